@@ -1,0 +1,184 @@
+"""The engine: one cell scanned over time, with backpropagation through time as one autograd Function.
+
+Shapes: T time, B batch, H hidden size, G the cell's number of gate blocks.
+
+Forward, for t in time order (or reversed):
+    gh_t   = U (h_{t-1} * r) + b_hh            r: variational recurrent-dropout mask, or 1
+    s~_t   = cell.step(xi_t, gh_t, s_{t-1})    s = (h,) or (h, c); xi = V x + b_ih comes in hoisted
+    s_t    = s~_t + z_t * (s_{t-1} - s~_t)     zoneout: z_t the share of the old state kept, or 0
+    s_t    = s_{t-1} + m_t * (s_t - s_{t-1})   m_t = 1 on real steps, 0 on padding (state is kept)
+    out_t  = m_t * h_t                         padded steps output zeros
+
+Backward runs the same lines in reverse, each line's gradient written under it. The gradient that
+reaches h_t (through out_t and through s_{t+1}) is what the trace records as ||dL/dh_t||. The
+weight gradients are formed after the loop as one product over all steps:
+    dU = sum_t dgh_t^T (h_{t-1} * r),   db_hh = sum_t dgh_t,   and d xi_t is returned to autograd,
+which forms dV = sum_t dxi_t^T x_t the same way. Truncated BPTT with k: the gradient carried from
+step i to step i-1 (in processing order) is cut whenever i is a multiple of k, as if the state were
+detached every k steps; the forward is unchanged. k >= T is full BPTT.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .cells.base import derived_backward, has_hand_backward
+
+
+@dataclass
+class TraceSlot:
+    """What the engine records for one layer and direction. Filled by forward, then by backward."""
+    hidden: Tensor | None = None        # (T, B, H) every h_t
+    cell: Tensor | None = None          # (T, B, H) every c_t (LSTM)
+    gates: Tensor | None = None         # (T, B, G*H) gate activations
+    grad_norm: Tensor | None = None     # (T, B) ||dL/dh_t||, NaN until backward has run
+
+
+@dataclass
+class ScanOptions:
+    """Everything about one scan that is not a differentiable tensor."""
+    cell: object
+    reverse: bool = False
+    mask: Tensor | None = None          # (T, B, 1) float, 1 on real steps
+    truncate: int | None = None         # truncated BPTT length k
+    rec_mask: Tensor | None = None      # (B, H) recurrent dropout mask, already scaled by 1/(1-p)
+    zone: tuple | None = None           # per state: (T or 1, B or 1, H or 1) share of old state kept
+    trace: TraceSlot | None = field(default=None)
+
+
+def scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
+         params: tuple = ()):
+    """Run `opts.cell` over xi (T, B, G*H) from state0. Returns (out (T, B, H), final state tuple)."""
+    n = len(state0)
+    res = _Scan.apply(opts, n, xi, weight_hh, bias_hh, *state0, *params)
+    return res[0], tuple(res[1:])
+
+
+def _steps(T: int, reverse: bool):
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
+def _at(z: Tensor, t: int) -> Tensor:
+    return z[t] if z.shape[0] != 1 else z[0]
+
+
+class _Scan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, opts: ScanOptions, n: int, xi, weight_hh, bias_hh, *rest):
+        state, params = tuple(rest[:n]), tuple(rest[n:])
+        cell, mask, zone, rec = opts.cell, opts.mask, opts.zone, opts.rec_mask
+        T = xi.shape[0]
+        keep = any(ctx.needs_input_grad) or opts.trace is not None
+        hand = has_hand_backward(cell)
+        Ut = weight_hh.t()
+        seq = [[None] * T for _ in range(n)]                   # seq[j][t] = state component j after t
+        saved = [None] * T
+        for t in _steps(T, opts.reverse):
+            hr = state[0] if rec is None else state[0] * rec
+            gh = hr @ Ut if bias_hh is None else torch.addmm(bias_hh, hr, Ut)   # (B, G*H)
+            new, sv = cell.step(xi[t], gh, state, params)
+            if zone is not None:
+                new = tuple(s_ + _at(z, t) * (p - s_) for s_, p, z in zip(new, state, zone))
+            if mask is not None:
+                new = tuple(p + mask[t] * (s_ - p) for s_, p in zip(new, state))
+            if keep:
+                saved[t] = sv if hand else (xi[t], gh, state)
+            for j in range(n):
+                seq[j][t] = new[j]
+            state = new
+        seqs = [torch.stack(s) for s in seq]                  # each (T, B, H)
+        out = seqs[0] if mask is None else seqs[0] * mask
+        if opts.trace is not None:
+            _record_forward(opts.trace, cell, seqs, saved, hand)
+        if keep:
+            ctx.opts, ctx.n, ctx.hand, ctx.saved_steps = opts, n, hand, saved
+            ctx.save_for_backward(xi, weight_hh, bias_hh, *rest, *seqs)
+        return (out, *state)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, *d_final):
+        opts, n, hand = ctx.opts, ctx.n, ctx.hand
+        cell, mask, zone, rec, k = opts.cell, opts.mask, opts.zone, opts.rec_mask, opts.truncate
+        xi, weight_hh, bias_hh, *tensors = ctx.saved_tensors
+        state0, params, seqs = tensors[:n], tuple(tensors[n:-n]), tensors[-n:]
+        T, H = xi.shape[0], weight_hh.shape[1]
+        gn = opts.trace.grad_norm if opts.trace is not None else None
+        if d_out is not None and mask is not None:
+            d_out = d_out * mask
+        d_state = [d if d is not None else None for d in d_final]
+        dxi, dgh = [None] * T, [None] * T
+        d_params = [torch.zeros_like(p) for p in params]
+        order = list(_steps(T, opts.reverse))
+        for i in range(T - 1, -1, -1):
+            t = order[i]
+            dh = d_state[0]
+            if d_out is not None:
+                dh = d_out[t] if dh is None else dh + d_out[t]
+            if dh is None:
+                dh = torch.zeros_like(seqs[0][0])
+            if gn is not None:
+                gn[t] = torch.linalg.vector_norm(dh, dim=1)
+            d_new = [dh, *d_state[1:]]
+            d_pass = [None] * n                                # gradient reaching s_{t-1} around the cell
+            if mask is not None:
+                m = mask[t]
+                d_pass = [None if d is None else d - d * m for d in d_new]
+                d_new = [None if d is None else d * m for d in d_new]
+            if zone is not None:
+                zs = [_at(z, t) for z in zone]
+                d_pass = [_add(dp, None if d is None else d * z) for dp, d, z in zip(d_pass, d_new, zs)]
+                d_new = [None if d is None else d - d * z for d, z in zip(d_new, zs)]
+            if hand:
+                d_xi, d_gh, d_direct, d_p = cell.step_backward(tuple(d_new), ctx.saved_steps[t], params)
+            else:
+                d_xi, d_gh, d_direct, d_p = derived_backward(cell, tuple(d_new), ctx.saved_steps[t], params)
+            ctx.saved_steps[t] = None                          # free as we go
+            dxi[t], dgh[t] = d_xi, d_gh
+            for acc, g in zip(d_params, d_p):
+                acc += g
+            d_hr = d_gh @ weight_hh                            # (B, H)
+            if rec is not None:
+                d_hr = d_hr * rec
+            d_state = [_add(_add(d_hr if j == 0 else None, d_direct[j]), d_pass[j]) for j in range(n)]
+            if k is not None and i % k == 0 and i > 0:
+                d_state = [None] * n                           # truncation: the state was "detached" here
+        d_xi_all = torch.stack(dxi)                            # (T, B, G*H)
+        d_gh_all = d_xi_all if cell.shared_preactivation else torch.stack(dgh)
+        h_prev = _previous_h(seqs[0], state0[0], opts.reverse)   # (T, B, H)
+        if rec is not None:
+            h_prev = h_prev * rec
+        g2 = d_gh_all.reshape(-1, d_gh_all.shape[-1])
+        d_U = g2.t() @ h_prev.reshape(-1, H) if ctx.needs_input_grad[3] else None
+        d_b = g2.sum(0) if bias_hh is not None and ctx.needs_input_grad[4] else None
+        d_s0 = [torch.zeros_like(s) if d is None else d for d in d_state]
+        return (None, None, d_xi_all, d_U, d_b, *d_s0, *d_params)
+
+
+def _add(a, b):
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return a + b
+
+
+def _previous_h(hs: Tensor, h0: Tensor, reverse: bool) -> Tensor:
+    """h_{t-1} as seen by step t: the state before it in processing order."""
+    if reverse:
+        return torch.cat((hs[1:], h0.unsqueeze(0)), 0)
+    return torch.cat((h0.unsqueeze(0), hs[:-1]), 0)
+
+
+def _record_forward(slot: TraceSlot, cell, seqs, saved, hand: bool) -> None:
+    slot.hidden = seqs[0].detach()
+    slot.cell = seqs[1].detach() if len(seqs) > 1 else None
+    gates = getattr(cell, "gates", None)
+    if hand and callable(gates) and saved[0] is not None:
+        g = [gates(s) for s in saved]
+        slot.gates = None if g[0] is None else torch.stack(g).detach()
+    slot.grad_norm = torch.full(seqs[0].shape[:2], float("nan"), dtype=seqs[0].dtype,
+                                device=seqs[0].device)

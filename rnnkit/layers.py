@@ -1,0 +1,373 @@
+"""torch.nn-compatible recurrent layers: `RNN`, `LSTM`, `GRU`, and `trace`.
+
+Each layer *is* its torch.nn counterpart (a subclass), so constructor arguments, defaults, parameter
+names (weight_ih_l{k} = V, weight_hh_l{k} = U, bias_ih_l{k}, bias_hh_l{k}, suffix _reverse for the
+backward direction) and the state_dict are torch.nn's, and weights move both ways.
+
+A plain configuration with no trace runs torch's native fused kernel (oneDNN / cuDNN), which gives
+the same numbers; everything else runs rnnkit's engine: `lengths` with left padding, truncated BPTT,
+the trace, and the extras (all off by default):
+    recurrent_dropout  variational dropout on h_{t-1} before U: one mask per sequence (Gal & Ghahramani)
+    zoneout            each unit keeps its previous state with this probability (Krueger et al.);
+                       a float, or (z_h, z_c) for the LSTM
+    layer_norm         layer normalisation of V x_t + b_ih and of U h_{t-1} + b_hh (Ba et al.)
+    learn_initial_state  h_0 (and c_0) are parameters, used when no hx is given
+`backend="engine"` forces the engine, `backend="native"` forbids it (an error if the configuration
+needs it).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
+from .engine import ScanOptions, TraceSlot, scan
+
+_BACKENDS = ("auto", "engine", "native")
+_PADDING = ("right", "left")
+
+
+class _Recurrent:
+    """The engine path and the extras, shared by RNN, LSTM and GRU (mixed in before torch.nn's class)."""
+
+    def _setup_extras(self, recurrent_dropout, zoneout, layer_norm, learn_initial_state, backend):
+        if not 0.0 <= float(recurrent_dropout) < 1.0:
+            raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
+        rates = tuple(zoneout) if isinstance(zoneout, Sequence) else (float(zoneout),) * self._cell.num_states
+        if len(rates) != self._cell.num_states or not all(0.0 <= z < 1.0 for z in rates):
+            raise ValueError(f"zoneout must be a float in [0, 1) or {self._cell.num_states} such floats "
+                             f"(one per state), got {zoneout!r}")
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        self.recurrent_dropout, self.zoneout = float(recurrent_dropout), rates
+        self.layer_norm, self.learn_initial_state, self.backend = bool(layer_norm), bool(learn_initial_state), backend
+        self._trace_sink = None
+        D, G, H = self._directions(), self._cell.num_gates, self.hidden_size
+        kw = dict(device=self.weight_ih_l0.device, dtype=self.weight_ih_l0.dtype)
+        if self.layer_norm:
+            for layer in range(self.num_layers):
+                for d in range(D):
+                    for part in ("ih", "hh"):
+                        for kind in ("weight", "bias"):
+                            self.register_parameter(f"ln_{part}_{kind}{self._suffix(layer, d)}",
+                                                    nn.Parameter(torch.empty(G * H, **kw)))
+        if self.learn_initial_state:
+            for name in ("initial_h", "initial_c")[: self._cell.num_states]:
+                self.register_parameter(name, nn.Parameter(torch.empty(self.num_layers * D, H, **kw)))
+        self._reset_extras()
+
+    # -- parameters ---------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        for w in self._flat_weights:
+            if w is not None:
+                uniform_init_(w, self.hidden_size)
+        if hasattr(self, "_trace_sink"):
+            self._reset_extras()
+
+    def _reset_extras(self) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("ln_"):
+                    p.fill_(1.0 if "_weight_" in name else 0.0)
+                elif name.startswith("initial_"):
+                    p.zero_()
+
+    def _directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @staticmethod
+    def _suffix(layer: int, direction: int) -> str:
+        return f"_l{layer}" + ("_reverse" if direction else "")
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        extras = [f"recurrent_dropout={self.recurrent_dropout}"] if self.recurrent_dropout else []
+        if any(self.zoneout):
+            extras.append(f"zoneout={self.zoneout}")
+        extras += [n for n in ("layer_norm", "learn_initial_state") if getattr(self, n)]
+        return s + "".join(", " + e for e in extras) + ("" if self.backend == "auto" else f", backend={self.backend!r}")
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, input, hx=None, lengths=None, *, padding: str = "right", truncate: int | None = None):
+        """Same as torch.nn's forward, plus:
+        lengths: (B,) ints in [1, T]; steps past an example's length are padding (left padding when
+            padding="left"): the state is kept through them and the output there is zero.
+        truncate: k for truncated BPTT inside the sequence (gradient cut every k steps).
+        """
+        if isinstance(input, PackedSequence):
+            if self._needs_engine(padding, truncate):
+                padded, lens = pad_packed_sequence(input, batch_first=self.batch_first)
+                out, state = self.forward(padded, hx, lens, truncate=truncate)
+                return pack_padded_sequence(out, lens, self.batch_first, enforce_sorted=False), state
+            return super().forward(input, self._packed_state(hx, int(input.batch_sizes[0]), input.data))
+        x, hx, lengths, unbatched = self._check(input, hx, lengths, padding, truncate)
+        if self._needs_engine(padding, truncate):
+            out, state = self._engine_forward(x, hx, lengths, padding, truncate)
+        else:
+            out, state = self._native_forward(x, hx, lengths)
+        if unbatched:
+            out = out.squeeze(0 if self.batch_first else 1)
+            state = tuple(s.squeeze(1) for s in state)
+        return out, (state if self._cell.num_states == 2 else state[0])
+
+    def _needs_engine(self, padding, truncate) -> bool:
+        rec = self.training and self.recurrent_dropout > 0
+        needs = (self._trace_sink is not None or padding == "left" or truncate is not None
+                 or self.layer_norm or any(self.zoneout) or rec)
+        if self.backend == "native" and needs:
+            raise ValueError("backend='native' cannot run this configuration (trace, left padding, "
+                             "truncate or an extra is on); use backend='auto' or 'engine'")
+        return needs or self.backend == "engine"
+
+    def _native_forward(self, x, hx, lengths):
+        hx = hx if self._cell.num_states == 2 else hx[0]
+        if lengths is None:
+            out, state = super().forward(x, hx)
+        else:
+            T = x.shape[1 if self.batch_first else 0]
+            packed = pack_padded_sequence(x, lengths.cpu(), self.batch_first, enforce_sorted=False)
+            out, state = super().forward(packed, hx)
+            out, _ = pad_packed_sequence(out, batch_first=self.batch_first, total_length=T)
+        return out, (state if isinstance(state, tuple) else (state,))
+
+    def _engine_forward(self, x, hx, lengths, padding, truncate):
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        T, B = x.shape[:2]
+        mask = None if lengths is None else _length_mask(lengths, T, padding, x.dtype)
+        D, G, H = self._directions(), self._cell.num_gates, self.hidden_size
+        cell = LayerNormCell(self._cell) if self.layer_norm else self._cell
+        sink = self._trace_sink.new_call() if self._trace_sink is not None else None
+        finals = []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(D):
+                k, sfx = layer * D + d, self._suffix(layer, d)
+                w = lambda name: getattr(self, name + sfx, None)  # noqa: E731
+                xi = F.linear(x, w("weight_ih"), w("bias_ih"))                   # (T, B, G*H)
+                params = ()
+                if self.layer_norm:
+                    xi = F.layer_norm(xi, (G * H,), w("ln_ih_weight"), w("ln_ih_bias"))
+                    params = (w("ln_hh_weight"), w("ln_hh_bias"))
+                opts = ScanOptions(cell, reverse=d == 1, mask=mask, truncate=truncate,
+                                   rec_mask=self._recurrent_mask(B, x), zone=self._zone_masks(T, B, x),
+                                   trace=None if sink is None else sink.slot(k))
+                out, final = scan(opts, xi, tuple(s[k] for s in hx), w("weight_hh"), w("bias_hh"), params)
+                outs.append(out)
+                finals.append(final)
+            x = outs[0] if D == 1 else torch.cat(outs, 2)                        # (T, B, D*H)
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                x = F.dropout(x, self.dropout, True)
+        out = x.transpose(0, 1) if self.batch_first else x
+        return out, tuple(torch.stack([f[j] for f in finals]) for j in range(self._cell.num_states))
+
+    def _recurrent_mask(self, B, x):
+        p = self.recurrent_dropout
+        if not (self.training and p > 0):
+            return None
+        return torch.empty(B, self.hidden_size, dtype=x.dtype, device=x.device).bernoulli_(1 - p) / (1 - p)
+
+    def _zone_masks(self, T, B, x):
+        if not any(self.zoneout):
+            return None
+        kw = dict(dtype=x.dtype, device=x.device)
+        if self.training:
+            return tuple(torch.empty(T, B, self.hidden_size, **kw).bernoulli_(z) for z in self.zoneout)
+        return tuple(torch.full((1, 1, 1), z, **kw) for z in self.zoneout)
+
+    # -- validation at the boundary -------------------------------------------------------------------
+    def _check(self, input, hx, lengths, padding, truncate):
+        name = type(self).__name__
+        if not isinstance(input, Tensor):
+            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+        layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{name}: input must be 3-D {layout} or 2-D (T, input_size) for one "
+                             f"unbatched sequence; got {input.dim()}-D shape {tuple(input.shape)}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"{name}: input has {input.shape[-1]} features in its last dimension "
+                             f"(shape {tuple(input.shape)}), but the layer was built with "
+                             f"input_size={self.input_size}")
+        if input.dtype != self.weight_ih_l0.dtype:
+            raise TypeError(f"{name}: input dtype {input.dtype} does not match the weights' "
+                            f"{self.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")
+        if padding not in _PADDING:
+            raise ValueError(f"{name}: padding must be 'right' or 'left', got {padding!r}")
+        if truncate is not None and (not isinstance(truncate, int) or truncate < 1):
+            raise ValueError(f"{name}: truncate must be a positive int (steps of BPTT), got {truncate!r}")
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
+        T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
+        hx = self._check_state(hx, B, unbatched, x)
+        if lengths is not None:
+            lengths = _check_lengths(name, lengths, B, T)
+        return x, hx, lengths, unbatched
+
+    def _check_state(self, hx, B, unbatched, x):
+        name, n = type(self).__name__, self._cell.num_states
+        if hx is None:
+            return self._default_state(B, x)
+        parts = tuple(hx) if n == 2 else (hx,)
+        if n == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+            raise ValueError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+        LD = self.num_layers * self._directions()
+        want = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
+        for label, s in zip(("h_0", "c_0"), parts):
+            if not isinstance(s, Tensor) or tuple(s.shape) != want:
+                got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+                raise ValueError(f"{name}: initial state {label} must have shape {want} "
+                                 f"(num_layers*num_directions, batch, hidden_size), got {got}")
+        return tuple(s.unsqueeze(1) for s in parts) if unbatched else parts
+
+    def _default_state(self, B, x) -> tuple:
+        """h_0 (and c_0) when none is given: zeros, or the learned initial state."""
+        LD, H = self.num_layers * self._directions(), self.hidden_size
+        if self.learn_initial_state:
+            names = ("initial_h", "initial_c")[: self._cell.num_states]
+            return tuple(getattr(self, n).unsqueeze(1).expand(LD, B, H) for n in names)
+        return tuple(torch.zeros(LD, B, H, dtype=x.dtype, device=x.device)
+                     for _ in range(self._cell.num_states))
+
+    def _packed_state(self, hx, B, x):
+        if hx is not None or not self.learn_initial_state:
+            return hx
+        state = self._default_state(B, x)
+        return state if self._cell.num_states == 2 else state[0]
+
+
+def _check_lengths(name, lengths, B, T) -> Tensor:
+    lengths = torch.as_tensor(lengths)
+    if lengths.dim() != 1 or lengths.shape[0] != B:
+        raise ValueError(f"{name}: lengths must be 1-D with one entry per sequence (batch size {B}), "
+                         f"got shape {tuple(lengths.shape)}")
+    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise TypeError(f"{name}: lengths must be integers, got dtype {lengths.dtype}")
+    if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
+        raise ValueError(f"{name}: lengths must lie in [1, T={T}], got min {int(lengths.min())} "
+                         f"and max {int(lengths.max())}")
+    return lengths
+
+
+def _length_mask(lengths: Tensor, T: int, padding: str, dtype) -> Tensor:
+    """(T, B, 1) float mask, 1 on real steps."""
+    t = torch.arange(T, device=lengths.device).unsqueeze(1)                    # (T, 1)
+    L = lengths.unsqueeze(0)
+    real = t < L if padding == "right" else t >= T - L
+    return real.to(dtype).unsqueeze(2)
+
+
+class RNN(_Recurrent, nn.RNN):
+    """Elman RNN, h_t = g(V x_t + U h_{t-1} + b), g = tanh or relu. Arguments as torch.nn.RNN."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+                 recurrent_dropout=0.0, zoneout=0.0, layer_norm=False, learn_initial_state=False,
+                 backend="auto"):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        nn.RNN.__init__(self, input_size, hidden_size, num_layers, nonlinearity=nonlinearity, bias=bias,
+                        batch_first=batch_first, dropout=dropout, bidirectional=bidirectional,
+                        device=device, dtype=dtype)
+        self._cell = ElmanCell(nonlinearity)
+        self._setup_extras(recurrent_dropout, zoneout, layer_norm, learn_initial_state, backend)
+
+
+class LSTM(_Recurrent, nn.LSTM):
+    """LSTM, gate order i, f, g, o as torch.nn.LSTM. Returns out, (h_n, c_n)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
+                 recurrent_dropout=0.0, zoneout=0.0, layer_norm=False, learn_initial_state=False,
+                 backend="auto"):
+        if proj_size:
+            raise ValueError("LSTM: proj_size is not supported by rnnkit yet; use proj_size=0 "
+                             "(or torch.nn.LSTM for projected LSTMs)")
+        nn.LSTM.__init__(self, input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                         dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)
+        self._cell = LSTMCell()
+        self._setup_extras(recurrent_dropout, zoneout, layer_norm, learn_initial_state, backend)
+
+
+class GRU(_Recurrent, nn.GRU):
+    """GRU as torch.nn.GRU defines it. Returns out, h_n."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+                 recurrent_dropout=0.0, zoneout=0.0, layer_norm=False, learn_initial_state=False,
+                 backend="auto"):
+        nn.GRU.__init__(self, input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                        dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)
+        self._cell = GRUCell()
+        self._setup_extras(recurrent_dropout, zoneout, layer_norm, learn_initial_state, backend)
+
+
+# -- the trace ------------------------------------------------------------------------------------------
+
+class LayerTrace:
+    """The trace of one layer's latest call: lists indexed by k = layer * num_directions + direction."""
+
+    def __init__(self):
+        self.calls: list[list[TraceSlot]] = []
+
+    def new_call(self):
+        self.calls.append([])
+        return self
+
+    def slot(self, k: int) -> TraceSlot:
+        slots = self.calls[-1]
+        while len(slots) <= k:
+            slots.append(TraceSlot())
+        return slots[k]
+
+    def _field(self, name):
+        if not self.calls:
+            raise RuntimeError("nothing traced yet: run the module inside `with rnnkit.trace(module)`")
+        return [getattr(s, name) for s in self.calls[-1]]
+
+    hidden = property(lambda self: self._field("hidden"))
+    cell = property(lambda self: self._field("cell"))
+    gates = property(lambda self: self._field("gates"))
+    grad_norm = property(lambda self: self._field("grad_norm"))
+
+
+class Trace:
+    """Result of `rnnkit.trace(module)`. With one recurrent layer, `tr.hidden[k]`, `tr.grad_norm[k]`,
+    `tr.cell[k]`, `tr.gates[k]` read it directly; with several, `tr[name]` picks one by its module name."""
+
+    def __init__(self, layers: dict[str, LayerTrace]):
+        self.layers = layers
+
+    def __getitem__(self, name: str) -> LayerTrace:
+        return self.layers[name]
+
+    def _only(self) -> LayerTrace:
+        if len(self.layers) != 1:
+            raise AttributeError(f"the traced module has {len(self.layers)} recurrent layers "
+                                 f"({', '.join(self.layers) or 'none'}); pick one with tr[name]")
+        return next(iter(self.layers.values()))
+
+    hidden = property(lambda self: self._only().hidden)
+    cell = property(lambda self: self._only().cell)
+    gates = property(lambda self: self._only().gates)
+    grad_norm = property(lambda self: self._only().grad_norm)
+
+
+@contextlib.contextmanager
+def trace(module: nn.Module):
+    """Run every rnnkit layer inside `module` through the engine and record its trace."""
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, _Recurrent)}
+    if not layers:
+        raise ValueError(f"trace: {type(module).__name__} contains no rnnkit RNN/LSTM/GRU layer")
+    records = {name: LayerTrace() for name in layers}
+    for name, m in layers.items():
+        m._trace_sink = records[name]
+    try:
+        yield Trace(records)
+    finally:
+        for m in layers.values():
+            m._trace_sink = None
