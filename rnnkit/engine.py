@@ -73,13 +73,19 @@ class _Scan(torch.autograd.Function):
         T = xi.shape[0]
         keep = any(ctx.needs_input_grad) or opts.trace is not None
         hand = has_hand_backward(cell)
-        Ut = weight_hh.t()
+        Ut = weight_hh.t().contiguous()                       # (H, G*H) once, not per step
+        fused = hand and cell.shared_preactivation            # the cell only uses xi + gh:
+        if fused and bias_hh is not None:                     # fold b_hh into the hoisted product
+            xi = xi + bias_hh                                 # (T, B, G*H)
         seq = [[None] * T for _ in range(n)]                   # seq[j][t] = state component j after t
         saved = [None] * T
         for t in _steps(T, opts.reverse):
             hr = state[0] if rec is None else state[0] * rec
-            gh = hr @ Ut if bias_hh is None else torch.addmm(bias_hh, hr, Ut)   # (B, G*H)
-            new, sv = cell.step(xi[t], gh, state, params)
+            if fused:                                          # pre-activation in one product
+                new, sv = cell.step(torch.addmm(xi[t], hr, Ut), None, state, params)
+            else:
+                gh = hr @ Ut if bias_hh is None else torch.addmm(bias_hh, hr, Ut)   # (B, G*H)
+                new, sv = cell.step(xi[t], gh, state, params)
             if zone is not None:
                 new = tuple(s_ + _at(z, t) * (p - s_) for s_, p, z in zip(new, state, zone))
             if mask is not None:
@@ -95,7 +101,8 @@ class _Scan(torch.autograd.Function):
             _record_forward(opts.trace, cell, seqs, saved, hand)
         if keep:
             ctx.opts, ctx.n, ctx.hand, ctx.saved_steps = opts, n, hand, saved
-            ctx.save_for_backward(xi, weight_hh, bias_hh, *rest, *seqs)
+            ctx.save_for_backward(weight_hh, bias_hh, *rest, *seqs)
+            ctx.xi_shape = xi.shape
         return (out, *state)
 
     @staticmethod
@@ -103,9 +110,9 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, d_out, *d_final):
         opts, n, hand = ctx.opts, ctx.n, ctx.hand
         cell, mask, zone, rec, k = opts.cell, opts.mask, opts.zone, opts.rec_mask, opts.truncate
-        xi, weight_hh, bias_hh, *tensors = ctx.saved_tensors
+        weight_hh, bias_hh, *tensors = ctx.saved_tensors
         state0, params, seqs = tensors[:n], tuple(tensors[n:-n]), tensors[-n:]
-        T, H = xi.shape[0], weight_hh.shape[1]
+        T, H = ctx.xi_shape[0], weight_hh.shape[1]
         gn = opts.trace.grad_norm if opts.trace is not None else None
         if d_out is not None and mask is not None:
             d_out = d_out * mask
@@ -140,10 +147,13 @@ class _Scan(torch.autograd.Function):
             dxi[t], dgh[t] = d_xi, d_gh
             for acc, g in zip(d_params, d_p):
                 acc += g
-            d_hr = d_gh @ weight_hh                            # (B, H)
-            if rec is not None:
-                d_hr = d_hr * rec
-            d_state = [_add(_add(d_hr if j == 0 else None, d_direct[j]), d_pass[j]) for j in range(n)]
+            rest = [_add(d_direct[j], d_pass[j]) for j in range(n)]
+            if rec is None and rest[0] is not None:
+                rest[0] = torch.addmm(rest[0], d_gh, weight_hh)   # (B, H) through U, added in place
+            else:
+                d_hr = d_gh @ weight_hh
+                rest[0] = _add(rest[0], d_hr if rec is None else d_hr * rec)
+            d_state = rest
             if k is not None and i % k == 0 and i > 0:
                 d_state = [None] * n                           # truncation: the state was "detached" here
         d_xi_all = torch.stack(dxi)                            # (T, B, G*H)

@@ -13,8 +13,9 @@ A cell is an object with
 
     num_gates: int               G
     num_states: int              length of the state tuple; state[0] is always h, the output
-    shared_preactivation: bool   True when the cell only ever uses xi_t + gh_t (then d_xi == d_gh
-                                 and the engine keeps one buffer)
+    shared_preactivation: bool   True when the cell only ever uses xi_t + gh_t. Then the engine passes
+                                 the sum a_t = xi_t + gh_t as `xi` and None as `gh` (one fused product
+                                 per step, b_hh folded into the hoisted input), and d_xi == d_gh.
     step(xi, gh, state, params) -> (new_state, saved)
         xi, gh: (B, G*H); state: tuple of (B, H); params: tuple of extra tensors (usually ()).
     step_backward(d_state, saved, params) -> (d_xi, d_gh, d_state_prev, d_params)      [optional]

@@ -35,11 +35,14 @@ class GRUCell:
     def step_backward(self, d_state, saved, params=()):
         dh = d_state[0]
         rz, n, hn, h_prev = saved
-        r, z = rz.chunk(2, 1)
-        dan = dh * (1 - z) * (1 - n * n)
-        drz = torch.cat((dan * hn, dh * (h_prev - n)), 1) * rz * (1 - rz)
-        d_xi = torch.cat((drz, dan), 1)                       # (B, 3H)
-        d_gh = torch.cat((drz, dan * r), 1)
+        H = n.shape[1]
+        r, z = rz[:, :H], rz[:, H:]
+        dn = torch.addcmul(dh, dh, z, value=-1)                       # dh (1 - z)
+        dan = torch.addcmul(dn, dn * n, n, value=-1)                  # dn (1 - n^2)
+        d_xi = torch.cat((dan * hn, dh * (h_prev - n), dan), 1)      # (B, 3H), r z blocks not yet scaled
+        d_xi[:, :2 * H] *= rz - rz * rz                               # sigmoid' of r and z
+        d_gh = d_xi.clone()
+        d_gh[:, 2 * H:] *= r
         return d_xi, d_gh, (dh * z,), ()
 
     def gates(self, saved):

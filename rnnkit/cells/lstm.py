@@ -25,7 +25,7 @@ class LSTMCell:
     def step(self, xi, gh, state, params=()):
         h_prev, c_prev = state
         H = h_prev.shape[-1]
-        pre = xi + gh                                         # (B, 4H)
+        pre = xi if gh is None else xi + gh                   # (B, 4H) pre-activation
         act = torch.sigmoid(pre)
         act[:, 2 * H:3 * H] = torch.tanh(pre[:, 2 * H:3 * H])
         i, f, g, o = act.chunk(4, 1)

@@ -24,7 +24,7 @@ class ElmanCell:
         self.name = f"rnn_{nonlinearity}"
 
     def step(self, xi, gh, state, params=()):
-        a = xi + gh                                           # (B, H)
+        a = xi if gh is None else xi + gh                     # (B, H) pre-activation
         h = torch.tanh(a) if self.nonlinearity == "tanh" else torch.relu(a)
         return (h,), h
 

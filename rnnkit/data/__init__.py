@@ -1,0 +1,1 @@
+"""rnnkit.data (filled in by its owner)."""

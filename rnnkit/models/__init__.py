@@ -1,0 +1,1 @@
+"""rnnkit.models (filled in by its owner)."""

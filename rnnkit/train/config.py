@@ -1,0 +1,130 @@
+"""`TrainConfig`: everything the training loop needs to know, one frozen dataclass.
+
+Validated once, here, at construction: a bad value raises `UserError` naming the field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import UserError
+
+SCHEDULES = ("none", "cosine", "step", "plateau")
+MODES = ("min", "max")
+# Fields that may differ between a run and its resumption without breaking exact resume.
+RESUMABLE_CHANGES = frozenset({"epochs", "progress", "out", "device", "checkpoint_every"})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Fields map one to one onto the CLI's flags.
+
+    optimizer: a torch.optim class name, any case ("adam", "AdamW", "sgd"), or a factory
+        `f(params, lr, weight_decay) -> torch.optim.Optimizer` for anything else.
+    clip_norm / clip_value: rescale the gradient to this global L2 norm / clamp each entry to
+        [-v, v]; value first, then norm, when both are set. The pre-clip global norm is logged each step.
+    schedule: learning rate per epoch: "none", "cosine" (to 0 over `epochs`), "step" (times `gamma`
+        every `step_size` epochs) or "plateau" (times `gamma` after `step_size` epochs without
+        improvement of `monitor`).
+    patience: early stopping: stop after this many epochs without improvement of `monitor` (a key
+        of the evaluation's metrics, `mode` min or max) and restore the best weights. None: off.
+    tbptt: k for truncated BPTT over a long stream (a 1-D tensor given to `fit`): windows of k steps,
+        state carried across windows and detached at each boundary.
+    checkpoint_every: save a checkpoint every this many epochs (and always at the end); 0: only at the end.
+    """
+    epochs: int = 10
+    lr: float = 1e-3
+    optimizer: str | Callable = "adam"
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    clip_norm: float | None = None
+    clip_value: float | None = None
+    schedule: str = "none"
+    step_size: int = 10
+    gamma: float = 0.5
+    patience: int | None = None
+    monitor: str = "val_loss"
+    mode: str = "min"
+    seed: int = 0
+    device: str = "cpu"
+    out: str | None = None
+    checkpoint_every: int = 1
+    progress: bool = True
+    tbptt: int | None = None
+
+    def __post_init__(self):
+        _positive(self, "epochs", "batch_size", "step_size")
+        _positive(self, "lr", "gamma")
+        for name in ("clip_norm", "clip_value", "patience", "tbptt"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+        if self.weight_decay < 0:
+            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.checkpoint_every < 0:
+            raise UserError(f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.mode not in MODES:
+            raise UserError(f"mode must be 'min' or 'max', got {self.mode!r}")
+        if isinstance(self.optimizer, str):
+            optimizer_class(self.optimizer)                        # fails early on an unknown name
+        elif not callable(self.optimizer):
+            raise UserError(f"optimizer must be a torch.optim name or a factory, got {self.optimizer!r}")
+        resolve_device(self.device)
+
+    def to_json(self) -> dict:
+        """The fields as JSON values (a factory optimizer is recorded by its name)."""
+        d = dataclasses.asdict(self)
+        if not isinstance(self.optimizer, str):
+            d["optimizer"] = getattr(self.optimizer, "__qualname__", repr(self.optimizer))
+        return d
+
+
+def _positive(cfg: TrainConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            raise UserError(f"{name} must be > 0, got {value!r}")
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    table = {n.lower(): c for n, c in vars(torch.optim).items()
+             if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+    try:
+        return table[name.lower()]
+    except KeyError:
+        raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(sorted(table))}") from None
+
+
+def build_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if isinstance(cfg.optimizer, str):
+        return optimizer_class(cfg.optimizer)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return cfg.optimizer(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
+    """The per-epoch learning-rate schedule, or None."""
+    sched = torch.optim.lr_scheduler
+    if cfg.schedule == "cosine":
+        return sched.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    if cfg.schedule == "step":
+        return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
+    if cfg.schedule == "plateau":
+        return sched.ReduceLROnPlateau(optimizer, mode=cfg.mode, factor=cfg.gamma, patience=cfg.step_size)
+    return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" picks cuda when present; an unavailable or unknown device is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    return device
