@@ -7,7 +7,7 @@
     tr.hidden[k], tr.grad_norm[k]                               # every h_t, and ||dL/dh_t||
 """
 from .engine import ScanOptions, TraceSlot, scan
-from .layers import GRU, LSTM, RNN, Trace, trace
+from .layers import GRU, LSTM, RNN, Recurrent, Trace, trace
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "LSTM", "GRU", "trace", "Trace", "scan", "ScanOptions", "TraceSlot"]
+__all__ = ["RNN", "LSTM", "GRU", "Recurrent", "trace", "Trace", "scan", "ScanOptions", "TraceSlot"]

@@ -143,7 +143,6 @@ class _Scan(torch.autograd.Function):
                 d_xi, d_gh, d_direct, d_p = cell.step_backward(tuple(d_new), ctx.saved_steps[t], params)
             else:
                 d_xi, d_gh, d_direct, d_p = derived_backward(cell, tuple(d_new), ctx.saved_steps[t], params)
-            ctx.saved_steps[t] = None                          # free as we go
             dxi[t], dgh[t] = d_xi, d_gh
             for acc, g in zip(d_params, d_p):
                 acc += g

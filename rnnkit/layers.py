@@ -139,7 +139,7 @@ class _Recurrent:
         if self.batch_first:
             x = x.transpose(0, 1)
         T, B = x.shape[:2]
-        mask = None if lengths is None else _length_mask(lengths, T, padding, x.dtype)
+        mask = None if lengths is None else _length_mask(lengths.to(x.device), T, padding, x.dtype)
         D, G, H = self._directions(), self._cell.num_gates, self.hidden_size
         cell = LayerNormCell(self._cell) if self.layer_norm else self._cell
         sink = self._trace_sink.new_call() if self._trace_sink is not None else None
@@ -304,6 +304,60 @@ class GRU(_Recurrent, nn.GRU):
                         dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)
         self._cell = GRUCell()
         self._setup_extras(recurrent_dropout, zoneout, layer_norm, learn_initial_state, backend)
+
+
+class Recurrent(_Recurrent, nn.Module):
+    """A recurrent layer around any cell that follows the protocol in `rnnkit/cells/base.py`.
+
+        layer = rk.Recurrent(MyCell(), input_size=8, hidden_size=32, num_layers=2, batch_first=True)
+
+    Same arguments, parameter names, forward, `lengths`, extras and `trace` as `rk.GRU`; always runs the
+    engine (torch has no native kernel for a new cell). A cell without `step_backward` gets its backward
+    derived from `step` by torch.func.vjp.
+    """
+
+    def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, device=None, dtype=None, *,
+                 recurrent_dropout=0.0, zoneout=0.0, layer_norm=False, learn_initial_state=False):
+        super().__init__()
+        for attr in ("num_gates", "num_states", "step"):
+            if not hasattr(cell, attr):
+                raise TypeError(f"Recurrent: cell {type(cell).__name__} lacks '{attr}'; see the cell "
+                                f"protocol in rnnkit/cells/base.py")
+        if not (isinstance(hidden_size, int) and hidden_size > 0 and isinstance(input_size, int) and input_size > 0):
+            raise ValueError(f"Recurrent: input_size and hidden_size must be positive ints, "
+                             f"got {input_size!r} and {hidden_size!r}")
+        if not (isinstance(num_layers, int) and num_layers > 0):
+            raise ValueError(f"Recurrent: num_layers must be a positive int, got {num_layers!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"Recurrent: dropout must be in [0, 1), got {dropout}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self._cell = bidirectional, cell
+        if not hasattr(cell, "shared_preactivation"):
+            cell.shared_preactivation = False
+        GH, D, kw = cell.num_gates * hidden_size, 2 if bidirectional else 1, dict(device=device, dtype=dtype)
+        self._flat_weights_names = []
+        for layer in range(num_layers):
+            for d in range(D):
+                sfx = self._suffix(layer, d)
+                shapes = {"weight_ih": (GH, input_size if layer == 0 else hidden_size * D),
+                          "weight_hh": (GH, hidden_size)}
+                if bias:
+                    shapes.update(bias_ih=(GH,), bias_hh=(GH,))
+                for name, shape in shapes.items():
+                    self.register_parameter(name + sfx, nn.Parameter(torch.empty(shape, **kw)))
+                    self._flat_weights_names.append(name + sfx)
+        self.reset_parameters()
+        self._setup_extras(recurrent_dropout, zoneout, layer_norm, learn_initial_state, "engine")
+
+    @property
+    def _flat_weights(self):
+        return [getattr(self, n) for n in self._flat_weights_names]
+
+    def extra_repr(self) -> str:
+        return (f"cell={getattr(self._cell, 'name', type(self._cell).__name__)}, {self.input_size}, "
+                f"{self.hidden_size}, num_layers={self.num_layers}, bidirectional={self.bidirectional}")
 
 
 # -- the trace ------------------------------------------------------------------------------------------
