@@ -38,13 +38,14 @@ class _Recurrent:
     def _setup_extras(self, recurrent_dropout, zoneout, layer_norm, learn_initial_state, backend):
         if not 0.0 <= float(recurrent_dropout) < 1.0:
             raise ValueError(f"recurrent_dropout must be in [0, 1), got {recurrent_dropout}")
-        rates = tuple(zoneout) if isinstance(zoneout, Sequence) else (float(zoneout),) * self._cell.num_states
-        if len(rates) != self._cell.num_states or not all(0.0 <= z < 1.0 for z in rates):
+        rates = tuple(zoneout) if isinstance(zoneout, Sequence) and not isinstance(zoneout, str) else (zoneout,) * self._cell.num_states
+        if len(rates) != self._cell.num_states or not all(
+                isinstance(z, (int, float)) and not isinstance(z, bool) and 0.0 <= z < 1.0 for z in rates):
             raise ValueError(f"zoneout must be a float in [0, 1) or {self._cell.num_states} such floats "
                              f"(one per state), got {zoneout!r}")
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
-        self.recurrent_dropout, self.zoneout = float(recurrent_dropout), rates
+        self.recurrent_dropout, self.zoneout = float(recurrent_dropout), tuple(float(z) for z in rates)
         self.layer_norm, self.learn_initial_state, self.backend = bool(layer_norm), bool(learn_initial_state), backend
         self._trace_sink = None
         D, G, H = self._directions(), self._cell.num_gates, self.hidden_size
@@ -103,7 +104,8 @@ class _Recurrent:
             if self._needs_engine(padding, truncate):
                 padded, lens = pad_packed_sequence(input, batch_first=self.batch_first)
                 out, state = self.forward(padded, hx, lens, truncate=truncate)
-                return pack_padded_sequence(out, lens, self.batch_first, enforce_sorted=False), state
+                return pack_padded_sequence(out, lens, self.batch_first,
+                                            enforce_sorted=input.sorted_indices is None), state
             return super().forward(input, self._packed_state(hx, int(input.batch_sizes[0]), input.data))
         x, hx, lengths, unbatched = self._check(input, hx, lengths, padding, truncate)
         if self._needs_engine(padding, truncate):
@@ -198,7 +200,7 @@ class _Recurrent:
                             f"{self.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")
         if padding not in _PADDING:
             raise ValueError(f"{name}: padding must be 'right' or 'left', got {padding!r}")
-        if truncate is not None and (not isinstance(truncate, int) or truncate < 1):
+        if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
             raise ValueError(f"{name}: truncate must be a positive int (steps of BPTT), got {truncate!r}")
         unbatched = input.dim() == 2
         x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
@@ -212,9 +214,10 @@ class _Recurrent:
         name, n = type(self).__name__, self._cell.num_states
         if hx is None:
             return self._default_state(B, x)
-        parts = tuple(hx) if n == 2 else (hx,)
         if n == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-            raise ValueError(f"{name}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+            got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+            raise ValueError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
+        parts = tuple(hx) if n == 2 else (hx,)
         LD = self.num_layers * self._directions()
         want = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
         for label, s in zip(("h_0", "c_0"), parts):
@@ -222,6 +225,9 @@ class _Recurrent:
                 got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
                 raise ValueError(f"{name}: initial state {label} must have shape {want} "
                                  f"(num_layers*num_directions, batch, hidden_size), got {got}")
+            if s.dtype != x.dtype:
+                raise TypeError(f"{name}: initial state {label} has dtype {s.dtype} but the input has "
+                                f"{x.dtype}; give both the same dtype")
         return tuple(s.unsqueeze(1) for s in parts) if unbatched else parts
 
     def _default_state(self, B, x) -> tuple:
@@ -285,7 +291,7 @@ class LSTM(_Recurrent, nn.LSTM):
                  recurrent_dropout=0.0, zoneout=0.0, layer_norm=False, learn_initial_state=False,
                  backend="auto"):
         if proj_size:
-            raise ValueError("LSTM: proj_size is not supported by rnnkit yet; use proj_size=0 "
+            raise ValueError(f"LSTM: proj_size={proj_size!r} is not supported by rnnkit yet; use proj_size=0 "
                              "(or torch.nn.LSTM for projected LSTMs)")
         nn.LSTM.__init__(self, input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
                          dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import torch
 
+from .base import derived_backward, has_hand_backward
+
 EPS = 1e-5
 
 
 class LayerNormCell:
     def __init__(self, inner):
         self.inner = inner
-        self.name = f"ln_{inner.name}"
+        self.name = f"ln_{getattr(inner, 'name', type(inner).__name__)}"
+        self._hand = has_hand_backward(inner)
         self.num_gates = inner.num_gates
         self.num_states = inner.num_states
         self.shared_preactivation = False
@@ -26,17 +29,23 @@ class LayerNormCell:
         mu = gh.mean(1, keepdim=True)
         inv = torch.rsqrt(gh.var(1, unbiased=False, keepdim=True) + EPS)
         xhat = (gh - mu) * inv
-        new, saved = self.inner.step(xi, xhat * gamma + beta, state, ())
-        return new, (saved, xhat, inv)
+        y = xhat * gamma + beta
+        new, saved = self.inner.step(xi, y, state, ())
+        return new, (saved if self._hand else (xi, y, state), xhat, inv)
 
     def step_backward(self, d_state, saved, params):
         gamma, _ = params
         inner_saved, xhat, inv = saved
-        d_xi, d_y, d_prev, _ = self.inner.step_backward(d_state, inner_saved, ())
+        backward = self.inner.step_backward if self._hand else self._derived
+        d_xi, d_y, d_prev, _ = backward(d_state, inner_saved, ())
         dxhat = d_y * gamma
         d_gh = inv * (dxhat - dxhat.mean(1, keepdim=True)
                       - xhat * (dxhat * xhat).mean(1, keepdim=True))
         return d_xi, d_gh, d_prev, ((d_y * xhat).sum(0), d_y.sum(0))
 
+    def _derived(self, d_state, saved, params):
+        return derived_backward(self.inner, d_state, saved, params)
+
     def gates(self, saved):
-        return self.inner.gates(saved[0])
+        gates = getattr(self.inner, "gates", None)
+        return gates(saved[0]) if self._hand and callable(gates) else None

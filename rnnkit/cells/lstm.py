@@ -26,27 +26,29 @@ class LSTMCell:
         h_prev, c_prev = state
         H = h_prev.shape[-1]
         pre = xi if gh is None else xi + gh                   # (B, 4H) pre-activation
-        act = torch.sigmoid(pre)
-        act[:, 2 * H:3 * H] = torch.tanh(pre[:, 2 * H:3 * H])
-        i, f, g, o = act.chunk(4, 1)
+        sig = torch.sigmoid(pre)                              # i, f, o read from here; its g block unused
+        g = torch.tanh(pre[:, 2 * H:3 * H])
+        i, f, o = sig[:, :H], sig[:, H:2 * H], sig[:, 3 * H:]
         c = torch.addcmul(f * c_prev, i, g)                   # (B, H)
         tc = torch.tanh(c)
         h = o * tc
-        return (h, c), (act, c_prev, tc)
+        return (h, c), (sig, g, c_prev, tc)
 
     def step_backward(self, d_state, saved, params=()):
         dh, dc = d_state
-        act, c_prev, tc = saved
-        i, f, g, o = act.chunk(4, 1)
+        sig, g, c_prev, tc = saved
+        H = dh.shape[-1]
+        i, f, o = sig[:, :H], sig[:, H:2 * H], sig[:, 3 * H:]
         do = dh * tc
         dct = dh * o * (1 - tc * tc)
         dc = dct if dc is None else dc + dct
         d_act = torch.cat((dc * g, dc * c_prev, dc * i, do), 1)          # (B, 4H)
-        slope = act * (1 - act)                                           # sigmoid'
-        H = dh.shape[-1]
+        slope = sig - sig * sig                                           # sigmoid'
         slope[:, 2 * H:3 * H] = 1 - g * g                                 # tanh' for the g block
         d_pre = d_act * slope
         return d_pre, d_pre, (None, dc * f), ()
 
     def gates(self, saved):
-        return saved[0]
+        sig, g = saved[0], saved[1]
+        H = g.shape[-1]
+        return torch.cat((sig[:, :2 * H], g, sig[:, 3 * H:]), 1)          # i, f, g, o

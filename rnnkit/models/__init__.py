@@ -1,1 +1,2 @@
-"""rnnkit.models (filled in by its owner)."""
+"""rnnkit.models: heads and whole models (each engineer adds the imports of their modules)."""
+from .forecaster import Forecaster, ForecasterConfig

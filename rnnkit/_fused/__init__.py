@@ -1,0 +1,252 @@
+"""The fused CPU scan: `rnnkit.engine.scan` with its time loop in C++, for the built-in cells.
+
+Same contract and the same numbers as the pure-torch engine (`tests/test_fused.py` holds them equal):
+per step one matrix product for U h_{t-1} into a reused buffer, then one hand-written elementwise pass
+over the batch rows (the cell's gates, zoneout, padding, the outputs), saving what the backward reads;
+the backward runs one elementwise pass and one product per step, and forms dU as one large product
+after the loop. The C++ mirrors `rnnkit/cells/*.py` line by line (`cells.h`).
+
+    supports(opts, xi, state0, weight_hh, bias_hh, params)   True when the fused path can run this scan
+    scan(opts, xi, state0, weight_hh, bias_hh, params)       same signature and result as engine.scan
+    build(verbose=False)                                     compile now (the install step may call it)
+
+Built on first use with torch.utils.cpp_extension (JIT, for this machine's CPU), cached in torch's
+extension folder or in $RNNKIT_EXT_DIR; torch's file lock makes concurrent builds safe. If the build
+fails, one warning says why and `supports` answers False, so the engine runs its pure-torch path.
+RNNKIT_NO_FUSED=1 turns the fused path off.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
+
+__all__ = ["available", "build", "scan", "supports"]
+
+_HERE = Path(__file__).resolve().parent
+_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp")
+# -march=native: built on the machine that runs it. No -ffast-math: NaN and Inf must keep
+# propagating (a NaN loss is detected downstream); exp/tanh are written to vectorise without it.
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-w"]
+_DTYPES = (torch.float32, torch.float64)
+_CELL_CODES = {"tanh": 0, "relu": 1, "lstm": 2, "gru": 3}      # scan.h's CellKind
+
+_lock = threading.Lock()
+_loaded: dict = {"ops": None, "error": None}
+
+
+# -- the build ---------------------------------------------------------------------------------------
+
+def _disabled() -> bool:
+    return os.environ.get("RNNKIT_NO_FUSED", "").strip() not in ("", "0")
+
+
+def _ext_name() -> str:
+    """Name of the compiled library: one per CPU model and flags, as -march=native ties it to the CPU."""
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                cpu += line
+    except OSError:
+        pass
+    return "rnnkit_fused_" + hashlib.sha1((cpu + " ".join(_CFLAGS)).encode()).hexdigest()[:10]
+
+
+def _ensure_ninja() -> None:
+    """torch's JIT builder runs `ninja` from PATH; a venv's own (pip package `ninja`) is not on it
+    unless the venv is activated, so put that folder on PATH when no system ninja is found."""
+    if shutil.which("ninja"):
+        return
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja                                            # the pip package
+        dirs.append(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    for d in dirs:
+        if shutil.which("ninja", path=d):
+            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
+            return
+
+
+def build(verbose: bool = False):
+    """Compile (or load the cached build of) the extension now; returns torch.ops.rnnkit_fused.
+    Raises on failure, unlike the lazy loader, which warns once and falls back."""
+    with _lock:
+        if _loaded["ops"] is not None:
+            return _loaded["ops"]
+        from torch.utils import cpp_extension
+        _ensure_ninja()
+        name, kw = _ext_name(), {}
+        root = os.environ.get("RNNKIT_EXT_DIR")
+        if root:
+            kw["build_directory"] = os.path.join(root, name)
+            os.makedirs(kw["build_directory"], exist_ok=True)
+        cpp_extension.load(name=name, sources=[str(_HERE / s) for s in _SOURCES], extra_cflags=_CFLAGS,
+                           extra_include_paths=[str(_HERE)], is_python_module=False, verbose=verbose, **kw)
+        _loaded["ops"] = torch.ops.rnnkit_fused
+        return _loaded["ops"]
+
+
+def _ops():
+    """The compiled operators, building them on first use; None (after one warning) if that fails."""
+    if _loaded["ops"] is not None or _loaded["error"] is not None:
+        return _loaded["ops"]
+    try:
+        return build()
+    except Exception as e:                                      # compiler missing, build error, ...
+        _loaded["error"] = e
+        warnings.warn(f"rnnkit: the fused CPU kernel is unavailable ({type(e).__name__}: "
+                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); the engine runs "
+                      "its pure-torch path. Set RNNKIT_NO_FUSED=1 to silence this.", RuntimeWarning,
+                      stacklevel=3)
+        return None
+
+
+def available() -> bool:
+    """True when the fused path is switched on and its extension builds and loads."""
+    return not _disabled() and _ops() is not None
+
+
+# -- which scans it runs -----------------------------------------------------------------------------
+
+def _cell_code(cell) -> tuple[int, bool] | None:
+    """(CellKind code, layer norm) for the built-in cells (exact types: a subclass may change the
+    math), None for anything else."""
+    ln = type(cell) is LayerNormCell
+    inner = cell.inner if ln else cell
+    if type(inner) is ElmanCell:
+        return _CELL_CODES[inner.nonlinearity], ln
+    if type(inner) in (LSTMCell, GRUCell):
+        return _CELL_CODES[inner.name], ln
+    return None
+
+
+def _fits(t, shape: tuple) -> bool:
+    """t is a tensor broadcastable to `shape` without adding dimensions."""
+    return (isinstance(t, torch.Tensor) and t.dim() == len(shape)
+            and all(s in (1, n) for s, n in zip(t.shape, shape)))
+
+
+def supports(opts, xi, state0, weight_hh, bias_hh, params=()) -> bool:
+    """True when the fused kernel runs this scan: a built-in cell, float32/float64 CPU tensors of one
+    dtype and the shapes the engine expects, and an extension that built. Cheap after the first call."""
+    if _disabled():
+        return False
+    code = _cell_code(opts.cell)
+    if code is None or not isinstance(xi, torch.Tensor) or xi.dim() != 3:
+        return False
+    T, B, W = xi.shape
+    G, n = opts.cell.num_gates, opts.cell.num_states
+    if T == 0 or B == 0 or W % G or W == 0 or len(state0) != n:
+        return False
+    H = W // G
+    tensors = [xi, weight_hh, *state0, *params] + ([] if bias_hh is None else [bias_hh])
+    if any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype != xi.dtype for t in tensors):
+        return False
+    if xi.dtype not in _DTYPES or tuple(weight_hh.shape) != (W, H):
+        return False
+    if (bias_hh is not None and tuple(bias_hh.shape) != (W,)) or any(tuple(s.shape) != (B, H) for s in state0):
+        return False
+    if len(params) != (2 if code[1] else 0) or any(tuple(p.shape) != (W,) for p in params):
+        return False
+    if not _options_fit(opts, T, B, H, n):
+        return False
+    return _ops() is not None
+
+
+def _options_fit(opts, T, B, H, n) -> bool:
+    if opts.mask is not None and not _fits(opts.mask, (T, B, 1)):
+        return False
+    if opts.rec_mask is not None and not _fits(opts.rec_mask, (B, H)):
+        return False
+    if opts.zone is not None and (len(opts.zone) != n or not all(_fits(z, (T, B, H)) for z in opts.zone)):
+        return False
+    if opts.truncate is not None and (not isinstance(opts.truncate, int) or opts.truncate < 1):
+        return False
+    return all(t is None or t.device.type == "cpu" for t in (opts.mask, opts.rec_mask, *(opts.zone or ())))
+
+
+# -- the scan ----------------------------------------------------------------------------------------
+
+def scan(opts, xi, state0, weight_hh, bias_hh, params=()):
+    """Run `opts.cell` over xi (T, B, G*H) from state0, as engine.scan does. Call only when `supports`."""
+    n = len(state0)
+    res = _FusedScan.apply(opts, n, xi, weight_hh, bias_hh, *state0, *params)
+    return res[0], tuple(res[1:])
+
+
+def _options(opts, xi):
+    """mask (T, B), rec (B, H), zoneout shares (T|1, B|1, H): contiguous, in xi's dtype, no grad."""
+    T, B, W = xi.shape
+    H = W // opts.cell.num_gates
+
+    def prep(t, shape):
+        return None if t is None else t.detach().to(xi.dtype).expand(shape).contiguous()
+
+    mask = None if opts.mask is None else prep(opts.mask, (T, B, 1)).view(T, B)
+    rec = prep(opts.rec_mask, (B, H))
+    zone = [None, None]
+    for j, z in enumerate(opts.zone or ()):
+        zone[j] = prep(z, (z.shape[0], z.shape[1], H))
+    return mask, rec, zone
+
+
+def _record_forward(slot, code: int, hs, cs, act) -> None:
+    """The trace, as engine._record_forward fills it: views of the saved buffers, no copies."""
+    slot.hidden = hs.detach()
+    slot.cell = None if cs is None else cs.detach()
+    slot.gates = act.detach() if code in (_CELL_CODES["lstm"], _CELL_CODES["gru"]) else None
+    slot.grad_norm = torch.full(hs.shape[:2], float("nan"), dtype=hs.dtype, device=hs.device)
+
+
+def _c(t):
+    return None if t is None else t.contiguous()
+
+
+class _FusedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, opts, n: int, xi, weight_hh, bias_hh, *rest):
+        state, params = rest[:n], rest[n:]
+        code, ln = _cell_code(opts.cell)
+        keep = any(ctx.needs_input_grad) or opts.trace is not None
+        mask, rec, zone = _options(opts, xi)
+        h0, c0 = state[0].contiguous(), _c(state[1]) if n == 2 else None
+        gamma, beta = (params[0].contiguous(), params[1].contiguous()) if ln else (None, None)
+        w, b = weight_hh.contiguous(), _c(bias_hh)
+        out, hs, cs, act, aux, hr, xhat, inv, h_T, c_T = _ops().forward(
+            code, ln, opts.reverse, keep, xi.contiguous(), w, b, h0, c0, gamma, beta, mask, rec, *zone)
+        if opts.trace is not None:
+            _record_forward(opts.trace, code, hs, cs, act)
+        if keep:
+            ctx.save_for_backward(w, b, h0, c0, gamma, hs, cs, act, aux, hr, xhat, inv)
+            ctx.opts, ctx.code, ctx.ln, ctx.n, ctx.aux_opts = opts, code, ln, n, (mask, rec, *zone)
+            ctx.set_materialize_grads(False)                   # an unused output sends None: skip it
+        return (out, h_T) if n == 1 else (out, h_T, c_T)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out, *d_final):
+        opts, n = ctx.opts, ctx.n
+        w, b, h0, c0, gamma, hs, cs, act, aux, hr, xhat, inv = ctx.saved_tensors
+        mask, rec, zh, zc = ctx.aux_opts
+        gn = opts.trace.grad_norm if opts.trace is not None else None
+        d_hT, d_cT = _c(d_final[0]), (_c(d_final[1]) if n == 2 else None)
+        need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4] and b is not None
+        d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta = _ops().backward(
+            ctx.code, ctx.ln, opts.reverse, opts.truncate or 0, w, b, h0, c0, gamma, mask, rec, zh, zc,
+            hs, cs, act, aux, hr, xhat, inv, _c(d_out), d_hT, d_cT, gn, need_w, need_b)
+        states = (d_h0,) if n == 1 else (d_h0, d_c0)
+        params = (d_gamma, d_beta) if ctx.ln else ()
+        return (None, None, d_xi, d_w, d_b, *states, *params)

@@ -1,0 +1,47 @@
+// Row-major matrix products for the fused scan, on raw pointers into preallocated buffers.
+//
+// Per time step the scan needs one small product (B rows), so the fixed cost of a call matters as
+// much as its speed: going through ATen's dispatcher (at::mm_out) costs microseconds per call in
+// shape checks and TensorImpl bookkeeping. torch's own BLAS (MKL on x86 wheels) is therefore called
+// directly through its Fortran entry points sgemm_/dgemm_ when libtorch exports them; they are
+// declared weak, so a torch built without them still loads, and the product then goes through
+// at::mm_out on tensors wrapping the same memory.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace rnnkit {
+
+// C = op(A) op(B) + beta * C, row-major, op = transpose when the flag is set.
+//   C: (m, n), ldc;  op(A): (m, k), A stored with lda;  op(B): (k, n), B stored with ldb.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+          const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+          const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+
+// The per-step product with U, whose operand U is the same at every step:
+//     forward   y (B, W) = x (B, H) U^T          backward  y (B, H) = x (B, W) U
+// For float with MKL, U is packed once into the kernel's own layout (MKL's packed GEMM) instead of
+// being re-read and re-laid-out on every call: 20-50% off each small product. Otherwise plain gemm.
+template <typename T>
+class StepProduct {
+ public:
+  StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool backward);
+  void operator()(const T* x, T* y) const;
+
+ private:
+  const T* u_;
+  int64_t W_, H_, B_;
+  bool backward_;
+  std::vector<float> packed_;                      // empty: not packed
+};
+
+// Which route the products take: "packed" (MKL's packed GEMM for the float step products, torch's
+// BLAS directly for the rest), "blas" (torch's BLAS directly) or "aten" (at::mm). A benchmark can
+// limit the route ("blas", "aten"; "packed" restores the default) to measure what each step saves.
+std::string gemm_route();
+void limit_gemm_route(const std::string& route);
+
+}  // namespace rnnkit

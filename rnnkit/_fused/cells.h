@@ -1,0 +1,162 @@
+// The built-in cells' step math on one batch row, forward and backward: a line-by-line copy of
+// rnnkit/cells/{rnn,lstm,gru,layernorm}.py (read their docstrings for the equations). One row is H
+// units (G*H pre-activations); the scan calls these for each row b of each step. Every loop here is
+// a straight elementwise loop over j that gcc vectorises (__restrict__: the rows never overlap, and
+// without it gcc gives up on loops that touch many arrays).
+//
+// The bias b_hh is passed as its own row `b`: for Elman and LSTM the engine folds it into xi (one
+// pre-activation a = xi + b + U h), for GRU it belongs to gh = U h + b. Under layer normalisation the
+// bias goes into the normalised sum instead, and the cell gets a row of zeros.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "fastmath.h"
+
+namespace rnnkit {
+
+// ---- Elman (rnn.py): h = g(a),  a = xi + gh ---------------------------------------------------------
+
+template <typename T>
+void elman_forward(int64_t H, bool relu, const T* __restrict__ xi, const T* __restrict__ b,
+                   const T* __restrict__ gh, T* __restrict__ h) {
+  if (relu) {
+    for (int64_t j = 0; j < H; ++j) {
+      T a = xi[j] + b[j] + gh[j];
+      h[j] = a < T(0) ? T(0) : a;                  // relu, NaN kept
+    }
+  } else {
+    for (int64_t j = 0; j < H; ++j) h[j] = tanh_(xi[j] + b[j] + gh[j]);
+  }
+}
+
+// da = dh * g'(a), with g' read off h: tanh' = 1 - h^2, relu' = [h > 0]
+template <typename T>
+void elman_backward(int64_t H, bool relu, const T* __restrict__ dh, const T* __restrict__ h,
+                    T* __restrict__ da) {
+  if (relu) {
+    for (int64_t j = 0; j < H; ++j) da[j] = dh[j] * (h[j] > T(0) ? T(1) : T(0));
+  } else {
+    for (int64_t j = 0; j < H; ++j) da[j] = dh[j] * (T(1) - h[j] * h[j]);
+  }
+}
+
+// ---- LSTM (lstm.py), gate blocks i, f, g, o -------------------------------------------------------
+
+// act = [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)];  c = f c_prev + i g;  h = o tanh(c)
+template <typename T>
+void lstm_forward(int64_t H, const T* __restrict__ xi, const T* __restrict__ b, const T* __restrict__ gh,
+                  const T* __restrict__ c_prev, T* __restrict__ act, T* __restrict__ tc, T* __restrict__ h,
+                  T* __restrict__ c) {
+  for (int64_t j = 0; j < 2 * H; ++j) act[j] = sigmoid_(xi[j] + b[j] + gh[j]);
+  for (int64_t j = 2 * H; j < 3 * H; ++j) act[j] = tanh_(xi[j] + b[j] + gh[j]);
+  for (int64_t j = 3 * H; j < 4 * H; ++j) act[j] = sigmoid_(xi[j] + b[j] + gh[j]);
+  const T *i = act, *f = act + H, *g = act + 2 * H, *o = act + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    c[j] = f[j] * c_prev[j] + i[j] * g[j];
+    tc[j] = tanh_(c[j]);
+    h[j] = o[j] * tc[j];
+  }
+}
+
+// do = dh tanh(c);  dc += dh o (1 - tanh(c)^2);  d[i, f, g, o] = [dc g, dc c_prev, dc i, do] times
+// each gate's slope (sigmoid' = a (1 - a), tanh' = 1 - g^2);  dc_prev (direct) = dc f.
+// dc comes in holding the gradient of c_t from step t+1 and leaves holding dc_{t-1}'s direct part.
+template <typename T>
+void lstm_backward(int64_t H, const T* __restrict__ dh, T* __restrict__ dc, const T* __restrict__ act,
+                   const T* __restrict__ tc, const T* __restrict__ c_prev, T* __restrict__ d_pre) {
+  const T *i = act, *f = act + H, *g = act + 2 * H, *o = act + 3 * H;
+  T *di = d_pre, *df = d_pre + H, *dg = d_pre + 2 * H, *dob = d_pre + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    T d_o = dh[j] * tc[j];
+    T dct = dh[j] * o[j] * (T(1) - tc[j] * tc[j]);
+    T dcj = dc[j] + dct;
+    di[j] = dcj * g[j] * (i[j] * (T(1) - i[j]));
+    df[j] = dcj * c_prev[j] * (f[j] * (T(1) - f[j]));
+    dg[j] = dcj * i[j] * (T(1) - g[j] * g[j]);
+    dob[j] = d_o * (o[j] * (T(1) - o[j]));
+    dc[j] = dcj * f[j];
+  }
+}
+
+// ---- GRU (gru.py), blocks r, z, n; reset applied after the recurrent product --------------------
+
+// r, z = sigmoid(x_rz + h_rz);  hn = gh_n;  n = tanh(x_n + r hn);  h = n + z (h_prev - n)
+// gates = [r, z, n] is also what the trace records.
+template <typename T>
+void gru_forward(int64_t H, const T* __restrict__ xi, const T* __restrict__ b, const T* __restrict__ gh,
+                 const T* __restrict__ h_prev, T* __restrict__ gates, T* __restrict__ hn, T* __restrict__ h) {
+  for (int64_t j = 0; j < 2 * H; ++j) gates[j] = sigmoid_(xi[j] + (gh[j] + b[j]));
+  const T *r = gates, *z = gates + H;
+  T* n = gates + 2 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    hn[j] = gh[2 * H + j] + b[2 * H + j];
+    n[j] = tanh_(xi[2 * H + j] + r[j] * hn[j]);
+    h[j] = n[j] + z[j] * (h_prev[j] - n[j]);
+  }
+}
+
+// dn = dh (1 - z);  dan = dn (1 - n^2);  d_xi = [dan hn r(1-r), dh (h_prev - n) z(1-z), dan];
+// d_gh = d_xi with its n block times r;  dh_prev (direct) = dh z.
+template <typename T>
+void gru_backward(int64_t H, const T* __restrict__ dh, const T* __restrict__ gates, const T* __restrict__ hn,
+                  const T* __restrict__ h_prev, T* __restrict__ d_xi, T* __restrict__ d_gh,
+                  T* __restrict__ dh_prev) {
+  const T *r = gates, *z = gates + H, *n = gates + 2 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    T dn = dh[j] - dh[j] * z[j];
+    T dan = dn - dn * n[j] * n[j];
+    T dr = dan * hn[j] * (r[j] - r[j] * r[j]);
+    T dz = dh[j] * (h_prev[j] - n[j]) * (z[j] - z[j] * z[j]);
+    d_xi[j] = dr;
+    d_xi[H + j] = dz;
+    d_xi[2 * H + j] = dan;
+    d_gh[j] = dr;
+    d_gh[H + j] = dz;
+    d_gh[2 * H + j] = dan * r[j];
+    dh_prev[j] = dh[j] * z[j];
+  }
+}
+
+// ---- layer normalisation of the recurrent pre-activation (layernorm.py) --------------------------
+
+constexpr double kLayerNormEps = 1e-5;
+
+// gh := LN(gh + b) * gamma + beta over the row's W = G*H features; saves xhat, returns 1/s.
+template <typename T>
+T layernorm_forward(int64_t W, T* __restrict__ gh, const T* __restrict__ b, const T* __restrict__ gamma,
+                    const T* __restrict__ beta, T* __restrict__ xhat) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < W; ++j) {
+    gh[j] += b[j];
+    sum += gh[j];
+  }
+  const T mu = sum / T(W);
+  T ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t j = 0; j < W; ++j) ss += (gh[j] - mu) * (gh[j] - mu);
+  const T inv = T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
+  for (int64_t j = 0; j < W; ++j) {
+    xhat[j] = (gh[j] - mu) * inv;
+    gh[j] = xhat[j] * gamma[j] + beta[j];
+  }
+  return inv;
+}
+
+// dxhat = dy gamma;  d_gh = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / s
+template <typename T>
+void layernorm_backward(int64_t W, const T* __restrict__ dy, const T* __restrict__ xhat, T inv,
+                        const T* __restrict__ gamma, T* __restrict__ d_gh) {
+  T s1 = 0, s2 = 0;
+#pragma omp simd reduction(+ : s1, s2)
+  for (int64_t j = 0; j < W; ++j) {
+    s1 += dy[j] * gamma[j];
+    s2 += dy[j] * gamma[j] * xhat[j];
+  }
+  const T m1 = s1 / T(W), m2 = s2 / T(W);
+  for (int64_t j = 0; j < W; ++j) d_gh[j] = inv * (dy[j] * gamma[j] - m1 - xhat[j] * m2);
+}
+
+}  // namespace rnnkit

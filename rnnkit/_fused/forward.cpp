@@ -1,0 +1,91 @@
+// The fused scan's forward, the same lines as rnnkit/engine.py's _Scan.forward:
+//     gh_t  = (h_{t-1} * r) U^T                  one product per step into a reused (B, W) buffer
+//     s~_t  = cell(xi_t, gh_t + b_hh, s_{t-1})    one pass over the step's rows (cells.h)
+//     s_t   = s~_t + z_t (s_{t-1} - s~_t)         zoneout
+//     s_t   = s_{t-1} + m_t (s_t - s_{t-1})       padding keeps the state
+//     out_t = m_t h_t
+// and it saves, per step, what the backward reads: the gate activations (which are also the trace's
+// gates), tanh(c_t) for the LSTM, U h + b_hh's n block for the GRU, h * r, LN's xhat and 1/s.
+#include <vector>
+
+#include "blas.h"
+#include "cells.h"
+#include "scan.h"
+
+namespace rnnkit {
+namespace {
+
+// s = new + z (prev - new);  then s = prev + m (s - prev).  s may be `nw` itself.
+template <typename T>
+void blend(int64_t H, const T* nw, const T* prev, const T* z, const T* m, T* s) {
+  if (z != nullptr) {
+    for (int64_t j = 0; j < H; ++j) s[j] = nw[j] + z[j] * (prev[j] - nw[j]);
+  } else if (s != nw) {
+    for (int64_t j = 0; j < H; ++j) s[j] = nw[j];
+  }
+  if (m != nullptr) {
+    const T mv = *m;
+    for (int64_t j = 0; j < H; ++j) s[j] = prev[j] + mv * (s[j] - prev[j]);
+  }
+}
+
+// One batch row b of step t: the cell, then zoneout and padding, then the output.
+template <typename T>
+void forward_row(const Problem& p, const Views<T>& v, T* gh, int64_t t, int64_t b,
+                 const T* h_prev, const T* c_prev) {
+  const int64_t H = p.H, W = p.W(), slot = t * v.keep * p.B + b;   // slot: row of a per-step buffer
+  const int64_t row = t * p.B + b;                                 // row of a (T, B, .) buffer
+  if (p.ln) v.inv[slot] = layernorm_forward(W, gh, v.b, v.gamma, v.beta, v.xhat + slot * W);
+  const T* xi = v.xi + row * W;
+  T* h = v.hs + row * H;
+  const T* m = v.mask ? v.mask + row : nullptr;
+  if (p.elman()) {
+    T* hc = v.act ? v.act + slot * H : h;          // the cell's own h, when zoneout/padding change it
+    elman_forward(H, p.cell == CellKind::kRelu, xi, v.cell_b, gh, hc);
+    blend(H, hc, h_prev, v.zone[0].row(t, b), m, h);
+  } else if (p.lstm()) {
+    T* c = v.cs + row * H;
+    lstm_forward(H, xi, v.cell_b, gh, c_prev, v.act + slot * W, v.aux + slot * H, h, c);
+    blend(H, h, h_prev, v.zone[0].row(t, b), m, h);
+    blend(H, c, c_prev, v.zone[1].row(t, b), m, c);
+  } else {
+    gru_forward(H, xi, v.cell_b, gh, h_prev, v.act + slot * W, v.aux + slot * H, h);
+    blend(H, h, h_prev, v.zone[0].row(t, b), m, h);
+  }
+  if (v.out != v.hs) {                             // padded steps output zeros
+    T* o = v.out + row * H;
+    for (int64_t j = 0; j < H; ++j) o[j] = h[j] * *m;
+  }
+}
+
+template <typename T>
+void forward_step(const Problem& p, const Views<T>& v, const StepProduct<T>& times_ut, T* gh,
+                  int64_t i) {
+  const int64_t t = p.time(i), B = p.B, H = p.H, W = p.W();
+  const T* h_prev = i == 0 ? v.h0 : v.hs + p.before(t) * B * H;
+  const T* c_prev = !p.lstm() ? nullptr : i == 0 ? v.c0 : v.cs + p.before(t) * B * H;
+  const T* h_in = h_prev;
+  if (v.rec != nullptr) {                          // variational dropout on h before U
+    T* hr = v.hr + t * v.keep * B * H;
+    for (int64_t k = 0; k < B * H; ++k) hr[k] = h_prev[k] * v.rec[k];
+    h_in = hr;
+  }
+  times_ut(h_in, gh);                              // gh = h_in U^T   (B, W)
+  for_rows(p, [&](int64_t b) {
+    forward_row(p, v, gh + b * W, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr);
+  });
+}
+
+}  // namespace
+
+template <typename T>
+void forward_loop(const Problem& p, const Views<T>& v) {
+  const StepProduct<T> times_ut(v.w, p.W(), p.H, p.B, false);
+  std::vector<T> gh(static_cast<size_t>(p.B * p.W()));     // the step's recurrent product, reused
+  for (int64_t i = 0; i < p.T; ++i) forward_step(p, v, times_ut, gh.data(), i);
+}
+
+template void forward_loop<float>(const Problem&, const Views<float>&);
+template void forward_loop<double>(const Problem&, const Views<double>&);
+
+}  // namespace rnnkit

@@ -1,0 +1,238 @@
+// The fused scan as two torch operators, torch.ops.rnnkit_fused.forward / .backward: tensors in,
+// buffers allocated here once per call, raw pointers handed to the loops (forward.cpp, backward.cpp).
+// The Python side (__init__.py) checks shapes, dtypes and devices before calling; the checks here
+// are a safety net only. Registered with TORCH_LIBRARY rather than pybind11, which keeps the compile
+// to a few seconds (no torch/extension.h).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "blas.h"
+#include "scan.h"
+
+namespace rnnkit {
+namespace {
+
+using at::Tensor;
+using Opt = std::optional<Tensor>;
+
+bool has(const Opt& t) { return t.has_value() && t->defined(); }
+
+template <typename T>
+T* ptr(const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; }
+
+template <typename T>
+T* ptr(const Opt& t) { return has(t) ? t->data_ptr<T>() : nullptr; }
+
+void check(const Tensor& t, const Tensor& like, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == like.scalar_type() && t.is_contiguous(),
+              "rnnkit fused scan: ", what, " must be a contiguous CPU tensor of dtype ", like.scalar_type());
+}
+
+void check(const Opt& t, const Tensor& like, const char* what) {
+  if (has(t)) check(*t, like, what);
+}
+
+Problem problem(int64_t cell, bool ln, bool reverse, int64_t T, int64_t B, const Tensor& w) {
+  TORCH_CHECK(cell >= 0 && cell <= 3, "rnnkit fused scan: unknown cell code ", cell);
+  const auto kind = static_cast<CellKind>(cell);
+  const int64_t G = kind == CellKind::kLSTM ? 4 : kind == CellKind::kGRU ? 3 : 1;
+  const int64_t H = w.size(1);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == G * H, "rnnkit fused scan: weight_hh must be (G*H, H)");
+  return Problem{kind, ln, reverse, T, B, H, G};
+}
+
+// (T or 1, B or 1, H) zoneout shares: strides 0 along the broadcast dimensions.
+template <typename T>
+Rows<T> rows(const Opt& z, const Problem& p) {
+  Rows<T> r;
+  if (!has(z)) return r;
+  TORCH_CHECK(z->dim() == 3 && z->size(2) == p.H, "rnnkit fused scan: zoneout shares must be (T|1, B|1, H)");
+  r.p = z->data_ptr<T>();
+  r.st = z->size(0) == 1 ? 0 : z->size(1) * p.H;
+  r.sb = z->size(1) == 1 ? 0 : p.H;
+  return r;
+}
+
+// Inputs shared by both passes, as pointers. `b` is never null (zeros when the layer has no bias),
+// and the cell sees zeros in its place under LN, where the bias goes into the normalised sum.
+template <typename T>
+Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const Tensor& zero_w,
+                     const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta, const Opt& mask,
+                     const Opt& rec, const Opt& zh, const Opt& zc) {
+  Views<T> v{};
+  v.w = ptr<T>(w);
+  v.b = ptr<T>(b);
+  v.cell_b = p.ln ? ptr<T>(zero_w) : v.b;
+  v.h0 = ptr<T>(h0);
+  v.c0 = ptr<T>(c0);
+  v.gamma = ptr<T>(gamma);
+  v.beta = ptr<T>(beta);
+  v.mask = ptr<T>(mask);
+  v.rec = ptr<T>(rec);
+  v.zone[0] = rows<T>(zh, p);
+  v.zone[1] = rows<T>(zc, p);
+  return v;
+}
+
+// ---- forward ---------------------------------------------------------------------------------------
+
+// What forward allocates. act/aux/hr/xhat/inv have T slots when kept for backward, else 1.
+struct Buffers {
+  Tensor out, hs, cs, act, aux, hr, xhat, inv;
+};
+
+Buffers allocate(const Problem& p, bool keep, bool blended, bool masked, bool dropped, const at::TensorOptions& o) {
+  const int64_t T = p.T, B = p.B, H = p.H, W = p.W(), S = keep ? T : 1;
+  Buffers f;
+  f.hs = at::empty({T, B, H}, o);
+  f.out = masked ? at::empty({T, B, H}, o) : f.hs;
+  if (p.lstm()) f.cs = at::empty({T, B, H}, o);
+  if (!p.elman()) {
+    f.act = at::empty({S, B, W}, o);
+    f.aux = at::empty({S, B, H}, o);
+  } else if (keep && blended) {
+    f.act = at::empty({T, B, H}, o);               // the cell's own h_t, before zoneout and padding
+  }
+  if (dropped) f.hr = at::empty({S, B, H}, o);
+  if (p.ln) {
+    f.xhat = at::empty({S, B, W}, o);
+    f.inv = at::empty({S, B}, o);
+  }
+  return f;
+}
+
+template <typename T>
+void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& f, bool keep) {
+  v.xi = ptr<T>(xi);
+  v.hs = ptr<T>(f.hs);
+  v.cs = ptr<T>(f.cs);
+  v.out = ptr<T>(f.out);
+  v.act = ptr<T>(f.act);
+  v.aux = ptr<T>(f.aux);
+  v.hr = ptr<T>(f.hr);
+  v.xhat = ptr<T>(f.xhat);
+  v.inv = ptr<T>(f.inv);
+  v.keep = keep ? 1 : 0;
+  forward_loop<T>(p, v);
+}
+
+// Returns [out, hs, cs, act, aux, hr, xhat, inv, h_final, c_final]; absent entries are undefined (None).
+std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, const Tensor& xi, const Tensor& w,
+                            const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta,
+                            const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc) {
+  TORCH_CHECK(xi.dim() == 3, "rnnkit fused scan: xi must be (T, B, G*H)");
+  const Problem p = problem(cell, ln, reverse, xi.size(0), xi.size(1), w);
+  for (auto* t : {&xi, &w, &h0}) check(*t, xi, "every input");
+  for (auto* t : {&b, &c0, &gamma, &beta, &mask, &rec, &zh, &zc}) check(*t, xi, "every input");
+  const auto o = xi.options();
+  const Tensor zero_w = at::zeros({p.W()}, o);
+  const Tensor bias = has(b) ? *b : zero_w;
+  const Buffers f = allocate(p, keep, has(mask) || has(zh) || has(zc), has(mask), has(rec), o);
+  if (xi.scalar_type() == at::kFloat) {
+    run_forward<float>(p, input_views<float>(p, w, bias, zero_w, h0, c0, gamma, beta, mask, rec, zh, zc), xi, f, keep);
+  } else {
+    TORCH_CHECK(xi.scalar_type() == at::kDouble, "rnnkit fused scan: float32 or float64 only");
+    run_forward<double>(p, input_views<double>(p, w, bias, zero_w, h0, c0, gamma, beta, mask, rec, zh, zc), xi, f, keep);
+  }
+  const int64_t last = reverse ? 0 : p.T - 1;
+  Tensor h_final = f.hs[last].clone();
+  Tensor c_final = p.lstm() ? f.cs[last].clone() : Tensor();
+  return {f.out, f.hs, f.cs, f.act, f.aux, f.hr, f.xhat, f.inv, h_final, c_final};
+}
+
+// ---- backward --------------------------------------------------------------------------------------
+
+// dU = sum_t d_gh_t^T h_in_t with h_in_t = h_{t-1} r: from the saved h r, or else from the state
+// sequence shifted by one step (h0, then h_t) as two products, so nothing is concatenated.
+template <typename T>
+void weight_grad(const Problem& p, const Views<T>& v, T* dU) {
+  const int64_t B = p.B, H = p.H, W = p.W(), T1 = p.T - 1;
+  if (v.hr != nullptr) {
+    gemm(true, false, W, H, p.T * B, v.d_gh, W, v.hr, H, T(0), dU, H);
+    return;
+  }
+  const T* g_first = p.reverse ? v.d_gh + T1 * B * W : v.d_gh;           // the step that read h0
+  const T* g_rest = p.reverse ? v.d_gh : v.d_gh + B * W;                  // steps that read h_{t-+1}
+  const T* h_rest = p.reverse ? v.hs + B * H : v.hs;
+  gemm(true, false, W, H, B, g_first, W, v.h0, H, T(0), dU, H);
+  if (T1 > 0) gemm(true, false, W, H, T1 * B, g_rest, W, h_rest, H, T(1), dU, H);
+}
+
+// Returns [d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta].
+std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t truncate, const Tensor& w,
+                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& mask,
+                             const Opt& rec, const Opt& zh, const Opt& zc, const Tensor& hs, const Opt& cs,
+                             const Opt& act, const Opt& aux, const Opt& hr, const Opt& xhat, const Opt& inv,
+                             const Opt& d_out, const Opt& d_hT, const Opt& d_cT, const Opt& gn, bool need_w,
+                             bool need_b) {
+  const Problem p = problem(cell, ln, reverse, hs.size(0), hs.size(1), w);
+  for (auto* t : {&b, &c0, &gamma, &mask, &rec, &zh, &zc, &cs, &act, &aux, &hr, &xhat, &inv, &d_out, &d_hT,
+                  &d_cT, &gn}) {
+    check(*t, hs, "every input");
+  }
+  const auto o = hs.options();
+  const int64_t T = p.T, B = p.B, H = p.H, W = p.W();
+  const Tensor zero_w = at::zeros({W}, o);
+  const Tensor bias = has(b) ? *b : zero_w;
+  Tensor d_xi = at::empty({T, B, W}, o);
+  Tensor d_gh = (p.gru() || p.ln) ? at::empty({T, B, W}, o) : d_xi;
+  Tensor d_h0 = at::empty({B, H}, o), d_c0 = p.lstm() ? at::empty({B, H}, o) : Tensor();
+  Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
+  Tensor d_gamma = p.ln ? at::zeros({W}, o) : Tensor(), d_beta = p.ln ? at::zeros({W}, o) : Tensor();
+  auto run = [&](auto zero) {
+    using S = decltype(zero);
+    Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, std::nullopt, mask, rec, zh, zc);
+    v.hs = ptr<S>(hs);
+    v.cs = ptr<S>(cs);
+    v.act = ptr<S>(act);
+    v.aux = ptr<S>(aux);
+    v.hr = ptr<S>(hr);
+    v.xhat = ptr<S>(xhat);
+    v.inv = ptr<S>(inv);
+    v.keep = 1;
+    v.d_out = ptr<S>(d_out);
+    v.gn = ptr<S>(gn);
+    v.d_xi = ptr<S>(d_xi);
+    v.d_gh = ptr<S>(d_gh);
+    v.dgamma = ptr<S>(d_gamma);
+    v.dbeta = ptr<S>(d_beta);
+    backward_loop<S>(p, v, truncate, ptr<S>(d_hT), ptr<S>(d_cT), ptr<S>(d_h0), ptr<S>(d_c0));
+    if (need_w) weight_grad<S>(p, v, ptr<S>(d_w));
+  };
+  if (hs.scalar_type() == at::kFloat) {
+    run(0.f);
+  } else {
+    TORCH_CHECK(hs.scalar_type() == at::kDouble, "rnnkit fused scan: float32 or float64 only");
+    run(0.0);
+  }
+  Tensor d_b = (need_b && has(b)) ? d_gh.view({T * B, W}).sum(0) : Tensor();
+  return {d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta};
+}
+
+std::string route() { return gemm_route(); }
+
+void limit_route(const std::string& route) { limit_gemm_route(route); }
+
+}  // namespace
+}  // namespace rnnkit
+
+TORCH_LIBRARY(rnnkit_fused, m) {
+  m.def("forward(int cell, bool ln, bool reverse, bool keep, Tensor xi, Tensor w, Tensor? b, Tensor h0, "
+        "Tensor? c0, Tensor? gamma, Tensor? beta, Tensor? mask, Tensor? rec, Tensor? zone_h, "
+        "Tensor? zone_c) -> Tensor[]",
+        &rnnkit::forward);
+  m.def("backward(int cell, bool ln, bool reverse, int truncate, Tensor w, Tensor? b, Tensor h0, Tensor? c0, "
+        "Tensor? gamma, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor hs, Tensor? cs, "
+        "Tensor? act, Tensor? aux, Tensor? hr, Tensor? xhat, Tensor? inv, Tensor? d_out, Tensor? d_hT, "
+        "Tensor? d_cT, Tensor? grad_norm, bool need_w, bool need_b) -> Tensor[]",
+        &rnnkit::backward);
+  m.def("gemm_route() -> str", &rnnkit::route);
+  m.def("limit_gemm_route(str route) -> ()", &rnnkit::limit_route);
+}

@@ -1,0 +1,88 @@
+"""Flags every training command shares, their mapping onto TrainConfig, and a progress-bar helper.
+
+    add_common_flags(p, epochs=300, hidden_size=32, out="runs/forecast")   # --seed --device --epochs ...
+    add_train_flags(p, lr=1e-2, batch_size=32)                              # --lr --optimizer ... --resume
+    cfg = train_config(args, out="runs/forecast/model")                     # a TrainConfig
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from tqdm.auto import tqdm
+
+from ..tasks import SCHEDULES, TrainConfig
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def add_common_flags(parser: argparse.ArgumentParser, *, epochs: int, hidden_size: int, out: str,
+                     num_layers: int = 1, clip_norm: float | None = None) -> None:
+    """--seed --device --epochs --hidden-size --num-layers --clip-norm --out (DESIGN §4)."""
+    g = parser.add_argument_group("common")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help=f"training epochs (default {epochs})")
+    g.add_argument("--hidden-size", type=positive_int, default=hidden_size,
+                   help=f"hidden units per layer (default {hidden_size})")
+    g.add_argument("--num-layers", type=positive_int, default=num_layers,
+                   help=f"stacked recurrent layers (default {num_layers})")
+    g.add_argument("--clip-norm", type=positive_float, default=clip_norm,
+                   help="clip the gradient to this global L2 norm" + (f" (default {clip_norm})" if clip_norm else ""))
+    g.add_argument("--out", default=out, metavar="DIR", help=f"output directory (default {out})")
+
+
+def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: int,
+                    schedule: str = "none") -> None:
+    """The rest of TrainConfig, one flag per field, plus --resume."""
+    g = parser.add_argument_group("training")
+    g.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr})")
+    g.add_argument("--optimizer", default="adam", help="any torch.optim name: adam, adamw, sgd, rmsprop, ...")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
+    g.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"batch size (default {batch_size})")
+    g.add_argument("--clip-value", type=positive_float, default=None, help="clamp each gradient entry to [-v, v]")
+    g.add_argument("--schedule", choices=SCHEDULES, default=schedule, help=f"learning-rate schedule (default {schedule})")
+    g.add_argument("--step-size", type=positive_int, default=10, help="epochs per step of the step/plateau schedule")
+    g.add_argument("--gamma", type=positive_float, default=0.5, help="factor of the step/plateau schedule")
+    g.add_argument("--patience", type=positive_int, default=None,
+                   help="early stopping: epochs without improvement of --monitor before stopping (needs validation)")
+    g.add_argument("--monitor", default="val_loss", help="metric early stopping watches (default val_loss)")
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=10,
+                   help="write a checkpoint every N epochs; 0: only at the end (default 10)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when stderr is a terminal)")
+    g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+
+
+def train_config(args: argparse.Namespace, **fixed) -> TrainConfig:
+    """A TrainConfig from the parsed flags (the ones present), `fixed` overriding."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    if values.get("progress") is None:
+        values["progress"] = sys.stderr.isatty()
+    return TrainConfig(**{**values, **fixed})
+
+
+def progress_bar(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool | None = None):
+    """A tqdm bar on stderr with items/s; off when stderr is not a terminal unless enabled=True."""
+    enabled = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)

@@ -1,0 +1,147 @@
+"""`rnnkit memory`: long-range memory benchmarks, and the clipping study."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import UserError
+from ..tasks import memory
+
+EPILOG = """examples:
+  rnnkit memory --task adding --length 50,100 --cell rnn,lstm,gru --steps 2000 --seed 0,1,2
+  rnnkit memory --task digits --length 8 --cell gru --steps 1500
+  rnnkit memory --clip-study --clip-norm 1        # IRNN (relu, U = I), SGD: without and with clipping
+writes OUT/results.json (every run: config, test metric, baseline, loss and gradient-norm curves);
+--clip-study writes OUT/clip_study.json and OUT/clip_study.png instead.
+"""
+
+# The exploding configuration of the clip study (flags given on the command line override it):
+# a relu RNN with U = I (Le et al.'s IRNN) trained by SGD on the adding problem.
+CLIP_PRESET = dict(task="adding", length=30, cell="rnn", nonlinearity="relu", recurrent_init="identity",
+                   optimizer="sgd", lr=0.01, hidden_size=64, steps=3000)
+
+FLAGS = [  # (flag, field, type, help)
+    ("--task", "task", str, f"one of {', '.join(memory.TASKS)} (default adding)"),
+    ("--hidden-size", "hidden_size", int, "hidden units H (default 128)"),
+    ("--num-layers", "num_layers", int, "stacked layers (default 1)"),
+    ("--nonlinearity", "nonlinearity", str, "Elman RNN activation: tanh | relu (default tanh)"),
+    ("--steps", "steps", int, "training steps, one batch each (default 2000)"),
+    ("--batch-size", "batch_size", int, "sequences per step (default 50)"),
+    ("--lr", "lr", float, "learning rate (default 1e-3)"),
+    ("--optimizer", "optimizer", str, "adam | sgd (SGD with momentum 0.9; default adam)"),
+    ("--clip-norm", "clip_norm", float, "clip the global gradient norm to this (default: no clipping)"),
+    ("--recurrent-init", "recurrent_init", str, "U init: default (torch.nn) | identity (IRNN) | orthogonal"),
+    ("--recurrent-scale", "recurrent_scale", float, "multiply U by this after its init (default 1)"),
+    ("--test-size", "test_size", int, "held-out sequences for synthetic tasks (default 1000)"),
+]
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("memory", help="long-range memory benchmarks (adding, copy, order, digits, mnist1d)",
+                              description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--length", default=None, help="sequence length(s) T, comma-separated (default per task)")
+    p.add_argument("--cell", default=None, help="cells, comma-separated among rnn,lstm,gru (default lstm)")
+    p.add_argument("--seed", default="0", help="seed(s), comma-separated; results are averaged over them")
+    for flag, dest, typ, text in FLAGS:
+        p.add_argument(flag, dest=dest, type=typ, default=None, help=text)
+    p.add_argument("--clip-study", action="store_true",
+                   help="train one exploding configuration without and with --clip-norm (default 1)")
+    p.add_argument("--out", default="runs/memory", help="output folder (default runs/memory)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, e.g. {flag} 50,100; got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} is empty")
+    return values
+
+
+def base_config(args) -> memory.MemoryConfig:
+    """MemoryConfig from the flags given (the clip preset under them in --clip-study mode)."""
+    given = {f.name: getattr(args, f.name) for f in fields(memory.MemoryConfig)
+             if f.name not in ("length", "cell", "seed") and getattr(args, f.name, None) is not None}
+    preset = dict(CLIP_PRESET, clip_norm=1.0) if args.clip_study else {}
+    task = given.get("task", preset.get("task", "adding"))
+    cfg = {"length": memory.DEFAULT_LENGTH.get(task, 100), **preset, **given}
+    return memory.MemoryConfig(**cfg)
+
+
+def run(args) -> int:
+    base = base_config(args)
+    cells = (args.cell or ("rnn" if args.clip_study else "lstm")).split(",")
+    bad = [c for c in cells if c not in memory.CELLS]
+    if bad:
+        raise UserError(f"--cell: unknown cell(s) {', '.join(bad)}; choose among rnn, lstm, gru")
+    lengths = _int_list(args.length, "--length") if args.length else [base.length]
+    seeds = _int_list(args.seed, "--seed")
+    for L in lengths:
+        for c in cells:
+            replace(base, length=L, cell=c)                        # validate every run before the first
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.clip_study:
+        return run_clip_study(replace(base, cell=cells[0], length=lengths[0], seed=seeds[0]), out, not args.no_progress)
+    results = []
+
+    def save(r):
+        results.append(r)
+        print(_row(r), flush=True)
+        (out / "results.json").write_text(json.dumps({"runs": [x.to_dict() for x in results],
+                                                      "summary": summarise(results)}, indent=1))
+    print(_header(), flush=True)
+    for seed in seeds:
+        memory.run_grid(replace(base, seed=seed), cells, lengths, not args.no_progress, save)
+    if len(seeds) > 1:
+        print(f"\nmean over seeds {','.join(map(str, seeds))}:")
+        for s in summarise(results):
+            print(f"  {s['task']:<8} T={s['length']:<5} {s['cell']:<5} {s['metric']} {s['mean']:.4f} "
+                  f"(per seed {', '.join(f'{v:.4f}' for v in s['per_seed'])}; baseline {s['baseline']:.4f})")
+    print(f"wrote {out / 'results.json'} ({len(results)} runs)")
+    return 0
+
+
+def _header() -> str:
+    return f"{'task':<8} {'T':>5} {'cell':<5} {'seed':>4} {'metric':<14} {'test':>9} {'baseline':>9} {'steps':>6} {'time s':>7}"
+
+
+def _row(r: memory.RunResult) -> str:
+    c = r.config
+    score = "diverged" if r.diverged else f"{r.test[r.metric]:.4f}"
+    return (f"{c.task:<8} {c.length:>5} {c.cell:<5} {c.seed:>4} {r.metric:<14} {score:>9} "
+            f"{r.baseline:>9.4f} {r.steps_done:>6} {r.seconds:>7.1f}")
+
+
+def summarise(results: list[memory.RunResult]) -> list[dict]:
+    """Mean over seeds for each (task, length, cell)."""
+    groups: dict[tuple, list] = {}
+    for r in results:
+        groups.setdefault((r.config.task, r.config.length, r.config.cell), []).append(r)
+    return [{"task": t, "length": L, "cell": c, "metric": rs[0].metric, "baseline": rs[0].baseline,
+             "per_seed": [r.test[r.metric] for r in rs], "mean": float(np.mean([r.test[r.metric] for r in rs])),
+             "diverged": sum(r.diverged for r in rs), "seconds": round(sum(r.seconds for r in rs), 1)}
+            for (t, L, c), rs in groups.items()]
+
+
+def run_clip_study(cfg: memory.MemoryConfig, out: Path, progress: bool) -> int:
+    from ..diagnostics import plots
+    runs = memory.clip_study(cfg, cfg.clip_norm, progress)
+    print(_header())
+    for r in runs.values():
+        print(_row(r) + ("   (diverged: loss NaN or blown up)" if r.diverged else ""))
+    data = {label: r.to_dict() for label, r in runs.items()}
+    (out / "clip_study.json").write_text(json.dumps(data, indent=1))
+    title = (f"{cfg.task} T={cfg.length}, {cfg.cell} {cfg.nonlinearity} H={cfg.hidden_size}, U init "
+             f"{cfg.recurrent_init} x{cfg.recurrent_scale:g}, {cfg.optimizer} lr {cfg.lr:g}")
+    plots.training_curves(data, out / "clip_study.png", title)
+    print(f"wrote {out / 'clip_study.json'}, {out / 'clip_study.png'}", file=sys.stderr)
+    return 0

@@ -1,0 +1,62 @@
+"""Spectra of the recurrent matrices U (weight_hh_l{k}): singular values and spectral radius.
+
+The Jacobian of one step is diag(g'(a_t)) U with |g'| <= 1 for tanh, so ||U||_2 < 1 guarantees a
+vanishing gradient and a spectral radius > 1 is necessary for an exploding one (Pascanu et al.
+2013). For LSTM/GRU, U stacks one H x H block per gate (LSTM i, f, g, o; GRU r, z, n); each block
+is reported on its own, and the whole stack (G*H x H, not square) by its singular values only.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+GATE_NAMES = {1: ("h",), 3: ("r", "z", "n"), 4: ("i", "f", "g", "o")}
+
+
+@dataclass(frozen=True)
+class MatrixSpectrum:
+    """One recurrent matrix or gate block. spectral_radius is None for a non-square stack."""
+    name: str                        # parameter name, e.g. weight_hh_l0
+    gate: str                        # gate block ("i", "f", ... ; "h" for the Elman RNN; "all")
+    shape: tuple[int, int]
+    singular_values: tuple[float, ...]
+    spectral_norm: float             # largest singular value
+    spectral_radius: float | None    # largest |eigenvalue|
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        d["singular_values"] = list(self.singular_values)
+        return d
+
+
+def matrix_spectrum(U: torch.Tensor, name: str = "U", gate: str = "all") -> MatrixSpectrum:
+    """Singular values (descending), spectral norm and (square U) spectral radius of one matrix."""
+    U = U.detach().double().cpu()
+    if U.dim() != 2:
+        raise ValueError(f"matrix_spectrum: expected a 2-D matrix, got shape {tuple(U.shape)}")
+    sv = torch.linalg.svdvals(U)
+    radius = float(torch.linalg.eigvals(U).abs().max()) if U.shape[0] == U.shape[1] else None
+    return MatrixSpectrum(name, gate, tuple(U.shape), tuple(float(s) for s in sv), float(sv[0]), radius)
+
+
+def recurrent_spectra(module: nn.Module) -> list[MatrixSpectrum]:
+    """Every weight_hh* in `module` (any torch.nn or rnnkit RNN/LSTM/GRU inside it): the whole
+    matrix, then each gate block when there are several."""
+    out = []
+    for pname, W in module.named_parameters():
+        if "weight_hh" not in pname.rsplit(".", 1)[-1]:
+            continue
+        H = W.shape[1]
+        G = W.shape[0] // H
+        if G == 1:
+            out.append(matrix_spectrum(W, pname, "h"))
+            continue
+        out.append(matrix_spectrum(W, pname, "all"))
+        for gate, block in zip(GATE_NAMES.get(G, tuple(str(j) for j in range(G))), W.split(H, 0)):
+            out.append(matrix_spectrum(block, pname, gate))
+    if not out:
+        raise ValueError(f"recurrent_spectra: {type(module).__name__} has no weight_hh parameter")
+    return out

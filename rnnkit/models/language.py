@@ -1,0 +1,131 @@
+"""Character- or word-level language model: embedding -> rk.LSTM / GRU / RNN -> linear to the vocabulary.
+
+    x_t = E[token_t]                      embedding
+    h_t = cell(x_t, h_{t-1})              V, U in the recurrent layer (weight_ih_l{k}, weight_hh_l{k})
+    logits_t = W h_t + b'                 W = `head.weight`; softmax(logits_t) = P(token_{t+1} | tokens <= t)
+
+`forward(tokens, state)` takes and returns the recurrent state, so stateful truncated-BPTT training
+carries it from one window to the next (`detach_state` between windows). `sample` continues a prompt
+with temperature and top-k; it never emits the special tokens passed in `suppress_ids`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..layers import GRU, LSTM, RNN
+
+CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
+
+
+@dataclass(frozen=True)
+class LanguageModelConfig:
+    vocab_size: int
+    embed_dim: int = 64
+    hidden_size: int = 256
+    num_layers: int = 2
+    cell: str = "lstm"
+    dropout: float = 0.0               # on the embedding, between layers and before the head
+    tie_weights: bool = False          # head.weight = embedding.weight (needs embed_dim == hidden_size)
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise UserError(f"cell must be one of {', '.join(CELLS)}, got {self.cell!r}")
+        for name in ("vocab_size", "embed_dim", "hidden_size", "num_layers"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.tie_weights and self.embed_dim != self.hidden_size:
+            raise UserError(f"tie_weights needs embed_dim == hidden_size, got {self.embed_dim} and "
+                            f"{self.hidden_size}")
+
+
+State = Tensor | tuple[Tensor, Tensor]
+
+
+def detach_state(state: State | None) -> State | None:
+    """The state cut from the graph: the value carries on, the gradient stops (truncated BPTT)."""
+    if state is None:
+        return None
+    return tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: LanguageModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.embedding = nn.Embedding(c.vocab_size, c.embed_dim)
+        self.rnn = CELLS[c.cell](c.embed_dim, c.hidden_size, c.num_layers, batch_first=True,
+                                 dropout=c.dropout if c.num_layers > 1 else 0.0)
+        self.drop = nn.Dropout(c.dropout)
+        self.head = nn.Linear(c.hidden_size, c.vocab_size)
+        if c.tie_weights:
+            self.head.weight = self.embedding.weight
+
+    def forward(self, tokens: Tensor, state: State | None = None) -> tuple[Tensor, State]:
+        """tokens (B, T) long -> logits (B, T, vocab_size) and the state after step T."""
+        x = self.drop(self.embedding(tokens))                              # (B, T, E)
+        out, state = self.rnn(x, state)                                    # (B, T, H)
+        return self.head(self.drop(out)), state                            # (B, T, V)
+
+    @torch.no_grad()
+    def sample(self, prompt_ids: Sequence[int], n: int, temperature: float = 1.0, top_k: int | None = None,
+               suppress_ids: Sequence[int] = (), generator: torch.Generator | None = None) -> list[int]:
+        """n new token ids continuing `prompt_ids` (the prompt is not included).
+
+        temperature > 0 divides the logits (below 1 sharpens, above 1 flattens); temperature 0 is
+        greedy (argmax). top_k keeps the k most likely tokens. `suppress_ids` (e.g. <pad>, <unk>)
+        are never drawn.
+        """
+        V = self.config.vocab_size
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise UserError("the prompt is empty; give at least one token to start from")
+        if not all(0 <= i < V for i in prompt):
+            raise UserError(f"prompt ids must lie in [0, {V}), got {[i for i in prompt if not 0 <= i < V][:5]}")
+        if n < 0:
+            raise UserError(f"number of tokens to sample must be >= 0, got {n}")
+        check_sampling(temperature, top_k, V - len(set(suppress_ids)))
+        was_training = self.training
+        self.eval()
+        device = self.head.weight.device
+        logits, state = self(torch.tensor([prompt], device=device))        # (1, P, V)
+        last, out = logits[0, -1], []                                      # (V,)
+        for _ in range(n):
+            probs = next_token_probs(last, temperature, top_k, suppress_ids)
+            nxt = int(probs.argmax()) if temperature == 0 else int(torch.multinomial(probs.cpu(), 1, generator=generator))
+            out.append(nxt)
+            logits, state = self(torch.tensor([[nxt]], device=device), state)
+            last = logits[0, -1]
+        self.train(was_training)
+        return out
+
+
+def check_sampling(temperature: float, top_k: int | None, choices: int) -> None:
+    if not temperature >= 0:                                 # also refuses NaN
+        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+        raise UserError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if choices < 1:
+        raise UserError("every token is suppressed; nothing is left to sample")
+
+
+def next_token_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                     suppress_ids: Sequence[int] = ()) -> Tensor:
+    """(..., V) logits -> (..., V) probabilities: suppressed ids removed, all but the top k removed,
+    softmax(logits / temperature) over what is left. temperature 0: all mass on the argmax."""
+    z = logits.float().clone()                                             # (..., V)
+    if suppress_ids:
+        z[..., list(suppress_ids)] = float("-inf")
+    if top_k is not None and top_k < z.shape[-1]:
+        kth = z.topk(top_k, dim=-1).values[..., -1:]                       # (..., 1)
+        z = z.masked_fill(z < kth, float("-inf"))
+    if temperature == 0:
+        return F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
+    return torch.softmax(z / temperature, dim=-1)

@@ -1,0 +1,8 @@
+"""rnnkit.tasks: one module per application (forecast, text, classify, seq2seq, memory, gradflow).
+
+Tasks are the glue from data to model to trainer to report; the CLI reaches training only through
+the names re-exported here.
+"""
+from ..train import SCHEDULES, TrainConfig, TrainingError, TrainingInterrupted
+
+__all__ = ["TrainConfig", "TrainingError", "TrainingInterrupted", "SCHEDULES"]

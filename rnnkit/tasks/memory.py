@@ -1,0 +1,270 @@
+"""Long-range memory benchmarks: train an RNN/LSTM/GRU + linear head and score it on a held-out set.
+
+    adding   many-to-one regression, MSE; baseline: always answer 1 (MSE 1/6 ≈ 0.167)
+    copy     many-to-many classification, cross-entropy per step; baseline 10 ln 8 / (T + 20)
+    order    many-to-one, 4 classes, accuracy; baseline: chance 25 %
+    digits   many-to-one, 10 classes, accuracy; --length 8 rows of 8 pixels, --length 64 pixels
+    mnist1d  many-to-one, 10 classes, accuracy (T = 40); baseline: chance 10 %
+Synthetic tasks draw a fresh batch every step and test on 1000 sequences from another seed;
+digits and MNIST-1D sample batches from their fixed training split and test on their test split.
+The training loop is deliberately small: Adam (or SGD), optional clipping by global norm, a
+progress bar, and a stop as soon as the loss is NaN or has blown up (divergence is a result here).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .. import layers as rk
+from ..data import synthetic
+from ..errors import UserError
+
+TASKS = ("adding", "copy", "order", "digits", "mnist1d")
+CELLS = {"rnn": rk.RNN, "lstm": rk.LSTM, "gru": rk.GRU}
+DEFAULT_LENGTH = {"adding": 100, "copy": 50, "order": 100, "digits": 8, "mnist1d": 40}
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """One training run. CLI flags map one to one onto these fields."""
+    task: str = "adding"
+    length: int = 100
+    cell: str = "lstm"
+    hidden_size: int = 128
+    num_layers: int = 1
+    nonlinearity: str = "tanh"          # Elman RNN only: tanh | relu
+    steps: int = 2000
+    batch_size: int = 50
+    lr: float = 1e-3
+    optimizer: str = "adam"             # adam | sgd
+    clip_norm: float | None = None      # clip the global gradient norm to this
+    recurrent_init: str = "default"     # default (torch.nn's) | identity (Le et al.'s IRNN) | orthogonal
+    recurrent_scale: float = 1.0        # U is multiplied by this after its init
+    seed: int = 0
+    test_size: int = 1000               # synthetic tasks only
+    diverge_factor: float = 1e4         # stop when the loss exceeds this x the first loss
+
+    def __post_init__(self):
+        checks = [
+            (self.task in TASKS, f"--task must be one of {', '.join(TASKS)}, got {self.task!r}"),
+            (self.cell in CELLS, f"--cell must be among {', '.join(CELLS)}, got {self.cell!r}"),
+            (self.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {self.nonlinearity!r}"),
+            (self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}"),
+            (self.recurrent_init in ("default", "identity", "orthogonal"),
+             f"--recurrent-init must be default, identity or orthogonal, got {self.recurrent_init!r}"),
+            (self.length >= 1 and self.hidden_size >= 1 and self.num_layers >= 1,
+             "--length, --hidden-size and --num-layers must be positive"),
+            (self.steps >= 1 and self.batch_size >= 1 and self.test_size >= 1,
+             "--steps, --batch-size and --test-size must be positive"),
+            (self.lr > 0 and self.recurrent_scale > 0, "--lr and --recurrent-scale must be > 0"),
+            (self.clip_norm is None or self.clip_norm > 0, f"--clip-norm must be > 0, got {self.clip_norm}"),
+            (self.task != "digits" or self.length in (8, 64),
+             f"--task digits reads 8x8 images by rows (--length 8) or by pixels (--length 64), got {self.length}"),
+            (self.task != "mnist1d" or self.length == 40, f"--task mnist1d has length 40, got {self.length}"),
+            (self.task != "order" or self.length >= 20, f"--task order needs --length >= 20, got {self.length}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    input_size: int
+    output_size: int
+    kind: str               # regress (last step) | classify (last step) | classify_all (every step)
+    metric: str             # mse | accuracy | cross_entropy
+    baseline: float
+    baseline_name: str
+    higher_is_better: bool
+
+
+def task_spec(task: str, length: int) -> TaskSpec:
+    if task == "adding":
+        return TaskSpec(2, 1, "regress", "mse", 1 / 6, "always answer 1", False)
+    if task == "copy":
+        return TaskSpec(10, 10, "classify_all", "cross_entropy", synthetic.copy_baseline(length),
+                        "memoryless: 10 ln 8 / (T+20)", False)
+    if task == "order":
+        return TaskSpec(8, 4, "classify", "accuracy", 0.25, "chance", True)
+    if task == "digits":
+        return TaskSpec(8 if length == 8 else 1, 10, "classify", "accuracy", 0.1, "chance", True)
+    return TaskSpec(1, 10, "classify", "accuracy", 0.1, "chance", True)
+
+
+class SequenceModel(nn.Module):
+    """A recurrent layer (rnnkit's) and a linear head W on h_t: the last step, or every step."""
+
+    def __init__(self, cfg: MemoryConfig, spec: TaskSpec):
+        super().__init__()
+        kw = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
+        self.rnn = CELLS[cfg.cell](spec.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True, **kw)
+        self.head = nn.Linear(cfg.hidden_size, spec.output_size)
+        self.every_step = spec.kind == "classify_all"
+        init_recurrent_(self.rnn, cfg.recurrent_init, cfg.recurrent_scale)
+
+    def forward(self, x):                                      # x (B, T, I)
+        out, _ = self.rnn(x)                                    # (B, T, H)
+        return self.head(out if self.every_step else out[:, -1])   # (B, T, O) or (B, O)
+
+
+def init_recurrent_(rnn: nn.RNNBase, how: str, scale: float) -> None:
+    """Re-initialise every U block: identity (IRNN, with zero biases), orthogonal, or keep torch.nn's."""
+    with torch.no_grad():
+        for name, W in rnn.named_parameters():
+            if name.startswith("weight_hh"):
+                H = W.shape[1]
+                for block in W.split(H, 0):
+                    if how == "identity":
+                        block.copy_(torch.eye(H))
+                    elif how == "orthogonal":
+                        nn.init.orthogonal_(block)
+                W.mul_(scale)
+            elif name.startswith("bias") and how == "identity":
+                W.zero_()
+
+
+class Source:
+    """Training batches and the test set of one task."""
+
+    def __init__(self, cfg: MemoryConfig):
+        self.cfg = cfg
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+        self.split = None
+        if cfg.task == "digits":
+            self.split = synthetic.digits("rows" if cfg.length == 8 else "pixels")
+        elif cfg.task == "mnist1d":
+            self.split = synthetic.mnist1d()
+
+    def _make(self, n, gen):
+        fn = {"adding": synthetic.adding, "copy": synthetic.copy_memory, "order": synthetic.temporal_order}
+        return fn[self.cfg.task](n, self.cfg.length, gen)
+
+    def batch(self):
+        if self.split is None:
+            return self._make(self.cfg.batch_size, self.gen)
+        idx = torch.randint(0, len(self.split.y_train), (self.cfg.batch_size,), generator=self.gen)
+        return self.split.x_train[idx], self.split.y_train[idx]
+
+    def test(self):
+        if self.split is None:
+            return self._make(self.cfg.test_size, 10_000 + self.cfg.seed)   # a seed never used for training
+        return self.split.x_test, self.split.y_test
+
+
+def loss_fn(pred, y, kind: str):
+    if kind == "regress":
+        return F.mse_loss(pred, y)
+    if kind == "classify_all":
+        return F.cross_entropy(pred.reshape(-1, pred.shape[-1]), y.reshape(-1))
+    return F.cross_entropy(pred, y)
+
+
+@torch.no_grad()
+def evaluate(model: SequenceModel, x, y, spec: TaskSpec, batch: int = 500) -> dict:
+    """Test metric (and loss) over the whole held-out set."""
+    model.eval()
+    preds = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+    model.train()
+    loss = float(loss_fn(preds, y, spec.kind))
+    if spec.kind == "regress":
+        return {"mse": loss, "loss": loss}
+    correct = (preds.argmax(-1) == y).float()
+    if spec.kind == "classify_all":
+        return {"cross_entropy": loss, "loss": loss,
+                "symbol_accuracy": float(correct[:, -synthetic.COPY_LEN:].mean())}
+    return {"accuracy": float(correct.mean()), "loss": loss}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    config: MemoryConfig
+    metric: str
+    test: dict                  # metric name -> value on the test set (NaN values when diverged)
+    baseline: float
+    baseline_name: str
+    diverged: bool
+    steps_done: int
+    seconds: float
+    loss: tuple[float, ...]     # training loss per step
+    grad_norm: tuple[float, ...]  # global gradient norm per step, before clipping
+
+    def to_dict(self, curves: bool = True) -> dict:
+        d = {"config": asdict(self.config), "metric": self.metric, "test": self.test,
+             "score": self.test.get(self.metric), "baseline": self.baseline,
+             "baseline_name": self.baseline_name, "diverged": self.diverged,
+             "steps_done": self.steps_done, "seconds": round(self.seconds, 2)}
+        if curves:
+            d["loss"] = [_finite_or_none(v) for v in self.loss]
+            d["grad_norm"] = [_finite_or_none(v) for v in self.grad_norm]
+        return d
+
+
+def _finite_or_none(v: float):
+    return float(v) if math.isfinite(v) else None
+
+
+def train(cfg: MemoryConfig, progress: bool = True, probe=None, probe_every: int = 0) -> RunResult:
+    """Train one model. probe(model, step) is called before step 0, every `probe_every` steps, and
+    after the last step (the gradient-flow study records its traces there)."""
+    torch.set_flush_denormal(True)     # a vanished gradient in denormal floats slows CPU BPTT ~10x
+    torch.manual_seed(cfg.seed)
+    spec = task_spec(cfg.task, cfg.length)
+    model, source = SequenceModel(cfg, spec), Source(cfg)
+    params = list(model.parameters())
+    opt = (torch.optim.Adam(params, cfg.lr) if cfg.optimizer == "adam"
+           else torch.optim.SGD(params, cfg.lr, momentum=0.9))
+    losses, norms, diverged, first = [], [], False, None
+    start = time.perf_counter()
+    bar = tqdm(range(cfg.steps), disable=not progress, leave=False, mininterval=1.0,
+               desc=f"{cfg.task} T={cfg.length} {cfg.cell}")
+    for step in bar:
+        if probe is not None and probe_every and step % probe_every == 0:
+            probe(model, step)
+        x, y = source.batch()
+        loss = loss_fn(model(x), y, spec.kind)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = float(nn.utils.clip_grad_norm_(params, cfg.clip_norm or math.inf))
+        losses.append(loss.item())
+        norms.append(norm)
+        first = first if first is not None else max(losses[0], 1e-12)
+        if not math.isfinite(losses[-1]) or not math.isfinite(norm) or losses[-1] > cfg.diverge_factor * first:
+            diverged = True
+            break
+        opt.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{losses[-1]:.4g}", gnorm=f"{norm:.3g}")
+    if probe is not None:
+        probe(model, len(losses))
+    test = ({spec.metric: math.nan, "loss": math.nan} if diverged
+            else evaluate(model, *source.test(), spec))
+    return RunResult(cfg, spec.metric, test, spec.baseline, spec.baseline_name, diverged, len(losses),
+                     time.perf_counter() - start, tuple(losses), tuple(norms))
+
+
+def run_grid(base: MemoryConfig, cells: list[str], lengths: list[int], progress: bool = True,
+             on_result=None) -> list[RunResult]:
+    """Every cell at every length, in that order; on_result(result) after each run."""
+    results = []
+    for length in lengths:
+        for cell in cells:
+            r = train(replace(base, cell=cell, length=length), progress)
+            results.append(r)
+            if on_result is not None:
+                on_result(r)
+    return results
+
+
+def clip_study(base: MemoryConfig, clip_norm: float, progress: bool = True) -> dict[str, RunResult]:
+    """The same configuration trained without and with clipping by global norm."""
+    if clip_norm is None or clip_norm <= 0:
+        raise UserError("the clip study needs --clip-norm > 0 (the threshold for the clipped run)")
+    return {"no clipping": train(replace(base, clip_norm=None), progress),
+            f"clip-norm {clip_norm:g}": train(replace(base, clip_norm=clip_norm), progress)}

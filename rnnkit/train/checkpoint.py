@@ -1,0 +1,122 @@
+"""Checkpoints: safetensors weights + safetensors training state + a JSON manifest, all written atomically.
+
+A checkpoint directory holds
+    checkpoint.json          the manifest: which files are current, epoch and step, the configs
+    model-NNNNNN.safetensors the model's state_dict (load it with safetensors.torch.load_file)
+    state-NNNNNN.safetensors optimizer, scheduler, RNG states, counters, history (see serialize.py)
+Every file is written to a temporary file in the same directory, fsynced, then renamed over its
+final name (os.replace is atomic on POSIX and Windows). The new weights and state get new names, and
+the manifest is replaced last: that one rename is the commit point. A crash at any moment before it
+leaves the previous checkpoint whole; after it, the new one is whole. Old files are removed last.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from ..errors import UserError
+from . import serialize
+
+MANIFEST = "checkpoint.json"
+FORMAT = "rnnkit-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    manifest: dict                      # epoch, step, finished, train_config, meta, file names
+    weights: dict[str, torch.Tensor]    # the model's state_dict
+    state: dict                         # optimizer, scheduler, rng, progress, early stopping, history
+
+
+def _write(f, data: bytes) -> None:
+    """The one place bytes reach a file (tests replace it to simulate a crash mid-write)."""
+    f.write(data)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            _write(f, data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make the rename itself durable (POSIX; a no-op where directories cannot be opened)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(directory, weights: dict[str, torch.Tensor], state: dict, manifest: dict) -> Path:
+    """Write a new checkpoint into `directory`, replacing the previous one atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    previous = read_manifest(directory) if (directory / MANIFEST).exists() else None
+    n = previous["save"] + 1 if previous else 0
+    names = {"weights": f"model-{n:06d}.safetensors", "state": f"state-{n:06d}.safetensors"}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
+    atomic_write(directory / names["weights"], st_save(tensors))
+    atomic_write(directory / names["state"], serialize.dumps(state))
+    full = {"format": FORMAT, **manifest, "save": n, **names}
+    atomic_write(directory / MANIFEST, json.dumps(full, indent=1, allow_nan=True).encode())
+    for old in [*directory.glob("model-*.safetensors"), *directory.glob("state-*.safetensors")]:
+        if old.name not in names.values():
+            with contextlib.suppress(FileNotFoundError):
+                old.unlink()
+    return directory / MANIFEST
+
+
+def read_manifest(directory) -> dict:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint in {directory} ({MANIFEST} is missing); train first, "
+                        "or point to the directory a training run wrote") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read checkpoint manifest {path}: {e}") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{path} is not an rnnkit checkpoint (format {manifest.get('format')!r})")
+    return manifest
+
+
+def load_weights(directory) -> dict[str, torch.Tensor]:
+    """The model's state_dict from the current checkpoint in `directory`."""
+    manifest = read_manifest(directory)
+    return st_load(_read(Path(directory) / manifest["weights"]))
+
+
+def load_checkpoint(directory) -> Checkpoint:
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    weights = st_load(_read(directory / manifest["weights"]))
+    state = serialize.loads(_read(directory / manifest["state"]))
+    return Checkpoint(manifest, weights, state)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise UserError(f"checkpoint file {path} cannot be read: {e}") from None

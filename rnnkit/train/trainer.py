@@ -1,0 +1,359 @@
+"""The training loop: any nn.Module, any torch optimizer, any task.
+
+    trainer = Trainer(model, TrainConfig(epochs=50, clip_norm=1.0, out="run"), loss_fn, evaluate)
+    result = trainer.fit(TensorBatches(X, Y, batch_size=32))         # or fit((X, Y)), or a 1-D stream
+    result = trainer.fit(source, resume=True)                        # continue from run/checkpoint.json
+
+`loss_fn(model, batch) -> loss` (a scalar tensor); for a stateful source (truncated BPTT over a
+stream) `loss_fn(model, window, state) -> (loss, state)`, where `state` is the recurrent state the
+previous window ended with, detached (None at the start of each epoch). `evaluate(model) -> dict` of
+floats runs after each epoch in eval mode without gradients; early stopping and the plateau schedule
+watch its `monitor` key.
+
+Each step: forward, a non-finite loss stops the run (`NonFiniteLossError`; the last checkpoint on disk
+is the last good one), backward, the global gradient norm before clipping goes into the history,
+clipping (by value, then by norm), the optimizer step. Each epoch: evaluation, a metrics.csv row, the
+schedule, early stopping, a checkpoint every `checkpoint_every` epochs. Ctrl-C finishes the current
+step, writes a checkpoint and raises `TrainingInterrupted`; `fit(..., resume=True)` continues from it,
+mid-epoch included, and ends bitwise-identical to a run that was never stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from .batches import TensorBatches, to_device
+from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
+from .config import RESUMABLE_CHANGES, TrainConfig, build_optimizer, build_scheduler, resolve_device
+from .report import TensorBoard, deferred_sigint, progress_bar, write_metrics_csv
+from .tbptt import StreamBatches, detach_state
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (the CLI prints the message and exits with status 1)."""
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss or the gradient norm became NaN or Inf."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: a checkpoint was written; the message says where and how to resume."""
+
+
+@dataclass
+class History:
+    epochs: list[dict] = field(default_factory=list)   # one row per epoch, as in metrics.csv
+    loss: list[float] = field(default_factory=list)    # per step
+    grad_norm: list[float] = field(default_factory=list)  # per step, global L2 norm before clipping
+
+
+@dataclass(frozen=True)
+class FitResult:
+    history: History
+    epochs_run: int
+    best_epoch: int | None      # 1-based epoch with the best monitored value (None: nothing monitored)
+    best: float | None
+    stopped_early: bool
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's random."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class Trainer:
+    def __init__(self, model: nn.Module, config: TrainConfig, loss_fn, evaluate=None, meta: dict | None = None):
+        self.cfg, self.loss_fn, self.evaluate, self.meta = config, loss_fn, evaluate, dict(meta or {})
+        self.device = resolve_device(config.device)
+        self.model = model.to(self.device)
+        self.optimizer = build_optimizer(config, [p for p in model.parameters() if p.requires_grad])
+        self.scheduler = build_scheduler(config, self.optimizer)
+        self.generator = torch.Generator().manual_seed(config.seed)   # shuffling only
+        self.history = History()
+        self.epoch = self.step = self.batch = 0           # epochs done, steps done, batches done this epoch
+        self.finished = self.stopped_early = False
+        self.epoch_shuffle = self.generator.get_state()   # generator state at the start of this epoch
+        self.acc = _new_acc()                             # this epoch's running sums
+        self.carried = None                               # recurrent state carried between TBPTT windows
+        self.best = self.best_epoch = self.best_weights = None
+        self.bad_epochs = 0
+        if config.patience is not None and evaluate is None:
+            raise UserError("early stopping (patience) needs an evaluate function giving "
+                            f"{config.monitor!r}; pass evaluate= or drop patience")
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def fit(self, train, resume: bool = False) -> FitResult:
+        source = self._source(train)
+        if self.cfg.out is not None:
+            Path(self.cfg.out).mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._restore()
+        else:
+            seed_everything(self.cfg.seed)
+        if self.finished and self.best_weights is None and not self.stopped_early and self.epoch < self.cfg.epochs:
+            self.finished = False                         # resuming a finished run with more epochs
+        if self.finished:
+            return self._result()
+        n_batches = len(source) if hasattr(source, "__len__") else len(source.batches(_replay(self)))
+        bar = progress_bar(self.cfg.epochs * n_batches, self.epoch * n_batches + self.batch, self.cfg.progress)
+        board = TensorBoard(self.cfg.out)
+        try:
+            with deferred_sigint() as interrupted:
+                while self.epoch < self.cfg.epochs and not (self.finished or self.stopped_early):
+                    self._run_epoch(source, bar, interrupted)
+                    self._end_epoch(board)
+                    if interrupted.is_set():
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise self._interrupted() from e
+        finally:
+            bar.close()
+            board.close()
+        return self._finish()
+
+    def _source(self, train):
+        if hasattr(train, "batches"):
+            return train
+        if isinstance(train, Tensor) and self.cfg.tbptt:
+            return StreamBatches(train, self.cfg.batch_size, self.cfg.tbptt)
+        if isinstance(train, (tuple, list)):
+            return TensorBatches(*train, batch_size=self.cfg.batch_size)
+        raise UserError("fit() takes a batch source (TensorBatches, StreamBatches), a tuple of tensors, "
+                        "or a 1-D stream tensor with TrainConfig.tbptt set")
+
+    def _run_epoch(self, source, bar, interrupted) -> None:
+        if self.batch == 0:
+            self.epoch_shuffle, self.acc, self.carried = self.generator.get_state(), _new_acc(), None
+        self.generator.set_state(self.epoch_shuffle)      # replay this epoch's order (same on resume)
+        batches = source.batches(self.generator)
+        self.model.train()
+        for i in range(self.batch, len(batches)):
+            loss = self._train_step(batches[i], source.stateful)
+            self.batch = i + 1
+            bar.update(1)
+            bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.4g}", refresh=False)
+            if interrupted.is_set():
+                raise KeyboardInterrupt
+
+    def _train_step(self, batch, stateful: bool) -> float:
+        batch = to_device(batch, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        if stateful:
+            loss, state = self.loss_fn(self.model, batch, self.carried)
+        else:
+            loss, state = self.loss_fn(self.model, batch), None
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            self._fail(f"the loss became {value}")
+        loss.backward()
+        norm = self._clip()
+        if not math.isfinite(norm):
+            self._fail(f"the gradient norm became {norm}")
+        self.optimizer.step()
+        self.carried = detach_state(state)                 # window boundary: gradient stops here
+        self.step += 1
+        self.history.loss.append(value)
+        self.history.grad_norm.append(norm)
+        self.acc["loss"] += value
+        self.acc["n"] += 1
+        self.acc["norm_sum"] += norm
+        self.acc["norm_max"] = max(self.acc["norm_max"], norm)
+        self.acc["clipped"] += int(self.cfg.clip_norm is not None and norm > self.cfg.clip_norm)
+        return value
+
+    def _clip(self) -> float:
+        """Clip in place; return the global L2 norm of the gradient before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return 0.0
+        if self.cfg.clip_norm is not None and self.cfg.clip_value is None:
+            return float(nn.utils.clip_grad_norm_(params, self.cfg.clip_norm))
+        norm = float(nn.utils.get_total_norm([p.grad for p in params]))
+        if self.cfg.clip_value is not None:
+            nn.utils.clip_grad_value_(params, self.cfg.clip_value)
+        if self.cfg.clip_norm is not None:
+            nn.utils.clip_grad_norm_(params, self.cfg.clip_norm)
+        return norm
+
+    def _fail(self, what: str) -> None:
+        where = f"at epoch {self.epoch + 1}, step {self.step + 1}"
+        kept = (f"the last good checkpoint (epoch {self._saved_epoch()}) is kept in {self.cfg.out}"
+                if self._saved_epoch() is not None else "no checkpoint had been written yet")
+        raise NonFiniteLossError(f"training stopped: {what} {where}; {kept}. Lower the learning rate "
+                                 "(--lr) or clip the gradient (--clip-norm), then train again.")
+
+    def _saved_epoch(self):
+        if self.cfg.out is None:
+            return None
+        try:
+            return read_manifest(self.cfg.out)["epoch"]
+        except UserError:
+            return None
+
+    # -- end of epoch -------------------------------------------------------------------------------
+    def _end_epoch(self, board: TensorBoard) -> None:
+        t0 = self.acc["t0"]
+        metrics = self._run_evaluate()
+        n = max(self.acc["n"], 1)
+        row = {"epoch": self.epoch + 1, "step": self.step, "lr": self.optimizer.param_groups[0]["lr"],
+               "train_loss": self.acc["loss"] / n, "grad_norm_mean": self.acc["norm_sum"] / n,
+               "grad_norm_max": self.acc["norm_max"], "clipped_frac": self.acc["clipped"] / n, **metrics,
+               "seconds": round(time.perf_counter() - t0, 3)}
+        self.history.epochs.append(row)
+        self._schedule(metrics)
+        self._early_stop(metrics)
+        self.epoch, self.batch = self.epoch + 1, 0
+        board.log(row)
+        if self.cfg.out is not None:
+            write_metrics_csv(self.cfg.out, self.history.epochs)
+            every = self.cfg.checkpoint_every
+            if every and self.epoch % every == 0 and self.epoch < self.cfg.epochs and not self.stopped_early:
+                self.save()
+
+    def _run_evaluate(self) -> dict:
+        if self.evaluate is None:
+            return {}
+        self.model.eval()
+        with torch.no_grad():
+            metrics = {k: float(v) for k, v in self.evaluate(self.model).items()}
+        self.model.train()
+        return metrics
+
+    def _monitored(self, metrics: dict):
+        if self.cfg.monitor in metrics:
+            return metrics[self.cfg.monitor]
+        if self.cfg.patience is not None or self.cfg.schedule == "plateau":
+            raise UserError(f"the run monitors {self.cfg.monitor!r} but the evaluation gives only "
+                            f"{sorted(metrics)}; set monitor to one of them")
+        return None
+
+    def _schedule(self, metrics: dict) -> None:
+        if self.scheduler is None:
+            return
+        if self.cfg.schedule == "plateau":
+            self.scheduler.step(self._monitored(metrics))
+        else:
+            self.scheduler.step()
+
+    def _early_stop(self, metrics: dict) -> None:
+        value = self._monitored(metrics)
+        if value is None:
+            return
+        better = self.best is None or (value < self.best if self.cfg.mode == "min" else value > self.best)
+        if better:
+            self.best, self.best_epoch, self.bad_epochs = value, self.epoch + 1, 0
+            if self.cfg.patience is not None:
+                self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.bad_epochs += 1
+            if self.cfg.patience is not None and self.bad_epochs >= self.cfg.patience:
+                self.stopped_early = True
+
+    def _finish(self) -> FitResult:
+        if self.best_weights is not None and not self.finished:
+            self.model.load_state_dict(self.best_weights)  # early stopping: back to the best epoch
+        self.finished = True
+        if self.cfg.out is not None:
+            self.save()
+        return self._result()
+
+    def _result(self) -> FitResult:
+        return FitResult(self.history, self.epoch, self.best_epoch, self.best, self.stopped_early)
+
+    def _interrupted(self) -> TrainingInterrupted:
+        if self.cfg.out is None:
+            return TrainingInterrupted("interrupted; no --out directory, so nothing was saved")
+        self.save()
+        return TrainingInterrupted(f"interrupted at epoch {self.epoch + 1}, step {self.step}; checkpoint "
+                                   f"saved in {self.cfg.out}: run the same command with --resume to continue")
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def save(self) -> None:
+        """Write a checkpoint of the whole training state into `cfg.out`."""
+        manifest = {"epoch": self.epoch, "step": self.step, "finished": self.finished,
+                    "best_epoch": self.best_epoch, "best": self.best,
+                    "train_config": self.cfg.to_json(), "meta": self.meta}
+        save_checkpoint(self.cfg.out, self.model.state_dict(), self._state(), manifest)
+
+    def _state(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+               "shuffle": self.generator.get_state(), "epoch_shuffle": self.epoch_shuffle,
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "rng": rng, "carried": self.carried,
+                "counters": {"epoch": self.epoch, "step": self.step, "batch": self.batch,
+                             "finished": self.finished, "stopped_early": self.stopped_early,
+                             "acc": {k: v for k, v in self.acc.items() if k != "t0"}},
+                "early": {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+                          "weights": self.best_weights},
+                "history": {"epochs": self.history.epochs,
+                            "loss": torch.tensor(self.history.loss, dtype=torch.float64),
+                            "grad_norm": torch.tensor(self.history.grad_norm, dtype=torch.float64)}}
+
+    def _restore(self) -> None:
+        if self.cfg.out is None:
+            raise UserError("resume needs the output directory of the run to continue (--out)")
+        ckpt = load_checkpoint(self.cfg.out)
+        self._check_compatible(ckpt.manifest)
+        self.model.load_state_dict(ckpt.weights)
+        s = ckpt.state
+        self.optimizer.load_state_dict(s["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(s["scheduler"])
+        rng = s["rng"]
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.generator.set_state(rng["shuffle"])
+        self.epoch_shuffle = rng["epoch_shuffle"]
+        self.carried = to_device(s["carried"], self.device)
+        c = s["counters"]
+        self.epoch, self.step, self.batch = c["epoch"], c["step"], c["batch"]
+        self.finished, self.stopped_early = c["finished"], c["stopped_early"]
+        self.acc = {**_new_acc(), **c["acc"]}
+        e = s["early"]
+        self.best, self.best_epoch, self.bad_epochs, self.best_weights = (
+            e["best"], e["best_epoch"], e["bad_epochs"], e["weights"])
+        h = s["history"]
+        self.history = History(list(h["epochs"]), h["loss"].tolist(), h["grad_norm"].tolist())
+
+    def _check_compatible(self, manifest: dict) -> None:
+        saved, now = manifest["train_config"], self.cfg.to_json()
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+        if changed:
+            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+            raise UserError(f"cannot resume {self.cfg.out} with different settings ({diffs}); "
+                            "use the settings of the original run or a new --out directory")
+        if manifest.get("meta", {}) != _json_roundtrip(self.meta):
+            raise UserError(f"the checkpoint in {self.cfg.out} was written for a different model or data "
+                            "setup; use the original settings or a new --out directory")
+
+
+def _new_acc() -> dict:
+    return {"loss": 0.0, "n": 0, "norm_sum": 0.0, "norm_max": 0.0, "clipped": 0, "t0": time.perf_counter()}
+
+
+def _json_roundtrip(x):
+    return json.loads(json.dumps(x))
+
+
+def _replay(trainer: Trainer) -> torch.Generator:
+    """A throwaway generator in this epoch's start state (to count batches without consuming randomness)."""
+    g = torch.Generator()
+    g.set_state(trainer.epoch_shuffle if trainer.batch else trainer.generator.get_state())
+    return g

@@ -1,0 +1,293 @@
+"""The fused CPU scan (rnnkit/_fused) against the pure-torch engine it replaces: forward outputs, final
+states, every gradient and every trace field, across cells x direction x padding x truncation x
+recurrent dropout x zoneout x trace, in float64 (1e-6) and float32 (1e-5, both relative to each tensor's
+largest entry when that exceeds 1); a float64 gradcheck of its
+autograd Function; and the cases it must hand back to the engine (supports() is False).
+
+If the extension cannot be built here, the tests that need it are skipped with the reason; the
+fallback tests still run."""
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+import rnnkit as rk
+import rnnkit.layers
+from rnnkit import _fused
+from rnnkit.cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
+from rnnkit.engine import ScanOptions, TraceSlot, _Scan
+
+T, B, H = 6, 4, 5
+LENGTHS = torch.tensor([3, 6, 1, 4])                   # unsorted; one full, one of length 1
+CELL_KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru", "ln_rnn_tanh", "ln_lstm", "ln_gru")
+TOL = {torch.float64: 1e-6, torch.float32: 1e-5}
+
+
+def _why_unavailable() -> str | None:
+    if not _fused.available():
+        err = _fused._loaded["error"]
+        return "RNNKIT_NO_FUSED is set" if err is None else f"fused kernel did not build: {err!r}"[:300]
+    return None
+
+
+needs_kernel = pytest.mark.skipif(_why_unavailable() is not None, reason=str(_why_unavailable()))
+
+
+def make_cell(kind: str):
+    if kind.startswith("ln_"):
+        return LayerNormCell(make_cell(kind[3:]))
+    if kind.startswith("rnn"):
+        return ElmanCell(kind[4:])
+    return {"lstm": LSTMCell, "gru": GRUCell}[kind]()
+
+
+def pure_scan(opts, xi, state0, w, b, params=()):
+    """The pure-torch engine, called directly (whatever engine.scan dispatches to)."""
+    res = _Scan.apply(opts, len(state0), xi, w, b, *state0, *params)
+    return res[0], tuple(res[1:])
+
+
+def length_mask(padding, dtype, T_=T, lengths=LENGTHS):
+    if padding is None:
+        return None
+    t = torch.arange(T_).unsqueeze(1)
+    real = t < lengths if padding == "right" else t >= T_ - lengths
+    return real.to(dtype).unsqueeze(2)
+
+
+def scan_inputs(kind, dtype, bias=True, seed=0, T_=T, B_=B, H_=H):
+    """cell, xi, w, b, state0, params with requires_grad, from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    cell = make_cell(kind)
+    W = cell.num_gates * H_
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
+
+    params = (r(W, scale=0.5), r(W, scale=0.5)) if kind.startswith("ln_") else ()
+    return (cell, r(T_, B_, W), r(W, H_, scale=H_ ** -0.5), r(W) if bias else None,
+            tuple(r(B_, H_) for _ in range(cell.num_states)), params)
+
+
+def options(cell, dtype, reverse=False, padding=None, truncate=None, rec=False, zone=None, trace=False,
+            T_=T, B_=B, H_=H, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    n = cell.num_states
+    zones = None
+    if zone == "train":                                   # per-unit 0/1 masks, as in training
+        zones = tuple((torch.rand(T_, B_, H_, generator=g) < 0.3).to(dtype) for _ in range(n))
+    elif zone == "eval":                                  # the expected share, broadcast
+        zones = tuple(torch.full((1, 1, 1), 0.2 + 0.1 * j, dtype=dtype) for j in range(n))
+    rec_mask = (torch.rand(B_, H_, generator=g) < 0.7).to(dtype) / 0.7 if rec else None
+    lengths = LENGTHS if B_ == B and T_ == T else torch.randint(1, T_ + 1, (B_,), generator=g)
+    return ScanOptions(cell, reverse=reverse, mask=length_mask(padding, dtype, T_, lengths), truncate=truncate,
+                       rec_mask=rec_mask, zone=zones, trace=TraceSlot() if trace else None)
+
+
+def run(fn, kind, dtype, loss_on=("out", "final"), bias=True, **opt):
+    """One forward and backward of `fn`; returns every number the two paths must agree on."""
+    cell, xi, w, b, state0, params = scan_inputs(kind, dtype, bias)
+    opts = options(cell, dtype, **opt)
+    out, final = fn(opts, xi, state0, w, b, params)
+    g = torch.Generator().manual_seed(7)
+    loss = 0
+    if "out" in loss_on:
+        loss = loss + (out * torch.randn(out.shape, generator=g, dtype=dtype)).sum()
+    if "final" in loss_on:
+        loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=dtype)).sum() for s in final)
+    loss.backward()
+    got = {"out": out, **{f"final{j}": s for j, s in enumerate(final)}, "d_xi": xi.grad, "d_w": w.grad}
+    got.update({f"d_s{j}": s.grad for j, s in enumerate(state0)})
+    got.update({f"d_p{j}": p.grad for j, p in enumerate(params)})
+    if b is not None:
+        got["d_b"] = b.grad
+    if opts.trace is not None:
+        tr = opts.trace
+        got.update(hidden=tr.hidden, cell=tr.cell, gates=tr.gates, grad_norm=tr.grad_norm)
+    return got
+
+
+def assert_same(a: dict, b: dict, tol: float, what: str):
+    """Equal within tol times the larger of 1 and the tensor's largest entry (float32 cannot promise an
+    absolute 1e-5 on a gradient of size 300, whose last bit is worth 3e-5)."""
+    assert a.keys() == b.keys(), what
+    for k in a:
+        if a[k] is None or b[k] is None:
+            assert a[k] is None and b[k] is None, f"{what}: {k} present on one path only"
+            continue
+        assert a[k].shape == b[k].shape and a[k].dtype == b[k].dtype, f"{what}: {k}"
+        d = float((a[k].detach() - b[k].detach()).abs().max()) if a[k].numel() else 0.0
+        scale = max(1.0, float(b[k].detach().abs().max())) if b[k].numel() else 1.0
+        assert d <= tol * scale, f"{what}: {k} differs by {d:.3g} > {tol:g} x {scale:.3g}"
+
+
+def fused_scan(opts, xi, state0, w, b, params=()):
+    assert _fused.supports(opts, xi, state0, w, b, params), "fused path refused a supported scan"
+    return _fused.scan(opts, xi, state0, w, b, params)
+
+
+# -- equality with the pure-torch engine ---------------------------------------------------------------
+
+GRID = list(itertools.product([False, True], [None, "right", "left"], [None, 2], [False, True],
+                              [None, "train"], [False, True]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_equals_engine_over_option_grid(kind, dtype):
+    """Every combination of reverse x padding x truncation x recurrent dropout x zoneout x trace."""
+    for reverse, padding, truncate, rec, zone, trace in GRID:
+        opt = dict(reverse=reverse, padding=padding, truncate=truncate, rec=rec, zone=zone, trace=trace)
+        assert_same(run(fused_scan, kind, dtype, **opt), run(pure_scan, kind, dtype, **opt), TOL[dtype],
+                    f"{kind} {dtype} {opt}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_equals_engine_with_broadcast_zoneout_no_bias_and_partial_losses(kind):
+    for opt in (dict(zone="eval", padding="right"), dict(loss_on=("out",), bias=False, truncate=1),
+                dict(loss_on=("final",), reverse=True, trace=True), dict(truncate=T + 2, zone="eval")):
+        for dtype in TOL:
+            assert_same(run(fused_scan, kind, dtype, **opt), run(pure_scan, kind, dtype, **opt), TOL[dtype],
+                        f"{kind} {dtype} {opt}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru", "ln_gru"])
+def test_equals_engine_with_two_threads_and_many_rows(kind):
+    """Large enough that the elementwise pass splits the batch rows over threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for dtype in TOL:
+            cell, xi, w, b, state0, params = scan_inputs(kind, dtype, T_=5, B_=67, H_=150)
+            opts = options(cell, dtype, padding="left", zone="train", rec=True, trace=True, T_=5, B_=67, H_=150)
+            outs = []
+            for fn in (fused_scan, pure_scan):
+                for t in (xi, w, b, *state0, *params):
+                    t.grad = None
+                out, final = fn(opts, xi, state0, w, b, params)
+                (out.sum() + final[0].square().sum()).backward()
+                outs.append({"out": out, "final": final[0], "d_xi": xi.grad.clone(), "d_w": w.grad.clone(),
+                             "d_h0": state0[0].grad.clone(), "grad_norm": opts.trace.grad_norm})
+            assert_same(*outs, 10 * TOL[dtype], f"{kind} {dtype}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_inference_without_grad_equals_engine(kind):
+    cell, xi, w, b, state0, params = scan_inputs(kind, torch.float32)
+    opts = options(cell, torch.float32, padding="right", zone="eval")
+    with torch.inference_mode():
+        a = fused_scan(opts, xi, state0, w, b, params)
+        r = pure_scan(opts, xi, state0, w, b, params)
+    for x, y in zip((a[0], *a[1]), (r[0], *r[1]), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["rnn_relu", "lstm", "gru"])
+def test_nan_propagates_like_the_engine(kind):
+    """A NaN in the input reaches the same outputs and gradients on both paths (loss-NaN detection)."""
+    def poisoned(fn):
+        cell, xi, w, b, state0, params = scan_inputs(kind, torch.float32)
+        with torch.no_grad():
+            xi[2, 1, 0] = float("nan")
+        out, final = fn(options(cell, torch.float32), xi, state0, w, b, params)
+        out.sum().backward()
+        return out.detach(), w.grad
+    for a, r in zip(poisoned(fused_scan), poisoned(pure_scan), strict=True):
+        assert torch.equal(torch.isnan(a), torch.isnan(r))
+
+
+@needs_kernel
+def test_layers_through_the_fused_path_equal_the_engine(monkeypatch):
+    """Integration: a 2-layer bidirectional LSTM with lengths, learned initial state and zoneout, with
+    rnnkit.layers' scan routed through the fused path, against the same layer on the pure engine."""
+    torch.manual_seed(0)
+    layer = rk.LSTM(3, 7, num_layers=2, bidirectional=True, batch_first=True, zoneout=0.1,
+                    learn_initial_state=True, backend="engine").eval()
+    x = torch.randn(5, 9, 3)
+    lengths = torch.tensor([9, 2, 5, 1, 7])
+
+    def step(fn):
+        monkeypatch.setattr(rnnkit.layers, "scan", fn)
+        layer.zero_grad()
+        out, (h, c) = layer(x, lengths=lengths)
+        (out.square().sum() + h.sum() + c.sum()).backward()
+        return [out, h, c] + [p.grad.clone() for p in layer.parameters()]
+
+    for a, r in zip(step(fused_scan), step(pure_scan), strict=True):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-5)
+
+
+# -- gradcheck of the fused Function -------------------------------------------------------------------
+
+@needs_kernel
+@pytest.mark.parametrize("opt", [dict(), dict(reverse=True, padding="left", zone="train", rec=True)],
+                         ids=["plain", "extras"])
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_fused_scan_gradcheck(kind, opt):
+    cell, xi, w, b, state0, params = scan_inputs(kind, torch.float64, T_=4, B_=3, H_=3)
+    opts = options(cell, torch.float64, T_=4, B_=3, H_=3, **opt)
+    n = len(state0)
+
+    def f(xi_, w_, b_, *rest):
+        out, final = fused_scan(opts, xi_, tuple(rest[:n]), w_, b_, tuple(rest[n:]))
+        return (out, *final)
+
+    assert gradcheck(f, (xi, w, b, *state0, *params))
+
+
+# -- what the fused path hands back to the engine ------------------------------------------------------
+
+class _UserCell(GRUCell):
+    """A subclass may change the math: never fused."""
+
+
+def _refused(cell=None, dtype=torch.float32, device="cpu", **change):
+    cell = cell or LSTMCell()
+    W = cell.num_gates * H
+    args = dict(xi=torch.zeros(T, B, W, dtype=dtype, device=device), state0=(torch.zeros(B, H),) * cell.num_states,
+                w=torch.zeros(W, H), b=torch.zeros(W), params=())
+    args.update(change)
+    opts = ScanOptions(cell, mask=args.pop("mask", None))
+    return not _fused.supports(opts, args["xi"], args["state0"], args["w"], args["b"], args["params"])
+
+
+def test_unsupported_scans_are_refused():
+    assert _refused(_UserCell())
+    assert _refused(LayerNormCell(_UserCell()))
+    assert _refused(dtype=torch.float16)
+    assert _refused(dtype=torch.bfloat16)
+    assert _refused(device="meta")                               # stands in for CUDA
+    assert _refused(w=torch.zeros(4 * H, H, dtype=torch.float64))   # mixed dtypes
+    assert _refused(xi=torch.zeros(0, B, 4 * H))                 # empty sequence
+    assert _refused(mask=torch.ones(T, B, H))                    # a per-unit padding mask
+
+
+def test_switched_off_by_environment(monkeypatch):
+    monkeypatch.setenv("RNNKIT_NO_FUSED", "1")
+    assert _refused()
+    assert not _fused.available()
+
+
+def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.setattr(_fused, "_loaded", {"ops": None, "error": None})
+
+    def broken_build(verbose=False):
+        raise RuntimeError("compiler exploded")
+
+    monkeypatch.setattr(_fused, "build", broken_build)
+    with pytest.warns(RuntimeWarning, match="compiler exploded"):
+        assert _refused(LSTMCell(), w=torch.zeros(4 * H, H))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                           # the second time: silent
+        assert _refused()
