@@ -13,13 +13,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m rnnkit.demo
+	$(VPY) -m rnnkit forecast --out runs/demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -n 2 tests
 
 bench: $(STAMP)
-	$(VPY) benchmarks/bench_layers.py --out docs/benchmarks.md
+	$(VPY) benchmarks/bench_layers.py --out docs/benchmarks.md --json docs/benchmarks.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

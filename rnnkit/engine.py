@@ -163,7 +163,7 @@ class _Scan(torch.autograd.Function):
         g2 = d_gh_all.reshape(-1, d_gh_all.shape[-1])
         d_U = g2.t() @ h_prev.reshape(-1, H) if ctx.needs_input_grad[3] else None
         d_b = g2.sum(0) if bias_hh is not None and ctx.needs_input_grad[4] else None
-        d_s0 = [torch.zeros_like(s) if d is None else d for d in d_state]
+        d_s0 = [torch.zeros_like(s) if d is None else d for d, s in zip(d_state, state0)]
         return (None, None, d_xi_all, d_U, d_b, *d_s0, *d_params)
 
 

@@ -1,0 +1,221 @@
+"""rnnkit against torch.nn, side by side in one process: training step and inference, per cell.
+
+    .venv/bin/python benchmarks/bench_layers.py --out docs/benchmarks.md      # what `make bench` runs
+    .venv/bin/python benchmarks/bench_layers.py --quick --out /tmp/bench.md   # smoke test, seconds
+
+Contenders at every grid point (same weights, copied from the torch.nn layer with load_state_dict):
+    torch   torch.nn.{RNN,LSTM,GRU}                the reference
+    native  rnnkit layer, backend="native"         torch's fused kernel behind rnnkit's layer
+    engine  rnnkit layer, backend="engine"         rnnkit's own scan and hand-written BPTT
+    trace   the engine inside `rnnkit.trace(layer)`  records every h_t and ||dL/dh_t||
+Timings are interleaved (round-robin over the contenders each repetition, after a warm-up round) and
+reported as medians; the markdown report is rendered by the functions at the bottom of this file.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass
+from itertools import product
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+import rnnkit as rk
+from common import Budget, cpu_count, machine_facts, matmul_peak_gflops, measure, peak_alloc_bytes
+
+# cell -> (rnnkit class, torch.nn class, gate blocks G, constructor kwargs)
+CELLS = {
+    "rnn": (rk.RNN, nn.RNN, 1, {"nonlinearity": "tanh"}),
+    "lstm": (rk.LSTM, nn.LSTM, 4, {}),
+    "gru": (rk.GRU, nn.GRU, 3, {}),
+}
+MODES = ("train", "infer")
+
+
+@dataclass(frozen=True)
+class Grid:
+    batch: tuple[int, ...]
+    seq: tuple[int, ...]
+    hidden: tuple[int, ...]
+
+
+FULL_GRID = Grid(batch=(32, 64), seq=(100, 200), hidden=(64, 128, 256, 512))
+QUICK_GRID = Grid(batch=(8,), seq=(20,), hidden=(32, 128))
+
+
+# -- one grid point ------------------------------------------------------------------------------------
+
+def forward_flops(cell: str, B: int, T: int, H: int) -> int:
+    """Matmul FLOPs of one forward pass with I = H: 2 T B (I + H) G H (input and recurrent products)."""
+    G = CELLS[cell][2]
+    return 2 * T * B * (H + H) * G * H
+
+
+def build_layers(cell: str, H: int) -> dict[str, nn.Module]:
+    """The four contenders, all with the torch.nn layer's weights."""
+    rk_cls, nn_cls, _, kw = CELLS[cell]
+    ref = nn_cls(H, H, **kw)
+    layers = {"torch": ref}
+    for name, backend in (("native", "native"), ("engine", "engine"), ("trace", "engine")):
+        layer = rk_cls(H, H, backend=backend, **kw)
+        layer.load_state_dict(ref.state_dict())
+        layers[name] = layer
+    return layers
+
+
+def _traced(layer: nn.Module, on: bool):
+    return rk.trace(layer) if on else contextlib.nullcontext()
+
+
+def train_step(layer: nn.Module, x: torch.Tensor, traced: bool):
+    """zero_grad, forward, backward of a loss over all outputs (fills the weight gradients)."""
+    def step():
+        layer.zero_grad(set_to_none=True)
+        with _traced(layer, traced):
+            out, _ = layer(x)
+            out.sum().backward()
+    return step
+
+
+def infer_step(layer: nn.Module, x: torch.Tensor, traced: bool):
+    def step():
+        with torch.inference_mode(), _traced(layer, traced):
+            return layer(x)[0]
+    return step
+
+
+def steps_for(mode: str, layers: dict, x: torch.Tensor) -> dict:
+    make = train_step if mode == "train" else infer_step
+    return {name: make(layer, x, name == "trace") for name, layer in layers.items()}
+
+
+def output_mismatch(outputs: dict) -> float:
+    """Largest |out - torch.nn out| over the rnnkit contenders: proof they computed the same thing."""
+    ref = outputs["torch"]
+    return max(float((out - ref).abs().max()) for name, out in outputs.items() if name != "torch")
+
+
+def training_memory(layers: dict, x: torch.Tensor) -> dict[str, int]:
+    """Peak bytes allocated during one training step, per contender (old gradients released first)."""
+    peaks = {}
+    for name, layer in layers.items():
+        layer.zero_grad(set_to_none=True)
+        gc.collect()
+        peaks[name] = peak_alloc_bytes(train_step(layer, x, name == "trace"))
+    return peaks
+
+
+def bench_point(cell: str, B: int, T: int, H: int, budget: Budget, memory: bool, seed: int) -> dict:
+    torch.manual_seed(seed)
+    layers = build_layers(cell, H)
+    x = torch.randn(T, B, H)                                          # (T, B, I), I = H
+    point = {"cell": cell, "B": B, "T": T, "H": H, "flops_forward": forward_flops(cell, B, T, H)}
+    point["train"], _ = measure(steps_for("train", layers, x), budget)
+    point["infer"], outputs = measure(steps_for("infer", layers, x), budget)
+    point["max_abs_diff"] = output_mismatch(outputs)
+    point["peak_bytes"] = training_memory(layers, x) if memory else None
+    return point
+
+
+# -- the report ----------------------------------------------------------------------------------------
+
+from report import render  # noqa: E402
+
+
+def run_grid(cells, grid: Grid, budget: Budget, memory: bool, seed: int) -> list[dict]:
+    todo = list(product(cells, grid.batch, grid.seq, grid.hidden))
+    points = []
+    with tqdm(todo, desc="bench", unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
+        for cell, B, T, H in bar:
+            bar.set_postfix_str(f"{cell} B={B} T={T} H={H}")
+            points.append(bench_point(cell, B, T, H, budget, memory, seed))
+    return points
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _cells(text: str) -> tuple[str, ...]:
+    cells = tuple(c.strip().lower() for c in text.split(","))
+    unknown = [c for c in cells if c not in CELLS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown cell(s) {unknown}; choose from {', '.join(CELLS)}")
+    return cells
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="markdown report (default: docs/benchmarks.md)")
+    p.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
+                   help="also write the raw numbers as JSON (no PATH: beside --out, suffix .json)")
+    p.add_argument("--quick", action="store_true", help="tiny grid and few repetitions: a smoke test")
+    p.add_argument("--cells", type=_cells, default=tuple(CELLS), help="comma-separated subset of rnn,lstm,gru (default: all)")
+    p.add_argument("--batch", type=_ints, help="batch sizes B (default: 32,64; quick: 8)")
+    p.add_argument("--seq", type=_ints, help="sequence lengths T (default: 100,200; quick: 20)")
+    p.add_argument("--hidden", type=_ints, help="hidden sizes H = I (default: 64,128,256,512; quick: 32,128)")
+    p.add_argument("--reps", type=int, help="fixed repetitions per contender (default: adaptive)")
+    p.add_argument("--budget", type=float, help="seconds of measured time per contender and point "
+                                                "(default 0.5; quick 0.05)")
+    p.add_argument("--min-reps", type=int, help="default 3; quick 2")
+    p.add_argument("--max-reps", type=int, help="default 15; quick 3")
+    p.add_argument("--threads", type=int, default=cpu_count(), help="torch.set_num_threads (default: the cores)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--seed", type=int, default=0, help="weights and inputs (default: 0)")
+    args = p.parse_args(argv)
+    if args.reps is not None and args.reps < 1:
+        p.error(f"--reps must be at least 1, got {args.reps}")
+    return args
+
+
+def settings(args) -> tuple[Grid, Budget, int]:
+    """Grid, repetition budget and matmul size for the peak, from the flags (quick or full)."""
+    base = QUICK_GRID if args.quick else FULL_GRID
+    grid = Grid(args.batch or base.batch, args.seq or base.seq, args.hidden or base.hidden)
+    lo, hi, sec = (2, 3, 0.05) if args.quick else (3, 15, 0.5)
+    budget = Budget(args.budget or sec, args.min_reps or lo, max(args.max_reps or hi, args.min_reps or lo),
+                    args.reps)
+    return grid, budget, (512 if args.quick else 2048)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    grid, budget, peak_n = settings(args)
+    facts = machine_facts()
+    facts["peak_matmul_n"], facts["peak_matmul_reps"] = peak_n, 5
+    facts["peak_gflops"] = matmul_peak_gflops(peak_n, reps=facts["peak_matmul_reps"])
+    print(f"{facts['cpu']}, {facts['threads']} threads, matmul peak {facts['peak_gflops']:.1f} GFLOP/s",
+          file=sys.stderr)
+    start = time.perf_counter()
+    points = run_grid(args.cells, grid, budget, not args.no_memory, args.seed)
+    facts["wall_seconds"] = time.perf_counter() - start
+    run = {"machine": facts, "grid": asdict(grid), "budget": asdict(budget), "quick": args.quick,
+           "cells": list(args.cells), "points": points}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    doc, summary = render(run)
+    args.out.write_text(doc)
+    if args.json is not None:
+        path = Path(args.json) if args.json else args.out.with_suffix(".json")
+        path.write_text(json.dumps(run, indent=1))
+        print(f"wrote {path}", file=sys.stderr)
+    print(summary)
+    print(f"wrote {args.out} ({len(points)} points in {facts['wall_seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Timing helpers for the benchmarks: machine facts, matmul peak, interleaved timing with a repetition
+budget, peak memory.
+
+Everything here is independent of rnnkit; `bench_layers.py` puts it together.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gc
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- the machine ---------------------------------------------------------------------------------------
+
+def cpu_count() -> int:
+    """Cores this process may run on (the affinity mask, not the whole host)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:                                   # not Linux
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_revision() -> str:
+    """Short commit of the repository, with '+dirty' if rnnkit/ has uncommitted changes."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+    try:
+        rev = git("rev-parse", "--short", "HEAD")
+        return rev + ("+dirty" if git("status", "--porcelain", "--", "rnnkit") else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_facts() -> dict:
+    return {
+        "cpu": cpu_model(),
+        "cores": cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "rnnkit_commit": git_revision(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
+    """GFLOP/s of an n x n float32 matmul (2 n^3 FLOPs), median of `reps` after one warm-up."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)
+    times = [time_once(lambda: torch.mm(a, b, out=out)) for _ in range(reps)]
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+# -- timing ----------------------------------------------------------------------------------------------
+
+def time_once(fn: Callable[[], object], number: int = 1) -> float:
+    """Seconds per call of `fn`, from `number` calls in a row."""
+    start = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - start) / number
+
+
+def plan_reps(probe_s: float, budget_s: float, lo: int, hi: int) -> tuple[int, int]:
+    """(repetitions, calls per repetition) so that a contender whose call takes `probe_s` gets about
+    `budget_s` of measured time: repetitions clamped to [lo, hi]; a fast call is repeated within each
+    repetition (as timeit's `number`) so that the budget is still spent and one hiccup weighs less."""
+    reps = max(lo, min(hi, math.ceil(budget_s / max(probe_s, 1e-9))))
+    number = max(1, round(budget_s / (reps * max(probe_s, 1e-9))))
+    return reps, number
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, number: int = 1) -> dict[str, list[float]]:
+    """Time each function `reps` times (each time: seconds per call over `number` calls), round-robin
+    over the contenders so that a slow spell of the machine hits all of them alike. The starting
+    contender rotates each round (no fixed order bias)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            times[name].append(time_once(fns[name], number))
+    return times
+
+
+def summarize(times: list[float]) -> dict:
+    """Median and inter-quartile range (seconds) of repeated timings."""
+    if len(times) >= 2:
+        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        q1 = q3 = times[0]
+    return {"median": statistics.median(times), "q1": q1, "q3": q3, "reps": len(times)}
+
+
+@dataclass(frozen=True)
+class Budget:
+    seconds: float              # measured time to aim for, per contender and grid point
+    min_reps: int
+    max_reps: int
+    fixed_reps: int | None      # --reps: this many, no adaptation
+
+
+def warm_up(steps: dict, budget: Budget) -> tuple[float, dict]:
+    """One round of calls; a second if the first was short next to the budget (a first call pays
+    one-time costs, so it would under-size the repetitions). Returns the slowest contender's time in
+    the last round, and each contender's last return value."""
+    for _ in range(2):
+        probe, values = 0.0, {}
+        for name, fn in steps.items():
+            start = time.perf_counter()
+            values[name] = fn()
+            probe = max(probe, time.perf_counter() - start)
+        if probe >= budget.seconds:
+            break
+    return probe, values
+
+
+def measure(steps: dict, budget: Budget) -> tuple[dict, dict]:
+    """Warm-up, then interleaved repetitions sized by the warm-up's times.
+    Returns per-contender statistics and the warm-up's return values."""
+    probe, values = warm_up(steps, budget)
+    if budget.fixed_reps:
+        reps, number = budget.fixed_reps, 1
+    else:
+        reps, number = plan_reps(probe, budget.seconds, budget.min_reps, budget.max_reps)
+    gc.collect()
+    gc.disable()                                  # as timeit does: no collector pauses inside a timing
+    try:
+        times = interleaved(steps, reps, number)
+    finally:
+        gc.enable()
+    stats = {name: {**summarize(ts), "number": number, "times": ts} for name, ts in times.items()}
+    return stats, values
+
+
+# -- memory ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _silenced_stderr():
+    """Silence file descriptor 2 (the profiler's C++ side prints start/stop lines and warnings there)."""
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
+
+
+def peak_alloc_bytes(fn: Callable[[], object]) -> int:
+    """Peak of the bytes torch's CPU allocator holds during `fn()`, above what it held before.
+
+    Read from the profiler's allocation records (every tensor allocation and free, in time order);
+    tracemalloc cannot see torch's allocations. Frees of blocks allocated before the call are not
+    recorded, so call it with the step's inputs ready and the old gradients already released.
+    """
+    with _silenced_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    held = peak = 0
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak

@@ -1,0 +1,241 @@
+"""The markdown report of bench_layers.py: summary checks against the issue targets, timing tables, method."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+MODES = ("train", "infer")
+
+NAMES = {"rnn": "RNN (tanh)", "lstm": "LSTM", "gru": "GRU"}
+MODE_TITLES = {"train": "Training step (forward + BPTT + weight gradients)",
+               "infer": "Inference (forward under torch.inference_mode)"}
+
+
+def median(point: dict, mode: str, name: str) -> float:
+    return point[mode][name]["median"]
+
+
+def ratio_of(name: str):
+    """torch.nn time / rnnkit time for one contender: > 1 means rnnkit is faster."""
+    return lambda point, mode: median(point, mode, "torch") / median(point, mode, name)
+
+
+def trace_overhead(point: dict, mode: str) -> float:
+    return median(point, mode, "trace") / median(point, mode, "engine") - 1
+
+
+def memory_ratio(point: dict, mode: str) -> float:
+    return point["peak_bytes"]["engine"] / point["peak_bytes"]["torch"]
+
+
+def engine_gflops(point: dict, mode: str) -> float:
+    """Matmul GFLOP/s of the engine; backward is about twice the forward, so training = 3x."""
+    flops = point["flops_forward"] * (3 if mode == "train" else 1)
+    return flops / median(point, mode, "engine") / 1e9
+
+
+def where(point: dict) -> str:
+    return f"{point['cell']} B={point['B']} T={point['T']} H={point['H']}"
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A number read off a grid point for a mode, how to print it, and which way is better."""
+    value: Callable[[dict, str], float]
+    fmt: Callable[[float], str]
+    higher_is_better: bool = True
+
+
+NATIVE = Measure(ratio_of("native"), "{:.2f}".format)
+ENGINE = Measure(ratio_of("engine"), "{:.2f}".format)
+OVERHEAD = Measure(trace_overhead, lambda o: f"{o * 100:+.0f}%", higher_is_better=False)
+MEMORY = Measure(memory_ratio, lambda r: f"{r:.2f}×", higher_is_better=False)
+
+
+@dataclass(frozen=True)
+class Check:
+    issue: int
+    what: str
+    mode: str
+    value: str
+    target: str
+    verdict: str
+
+
+def bound_check(issue: int, what: str, mode: str, points: list[dict], m: Measure, bound=None) -> Check:
+    """The range of a measure over `points`, its worst point named, judged against `bound`
+    (a minimum when higher is better, else a maximum; None: reported only)."""
+    sign = "≥ " if m.higher_is_better else "≤ "
+    target = "none (report only)" if bound is None else sign + m.fmt(bound)
+    if not points:
+        return Check(issue, what, mode, "not in this grid", target, "n/a")
+    rated = sorted(((m.value(p, mode), p) for p in points), key=lambda vp: vp[0])
+    worst, worst_point = rated[0] if m.higher_is_better else rated[-1]
+    value = f"{m.fmt(rated[0][0])} … {m.fmt(rated[-1][0])} (worst: {where(worst_point)})"
+    if bound is None:
+        verdict = "—"
+    else:
+        verdict = "PASS" if (worst >= bound if m.higher_is_better else worst <= bound) else "FAIL"
+    return Check(issue, what, mode, value, target, verdict)
+
+
+def checks(points: list[dict]) -> list[Check]:
+    """The targets of issue 2 (core) and issue 5 (speed), computed from the measurements."""
+    def sel(cell, h=lambda H: True):
+        return [p for p in points if p["cell"] == cell and h(p["H"])]
+    h128, h256, h64 = (lambda H: H >= 128), (lambda H: H >= 256), (lambda H: H == 64)
+    found = []
+    for mode in MODES:
+        found += [bound_check(2, "native / torch.nn, all points", mode, points, NATIVE, 0.97),
+                  bound_check(2, "engine GRU, H ≥ 128", mode, sel("gru", h128), ENGINE, 1.0),
+                  bound_check(2, "engine RNN (tanh), H ≥ 128", mode, sel("rnn", h128), ENGINE, 1.0),
+                  bound_check(2, "engine LSTM, all points", mode, sel("lstm"), ENGINE),
+                  bound_check(2, "trace overhead, all points", mode, points, OVERHEAD)]
+    mode = "train"
+    found += [bound_check(5, "engine GRU, H ≥ 128", mode, sel("gru", h128), ENGINE, 1.5),
+              bound_check(5, "engine RNN (tanh), H ≥ 128", mode, sel("rnn", h128), ENGINE, 1.5),
+              bound_check(5, "engine LSTM, H ≥ 256", mode, sel("lstm", h256), ENGINE, 1 / 1.2),
+              bound_check(5, "engine LSTM, H = 64", mode, sel("lstm", h64), ENGINE, 0.5),
+              bound_check(5, "trace overhead, all points", mode, points, OVERHEAD, 0.10)]
+    if points and points[0]["peak_bytes"] is not None:
+        found.append(bound_check(5, "engine / torch.nn peak memory", mode, points, MEMORY, 1.0))
+    return found
+
+
+def summary_table(found: list[Check]) -> list[str]:
+    rows = ["| issue | measure | mode | value: min … max | target | verdict |", "|---|---|---|---|---|---|"]
+    rows += [f"| {c.issue} | {c.what} | {c.mode} | {c.value} | {c.target} | **{c.verdict}** |" for c in found]
+    return rows
+
+
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
+
+
+def timing_table(points: list[dict], mode: str, peak: float) -> list[str]:
+    rows = ["| B | T | H | torch.nn ms | native ms | native ratio | engine ms | engine ratio "
+            "| engine GFLOP/s | % of peak | engine+trace ms | trace overhead |",
+            "|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for p in points:
+        g = engine_gflops(p, mode)
+        rows.append(f"| {p['B']} | {p['T']} | {p['H']} | {_ms(median(p, mode, 'torch'))} "
+                    f"| {_ms(median(p, mode, 'native'))} | {ratio_of('native')(p, mode):.2f} "
+                    f"| {_ms(median(p, mode, 'engine'))} | {ratio_of('engine')(p, mode):.2f} "
+                    f"| {g:.1f} | {100 * g / peak:.0f}% | {_ms(median(p, mode, 'trace'))} "
+                    f"| {trace_overhead(p, mode) * 100:+.0f}% |")
+    return rows
+
+
+def memory_table(points: list[dict]) -> list[str]:
+    rows = ["| B | T | H | torch.nn MB | native MB | engine MB | engine / torch.nn | engine+trace MB |",
+            "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for p in points:
+        mb = {name: b / 2 ** 20 for name, b in p["peak_bytes"].items()}
+        rows.append(f"| {p['B']} | {p['T']} | {p['H']} | {mb['torch']:.1f} | {mb['native']:.1f} "
+                    f"| {mb['engine']:.1f} | {memory_ratio(p, 'train'):.2f}× | {mb['trace']:.1f} |")
+    return rows
+
+
+def machine_section(run: dict) -> list[str]:
+    m = run["machine"]
+    return ["## Machine", "",
+            "| | |", "|---|---|",
+            f"| CPU | {m['cpu']} |",
+            f"| cores / torch threads | {m['cores']} / {m['threads']} (`torch.set_num_threads`) |",
+            f"| matmul peak | **{m['peak_gflops']:.1f} GFLOP/s** (float32 {m['peak_matmul_n']}×"
+            f"{m['peak_matmul_n']} matmul, median of {m['peak_matmul_reps']}) |",
+            f"| torch / Python | {m['torch']} / {m['python']} |",
+            f"| platform | {m['platform']} |",
+            f"| rnnkit commit | {m['rnnkit_commit']} |",
+            f"| date | {m['date']} |",
+            f"| load average at start | {' / '.join(str(x) for x in m['load_average'])} (1 / 5 / 15 min) |",
+            f"| wall time of this run | {m['wall_seconds'] / 60:.1f} min |", ""]
+
+
+def noise(points: list[dict]) -> tuple[float, float]:
+    """Median and largest relative inter-quartile range over all measurements."""
+    spreads = sorted((s["q3"] - s["q1"]) / s["median"]
+                     for p in points for mode in MODES for s in p[mode].values())
+    return spreads[len(spreads) // 2], spreads[-1]
+
+
+def memory_note(points: list[dict]) -> str:
+    if points[0]["peak_bytes"] is None:
+        return "- **Peak memory**: not measured in this run (`--no-memory`)."
+    return ("- **Peak memory** (last section) = the most bytes torch's CPU allocator holds during one "
+            "training step above what it held before it, read from `torch.profiler`'s allocation records "
+            "(`tracemalloc` cannot see torch's allocations); not the process RSS. Inference memory is not "
+            "measured.")
+
+
+def method_section(run: dict) -> list[str]:
+    b, points = run["budget"], run["points"]
+    stats = [s for p in points for mode in MODES for s in p[mode].values()]
+    reps, calls = [s["reps"] for s in stats], [s["number"] for s in stats]
+    typical, worst = noise(points)
+    rep_rule = (f"a fixed {b['fixed_reps']} repetitions of one call" if b["fixed_reps"] else
+                f"an adaptive number of repetitions, so that each contender gets about {b['seconds']} s of "
+                f"measured time per grid point: ceil({b['seconds']} s / slowest last warm-up call) "
+                "repetitions, "
+                f"at least {b['min_reps']} and at most {b['max_reps']}; where even {b['max_reps']} "
+                "repetitions of one call fall short of that, each repetition times several calls in a row "
+                "and records their mean (as timeit's `number`). The budget is sized for the full grid to "
+                "finish within about 15 minutes on 2 cores (this run's wall time is in the table above)")
+    return ["## How it is measured and how to read it", "",
+            "- **Ratio = torch.nn time / rnnkit time.** Above 1, rnnkit is faster; below 1, slower "
+            "(0.80 means rnnkit takes 1.25× as long). **Trace overhead** = engine+trace time / engine "
+            "time − 1.",
+            "- Contenders, all in one process with identical weights (`load_state_dict` from the torch.nn "
+            "layer): `torch.nn` (reference); rnnkit **native** (`backend=\"native\"`: torch's fused kernel "
+            "behind rnnkit's layer); rnnkit **engine** (`backend=\"engine\"`: rnnkit's scan and hand-written "
+            "BPTT); **engine+trace** (the engine inside `rnnkit.trace(layer)`, recording every h_t and "
+            "‖∂L/∂h_t‖).",
+            "- **Training step** = `zero_grad(set_to_none=True)`, forward, `out.sum().backward()` (BPTT and "
+            "the weight gradients; the input does not require a gradient); no optimizer step. "
+            "**Inference** = forward under `torch.inference_mode()`.",
+            "- Layer: 1 layer, input size I = H, float32, CPU, sequence-first input (T, B, I) drawn from "
+            "N(0, 1), zero initial state, torch.nn's default initialisation (seeded).",
+            f"- Timing: a warm-up round over the contenders (two when the first is short next to the budget, "
+            f"since a first call pays one-time costs), then {rep_rule}. The repetitions are interleaved "
+            "(round-robin over the four contenders, the starting contender rotating each round; Python's "
+            "garbage collector paused) so a slow spell of the machine hits all of them alike. Tables show "
+            f"**medians** (repetitions used: {min(reps)}–{max(reps)}, calls per repetition: "
+            f"{min(calls)}–{max(calls)}); quartiles and every single time are in "
+            "the JSON. Spread: the inter-quartile range is typically "
+            f"{100 * typical:.1f}% of the median (largest {100 * worst:.1f}%).",
+            "- **GFLOP/s** counts matrix-product FLOPs only: forward 2·T·B·(I+H)·G·H with G = 1, 4, 3 "
+            "gate blocks for RNN, LSTM, GRU; the training step counts 3× that (backward ≈ 2× forward). "
+            "**% of peak** divides by the matmul peak above.",
+            memory_note(points),
+            f"- Every rnnkit output was checked against torch.nn's before timing: largest |difference| over "
+            f"the grid {max(p['max_abs_diff'] for p in points):.1e}.",
+            "- Reproduce: `make bench` (runs `.venv/bin/python benchmarks/bench_layers.py --out "
+            "docs/benchmarks.md`); `--json` also writes the raw numbers; `--help` lists the options "
+            "(`--cells`, `--reps`, `--quick`, …). Run it on an otherwise idle machine.", ""]
+
+
+def render(run: dict) -> tuple[str, str]:
+    """The markdown document, and its summary table (printed on stdout at the end of a run)."""
+    points, peak = run["points"], run["machine"]["peak_gflops"]
+    summary = summary_table(checks(points))
+    lines = ["# Benchmarks: rnnkit against torch.nn", "",
+             "Generated by `make bench` (`benchmarks/bench_layers.py`); do not edit by hand."
+             + (" **Quick smoke-test grid: not the real benchmark.**" if run["quick"] else ""), "",
+             "## Summary", "",
+             "Computed from the tables below. Ratios are torch.nn time / rnnkit time (> 1: rnnkit faster). "
+             "Issue 2 is the core issue's acceptance; issue 5 holds the speed issue's targets.", "",
+             *summary, "", *machine_section(run), *method_section(run)]
+    for mode in MODES:
+        lines += [f"## {MODE_TITLES[mode]}", ""]
+        for cell in run["cells"]:
+            lines += [f"### {NAMES[cell]}", "", *timing_table([p for p in points if p["cell"] == cell],
+                                                              mode, peak), ""]
+    if points and points[0]["peak_bytes"] is not None:
+        lines += ["## Peak memory of a training step", ""]
+        for cell in run["cells"]:
+            lines += [f"### {NAMES[cell]}", "", *memory_table([p for p in points if p["cell"] == cell]), ""]
+    return "\n".join(lines), "\n".join(summary)
+
+
+# -- the run ---------------------------------------------------------------------------------------------
