@@ -71,7 +71,8 @@ def test_sampling_greedy_limits_and_seed():
     a = lm.sample([3], 20, generator=torch.Generator().manual_seed(5))
     assert a == lm.sample([3], 20, generator=torch.Generator().manual_seed(5))
     for kwargs, msg in [(dict(temperature=-1.0), "temperature must be >= 0"), (dict(top_k=0), "top_k must be"),
-                        (dict(suppress_ids=range(12)), "every token is suppressed")]:
+                        (dict(suppress_ids=range(12)), "every token is suppressed"),
+                        (dict(suppress_ids=[12]), r"suppress_ids must lie in \[0, 12\)")]:
         with pytest.raises(UserError, match=msg):
             lm.sample([3], 5, **kwargs)
     with pytest.raises(UserError, match=r"prompt ids must lie in \[0, 12\)"):

@@ -250,8 +250,8 @@ class TokenStream:
             raise UserError(f"{len(ids)} tokens are too few for {batch_size} parallel streams; "
                             f"use a batch size of at most {max(1, len(ids) - 1)} or more text")
         self.batch_size, self.bptt, self.length = batch_size, bptt, L
-        self.x = ids[: batch_size * L].view(batch_size, L)                 # (B, L)
-        self.y = ids[1: batch_size * L + 1].view(batch_size, L)             # (B, L)
+        self.x = ids[: batch_size * L].reshape(batch_size, L)              # (B, L)
+        self.y = ids[1: batch_size * L + 1].reshape(batch_size, L)          # (B, L)
 
     def __len__(self) -> int:
         return -(-self.length // self.bptt)

@@ -91,7 +91,7 @@ class LanguageModel(nn.Module):
             raise UserError(f"prompt ids must lie in [0, {V}), got {[i for i in prompt if not 0 <= i < V][:5]}")
         if n < 0:
             raise UserError(f"number of tokens to sample must be >= 0, got {n}")
-        check_sampling(temperature, top_k, V - len(set(suppress_ids)))
+        check_sampling(temperature, top_k, suppress_ids, V)
         was_training = self.training
         self.eval()
         device = self.head.weight.device
@@ -107,12 +107,15 @@ class LanguageModel(nn.Module):
         return out
 
 
-def check_sampling(temperature: float, top_k: int | None, choices: int) -> None:
+def check_sampling(temperature: float, top_k: int | None, suppress_ids: Sequence[int], vocab_size: int) -> None:
     if not temperature >= 0:                                 # also refuses NaN
         raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
         raise UserError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if choices < 1:
+    bad = [i for i in suppress_ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"suppress_ids must lie in [0, {vocab_size}), got {bad[:5]}")
+    if len(set(suppress_ids)) >= vocab_size:
         raise UserError("every token is suppressed; nothing is left to sample")
 
 

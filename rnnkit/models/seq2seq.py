@@ -46,6 +46,8 @@ class Seq2SeqConfig:
         for name in ("bos_id", "eos_id", "pad_id"):
             if not 0 <= getattr(self, name) < self.tgt_vocab_size:
                 raise UserError(f"{name} must lie in [0, {self.tgt_vocab_size}), got {getattr(self, name)}")
+        if self.pad_id >= self.src_vocab_size:
+            raise UserError(f"pad_id {self.pad_id} must also lie in the source vocabulary [0, {self.src_vocab_size})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
 
