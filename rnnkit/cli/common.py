@@ -53,7 +53,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, epochs: int, hidden_siz
 
 
 def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: int,
-                    schedule: str = "none") -> None:
+                    schedule: str = "none", threads: int | None = None) -> None:
     """The rest of TrainConfig, one flag per field, plus --resume."""
     g = parser.add_argument_group("training")
     g.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr})")
@@ -69,6 +69,8 @@ def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: i
     g.add_argument("--monitor", default="val_loss", help="metric early stopping watches (default val_loss)")
     g.add_argument("--checkpoint-every", type=nonnegative_int, default=10,
                    help="write a checkpoint every N epochs; 0: only at the end (default 10)")
+    g.add_argument("--threads", type=positive_int, default=threads,
+                   help="torch CPU threads" + (f" (default {threads})" if threads else " (default: torch's choice)"))
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when stderr is a terminal)")
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")

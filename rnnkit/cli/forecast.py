@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 
 from ..tasks import TrainingError, TrainingInterrupted
-from ..tasks.forecast import LOG, STRATEGIES, ForecastConfig, load_series, run_forecast, write_outputs
+from ..tasks.forecast import LOG, SCALES, STRATEGIES, ForecastConfig, load_series, run_forecast, write_outputs
 from .common import add_common_flags, add_train_flags, nonnegative_int, positive_int, train_config
 
 EXAMPLES = """\
 examples:
   rnnkit forecast
-      the bundled airline passengers (monthly, 1949-1960): log, seasonal differencing, an LSTM
-      reading 24 months and emitting the next 12 at once; the last 12 months held out
+      the bundled airline passengers (monthly, 1949-1960): log, first differences, an LSTM
+      reading 48 months and emitting the next 12 at once; the last 12 months held out
   rnnkit forecast --data sales.csv --column units --time-column date --lookback 24 --horizon 6 \\
                   --cell gru --backtest 4 --out runs/sales
       your own CSV: 4 rolling-origin folds of 6 steps each, GRU, results in runs/sales
@@ -23,6 +23,13 @@ writes to --out: metrics.json (mae, rmse, mape %, smape %, mase for the model; t
 seasonal_naive and sarima), forecast.csv, forecast.png, model/ (checkpoint + metrics.csv; load it with
 rnnkit.tasks.forecast.load_model). Ctrl-C saves a checkpoint; --resume continues it.
 """
+
+
+D = ForecastConfig()                    # the defaults live in one place: the config
+
+
+def _onoff(flag: bool) -> str:
+    return "on" if flag else "off"
 
 
 def add_parser(subparsers) -> None:
@@ -36,28 +43,30 @@ def add_parser(subparsers) -> None:
     d.add_argument("--column", metavar="C", help="the value column (default: the only numeric one)")
     d.add_argument("--time-column", metavar="D", help="a date column: checked for gaps, sets the season")
     f = p.add_argument_group("forecast")
-    f.add_argument("--lookback", type=positive_int, default=24, metavar="L", help="steps the model reads (default 24)")
-    f.add_argument("--horizon", type=positive_int, default=12, metavar="H",
-                   help="steps forecast, and held out per fold (default 12)")
-    f.add_argument("--strategy", choices=STRATEGIES, default="direct",
-                   help="direct: the head emits H values; recursive: 1 step fed back H times (default direct)")
-    f.add_argument("--cell", choices=("rnn", "lstm", "gru"), default="lstm", help="recurrent cell (default lstm)")
-    f.add_argument("--dropout", type=float, default=0.0, help="dropout between stacked layers (default 0)")
-    f.add_argument("--log", choices=LOG, default="auto", help="log transform; auto: when all values > 0 (default)")
-    f.add_argument("--diff", action=argparse.BooleanOptionalAction, default=False, help="first differences")
-    f.add_argument("--seasonal-diff", action=argparse.BooleanOptionalAction, default=True,
-                   help="differences at the seasonal lag (default on; skipped when there is no season)")
+    f.add_argument("--lookback", type=positive_int, default=D.lookback, metavar="L",
+                   help=f"steps the model reads (default {D.lookback})")
+    f.add_argument("--horizon", type=positive_int, default=D.horizon, metavar="H",
+                   help=f"steps forecast, and held out per fold (default {D.horizon})")
+    f.add_argument("--strategy", choices=STRATEGIES, default=D.strategy,
+                   help=f"direct: the head emits H values; recursive: 1 step fed back H times (default {D.strategy})")
+    f.add_argument("--cell", choices=("rnn", "lstm", "gru"), default=D.cell, help=f"recurrent cell (default {D.cell})")
+    f.add_argument("--dropout", type=float, default=D.dropout, help="dropout between stacked layers (default 0)")
+    f.add_argument("--log", choices=LOG, default=D.log, help=f"log transform; auto: when all values > 0 (default {D.log})")
+    f.add_argument("--diff", action=argparse.BooleanOptionalAction, default=D.diff,
+                   help=f"first differences (default {_onoff(D.diff)})")
+    f.add_argument("--seasonal-diff", action=argparse.BooleanOptionalAction, default=D.seasonal_diff,
+                   help=f"differences at the seasonal lag, skipped when there is no season (default {_onoff(D.seasonal_diff)})")
     f.add_argument("--season", type=positive_int, default=None, metavar="M",
                    help="seasonal period (default: from the dates, 12 for monthly; else 1)")
-    f.add_argument("--scale", choices=("standard", "minmax", "none"), default="standard",
-                   help="scaling fitted on the training part (default standard)")
-    f.add_argument("--backtest", type=positive_int, default=1, metavar="N", help="rolling-origin folds (default 1)")
-    f.add_argument("--val-size", type=nonnegative_int, default=0, metavar="V",
+    f.add_argument("--scale", choices=SCALES, default=D.scale,
+                   help=f"scaling fitted on the training part (default {D.scale})")
+    f.add_argument("--backtest", type=positive_int, default=D.backtest, metavar="N", help="rolling-origin folds (default 1)")
+    f.add_argument("--val-size", type=nonnegative_int, default=D.val_size, metavar="V",
                    help="last V training steps kept for validation / early stopping (default 0)")
-    f.add_argument("--sarima", action=argparse.BooleanOptionalAction, default=True,
+    f.add_argument("--sarima", action=argparse.BooleanOptionalAction, default=D.sarima,
                    help="SARIMA(0,1,1)(0,1,1)m baseline when statsmodels is installed (default on)")
-    add_common_flags(p, epochs=200, hidden_size=32, out="runs/forecast")
-    add_train_flags(p, lr=1e-2, batch_size=32)
+    add_common_flags(p, epochs=200, hidden_size=D.hidden_size, num_layers=D.num_layers, out="runs/forecast")
+    add_train_flags(p, lr=1e-2, batch_size=32, threads=1)     # a tiny model: one thread is fastest
     p.set_defaults(run=run)
 
 
@@ -96,5 +105,10 @@ def summary(result, out) -> str:
     if "sarima" in m:
         base += f", SARIMA {m['sarima']['mape']:.2f}%"
     return (f"forecast: {cfg.cell.upper()} {cfg.strategy} on {s.name!r} ({len(s)} values, season {result.season}), "
-            f"{held}: MAPE {m['model']['mape']:.2f}% ({base}); {result.fit.epochs_run} epochs, "
-            f"{result.seconds:.1f}s -> {out}")
+            f"{held}: MAPE {m['model']['mape']:.2f}% ({base}); {_epochs(result.fit)}, {result.seconds:.1f}s -> {out}")
+
+
+def _epochs(fit) -> str:
+    if fit.stopped_early:
+        return f"stopped early after {fit.epochs_run} epochs (best weights from epoch {fit.best_epoch})"
+    return f"{fit.epochs_run} epochs"

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..data import Series, SeriesTransform, airline, load_csv, make_windows, target_starts
+from ..data.scaling import SCALES
 from ..errors import UserError
 from ..metrics import forecast_metrics
 from ..models import Forecaster, ForecasterConfig
@@ -36,7 +37,7 @@ LOG = ("auto", "yes", "no")
 @dataclass(frozen=True)
 class ForecastConfig:
     """What to forecast and how. CLI flags map one to one onto the fields."""
-    lookback: int = 24          # L: steps the model reads
+    lookback: int = 48          # L: steps the model reads
     horizon: int = 12           # H: steps it forecasts (and the size of each held-out fold)
     strategy: str = "direct"    # direct: the head emits H values; recursive: one step, fed back H times
     cell: str = "lstm"
@@ -44,8 +45,8 @@ class ForecastConfig:
     num_layers: int = 1
     dropout: float = 0.0
     log: str = "auto"           # log transform: auto = when every value is > 0
-    diff: bool = False          # first differences
-    seasonal_diff: bool = True  # differences at lag `season` (needs a season)
+    diff: bool = True           # first differences
+    seasonal_diff: bool = False # differences at lag `season` (needs a season)
     season: int | None = None   # seasonal period m; None: from the dates (12 for monthly), else 1
     scale: str = "standard"     # standard | minmax | none, fitted on the training part
     backtest: int = 1           # rolling-origin folds
@@ -58,6 +59,8 @@ class ForecastConfig:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.strategy not in STRATEGIES:
             raise UserError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
+        if self.scale not in SCALES:
+            raise UserError(f"scale must be one of {', '.join(SCALES)}; got {self.scale!r}")
         if self.log not in LOG:
             raise UserError(f"log must be one of {', '.join(LOG)}; got {self.log!r}")
         if self.val_size < 0 or (self.season is not None and self.season < 1):
@@ -98,6 +101,9 @@ def load_series(data: str | None = None, column: str | None = None, time_column:
 def run_forecast(series: Series, cfg: ForecastConfig, train: TrainConfig, resume: bool = False) -> ForecastResult:
     """Back-test `cfg` on `series`; the last fold's model is checkpointed in `train.out` (if set)."""
     t0 = time.perf_counter()
+    if (train.patience is not None or train.schedule == "plateau") and cfg.val_size == 0:
+        raise UserError("early stopping (--patience) and --schedule plateau watch the validation loss: "
+                        "hold out the last training steps for it with --val-size V (e.g. the horizon)")
     season = cfg.season or series.season
     lags = _lags(cfg, season)
     x = series.values

@@ -89,13 +89,15 @@ class Trainer:
         self.carried = None                               # recurrent state carried between TBPTT windows
         self.best = self.best_epoch = self.best_weights = None
         self.bad_epochs = 0
-        if config.patience is not None and evaluate is None:
-            raise UserError("early stopping (patience) needs an evaluate function giving "
-                            f"{config.monitor!r}; pass evaluate= or drop patience")
+        if (config.patience is not None or config.schedule == "plateau") and evaluate is None:
+            raise UserError("early stopping (patience) and the plateau schedule need an evaluate function "
+                            f"giving {config.monitor!r}; pass evaluate= or drop them")
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, train, resume: bool = False) -> FitResult:
         source = self._source(train)
+        if self.cfg.threads is not None:
+            torch.set_num_threads(self.cfg.threads)
         if self.cfg.out is not None:
             Path(self.cfg.out).mkdir(parents=True, exist_ok=True)
         if resume:
