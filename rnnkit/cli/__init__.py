@@ -1,7 +1,7 @@
 """`rnnkit <task> ...`: argument parsing and printing only.
 
 Each task is a module here exposing `add_parser(subparsers)` (which must `set_defaults(run=...)`);
-`main` wires up the ones present. Bad input (`UserError`, `ValueError`) exits 2 with its message.
+`main` wires up the ones present. Bad input (`UserError`, `ValueError`) exits 2 with its message; a training failure exits 1.
 """
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import importlib
 import sys
 
 from ..errors import UserError
+from ..tasks import TrainingError
 
 COMMANDS = ("forecast", "textgen", "classify", "seq2seq", "memory", "gradflow")
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"rnnkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except TrainingError as e:                             # e.g. the loss turned NaN: last good checkpoint kept
+        print(f"rnnkit {args.command}: training stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"rnnkit {args.command}: interrupted", file=sys.stderr)
         return 130
