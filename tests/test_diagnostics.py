@@ -164,3 +164,10 @@ def test_plots_write_pngs(tmp_path):
                                tmp_path / "c.png", "t")
     for p in (p1, p2, p3, p4, p5):
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_explosion_ignores_steps_after_underflow_to_zero():
+    p = _decay(30, 0.5)
+    p[:10] = 0.0                                                    # float32 gradient vanished to 0
+    e = dg.explosion(p)
+    assert e.geometric_mean == pytest.approx(0.5) and not e.exploding

@@ -144,3 +144,15 @@ def test_cli_gradflow_small(tmp_path, capsys):
         assert 1 <= c["init"]["horizon_mean"] <= 12 and "trained" in c and len(c["init"]["grad_profile_rel"]) == 12
     assert (tmp_path / "gradflow.png").exists() and (tmp_path / "gradflow_heatmap_lstm.png").exists()
     assert "horizon" in capsys.readouterr().out
+
+
+def test_cli_diverged_runs_give_strict_json(tmp_path):
+    rc = main(["memory", "--task", "adding", "--length", "30", "--cell", "rnn", "--nonlinearity", "relu",
+               "--recurrent-init", "identity", "--optimizer", "sgd", "--lr", "0.01", "--hidden-size", "64",
+               "--steps", "5", "--seed", "0,1", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    text = (tmp_path / "results.json").read_text()
+    assert "NaN" not in text
+    data = json.loads(text)
+    assert all(r["diverged"] and r["score"] is None for r in data["runs"])
+    assert data["summary"][0]["mean"] is None

@@ -26,6 +26,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--trained-steps", type=int, default=0,
                    help="also train this many Adam steps on the adding problem and measure again (default 0)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate for --trained-steps (default 1e-3)")
+    p.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm while training (default off)")
     p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     p.add_argument("--num-seeds", type=int, default=3, help="seeds to average the horizon over (default 3)")
     p.add_argument("--checkpoints", type=int, default=8, help="profiles recorded during training (default 8)")
@@ -41,20 +42,21 @@ def run(args) -> int:
         raise UserError("--cell is empty; pass e.g. --cell rnn,lstm,gru")
     cfg = gradflow.GradflowConfig(cells=cells, length=args.length, hidden_size=args.hidden_size,
                                   batch_size=args.batch_size, trained_steps=args.trained_steps, lr=args.lr,
+                                  clip_norm=args.clip_norm,
                                   seed=args.seed, num_seeds=args.num_seeds, checkpoints=args.checkpoints,
                                   threshold=args.threshold)
     summary = gradflow.run(cfg, args.out, progress=not args.no_progress)
-    print(f"{'cell':<5} {'when':<8} {'horizon (mean)':>14}  per seed          {'growth/step':>11}  exploding  test MSE")
+    print(f"{'cell':<5} {'when':<8} {'horizon (mean)':>14}  per seed          {'median growth/step':>18}  exploding  test MSE")
     for cell, s in summary["cells"].items():
         for when in ("init", "trained"):
             if when not in s:
                 continue
             d = s[when]
             per = ",".join(f"{h['steps']}{'+' if h['censored'] else ''}" for h in d["horizon_per_seed"])
-            geo = sum(e["geometric_mean"] for e in d["explosion_per_seed"]) / len(d["explosion_per_seed"])
+            geo = sum(e["median"] for e in d["explosion_per_seed"]) / len(d["explosion_per_seed"])
             expl = any(e["exploding"] for e in d["explosion_per_seed"])
             mse = f"{s['training']['test_mse_mean']:.4f}" if when == "trained" else ""
-            print(f"{cell:<5} {when:<8} {d['horizon_mean']:>14.1f}  {per:<17} {geo:>11.3f}  {str(expl):<9}  {mse}")
+            print(f"{cell:<5} {when:<8} {d['horizon_mean']:>14.1f}  {per:<17} {geo:>18.3f}  {str(expl):<9}  {mse}")
     print(f"('+' = never fell below the threshold: horizon = T, censored). wrote {args.out}/gradflow.json, "
           f"{', '.join(summary['figures'])}")
     return 0

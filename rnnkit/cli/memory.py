@@ -104,8 +104,10 @@ def run(args) -> int:
     if len(seeds) > 1:
         print(f"\nmean over seeds {','.join(map(str, seeds))}:")
         for s in summarise(results):
-            print(f"  {s['task']:<8} T={s['length']:<5} {s['cell']:<5} {s['metric']} {s['mean']:.4f} "
-                  f"(per seed {', '.join(f'{v:.4f}' for v in s['per_seed'])}; baseline {s['baseline']:.4f})")
+            mean = "diverged" if s["mean"] is None else f"{s['mean']:.4f}"
+            per = ", ".join("diverged" if v is None else f"{v:.4f}" for v in s["per_seed"])
+            print(f"  {s['task']:<8} T={s['length']:<5} {s['cell']:<5} {s['metric']} {mean} "
+                  f"(per seed {per}; baseline {s['baseline']:.4f})")
     print(f"wrote {out / 'results.json'} ({len(results)} runs)")
     return 0
 
@@ -127,9 +129,15 @@ def summarise(results: list[memory.RunResult]) -> list[dict]:
     for r in results:
         groups.setdefault((r.config.task, r.config.length, r.config.cell), []).append(r)
     return [{"task": t, "length": L, "cell": c, "metric": rs[0].metric, "baseline": rs[0].baseline,
-             "per_seed": [r.test[r.metric] for r in rs], "mean": float(np.mean([r.test[r.metric] for r in rs])),
+             "per_seed": [r.to_dict(False)["score"] for r in rs], "mean": _mean_or_none(rs),
              "diverged": sum(r.diverged for r in rs), "seconds": round(sum(r.seconds for r in rs), 1)}
             for (t, L, c), rs in groups.items()]
+
+
+def _mean_or_none(rs: list[memory.RunResult]):
+    """Mean score over seeds; None when any run diverged (no score to average)."""
+    scores = [r.test[r.metric] for r in rs]
+    return None if any(r.diverged for r in rs) else float(np.mean(scores))
 
 
 def run_clip_study(cfg: memory.MemoryConfig, out: Path, progress: bool) -> int:

@@ -82,8 +82,11 @@ def memory_horizon(profile: np.ndarray, threshold: float = 1e-3) -> Horizon:
 
 
 def growth_factors(profile: np.ndarray) -> np.ndarray:
-    """r_k = norm one step further back / norm at k, for k = 0..T-2. (T-1,)"""
-    back = np.maximum(steps_back(profile), np.finfo(np.float64).tiny)
+    """r_k = norm one step further back / norm at k, for k = 0, 1, ... up to where the norm
+    underflows to 0 (float32 gradients that vanish end as exact zeros; ratios past that are undefined)."""
+    back = steps_back(profile)
+    zero = np.nonzero(~(back > 0))[0]
+    back = back[: zero[0]] if len(zero) else back
     return back[1:] / back[:-1]
 
 
@@ -91,7 +94,7 @@ def explosion(profile: np.ndarray, min_factor: float = 1.01) -> Explosion:
     """Detects a gradient that grows step after step going back in time."""
     r = growth_factors(profile)
     if len(r) == 0:
-        raise ValueError("explosion: need a profile of at least 2 steps")
+        raise ValueError("explosion: need at least 2 steps with a positive gradient norm")
     geo = float(np.exp(np.mean(np.log(r))))
     med = float(np.median(r))
     return Explosion(geo, med, bool(geo > min_factor and med > min_factor), min_factor)

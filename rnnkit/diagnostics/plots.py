@@ -4,7 +4,7 @@
     grad_heatmap         log10 of that over (training step, t): how training changes the flow
     hidden_heatmap       one sequence's hidden state h_t over (t, unit)
     saturation_bars      share of saturated units per gate, one group per cell
-    training_curves      loss and gradient norm per step, one line per run (the clip study)
+    training_curves      loss and gradient norm per step (log-log), one line per run (the clip study)
 """
 from __future__ import annotations
 
@@ -32,17 +32,21 @@ def _save(fig, path) -> Path:
 
 
 def grad_vs_steps_back(curves: dict[str, np.ndarray], path, title: str,
-                       threshold: float | None = 1e-3, styles: dict[str, str] | None = None) -> Path:
-    """curves: label -> profile (T,) indexed by t. Plotted relative to the last step."""
+                       threshold: float | None = 1e-3, styles: dict[str, str] | None = None,
+                       floor: float = 1e-20,
+                       ylabel: str = "||dL/dh_t|| / ||dL/dh_T||  (mean over batch)") -> Path:
+    """curves: label -> profile (T,) indexed by t. Plotted relative to the last step; values
+    below `floor` (down to float32 underflow, exact 0) are drawn on the floor."""
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for label, profile in curves.items():
         back = steps_back(profile)
-        ax.semilogy(np.arange(len(back)), np.maximum(back / back[0], _TINY), (styles or {}).get(label, "-"),
+        ax.semilogy(np.arange(len(back)), np.maximum(back / back[0], floor), (styles or {}).get(label, "-"),
                     label=label)
     if threshold:
         ax.axhline(threshold, color="grey", ls=":", lw=1, label=f"horizon threshold {threshold:g}")
+    ax.set_ylim(bottom=floor / 3)
     ax.set_xlabel("steps back from the last step (T - 1 - t)")
-    ax.set_ylabel("||dL/dh_t|| / ||dL/dh_T||  (mean over batch)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=8)
@@ -100,14 +104,14 @@ def training_curves(runs: dict[str, dict], path, title: str) -> Path:
     for label, run in runs.items():
         loss = np.asarray(run["loss"], dtype=float)
         gn = np.asarray(run["grad_norm"], dtype=float)
-        a1.semilogy(np.arange(1, len(loss) + 1), loss, label=label, lw=1)
-        a2.semilogy(np.arange(1, len(gn) + 1), gn, label=label, lw=1)
+        a1.loglog(np.arange(1, len(loss) + 1), loss, ".-" if len(loss) < 20 else "-", label=label, lw=1)
+        a2.loglog(np.arange(1, len(gn) + 1), gn, ".-" if len(gn) < 20 else "-", label=label, lw=1)
         if len(loss) and not np.isfinite(loss[-1]) or run.get("diverged"):
             a1.axvline(len(loss), ls=":", color="red", lw=1)
-    a1.set_xlabel("training step")
+    a1.set_xlabel("training step (log)")
     a1.set_ylabel("training loss (log)")
     a1.set_title("loss")
-    a2.set_xlabel("training step")
+    a2.set_xlabel("training step (log)")
     a2.set_ylabel("global gradient norm before clipping (log)")
     a2.set_title("gradient norm")
     for a in (a1, a2):

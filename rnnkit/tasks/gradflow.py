@@ -34,6 +34,7 @@ class GradflowConfig:
     batch_size: int = 64              # sequences in the measuring batch
     trained_steps: int = 0            # 0: measure at initialisation only
     lr: float = 1e-3
+    clip_norm: float | None = None    # clip the global gradient norm while training
     seed: int = 0
     num_seeds: int = 3                # seeds seed, seed+1, ...; horizons are averaged over them
     checkpoints: int = 8              # gradient profiles recorded during training (heat map rows)
@@ -47,17 +48,21 @@ class GradflowConfig:
             raise UserError("--length must be >= 2, --hidden-size and --batch-size >= 1")
         if self.trained_steps < 0 or self.num_seeds < 1 or self.checkpoints < 1:
             raise UserError("--trained-steps must be >= 0, --num-seeds and --checkpoints >= 1")
+        if self.clip_norm is not None and self.clip_norm <= 0:
+            raise UserError(f"--clip-norm must be > 0, got {self.clip_norm}")
         if not 0 < self.threshold < 1:
             raise UserError(f"--threshold must lie in (0, 1), got {self.threshold}")
 
 
 def _train_config(cfg: GradflowConfig, cell: str, seed: int) -> memory.MemoryConfig:
     return memory.MemoryConfig(task="adding", length=cfg.length, cell=cell, hidden_size=cfg.hidden_size,
-                               steps=max(cfg.trained_steps, 1), lr=cfg.lr, seed=seed)
+                               steps=max(cfg.trained_steps, 1), lr=cfg.lr, clip_norm=cfg.clip_norm, seed=seed)
 
 
-def measure(model: memory.SequenceModel, x, y, cell: str, threshold: float = 1e-3) -> dict:
-    """One traced forward/backward of the last-step loss; every diagnostic of that pass."""
+def measure(model: memory.SequenceModel, x, y, cell: str, threshold: float = 1e-3,
+            jacobian: bool = True) -> dict:
+    """One traced forward/backward of the last-step loss; every diagnostic of that pass
+    (and the Jacobian norms of the first sequence, unless jacobian=False)."""
     with trace(model.rnn) as tr:
         loss = memory.loss_fn(model(x), y, "regress")
         loss.backward()
@@ -65,7 +70,7 @@ def measure(model: memory.SequenceModel, x, y, cell: str, threshold: float = 1e-
     k = model.rnn.num_layers - 1                                              # top layer
     profile = dg.grad_profile(tr.grad_norm[k])                               # (T,)
     gates = tr.hidden[k] if cell == "rnn" else tr.gates[k]
-    jac = dg.jacobian_norms(model.rnn, x[0]) if model.rnn.num_layers == 1 else None
+    jac = dg.jacobian_norms(model.rnn, x[0]) if jacobian and model.rnn.num_layers == 1 else None
     return {"profile": profile,
             "horizon": dg.memory_horizon(profile, threshold),
             "explosion": dg.explosion(profile),
@@ -86,7 +91,7 @@ def study_cell(cfg: GradflowConfig, cell: str, seed: int, progress: bool = True)
         history = {"steps": [], "profiles": [], "model": None}
 
         def probe(m, step):
-            history["profiles"].append(measure(m, x, y, cell, cfg.threshold)["profile"])
+            history["profiles"].append(measure(m, x, y, cell, cfg.threshold, jacobian=False)["profile"])
             history["steps"].append(step)
             history["model"] = m
         every = max(1, cfg.trained_steps // cfg.checkpoints)
@@ -164,7 +169,8 @@ def write_figures(cfg: GradflowConfig, raw: dict, summary: dict, out_dir: Path) 
            for c in raw for w in ("init", "trained") if w in raw[c][0] and raw[c][0][w]["jacobian"]}
     if jac:
         paths.append(plots.grad_vs_steps_back(jac, out_dir / "gradflow_jacobian.png",
-                                              f"Spectral norm of dh_T/dh_t (one sequence, seed 0, T={T})", None))
+                                              f"Spectral norm of dh_T/dh_t (one sequence, seed 0, T={T})", None,
+                                              ylabel="||dh_T/dh_t||_2 (largest singular value)"))
     for cell in raw:
         last = "trained" if "trained" in raw[cell][0] else "init"
         paths.append(plots.hidden_heatmap(raw[cell][0][last]["hidden"], out_dir / f"gradflow_hidden_{cell}.png",

@@ -196,8 +196,9 @@ class RunResult:
     grad_norm: tuple[float, ...]  # global gradient norm per step, before clipping
 
     def to_dict(self, curves: bool = True) -> dict:
-        d = {"config": asdict(self.config), "metric": self.metric, "test": self.test,
-             "score": self.test.get(self.metric), "baseline": self.baseline,
+        test = {k: _finite_or_none(v) for k, v in self.test.items()}           # NaN is not JSON
+        d = {"config": asdict(self.config), "metric": self.metric, "test": test,
+             "score": test.get(self.metric), "baseline": self.baseline,
              "baseline_name": self.baseline_name, "diverged": self.diverged,
              "steps_done": self.steps_done, "seconds": round(self.seconds, 2)}
         if curves:
