@@ -7,7 +7,10 @@
     tr.hidden[k], tr.grad_norm[k]                               # every h_t, and ||dL/dh_t||
 """
 from .engine import ScanOptions, TraceSlot, scan
+from . import stream
 from .layers import GRU, LSTM, RNN, Recurrent, Trace, trace
+from .minimal import MinGRU, MinLSTM
+from .stream import Stream
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "LSTM", "GRU", "Recurrent", "trace", "Trace", "scan", "ScanOptions", "TraceSlot"]
+__all__ = ["RNN", "LSTM", "GRU", "Recurrent", "MinGRU", "MinLSTM", "Stream", "stream", "trace", "Trace", "scan", "ScanOptions", "TraceSlot"]

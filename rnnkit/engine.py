@@ -26,6 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .cells.base import derived_backward, has_hand_backward
+from .numerics import flushing_denormals
 
 
 @dataclass
@@ -108,6 +109,11 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, *d_final):
+        with flushing_denormals(ctx.saved_tensors[0].device.type == "cpu"):
+            return _Scan._backward(ctx, d_out, *d_final)
+
+    @staticmethod
+    def _backward(ctx, d_out, *d_final):
         opts, n, hand = ctx.opts, ctx.n, ctx.hand
         cell, mask, zone, rec, k = opts.cell, opts.mask, opts.zone, opts.rec_mask, opts.truncate
         weight_hh, bias_hh, *tensors = ctx.saved_tensors

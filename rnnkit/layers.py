@@ -62,6 +62,12 @@ class _Recurrent:
                 self.register_parameter(name, nn.Parameter(torch.empty(self.num_layers * D, H, **kw)))
         self._reset_extras()
 
+    def step(self, x_t, state=None):
+        """One time step for streaming inference: (y_t, state), state in torch.nn's layout.
+        See `rnnkit.Stream` for an object that keeps the state between calls."""
+        from .stream import step                      # stream builds on this module
+        return step(self, x_t, state)
+
     # -- parameters ---------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         for w in self._flat_weights:
@@ -420,9 +426,11 @@ class Trace:
 @contextlib.contextmanager
 def trace(module: nn.Module):
     """Run every rnnkit layer inside `module` through the engine and record its trace."""
-    layers = {name: m for name, m in module.named_modules() if isinstance(m, _Recurrent)}
+    from .minimal import _MinRecurrent                # minimal builds on this module
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, (_Recurrent, _MinRecurrent))}
     if not layers:
-        raise ValueError(f"trace: {type(module).__name__} contains no rnnkit RNN/LSTM/GRU layer")
+        raise ValueError(f"trace: {type(module).__name__} contains no rnnkit layer "
+                         f"(RNN, LSTM, GRU, Recurrent, MinGRU, MinLSTM)")
     records = {name: LayerTrace() for name in layers}
     for name, m in layers.items():
         m._trace_sink = records[name]

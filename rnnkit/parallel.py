@@ -1,0 +1,181 @@
+"""The first-order linear recurrence over time, for cells whose gates see only x_t (minGRU, minLSTM).
+
+    h_t = a_t * h_{t-1} + b_t          elementwise; a_t in (0, 1]; a_t, b_t functions of x_t only
+
+Because a_t and b_t depend on x_t alone, they are known for every step before the recurrence runs.
+Unrolled, h_t = A_t h_0 + sum_{s<=t} (A_t / A_s) b_s with A_t = a_1 ... a_t, and the gradient is the
+same recurrence run backwards (the adjoint): with d_t = dL/dh_t the gradient reaching h_t directly
+(from the output at t, or from h_T),
+
+    g_t = d_t + a_{t+1} g_{t+1},   g_T = d_T            g_t: the total gradient reaching h_t
+    dL/db_t = g_t,   dL/da_t = g_t h_{t-1},   dL/dh_0 = a_1 g_1
+
+Two evaluations (tests/test_minimal.py checks both by gradcheck against a plain loop of the cell):
+
+`log_scan`      Heinsen (2023): fully parallel over time, in log space, pure torch ops, autograd backward
+                    a*_t = cumsum(log a)_t,   h_t = exp(a*_t + logcumsumexp(log b - a*)_t) + exp(a*_t) h_0
+                Needs b_t > 0 (hence the paper's positive g); h_0 may have any sign (added outside the
+                log). The paper's form, for GPUs. In float32 its error grows with |a*_t| (a* and the
+                logcumsumexp cancel), and torch's CPU logcumsumexp is slow: see docs/streaming_and_minimal.md.
+`blocked_scan`  for CPUs, where that is measured to be slow: linear space (as exact as the loop), one
+                autograd Function whose backward is hand-written and mirrors the forward. Time is cut
+                into blocks of a few dozen steps; per block it projects the input (one addmm), asks the
+                cell for a_t, b_t (a handful of elementwise ops on the whole block), and runs the
+                recurrence (one fused op per step, in place). Everything a block touches stays in
+                cache and nothing of size T is allocated but h (and dx); the backward recomputes
+                a block's gates rather than keeping them: fresh memory costs page faults (measured
+                at several microseconds per 4 kB page here), more than the recomputation. The
+                adjoint g_t is formed anyway, so the trace's ||dL/dh_t|| costs one norm per block.
+
+A cell used by `blocked_scan` provides, on one block of pre-activations P = x W^T + bias (Tc, B, G*H):
+    forward_block(P) -> (a, b, saved)              a, b (Tc, B, H), no autograd
+    backward_block(db, da, saved) -> dP            the hand-derived gradient w.r.t. P
+Shapes: T time, Tc steps in a block, B batch, I input size, H hidden size, G gate blocks.
+"""
+from __future__ import annotations
+
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .numerics import flushing_denormals
+
+BLOCK_ELEMENTS = 1 << 17          # 512 kB of float32 pre-activations per block: stays in L2 (measured best)
+
+
+def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None) -> Tensor:
+    """h from log a_t <= 0 and log b_t (T, B, H), h0 (B, H) or None (zeros). Heinsen 2023."""
+    a_star = torch.cumsum(log_a, 0)                                   # (T, B, H) log A_t
+    h = torch.exp(a_star + torch.logcumsumexp(log_b - a_star, 0))     # (T, B, H) the part from b
+    if h0 is not None:
+        h = h + torch.exp(a_star) * h0                                # the part from h_0, any sign
+    return h
+
+
+def reverse_total(a: Tensor, d: Tensor) -> Tensor:
+    """The adjoint g_t = d_t + a_{t+1} g_{t+1}, g_T = d_T, for a, d (T, B, H), without autograd."""
+    with torch.no_grad():
+        g = torch.empty_like(d)
+        g_t, a_t, d_t = g.unbind(0), a.unbind(0), d.unbind(0)
+        g_t[-1].copy_(d_t[-1])
+        for t in range(len(g_t) - 2, -1, -1):
+            torch.addcmul(d_t[t], a_t[t + 1], g_t[t + 1], out=g_t[t])  # (B, H)
+    return g
+
+
+def blocked_scan(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor,
+                 mask: Tensor | None = None, reverse: bool = False, block: int | None = None,
+                 grad_norm: Tensor | None = None) -> Tensor:
+    """h (T, B, H) of `cell` over x (T, B, I) with pre-activations x W^T + bias, from h0 (B, H).
+
+    mask (T, B, 1): 1 on real steps; padded steps keep the state (a = 1, b = 0). reverse: run from
+    t = T-1 down to 0 (h stays in time order). grad_norm (T, B): filled with ||g_t|| by backward.
+    """
+    T, B = x.shape[:2]
+    Tc = block or max(1, BLOCK_ELEMENTS // max(1, B * weight.shape[0]))
+    spans = [(lo, min(lo + Tc, T)) for lo in range(0, T, Tc)]
+    opts = (cell, mask, reverse, spans, grad_norm)
+    return _BlockedScan.apply(opts, x.contiguous(), weight, bias, h0)
+
+
+def _project(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """P = x W^T + bias for one block: (Tc, B, I) -> (Tc, B, G*H), one matrix product."""
+    x2 = x.reshape(-1, x.shape[-1])                                   # (Tc*B, I)
+    P = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
+    return P.view(*x.shape[:2], -1)
+
+
+def _coefficients(cell, x, weight, bias, m):
+    a, b, saved = cell.forward_block(_project(x, weight, bias))      # (Tc, B, H) each
+    if m is not None:                                                 # padded: a = 1, b = 0
+        a = torch.addcmul(1 - m, a, m)
+        b.mul_(m)
+    return a, b, saved
+
+
+class _BlockedScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, opts, x, weight, bias, h0):
+        cell, mask, reverse, spans, _ = opts
+        h = x.new_empty(*x.shape[:2], h0.shape[-1])                   # (T, B, H)
+        prev = h0
+        for lo, hi in (reversed(spans) if reverse else spans):
+            m = None if mask is None else mask[lo:hi]
+            a, b, _ = _coefficients(cell, x[lo:hi], weight, bias, m)
+            prev = _recur(a, b, prev, h[lo:hi], reverse)
+        ctx.opts = opts
+        ctx.save_for_backward(x, weight, bias, h0, h)
+        return h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dh):
+        with flushing_denormals(dh.device.type == "cpu"):
+            return _BlockedScan._backward(ctx, dh)
+
+    @staticmethod
+    def _backward(ctx, dh):
+        cell, mask, reverse, spans, grad_norm = ctx.opts
+        x, weight, bias, h0, h = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[1]
+        dx = torch.empty_like(x) if need_x else None
+        dW, db = torch.zeros_like(weight), (None if bias is None else torch.zeros_like(bias))
+        g_next = a_next = None                    # g and a of the step processed after this block
+        for lo, hi in (spans if reverse else reversed(spans)):
+            m = None if mask is None else mask[lo:hi]
+            a, _, saved = _coefficients(cell, x[lo:hi], weight, bias, m)   # recomputed, not kept
+            g = _adjoint(a, dh[lo:hi], g_next, a_next, reverse)       # (Tc, B, H) total dL/dh_t
+            if grad_norm is not None:
+                grad_norm[lo:hi] = torch.linalg.vector_norm(g, dim=2)
+            da = _times_previous(g, h, h0, lo, hi, reverse)           # dL/da_t = g_t h_{t-1}
+            db_ = g                                                   # dL/db_t = g_t
+            if m is not None:
+                da.mul_(m)
+                db_ = g * m
+            dP = cell.backward_block(db_, da, saved).view(-1, weight.shape[0])   # (Tc*B, G*H)
+            x2 = x[lo:hi].reshape(-1, x.shape[-1])                    # (Tc*B, I)
+            dW.addmm_(dP.t(), x2)
+            if db is not None:
+                db += dP.sum(0)
+            if need_x:
+                torch.mm(dP, weight, out=dx[lo:hi].view(-1, x.shape[-1]))
+            first = hi - 1 if reverse else lo                         # first step in processing order
+            g_next, a_next = g[first - lo], a[first - lo]
+        return None, dx, dW, db, a_next * g_next                      # dL/dh0 = a_1 g_1
+
+
+def _recur(a, b, prev, out, reverse: bool):
+    """out_t = a_t prev + b_t, step by step in processing order, written in place. Returns the last."""
+    a_t, b_t, h_t = a.unbind(0), b.unbind(0), out.unbind(0)
+    for t in (range(len(h_t) - 1, -1, -1) if reverse else range(len(h_t))):
+        torch.addcmul(b_t[t], a_t[t], prev, out=h_t[t])                # (B, H)
+        prev = h_t[t]
+    return prev
+
+
+def _adjoint(a, d, g_next, a_next, reverse: bool) -> Tensor:
+    """g_t = d_t + a_{t+1} g_{t+1} over one block, against processing order; g_next, a_next: of the
+    step processed just after the block (None at the end of the sequence)."""
+    g = torch.empty_like(d)
+    a_t, d_t, g_t = a.unbind(0), d.unbind(0), g.unbind(0)
+    steps = list(range(len(g_t))) if reverse else list(range(len(g_t) - 1, -1, -1))
+    for t in steps:
+        if g_next is None:
+            g_t[t].copy_(d_t[t])
+        else:
+            torch.addcmul(d_t[t], a_next, g_next, out=g_t[t])         # (B, H)
+        g_next, a_next = g_t[t], a_t[t]
+    return g
+
+
+def _times_previous(g, h, h0, lo: int, hi: int, reverse: bool) -> Tensor:
+    """g_t h_{t-1} for the steps lo..hi-1, h_{t-1} the state before step t in processing order."""
+    out = torch.empty_like(g)                                         # (Tc, B, H)
+    if reverse:
+        torch.mul(g[:-1], h[lo + 1:hi], out=out[:-1])
+        torch.mul(g[-1], h0 if hi == h.shape[0] else h[hi], out=out[-1])
+    else:
+        torch.mul(g[1:], h[lo:hi - 1], out=out[1:])
+        torch.mul(g[0], h0 if lo == 0 else h[lo - 1], out=out[0])
+    return out

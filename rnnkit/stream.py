@@ -1,0 +1,320 @@
+"""Streaming inference: one observation at a time, for online prediction.
+
+    y_t, state = rk.stream.step(layer, x_t, state)     # functional: the layer's own cell and weights
+    s = rk.Stream(layer, batch_size=1)                   # keeps the state between calls, fast
+    y_t = s(x_t); s.state; s.reset()
+
+`step` runs, for each stacked layer k, exactly what the engine runs at one time step:
+    xi = V_k x_t + b_ih,  gh = U_k h_{t-1} + b_hh,  (h_t, c_t) = layer._cell.step(xi, gh, state)
+so it cannot disagree with the layer's math: fed a sequence one step at a time it gives the layer's
+output (tests/test_stream.py). It works for rk.RNN, rk.LSTM, rk.GRU (with layer_norm, zoneout and
+learn_initial_state) and rk.MinGRU, rk.MinLSTM. Streaming is inference: dropout and recurrent dropout
+are off, zoneout keeps its expected share of the old state (the layer's eval behaviour); a layer in
+training mode with any of these on is refused (call layer.eval()). Bidirectional layers are refused:
+their backward direction starts at the end of the sequence, which a stream never sees.
+
+`Stream` is the fast path. Per call it does one addmm per layer and a few in-place elementwise ops
+on preallocated buffers, under torch.inference_mode, with no validation beyond a shape check:
+  - all states live in one buffer [x | h_1 | h_2 | ...] (B, I + L*H), so layer k reads its input
+    and its previous state as one contiguous window [h_{k-1} | h_k] and one product with the
+    stacked weight [V_k U_k]^T (I_k + H, G*H) gives its whole pre-activation;
+  - LSTM: gates reordered to (i, f, o, g) so one sigmoid_ covers three gates and one tanh_ the fourth;
+    c.mul_(f).addcmul_(i, g); h = o * tanh(c) written straight into the buffer;
+  - GRU: columns [r, -z, x_n, h_n] (the z block negated, so its sigmoid is 1 - z; x and h parts of n
+    kept apart, as torch.nn.GRU needs r * (U_n h + b_hn)); n = tanh(x_n + r * h_n); h.lerp_(n, 1 - z);
+  - Elman: tanh or relu of the product, into the buffer.
+The stacked weights are rebuilt when any parameter changes (its version counter or storage), so an
+optimizer step or load_state_dict between calls is picked up. Other cells (layer_norm, zoneout, a
+user's cell, the min cells) run `step`'s per-layer code on the same buffers.
+Shapes: B batch, I input size, H hidden size, L layers, G gate blocks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
+from .cells.base import has_hand_backward
+from .layers import _Recurrent
+from .minimal import _MinRecurrent
+
+
+# -- what one stacked layer computes --------------------------------------------------------------------
+
+class _Sub:
+    """One stacked layer's cell and weights (V, b_ih, U, b_hh), its layer-norm and zoneout extras."""
+
+    def __init__(self, layer, k: int):
+        w = lambda name: getattr(layer, f"{name}_l{k}", None)  # noqa: E731
+        self.V, self.b_ih, self.U, self.b_hh = w("weight_ih"), w("bias_ih"), w("weight_hh"), w("bias_hh")
+        self.ln = bool(getattr(layer, "layer_norm", False))
+        self.cell = LayerNormCell(layer._cell) if self.ln else layer._cell
+        self.params = (w("ln_hh_weight"), w("ln_hh_bias")) if self.ln else ()
+        self.ln_ih = (w("ln_ih_weight"), w("ln_ih_bias")) if self.ln else None
+        zone = getattr(layer, "zoneout", ())
+        self.zone = tuple(zone) if any(zone) else None
+
+    def __call__(self, x: Tensor, state: tuple) -> tuple:
+        """The new state from x (B, I_k) and state (tuple of (B, H)), as the engine's step."""
+        xi = F.linear(x, self.V, self.b_ih)                                    # (B, G*H)
+        if self.ln:
+            xi = F.layer_norm(xi, xi.shape[-1:], *self.ln_ih)
+        if self.U is None:                                                     # min cells: no U
+            new, _ = self.cell.step(xi, None, state, self.params)
+        else:
+            gh = F.linear(state[0], self.U, self.b_hh)                         # (B, G*H)
+            if has_hand_backward(self.cell) and self.cell.shared_preactivation:
+                new, _ = self.cell.step(xi + gh, None, state, self.params)     # as the engine fuses it
+            else:
+                new, _ = self.cell.step(xi, gh, state, self.params)
+        if self.zone is not None:                                              # eval zoneout
+            new = tuple(n + z * (p - n) for n, p, z in zip(new, state, self.zone))
+        return tuple(new)
+
+
+def _describe(layer) -> list[_Sub]:
+    """Validate `layer` for streaming; its stacked layers as _Sub objects."""
+    name = type(layer).__name__
+    if not isinstance(layer, (_Recurrent, _MinRecurrent)):
+        raise TypeError(f"stream: expected an rnnkit RNN, LSTM, GRU, MinGRU or MinLSTM layer, got {name}")
+    if layer.bidirectional:
+        raise ValueError(f"stream: {name} is bidirectional; its backward direction starts at the end "
+                         "of the sequence, which a stream never sees. Stream a unidirectional layer.")
+    random = [f"dropout={layer.dropout}"] if layer.dropout and layer.num_layers > 1 else []
+    if getattr(layer, "recurrent_dropout", 0.0):
+        random.append(f"recurrent_dropout={layer.recurrent_dropout}")
+    if any(getattr(layer, "zoneout", ())):
+        random.append(f"zoneout={layer.zoneout}")
+    if layer.training and random:
+        raise ValueError(f"stream: {name} is in training mode with {', '.join(random)}; streaming runs "
+                         "the layer's inference function: call layer.eval() first")
+    return [_Sub(layer, k) for k in range(layer.num_layers)]
+
+
+def _default_state(layer, B: int, like: Tensor) -> tuple:
+    """(L, B, H) zeros (or the learned initial state) per state component."""
+    if isinstance(layer, _Recurrent):
+        return tuple(layer._default_state(B, like))
+    return (like.new_zeros(layer.num_layers, B, layer.hidden_size),)
+
+
+def _check_state(layer, state, B: int, unbatched: bool, like: Tensor) -> tuple:
+    """state in torch.nn's layout -> tuple of (L, B, H) tensors (validated)."""
+    name, n = type(layer).__name__, layer._cell.num_states
+    if state is None:
+        return _default_state(layer, B, like)
+    parts = tuple(state) if n == 2 and isinstance(state, (tuple, list)) else (state,)
+    want = (layer.num_layers, layer.hidden_size) if unbatched else (layer.num_layers, B, layer.hidden_size)
+    if len(parts) != n or not all(isinstance(s, Tensor) and tuple(s.shape) == want for s in parts):
+        got = [tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__ for s in parts]
+        what = "a tuple (h, c), each" if n == 2 else "a tensor"
+        raise ValueError(f"stream: {name} state must be {what} of shape {want} "
+                         f"(num_layers, batch, hidden_size), got {got}")
+    return tuple(s.unsqueeze(1) for s in parts) if unbatched else parts
+
+
+def _check_input(layer, x_t) -> tuple[Tensor, bool]:
+    name = type(layer).__name__
+    if not isinstance(x_t, Tensor):
+        raise TypeError(f"stream: x_t must be a torch.Tensor, got {type(x_t).__name__}")
+    if x_t.dim() not in (1, 2) or x_t.shape[-1] != layer.input_size:
+        raise ValueError(f"stream: {name} takes one time step x_t of shape (batch, {layer.input_size}) "
+                         f"or ({layer.input_size},), got shape {tuple(x_t.shape)}")
+    return (x_t.unsqueeze(0), True) if x_t.dim() == 1 else (x_t, False)
+
+
+def step(layer, x_t: Tensor, state=None):
+    """One time step of `layer`: x_t (B, I) or (I,), state in torch.nn's layout ((L, B, H), or the
+    tuple (h, c) for the LSTM; None for the layer's initial state). Returns (y_t (B, H), new state).
+    Differentiable (it is plain torch code), so it also serves online learning."""
+    subs = _describe(layer)
+    x, unbatched = _check_input(layer, x_t)
+    if x.dtype != layer.weight_ih_l0.dtype:
+        raise TypeError(f"stream: x_t dtype {x.dtype} does not match the weights' {layer.weight_ih_l0.dtype}")
+    state = _check_state(layer, state, x.shape[0], unbatched, x)
+    finals = []
+    for k, sub in enumerate(subs):
+        new = sub(x, tuple(s[k] for s in state))
+        finals.append(new)
+        x = new[0]                                                             # (B, H) into layer k+1
+    out = tuple(torch.stack([f[j] for f in finals]) for j in range(len(state)))   # (L, B, H) each
+    if unbatched:
+        x, out = x.squeeze(0), tuple(s.squeeze(1) for s in out)
+    return x, (out if len(out) == 2 else out[0])
+
+
+# -- the fast stateful stream ---------------------------------------------------------------------------
+
+class Stream:
+    """Keeps `layer`'s state between calls: `y_t = s(x_t)` with x_t (B, I) or, for batch_size 1, (I,).
+    `s.state` reads the state in torch.nn's layout, `s.reset(state=None)` sets it (None: initial)."""
+
+    def __init__(self, layer, batch_size: int = 1, state=None):
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"Stream: batch_size must be a positive int, got {batch_size!r}")
+        self.layer, self.batch_size = layer, batch_size
+        self._subs = _describe(layer)
+        self._fast = _fast_kind(layer)
+        L, I, H = layer.num_layers, layer.input_size, layer.hidden_size
+        like = layer.weight_ih_l0
+        with torch.inference_mode():
+            self._buf = like.new_zeros(batch_size, I + L * H)                  # [x | h_1 | ... | h_L]
+            self._x = self._buf[:, :I]
+            self._h = [self._buf[:, I + k * H:I + (k + 1) * H] for k in range(L)]   # (B, H) views
+            self._rest = [like.new_zeros(L, batch_size, H) for _ in range(layer._cell.num_states - 1)]
+        self._shape = (batch_size, I)
+        self._key = None
+        self._inference = torch.inference_mode()                                # reused: cheaper to enter
+        self.reset(state)
+
+    # -- state ------------------------------------------------------------------------------------------
+    @property
+    def state(self):
+        """A copy of the state in torch.nn's layout: (L, B, H), or (h, c) for the LSTM."""
+        parts = (torch.stack(self._h), *(r.clone() for r in self._rest))
+        return parts if len(parts) == 2 else parts[0]
+
+    def reset(self, state=None) -> None:
+        """Set the state: None for the layer's initial state, or a state in torch.nn's layout."""
+        parts = _check_state(self.layer, state, self.batch_size, False, self.layer.weight_ih_l0)
+        with torch.inference_mode():
+            for k, h in enumerate(self._h):
+                h.copy_(parts[0][k])
+            for r, p in zip(self._rest, parts[1:]):
+                r.copy_(p)
+
+    # -- the hot call -----------------------------------------------------------------------------------
+    def __call__(self, x_t: Tensor) -> Tensor:
+        unbatched = False
+        if x_t.shape != self._shape:
+            x_t, unbatched = self._reshape(x_t)
+        with self._inference:
+            key = [(p._version, p.data_ptr()) for p in self.layer._parameters.values()]
+            if key != self._key:
+                self._build(key)
+            self._x.copy_(x_t)
+            for run in self._kernels:
+                run()
+        y = self._h[-1].clone()                                                # (B, H), a normal tensor
+        return y[0] if unbatched else y
+
+    def _reshape(self, x_t):
+        if self.batch_size == 1 and tuple(x_t.shape) == self._shape[1:]:
+            return x_t.unsqueeze(0), True
+        raise ValueError(f"Stream: x_t must have shape {self._shape} (batch_size, input_size)"
+                         + (f" or {self._shape[1:]}" if self.batch_size == 1 else "")
+                         + f", got {tuple(x_t.shape)}")
+
+    def _build(self, key) -> None:
+        """Stacked weights and the per-layer kernels, from the layer's current parameters."""
+        self._subs = [_Sub(self.layer, k) for k in range(self.layer.num_layers)]
+        make = {"lstm": _LSTMKernel, "gru": _GRUKernel, "rnn": _ElmanKernel}.get(self._fast, _GenericKernel)
+        I, H = self.layer.input_size, self.layer.hidden_size
+        self._kernels = []
+        for k, sub in enumerate(self._subs):
+            lo = 0 if k == 0 else I + (k - 1) * H
+            window = self._buf[:, lo:I + (k + 1) * H]                          # (B, I_k + H) [x_k | h_k]
+            self._kernels.append(make(sub, window, self._h[k], [r[k] for r in self._rest]))
+        self._key = key
+
+
+def _fast_kind(layer) -> str | None:
+    """Which hand-fused kernel fits: only torch.nn's exact cells with no extras."""
+    if not isinstance(layer, _Recurrent) or layer.layer_norm or any(layer.zoneout):
+        return None
+    return {LSTMCell: "lstm", GRUCell: "gru", ElmanCell: "rnn"}.get(type(layer._cell))
+
+
+def _stacked(sub, rows: list[tuple[Tensor | None, Tensor | None]], bias: list[Tensor]):
+    """[V U] row blocks -> (I_k + H, N) transposed weight and (N,) bias; None blocks are zeros."""
+    I, H = sub.V.shape[1], sub.U.shape[1]
+    blocks = []
+    for v, u in rows:
+        n = (v if v is not None else u).shape[0]
+        v = v if v is not None else sub.V.new_zeros(n, I)
+        u = u if u is not None else sub.U.new_zeros(n, H)
+        blocks.append(torch.cat((v, u), 1))
+    return torch.cat(blocks, 0).t().contiguous(), torch.cat(bias, 0)
+
+
+def _bias(b: Tensor | None, n: int, like: Tensor) -> Tensor:
+    return like.new_zeros(n) if b is None else b
+
+
+class _LSTMKernel:
+    """One addmm into (i, f, o, g); sigmoid_ on i, f, o; tanh_ on g; c = f c + i g; h = o tanh(c)."""
+
+    def __init__(self, sub, window, h, rest):
+        H = sub.U.shape[1]
+        V, U = sub.V.chunk(4, 0), sub.U.chunk(4, 0)                           # i, f, g, o blocks
+        b = (_bias(sub.b_ih, 4 * H, sub.V) + _bias(sub.b_hh, 4 * H, sub.V)).chunk(4)
+        order = (0, 1, 3, 2)
+        self.W, self.b = _stacked(sub, [(V[j], U[j]) for j in order], [b[j] for j in order])
+        self.window, self.h, self.c = window, h, rest[0]
+        self.P = window.new_empty(window.shape[0], 4 * H)                      # (B, 4H)
+        self.sig, self.tanh = self.P[:, :3 * H], self.P[:, 3 * H:]
+        self.i, self.f, self.o = self.P[:, :H], self.P[:, H:2 * H], self.P[:, 2 * H:3 * H]
+        self.tc = window.new_empty(window.shape[0], H)
+
+    def __call__(self):
+        torch.addmm(self.b, self.window, self.W, out=self.P)
+        self.sig.sigmoid_()
+        self.tanh.tanh_()
+        self.c.mul_(self.f).addcmul_(self.i, self.tanh)
+        torch.tanh(self.c, out=self.tc)
+        torch.mul(self.o, self.tc, out=self.h)
+
+
+class _GRUKernel:
+    """One addmm into [r, -z, x_n, h_n]; sigmoid_ gives r and 1 - z; n = tanh(x_n + r h_n);
+    h.lerp_(n, 1 - z) = z h + (1 - z) n."""
+
+    def __init__(self, sub, window, h, rest):
+        H = sub.U.shape[1]
+        V, U = sub.V.chunk(3, 0), sub.U.chunk(3, 0)                           # r, z, n blocks
+        bi, bh = _bias(sub.b_ih, 3 * H, sub.V).chunk(3), _bias(sub.b_hh, 3 * H, sub.V).chunk(3)
+        rows = [(V[0], U[0]), (-V[1], -U[1]), (V[2], None), (None, U[2])]
+        self.W, self.b = _stacked(sub, rows, [bi[0] + bh[0], -(bi[1] + bh[1]), bi[2], bh[2]])
+        self.window, self.h = window, h
+        self.P = window.new_empty(window.shape[0], 4 * H)                      # (B, 4H)
+        self.rz = self.P[:, :2 * H]
+        self.r, self.w, self.xn, self.hn = (self.P[:, j * H:(j + 1) * H] for j in range(4))
+        self.n = window.new_empty(window.shape[0], H)
+
+    def __call__(self):
+        torch.addmm(self.b, self.window, self.W, out=self.P)
+        self.rz.sigmoid_()
+        torch.addcmul(self.xn, self.r, self.hn, out=self.n).tanh_()
+        self.h.lerp_(self.n, self.w)
+
+
+class _ElmanKernel:
+    """h = tanh or relu of one addmm."""
+
+    def __init__(self, sub, window, h, rest):
+        H = sub.U.shape[1]
+        self.W, self.b = _stacked(sub, [(sub.V, sub.U)], [_bias(sub.b_ih, H, sub.V) + _bias(sub.b_hh, H, sub.V)])
+        self.window, self.h = window, h
+        self.P = window.new_empty(window.shape[0], H)
+        self.relu = sub.cell.nonlinearity == "relu"
+
+    def __call__(self):
+        torch.addmm(self.b, self.window, self.W, out=self.P)
+        if self.relu:
+            torch.clamp(self.P, min=0, out=self.h)
+        else:
+            torch.tanh(self.P, out=self.h)
+
+
+class _GenericKernel:
+    """Any other cell: `step`'s per-layer code, reading from and writing to the stream's buffers."""
+
+    def __init__(self, sub, window, h, rest):
+        self.sub, self.h, self.rest = sub, h, rest
+        self.x = window[:, :window.shape[1] - h.shape[1]]
+
+    def __call__(self):
+        new = self.sub(self.x, (self.h, *self.rest))
+        for dst, src in zip((self.h, *self.rest), new):
+            dst.copy_(src)
