@@ -10,7 +10,9 @@ Contenders at each point, one process, same weights (load_state_dict from the to
     pure      rnnkit layer, backend="engine", scan on the pure-torch engine (engine._Scan)
     fused     rnnkit layer, backend="engine", scan on the fused kernel
     trace     fused, inside rnnkit.trace(layer)
-    zoneout   fused, zoneout=0.1 (training mode: fresh 0/1 masks each call)
+    zoneout   fused, zoneout=0.1 (training mode: fresh 0/1 masks each call, drawn by the layer with
+              torch's bernoulli_)
+    zoneout-fastmask  the same with the masks drawn by rnnkit._fused.bernoulli (a proposal for layers.py)
     layernorm fused, layer_norm=True
 The route is chosen by pointing rnnkit.layers' `scan` at one or the other, so this measures the kernel
 whether or not engine.scan already dispatches to it. Training step = zero_grad, forward,
@@ -27,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+import types
 from itertools import product
 from pathlib import Path
 
@@ -35,13 +38,14 @@ from torch import nn
 
 import rnnkit as rk
 import rnnkit.layers
+from common import interleaved, machine_facts, matmul_peak_gflops, peak_alloc_bytes
 from rnnkit import _fused
 from rnnkit.engine import _Scan
-from common import interleaved, machine_facts, matmul_peak_gflops, peak_alloc_bytes
 
 CELLS = {"rnn": (rk.RNN, nn.RNN, 1, {"nonlinearity": "tanh"}), "lstm": (rk.LSTM, nn.LSTM, 4, {}),
          "gru": (rk.GRU, nn.GRU, 3, {})}
-EXTRAS = {"fused": {}, "trace": {}, "zoneout": {"zoneout": 0.1}, "layernorm": {"layer_norm": True}}
+EXTRAS = {"fused": {}, "trace": {}, "zoneout": {"zoneout": 0.1}, "zoneout-fastmask": {"zoneout": 0.1},
+          "layernorm": {"layer_norm": True}}
 
 
 # -- routing rnnkit.layers' scan -----------------------------------------------------------------------
@@ -69,6 +73,11 @@ def routed(scan_fn, gemm_route: str = "packed"):
         _fused.build().limit_gemm_route("packed")
 
 
+def fast_zone_masks(layer, T, B, x):
+    """layers._Recurrent._zone_masks in training mode, with the masks from rnnkit._fused.bernoulli."""
+    return tuple(_fused.bernoulli((T, B, layer.hidden_size), z, x.dtype) for z in layer.zoneout)
+
+
 # -- one point -------------------------------------------------------------------------------------------
 
 def contenders(cell: str, H: int, routes: bool) -> dict:
@@ -85,6 +94,7 @@ def contenders(cell: str, H: int, routes: bool) -> dict:
     out = {"torch": (ref, None, "packed", False), "pure": (plain, pure_scan, "packed", False)}
     for name, extra in EXTRAS.items():
         out[name] = (plain if not extra else mine(**extra), fused_scan, "packed", name == "trace")
+    out["zoneout-fastmask"][0]._zone_masks = types.MethodType(fast_zone_masks, out["zoneout-fastmask"][0])
     if routes:
         out["fused-blas"] = (plain, fused_scan, "blas", False)
         out["fused-aten"] = (plain, fused_scan, "aten", False)
@@ -127,6 +137,7 @@ def ratios(p: dict, stat: str) -> dict:
     t = p[stat]
     return {"torch/fused": t["torch"] / t["fused"], "pure/fused": t["pure"] / t["fused"],
             "trace/fused": t["trace"] / t["fused"], "zoneout/fused": t["zoneout"] / t["fused"],
+            "zoneout-fastmask/fused": t["zoneout-fastmask"] / t["fused"],
             "layernorm/fused": t["layernorm"] / t["fused"]}
 
 
@@ -175,6 +186,8 @@ def main(argv=None) -> int:
     facts = machine_facts()
     print(f"{facts['cpu']}, load average {facts['load_average']}, torch {facts['torch']}, "
           f"gemm route {_fused.build().gemm_route()}", file=sys.stderr)
+    print(f"B={args.batch} T={args.seq}, training step, median / min of {args.reps} interleaved "
+          "repetitions\n", flush=True)
     points = []
     for threads in args.threads:
         torch.set_num_threads(threads)
@@ -185,13 +198,12 @@ def main(argv=None) -> int:
             points.append(bench_point(cell, args.batch, args.seq, H, args.reps, args.routes, args.memory,
                                       args.seed))
             points[-1]["peak_gflops"] = peak
+            rows = table(points, list(points[0]["median_ms"]))          # each row as soon as it is measured
+            print("\n".join(rows if len(points) == 1 else rows[-1:]), flush=True)
             print(f"  {cell} H={H}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
-    names = list(points[0]["median_ms"])
-    print(f"B={args.batch} T={args.seq}, training step, median / min of {args.reps} interleaved repetitions\n")
-    print("\n".join(table(points, names)))
     if args.memory:
         print("\nPeak bytes held by torch's allocator during one training step\n")
-        print("\n".join(memory_table(points, names)))
+        print("\n".join(memory_table(points, list(points[0]["median_ms"]))))
     if args.json:
         args.json.write_text(json.dumps({"machine": facts, "args": vars(args) | {"json": str(args.json)},
                                          "points": points}, indent=1))

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import _fused
 from .cells.base import derived_backward, has_hand_backward
 from .numerics import flushing_denormals
 
@@ -52,7 +53,13 @@ class ScanOptions:
 
 def scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
          params: tuple = ()):
-    """Run `opts.cell` over xi (T, B, G*H) from state0. Returns (out (T, B, H), final state tuple)."""
+    """Run `opts.cell` over xi (T, B, G*H) from state0. Returns (out (T, B, H), final state tuple).
+
+    The built-in cells on CPU run the same loop compiled (`rnnkit/_fused`, held equal to this file by
+    tests/test_fused.py); everything else, and any machine where it did not build, runs `_Scan`.
+    """
+    if _fused.supports(opts, xi, state0, weight_hh, bias_hh, params):
+        return _fused.scan(opts, xi, state0, weight_hh, bias_hh, params)
     n = len(state0)
     res = _Scan.apply(opts, n, xi, weight_hh, bias_hh, *state0, *params)
     return res[0], tuple(res[1:])

@@ -1,8 +1,8 @@
 """The fused CPU scan (rnnkit/_fused) against the pure-torch engine it replaces: forward outputs, final
 states, every gradient and every trace field, across cells x direction x padding x truncation x
-recurrent dropout x zoneout x trace, in float64 (1e-6) and float32 (1e-5, both relative to each tensor's
-largest entry when that exceeds 1); a float64 gradcheck of its
-autograd Function; and the cases it must hand back to the engine (supports() is False).
+recurrent dropout x zoneout x trace, in float64 (1e-6) and float32 (1e-5; both relative to a tensor's
+largest entry where that exceeds 1); a float64 gradcheck of its autograd Function; the cases it must
+hand back to the engine (supports() is False); and its fast 0/1 mask sampler.
 
 If the extension cannot be built here, the tests that need it are skipped with the reason; the
 fallback tests still run."""
@@ -84,8 +84,8 @@ def options(cell, dtype, reverse=False, padding=None, truncate=None, rec=False, 
         zones = tuple(torch.full((1, 1, 1), 0.2 + 0.1 * j, dtype=dtype) for j in range(n))
     rec_mask = (torch.rand(B_, H_, generator=g) < 0.7).to(dtype) / 0.7 if rec else None
     lengths = LENGTHS if B_ == B and T_ == T else torch.randint(1, T_ + 1, (B_,), generator=g)
-    return ScanOptions(cell, reverse=reverse, mask=length_mask(padding, dtype, T_, lengths), truncate=truncate,
-                       rec_mask=rec_mask, zone=zones, trace=TraceSlot() if trace else None)
+    return ScanOptions(cell, reverse=reverse, mask=length_mask(padding, dtype, T_, lengths),
+                       truncate=truncate, rec_mask=rec_mask, zone=zones, trace=TraceSlot() if trace else None)
 
 
 def run(fn, kind, dtype, loss_on=("out", "final"), bias=True, **opt):
@@ -157,6 +157,32 @@ def test_equals_engine_with_broadcast_zoneout_no_bias_and_partial_losses(kind):
                         f"{kind} {dtype} {opt}")
 
 
+def big_run(kind, dtype, T_, B_, H_, **opt):
+    """Fused and pure runs of one larger scan: (fused results, pure results)."""
+    cell, xi, w, b, state0, params = scan_inputs(kind, dtype, T_=T_, B_=B_, H_=H_)
+    opts = options(cell, dtype, T_=T_, B_=B_, H_=H_, **opt)
+    outs = []
+    for fn in (fused_scan, pure_scan):
+        for t in (xi, w, b, *state0, *params):
+            t.grad = None
+        out, final = fn(opts, xi, state0, w, b, params)
+        (out.sum() + final[0].square().sum()).backward()
+        got = {"out": out, "final": final[0], "d_xi": xi.grad.clone(), "d_w": w.grad.clone(),
+               "d_b": b.grad.clone(), "d_h0": state0[0].grad.clone()}
+        if opts.trace is not None:
+            got["grad_norm"] = opts.trace.grad_norm
+        outs.append(got)
+    return outs
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", CELL_KINDS)
+def test_equals_engine_over_enough_steps_to_pack_the_weight(kind):
+    """float32 scans of at least kMinStepsToPack (8) steps multiply by an MKL-packed U."""
+    for opt in (dict(), dict(reverse=True, padding="right", rec=True, truncate=5)):
+        assert_same(*big_run(kind, torch.float32, 12, 5, 33, **opt), 1e-5, f"{kind} {opt}")
+
+
 @needs_kernel
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru", "ln_gru"])
 def test_equals_engine_with_two_threads_and_many_rows(kind):
@@ -165,19 +191,27 @@ def test_equals_engine_with_two_threads_and_many_rows(kind):
     torch.set_num_threads(2)
     try:
         for dtype in TOL:
-            cell, xi, w, b, state0, params = scan_inputs(kind, dtype, T_=5, B_=67, H_=150)
-            opts = options(cell, dtype, padding="left", zone="train", rec=True, trace=True, T_=5, B_=67, H_=150)
-            outs = []
-            for fn in (fused_scan, pure_scan):
-                for t in (xi, w, b, *state0, *params):
-                    t.grad = None
-                out, final = fn(opts, xi, state0, w, b, params)
-                (out.sum() + final[0].square().sum()).backward()
-                outs.append({"out": out, "final": final[0], "d_xi": xi.grad.clone(), "d_w": w.grad.clone(),
-                             "d_h0": state0[0].grad.clone(), "grad_norm": opts.trace.grad_norm})
+            outs = big_run(kind, dtype, 9, 67, 150, padding="left", zone="train", rec=True, trace=True)
             assert_same(*outs, 10 * TOL[dtype], f"{kind} {dtype}")
     finally:
         torch.set_num_threads(threads)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru", "ln_lstm"])
+def test_equals_engine_with_broadcast_and_strided_output_gradients(kind):
+    """out.sum() sends a scalar expanded to (T, B, H); a loss on out.transpose(0, 1) a strided gradient.
+    The kernel reads both in place."""
+    weights = torch.randn(B, T, H, dtype=torch.float64)
+    losses = {"sum": lambda out: out.sum(), "strided": lambda out: (out.transpose(0, 1) * weights).sum()}
+    for name, loss_fn in losses.items():
+        got = []
+        for fn in (fused_scan, pure_scan):
+            cell, xi, w, b, state0, params = scan_inputs(kind, torch.float64)
+            out, _ = fn(options(cell, torch.float64, padding="left"), xi, state0, w, b, params)
+            loss_fn(out).backward()
+            got.append({"d_xi": xi.grad, "d_w": w.grad, "d_h0": state0[0].grad})
+        assert_same(*got, 1e-6, f"{kind} {name}")
 
 
 @needs_kernel
@@ -193,6 +227,27 @@ def test_inference_without_grad_equals_engine(kind):
 
 
 @needs_kernel
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
+def test_many_to_one_backward_flushes_denormals_like_the_engine_and_restores_the_mode(kind):
+    """A loss on the last step only: the gradient decays into denormals over 60 steps. Both paths flush
+    them to zero during backward (rnnkit.numerics), agree, and leave the caller's mode as it was."""
+    def keeps_denormals():
+        return float(torch.tensor(1e-40) * 1.0) != 0.0
+
+    mode = keeps_denormals()
+    got = []
+    for fn in (fused_scan, pure_scan):
+        cell, xi, w, b, state0, params = scan_inputs(kind, torch.float32, T_=60, B_=3, H_=4)
+        with torch.no_grad():
+            w.mul_(0.05)                                      # a contracting recurrence
+        out, _ = fn(options(cell, torch.float32, T_=60, B_=3, H_=4), xi, state0, w, b, params)
+        out[-1].sum().backward()
+        got.append({"d_xi": xi.grad, "d_w": w.grad, "d_h0": state0[0].grad})
+    assert_same(*got, 1e-5, kind)
+    assert keeps_denormals() == mode                            # the caller's mode, after backward
+
+
+@needs_kernel
 @pytest.mark.parametrize("kind", ["rnn_relu", "lstm", "gru"])
 def test_nan_propagates_like_the_engine(kind):
     """A NaN in the input reaches the same outputs and gradients on both paths (loss-NaN detection)."""
@@ -200,7 +255,7 @@ def test_nan_propagates_like_the_engine(kind):
         cell, xi, w, b, state0, params = scan_inputs(kind, torch.float32)
         with torch.no_grad():
             xi[2, 1, 0] = float("nan")
-        out, final = fn(options(cell, torch.float32), xi, state0, w, b, params)
+        out, _ = fn(options(cell, torch.float32), xi, state0, w, b, params)
         out.sum().backward()
         return out.detach(), w.grad
     for a, r in zip(poisoned(fused_scan), poisoned(pure_scan), strict=True):
@@ -255,8 +310,8 @@ class _UserCell(GRUCell):
 def _refused(cell=None, dtype=torch.float32, device="cpu", **change):
     cell = cell or LSTMCell()
     W = cell.num_gates * H
-    args = dict(xi=torch.zeros(T, B, W, dtype=dtype, device=device), state0=(torch.zeros(B, H),) * cell.num_states,
-                w=torch.zeros(W, H), b=torch.zeros(W), params=())
+    args = dict(xi=torch.zeros(T, B, W, dtype=dtype, device=device), w=torch.zeros(W, H), b=torch.zeros(W),
+                state0=(torch.zeros(B, H),) * cell.num_states, params=())
     args.update(change)
     opts = ScanOptions(cell, mask=args.pop("mask", None))
     return not _fused.supports(opts, args["xi"], args["state0"], args["w"], args["b"], args["params"])
@@ -280,6 +335,7 @@ def test_switched_off_by_environment(monkeypatch):
 
 
 def test_build_failure_warns_once_and_falls_back(monkeypatch):
+    monkeypatch.delenv("RNNKIT_NO_FUSED", raising=False)
     monkeypatch.setattr(_fused, "_loaded", {"ops": None, "error": None})
 
     def broken_build(verbose=False):
@@ -291,3 +347,30 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")                           # the second time: silent
         assert _refused()
+
+
+# -- the fast mask sampler ----------------------------------------------------------------------------
+
+@needs_kernel
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+def test_bernoulli_masks_have_the_rate_and_are_reproducible(p):
+    torch.manual_seed(3)
+    a = _fused.bernoulli((50, 40, 30), p, torch.float64)
+    torch.manual_seed(3)
+    b = _fused.bernoulli((50, 40, 30), p, torch.float64)
+    c = _fused.bernoulli((50, 40, 30), p, torch.float64)
+    assert a.dtype == torch.float64 and a.shape == (50, 40, 30) and torch.equal(a, b)
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(a.mean()) - p) < 0.01                      # 60,000 draws: 4 standard deviations
+    assert (p in (0.0, 1.0)) == torch.equal(a, c)               # a fresh seed, a fresh mask
+    if 0 < p < 1:                                                # neighbours are not correlated
+        x = a.flatten() - p
+        assert abs(float((x[1:] * x[:-1]).mean())) < 0.01 * p * (1 - p) * 4
+
+
+def test_bernoulli_without_the_kernel_is_torchs(monkeypatch):
+    monkeypatch.setenv("RNNKIT_NO_FUSED", "1")
+    torch.manual_seed(1)
+    m = _fused.bernoulli((7, 3), 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(m, torch.empty(7, 3).bernoulli_(0.3))

@@ -9,6 +9,7 @@ after the loop. The C++ mirrors `rnnkit/cells/*.py` line by line (`cells.h`).
     supports(opts, xi, state0, weight_hh, bias_hh, params)   True when the fused path can run this scan
     scan(opts, xi, state0, weight_hh, bias_hh, params)       same signature and result as engine.scan
     build(verbose=False)                                     compile now (the install step may call it)
+    bernoulli(shape, p, dtype)                               fast 0/1 masks (zoneout), see random.h
 
 Built on first use with torch.utils.cpp_extension (JIT, for this machine's CPU), cached in torch's
 extension folder or in $RNNKIT_EXT_DIR; torch's file lock makes concurrent builds safe. If the build
@@ -23,6 +24,7 @@ import platform
 import shutil
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -30,11 +32,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
+from ..numerics import flushing_denormals
 
-__all__ = ["available", "build", "scan", "supports"]
+__all__ = ["available", "bernoulli", "build", "scan", "supports"]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp")
+_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp")
 # -march=native: built on the machine that runs it. No -ffast-math: NaN and Inf must keep
 # propagating (a NaN loss is detected downstream); exp/tanh are written to vectorise without it.
 _CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-w"]
@@ -70,7 +73,7 @@ def _ensure_ninja() -> None:
         return
     dirs = [os.path.dirname(sys.executable)]
     try:
-        import ninja                                            # the pip package
+        import ninja  # the pip package
         dirs.append(ninja.BIN_DIR)
     except (ImportError, AttributeError):
         pass
@@ -78,6 +81,24 @@ def _ensure_ninja() -> None:
         if shutil.which("ninja", path=d):
             os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
             return
+
+
+def _build_directory(cpp_extension, name: str) -> str:
+    root = os.environ.get("RNNKIT_EXT_DIR")
+    path = os.path.join(root, name) if root else cpp_extension._get_build_directory(name, False)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _clear_stale_lock(build_dir: str, max_age_s: float = 900.0) -> None:
+    """torch's build lock is a file that a killed build leaves behind, and the next build then waits
+    on it forever. A compile takes about a minute: a lock older than max_age_s is stale."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        if time.time() - os.path.getmtime(lock) > max_age_s:
+            os.remove(lock)
+    except OSError:
+        pass
 
 
 def build(verbose: bool = False):
@@ -88,13 +109,12 @@ def build(verbose: bool = False):
             return _loaded["ops"]
         from torch.utils import cpp_extension
         _ensure_ninja()
-        name, kw = _ext_name(), {}
-        root = os.environ.get("RNNKIT_EXT_DIR")
-        if root:
-            kw["build_directory"] = os.path.join(root, name)
-            os.makedirs(kw["build_directory"], exist_ok=True)
+        name = _ext_name()
+        build_dir = _build_directory(cpp_extension, name)
+        _clear_stale_lock(build_dir)
         cpp_extension.load(name=name, sources=[str(_HERE / s) for s in _SOURCES], extra_cflags=_CFLAGS,
-                           extra_include_paths=[str(_HERE)], is_python_module=False, verbose=verbose, **kw)
+                           extra_include_paths=[str(_HERE)], build_directory=build_dir,
+                           is_python_module=False, verbose=verbose)
         _loaded["ops"] = torch.ops.rnnkit_fused
         return _loaded["ops"]
 
@@ -105,7 +125,7 @@ def _ops():
         return _loaded["ops"]
     try:
         return build()
-    except Exception as e:                                      # compiler missing, build error, ...
+    except Exception as e:  # noqa: BLE001  (any build failure: compiler missing, build error, ...)
         _loaded["error"] = e
         warnings.warn(f"rnnkit: the fused CPU kernel is unavailable ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); the engine runs "
@@ -117,6 +137,16 @@ def _ops():
 def available() -> bool:
     """True when the fused path is switched on and its extension builds and loads."""
     return not _disabled() and _ops() is not None
+
+
+def bernoulli(shape, p: float, dtype=torch.float32, generator=None) -> torch.Tensor:
+    """A CPU tensor of 0/1, each 1 with probability p, like torch.empty(shape).bernoulli_(p) but drawn
+    by a vectorised counter-based generator (random.h), about 10x faster. Its seed comes from torch's
+    generator, so torch.manual_seed makes it reproducible. Without the kernel: bernoulli_ itself."""
+    if dtype in _DTYPES and not _disabled() and _ops() is not None:
+        seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
+        return _ops().bernoulli_mask(list(shape), float(p), seed, dtype)
+    return torch.empty(shape, dtype=dtype).bernoulli_(p, generator=generator)
 
 
 # -- which scans it runs -----------------------------------------------------------------------------
@@ -157,7 +187,9 @@ def supports(opts, xi, state0, weight_hh, bias_hh, params=()) -> bool:
         return False
     if xi.dtype not in _DTYPES or tuple(weight_hh.shape) != (W, H):
         return False
-    if (bias_hh is not None and tuple(bias_hh.shape) != (W,)) or any(tuple(s.shape) != (B, H) for s in state0):
+    if bias_hh is not None and tuple(bias_hh.shape) != (W,):
+        return False
+    if any(tuple(s.shape) != (B, H) for s in state0):
         return False
     if len(params) != (2 if code[1] else 0) or any(tuple(p.shape) != (W,) for p in params):
         return False
@@ -215,6 +247,14 @@ def _c(t):
     return None if t is None else t.contiguous()
 
 
+def _grad_out(d_out):
+    """The gradient of out as the kernel reads it: rows along H may be broadcast (out.sum() sends a
+    scalar expanded to (T, B, H), which need not be copied out); anything else is made contiguous."""
+    if d_out is None or (d_out.dim() == 3 and d_out.stride(2) in (0, 1) and d_out.shape[2] > 1):
+        return d_out
+    return d_out.contiguous()
+
+
 class _FusedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts, n: int, xi, weight_hh, bias_hh, *rest):
@@ -238,6 +278,11 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out, *d_final):
+        with flushing_denormals():                             # as the engine's backward does
+            return _FusedScan._backward(ctx, d_out, *d_final)
+
+    @staticmethod
+    def _backward(ctx, d_out, *d_final):
         opts, n = ctx.opts, ctx.n
         w, b, h0, c0, gamma, hs, cs, act, aux, hr, xhat, inv = ctx.saved_tensors
         mask, rec, zh, zc = ctx.aux_opts
@@ -246,7 +291,7 @@ class _FusedScan(torch.autograd.Function):
         need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4] and b is not None
         d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta = _ops().backward(
             ctx.code, ctx.ln, opts.reverse, opts.truncate or 0, w, b, h0, c0, gamma, mask, rec, zh, zc,
-            hs, cs, act, aux, hr, xhat, inv, _c(d_out), d_hT, d_cT, gn, need_w, need_b)
+            hs, cs, act, aux, hr, xhat, inv, _grad_out(d_out), d_hT, d_cT, gn, need_w, need_b)
         states = (d_h0,) if n == 1 else (d_h0, d_c0)
         params = (d_gamma, d_beta) if ctx.ln else ()
         return (None, None, d_xi, d_w, d_b, *states, *params)

@@ -22,25 +22,45 @@ namespace {
 // Per-row scratch of the loop, (B, H) each, plus the LN path's (B, W) d_y.
 template <typename T>
 struct Carry {
-  std::vector<T> h, c, gw, dh, dc, dy;             // carries to step t-1; d_gh U; d_new of h and c
+  std::vector<T> h, c, gw, dh, dc, dy;   // carries to step t-1; d_gh U; d_new of h; d_new of c (LSTM)
+                                         // or the direct dh z (GRU, when a d_pass must be added)
+  bool h_live = false;                             // h holds a gradient (else it is all zeros)
   bool have_gw = false;                            // gw holds step t+1's d_gh U
 };
 
-// the gradient that reaches h_t: around the cell, through U (times the dropout mask), from out_t
+// dh = term(j) or dh += term(j): the first term present assigns, so absent terms cost nothing.
+template <typename T, typename F>
+void accumulate(int64_t H, bool& first, T* dh, const F& term) {
+  if (first) {
+    for (int64_t j = 0; j < H; ++j) dh[j] = term(j);
+  } else {
+    for (int64_t j = 0; j < H; ++j) dh[j] += term(j);
+  }
+  first = false;
+}
+
+// dh = carry + gw r + m d_out: around the cell, through U (times the dropout mask), from out_t.
+// Null terms are absent (the engine's None). d_out_sj = 0: one value of d_out fills the row.
 template <typename T>
-void gather_dh(int64_t H, const T* carry, const T* gw, const T* rec, const T* d_out, const T* m, T* dh) {
-  for (int64_t j = 0; j < H; ++j) dh[j] = carry[j];
+void gather_dh(int64_t H, const T* carry, const T* gw, const T* rec, const T* d_out, int64_t d_out_sj,
+               const T* m, T* dh) {
+  bool first = true;
+  if (carry != nullptr) accumulate(H, first, dh, [&](int64_t j) { return carry[j]; });
   if (gw != nullptr && rec != nullptr) {
-    for (int64_t j = 0; j < H; ++j) dh[j] += gw[j] * rec[j];
+    accumulate(H, first, dh, [&](int64_t j) { return gw[j] * rec[j]; });
   } else if (gw != nullptr) {
-    for (int64_t j = 0; j < H; ++j) dh[j] += gw[j];
+    accumulate(H, first, dh, [&](int64_t j) { return gw[j]; });
   }
-  if (d_out != nullptr && m != nullptr) {
+  if (d_out != nullptr && d_out_sj == 0) {
+    const T g = m != nullptr ? d_out[0] * *m : d_out[0];
+    accumulate(H, first, dh, [&](int64_t) { return g; });
+  } else if (d_out != nullptr && m != nullptr) {
     const T mv = *m;
-    for (int64_t j = 0; j < H; ++j) dh[j] += d_out[j] * mv;
+    accumulate(H, first, dh, [&](int64_t j) { return d_out[j] * mv; });
   } else if (d_out != nullptr) {
-    for (int64_t j = 0; j < H; ++j) dh[j] += d_out[j];
+    accumulate(H, first, dh, [&](int64_t j) { return d_out[j]; });
   }
+  if (first) std::fill(dh, dh + H, T(0));
 }
 
 template <typename T>
@@ -61,12 +81,15 @@ void split(int64_t H, T* d, const T* m, const T* z, T* pass) {
       pass[j] = d[j] - d[j] * mv;
       d[j] = d[j] * mv;
     }
+    if (z != nullptr) {
+      for (int64_t j = 0; j < H; ++j) {
+        pass[j] += d[j] * z[j];
+        d[j] = d[j] - d[j] * z[j];
+      }
+    }
   } else {
-    for (int64_t j = 0; j < H; ++j) pass[j] = T(0);
-  }
-  if (z != nullptr) {
     for (int64_t j = 0; j < H; ++j) {
-      pass[j] += d[j] * z[j];
+      pass[j] = d[j] * z[j];
       d[j] = d[j] - d[j] * z[j];
     }
   }
@@ -77,43 +100,55 @@ void add_into(int64_t H, const T* a, T* acc) {     // acc = a + acc  (direct + p
   for (int64_t j = 0; j < H; ++j) acc[j] = a[j] + acc[j];
 }
 
-// The cell's step backward for row b of step t; the LN path then maps d_y to the raw d_gh.
+// Whether any gradient passes around the cell (padding or zoneout): then the carries hold d_pass.
+template <typename T>
+bool goes_around(const Views<T>& v) {
+  return v.mask != nullptr || v.zone[0].p != nullptr || v.zone[1].p != nullptr;
+}
+
+// The cell's step backward for row b of step t, leaving in the carries what reaches s_{t-1}
+// directly; the LN path then maps d_y to the raw d_gh.
 template <typename T>
 void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, int64_t b,
-                   const T* h_prev, const T* c_prev) {
+                   const T* h_prev, const T* c_prev, bool around) {
   const int64_t H = p.H, W = p.W(), row = t * p.B + b;
   T *dh = k.dh.data() + b * H, *dc = k.dc.data() + b * H, *ch = k.h.data() + b * H;
   T* d_xi = v.d_xi + row * W;
-  T* d_y = !p.ln ? v.d_gh + row * W : p.gru() ? k.dy.data() + b * W : d_xi;   // what the cell calls d_gh
+  T* d_y = p.ln ? (p.gru() ? k.dy.data() + b * W : d_xi)          // what the cell calls d_gh
+                : v.d_gh + (t * v.gh_keep * p.B + b) * W;
   if (p.elman()) {
     const T* hc = v.act ? v.act + row * H : v.hs + row * H;
     elman_backward(H, p.cell == CellKind::kRelu, dh, hc, d_xi);
   } else if (p.lstm()) {
-    lstm_backward(H, dh, dc, v.act + row * W, v.aux + row * H, c_prev, d_xi);
-    add_into(H, dc, k.c.data() + b * H);               // carry_c = dc f + d_pass
+    T* cc = k.c.data() + b * H;
+    lstm_backward(H, dh, around ? dc : cc, v.act + row * W, v.aux + row * H, c_prev, d_xi);
+    if (around) add_into(H, dc, cc);                   // carry_c = dc f + d_pass
   } else {
-    gru_backward(H, dh, v.act + row * W, v.aux + row * H, h_prev, d_xi, d_y, dc);
-    add_into(H, dc, ch);                               // carry_h = dh z + d_pass
+    gru_backward(H, dh, v.act + row * W, v.aux + row * H, h_prev, d_xi, d_y, around ? dc : ch);
+    if (around) add_into(H, dc, ch);                   // carry_h = dh z + d_pass
+    if (v.d_ghn != nullptr) std::memcpy(v.d_ghn + row * H, d_y + 2 * H, sizeof(T) * H);
   }
   if (p.ln) layernorm_backward(W, d_y, v.xhat + row * W, v.inv[row], v.gamma, v.d_gh + row * W);
 }
 
 template <typename T>
 void backward_row(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, int64_t b,
-                  const T* h_prev, const T* c_prev) {
+                  const T* h_prev, const T* c_prev, bool around) {
   const int64_t H = p.H, row = t * p.B + b;
   const T* m = v.mask ? v.mask + row : nullptr;
   T *dh = k.dh.data() + b * H, *ch = k.h.data() + b * H;
-  gather_dh(H, ch, k.have_gw ? k.gw.data() + b * H : nullptr, v.rec ? v.rec + b * H : nullptr,
-            v.d_out ? v.d_out + row * H : nullptr, m, dh);
+  gather_dh(H, k.h_live ? ch : nullptr, k.have_gw ? k.gw.data() + b * H : nullptr,
+            v.rec ? v.rec + b * H : nullptr, v.d_out.row(t, b), v.d_out.sj, m, dh);
   if (v.gn != nullptr) v.gn[row] = norm(H, dh);
-  split(H, dh, m, v.zone[0].row(t, b), ch);            // ch: d_pass of h from here on
-  if (p.lstm()) {
-    T *dc = k.dc.data() + b * H, *cc = k.c.data() + b * H;
-    std::memcpy(dc, cc, sizeof(T) * H);
-    split(H, dc, m, v.zone[1].row(t, b), cc);
+  if (around) {
+    split(H, dh, m, v.zone[0].row(t, b), ch);          // ch: d_pass of h from here on
+    if (p.lstm()) {
+      T *dc = k.dc.data() + b * H, *cc = k.c.data() + b * H;
+      std::memcpy(dc, cc, sizeof(T) * H);
+      split(H, dc, m, v.zone[1].row(t, b), cc);
+    }
   }
-  cell_backward(p, v, k, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr);
+  cell_backward(p, v, k, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr, around);
 }
 
 // LN's gamma and beta gradients: sums over the step's rows of d_y xhat and d_y (serial: a reduction).
@@ -137,15 +172,17 @@ void backward_step(const Problem& p, const Views<T>& v, const StepProduct<T>& ti
   const int64_t t = p.time(i), B = p.B, H = p.H, W = p.W();
   const T* h_prev = i == 0 ? v.h0 : v.hs + p.before(t) * B * H;
   const T* c_prev = !p.lstm() ? nullptr : i == 0 ? v.c0 : v.cs + p.before(t) * B * H;
-  for_rows(p, [&](int64_t b) { backward_row(p, v, k, t, b, h_prev, c_prev); });
+  const bool around = goes_around(v);
+  for_rows(p, [&](int64_t b) { backward_row(p, v, k, t, b, h_prev, c_prev, around); });
+  k.h_live = around || p.gru();                    // else nothing reaches h_{t-1} but through U
   if (p.ln) layernorm_params(p, v, k, t);
   if (cut) {                                       // truncated BPTT: the state was detached here
     std::fill(k.h.begin(), k.h.end(), T(0));
     std::fill(k.c.begin(), k.c.end(), T(0));
-    k.have_gw = false;
+    k.h_live = k.have_gw = false;
     return;
   }
-  times_u(v.d_gh + t * B * W, k.gw.data());      // d_gh U  (B, H)
+  times_u(v.d_gh + t * v.gh_keep * B * W, k.gw.data());      // d_gh U  (B, H)
   k.have_gw = true;
 }
 
@@ -163,14 +200,16 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
   k.dc.resize(BH);
   k.dy.resize(p.ln && p.gru() ? static_cast<size_t>(p.B * p.W()) : 0);
   if (d_hT != nullptr) std::memcpy(k.h.data(), d_hT, sizeof(T) * BH);
+  k.h_live = d_hT != nullptr;
   if (d_cT != nullptr) std::memcpy(k.c.data(), d_cT, sizeof(T) * BH);
-  const StepProduct<T> times_u(v.w, p.W(), p.H, p.B, true);
+  const StepProduct<T> times_u(v.w, p.W(), p.H, p.B, true, p.T);
   for (int64_t i = p.T - 1; i >= 0; --i) {
     backward_step(p, v, times_u, k, i, truncate > 0 && i > 0 && i % truncate == 0);
   }
   // what reaches the initial state: the carry, plus the last product through U
   const T* none = nullptr;
-  gather_dh(p.B * p.H, k.h.data(), k.have_gw ? k.gw.data() : none, v.rec, none, none, d_h0);
+  gather_dh(p.B * p.H, k.h_live ? k.h.data() : none, k.have_gw ? k.gw.data() : none, v.rec, none, 1, none,
+            d_h0);
   if (p.lstm()) std::memcpy(d_c0, k.c.data(), sizeof(T) * BH);
 }
 

@@ -18,11 +18,11 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
             const int* ldc) __attribute__((weak));
 // MKL's packed GEMM (float only): pack one operand once, then multiply by it many times.
 size_t sgemm_pack_get_size(const char* id, const int* m, const int* n, const int* k) __attribute__((weak));
-void sgemm_pack(const char* id, const char* trans, const int* m, const int* n, const int* k, const float* alpha,
-                const float* src, const int* ld, float* dest) __attribute__((weak));
-void sgemm_compute(const char* ta, const char* tb, const int* m, const int* n, const int* k, const float* a,
-                   const int* lda, const float* b, const int* ldb, const float* beta, float* c, const int* ldc)
-    __attribute__((weak));
+void sgemm_pack(const char* id, const char* trans, const int* m, const int* n, const int* k,
+                const float* alpha, const float* src, const int* ld, float* dest) __attribute__((weak));
+void sgemm_compute(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                   const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+                   const int* ldc) __attribute__((weak));
 }
 
 namespace rnnkit {
@@ -100,24 +100,24 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, in
 }
 
 template <typename T>
-StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool backward)
+StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool backward, int64_t steps)
     : u_(u), W_(W), H_(H), B_(B), backward_(backward) {
   if constexpr (std::is_same_v<T, float>) {
-    if (!can_pack() || !blas_ok(W, H, B, W, H, W)) return;
+    if (backward || steps < kMinStepsToPack || !can_pack() || !blas_ok(W, H, B, W, H, W)) return;
     const StepDims d = step_dims(W, H, B, backward);
     const float one = 1;
-    packed_.resize(sgemm_pack_get_size("A", &d.m, &d.n, &d.k) / sizeof(float) + 1);
-    sgemm_pack("A", &d.op_a, &d.m, &d.n, &d.k, &one, u, &d.lda, packed_.data());
+    packed_.reset(new float[sgemm_pack_get_size("A", &d.m, &d.n, &d.k) / sizeof(float) + 1]);
+    sgemm_pack("A", &d.op_a, &d.m, &d.n, &d.k, &one, u, &d.lda, packed_.get());
   }
 }
 
 template <typename T>
 void StepProduct<T>::operator()(const T* x, T* y) const {
   if constexpr (std::is_same_v<T, float>) {
-    if (!packed_.empty()) {
+    if (packed_) {
       const StepDims d = step_dims(W_, H_, B_, backward_);
       const float zero = 0;
-      sgemm_compute("P", "N", &d.m, &d.n, &d.k, packed_.data(), &d.lda, x, &d.ldb, &zero, y, &d.ldc);
+      sgemm_compute("P", "N", &d.m, &d.n, &d.k, packed_.get(), &d.lda, x, &d.ldb, &zero, y, &d.ldc);
       return;
     }
   }

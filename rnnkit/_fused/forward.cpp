@@ -80,7 +80,7 @@ void forward_step(const Problem& p, const Views<T>& v, const StepProduct<T>& tim
 
 template <typename T>
 void forward_loop(const Problem& p, const Views<T>& v) {
-  const StepProduct<T> times_ut(v.w, p.W(), p.H, p.B, false);
+  const StepProduct<T> times_ut(v.w, p.W(), p.H, p.B, false, p.T);
   std::vector<T> gh(static_cast<size_t>(p.B * p.W()));     // the step's recurrent product, reused
   for (int64_t i = 0; i < p.T; ++i) forward_step(p, v, times_ut, gh.data(), i);
 }

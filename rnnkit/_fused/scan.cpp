@@ -1,9 +1,11 @@
-// The fused scan as two torch operators, torch.ops.rnnkit_fused.forward / .backward: tensors in,
-// buffers allocated here once per call, raw pointers handed to the loops (forward.cpp, backward.cpp).
+// The fused scan as two torch operators, torch.ops.rnnkit_fused.forward / .backward (and random.h's
+// mask sampler, .bernoulli_mask): tensors in, buffers allocated here once per call, raw pointers
+// handed to the loops (forward.cpp, backward.cpp).
 // The Python side (__init__.py) checks shapes, dtypes and devices before calling; the checks here
 // are a safety net only. Registered with TORCH_LIBRARY rather than pybind11, which keeps the compile
 // to a few seconds (no torch/extension.h).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "random.h"
 #include "scan.h"
 
 namespace rnnkit {
@@ -48,16 +51,27 @@ Problem problem(int64_t cell, bool ln, bool reverse, int64_t T, int64_t B, const
   return Problem{kind, ln, reverse, T, B, H, G};
 }
 
-// (T or 1, B or 1, H) zoneout shares: strides 0 along the broadcast dimensions.
+// A (T|1, B|1, H) tensor as rows, with its strides (0 along a dimension of size 1).
 template <typename T>
 Rows<T> rows(const Opt& z, const Problem& p) {
   Rows<T> r;
   if (!has(z)) return r;
-  TORCH_CHECK(z->dim() == 3 && z->size(2) == p.H, "rnnkit fused scan: zoneout shares must be (T|1, B|1, H)");
+  TORCH_CHECK(z->dim() == 3 && z->size(2) == p.H && (z->size(0) == 1 || z->size(0) == p.T) &&
+                  (z->size(1) == 1 || z->size(1) == p.B) && (z->stride(2) == 1 || z->stride(2) == 0),
+              "rnnkit fused scan: a (T|1, B|1, H) tensor with unit or zero stride along H expected");
   r.p = z->data_ptr<T>();
-  r.st = z->size(0) == 1 ? 0 : z->size(1) * p.H;
-  r.sb = z->size(1) == 1 ? 0 : p.H;
+  r.st = z->size(0) == 1 ? 0 : z->stride(0);
+  r.sb = z->size(1) == 1 ? 0 : z->stride(1);
+  r.sj = z->stride(2);
   return r;
+}
+
+// The gradient of out: any strides will do (out.sum() sends a scalar expanded to (T, B, H)).
+void check_grad(const Opt& g, const Tensor& like) {
+  if (has(g)) {
+    TORCH_CHECK(g->device().is_cpu() && g->scalar_type() == like.scalar_type() && g->dim() == 3,
+                "rnnkit fused scan: the gradient of out must be a (T, B, H) CPU tensor of dtype ", like.scalar_type());
+  }
 }
 
 // Inputs shared by both passes, as pointers. `b` is never null (zeros when the layer has no bias),
@@ -78,6 +92,7 @@ Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const T
   v.rec = ptr<T>(rec);
   v.zone[0] = rows<T>(zh, p);
   v.zone[1] = rows<T>(zc, p);
+  TORCH_CHECK(v.zone[0].sj == 1 && v.zone[1].sj == 1, "rnnkit fused scan: zoneout shares must be contiguous");
   return v;
 }
 
@@ -88,7 +103,8 @@ struct Buffers {
   Tensor out, hs, cs, act, aux, hr, xhat, inv;
 };
 
-Buffers allocate(const Problem& p, bool keep, bool blended, bool masked, bool dropped, const at::TensorOptions& o) {
+Buffers allocate(const Problem& p, bool keep, bool blended, bool masked, bool dropped,
+                 const at::TensorOptions& o) {
   const int64_t T = p.T, B = p.B, H = p.H, W = p.W(), S = keep ? T : 1;
   Buffers f;
   f.hs = at::empty({T, B, H}, o);
@@ -135,11 +151,15 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
   const Tensor zero_w = at::zeros({p.W()}, o);
   const Tensor bias = has(b) ? *b : zero_w;
   const Buffers f = allocate(p, keep, has(mask) || has(zh) || has(zc), has(mask), has(rec), o);
+  auto run = [&](auto zero) {
+    using S = decltype(zero);
+    run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, mask, rec, zh, zc), xi, f, keep);
+  };
   if (xi.scalar_type() == at::kFloat) {
-    run_forward<float>(p, input_views<float>(p, w, bias, zero_w, h0, c0, gamma, beta, mask, rec, zh, zc), xi, f, keep);
+    run(0.f);
   } else {
     TORCH_CHECK(xi.scalar_type() == at::kDouble, "rnnkit fused scan: float32 or float64 only");
-    run_forward<double>(p, input_views<double>(p, w, bias, zero_w, h0, c0, gamma, beta, mask, rec, zh, zc), xi, f, keep);
+    run(0.0);
   }
   const int64_t last = reverse ? 0 : p.T - 1;
   Tensor h_final = f.hs[last].clone();
@@ -149,20 +169,42 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
 
 // ---- backward --------------------------------------------------------------------------------------
 
+// Rows [r0, r0 + n) of dU, from a (T, B, n) gradient stored with leading dimension ld.
+template <typename T>
+struct GradRows {
+  int64_t r0, n, ld;
+  const T* d;
+};
+
 // dU = sum_t d_gh_t^T h_in_t with h_in_t = h_{t-1} r: from the saved h r, or else from the state
 // sequence shifted by one step (h0, then h_t) as two products, so nothing is concatenated.
 template <typename T>
-void weight_grad(const Problem& p, const Views<T>& v, T* dU) {
-  const int64_t B = p.B, H = p.H, W = p.W(), T1 = p.T - 1;
+void weight_grad(const Problem& p, const Views<T>& v, const GradRows<T>& g, T* dU) {
+  const int64_t B = p.B, H = p.H, T1 = p.T - 1;
+  T* out = dU + g.r0 * H;
   if (v.hr != nullptr) {
-    gemm(true, false, W, H, p.T * B, v.d_gh, W, v.hr, H, T(0), dU, H);
+    gemm(true, false, g.n, H, p.T * B, g.d, g.ld, v.hr, H, T(0), out, H);
     return;
   }
-  const T* g_first = p.reverse ? v.d_gh + T1 * B * W : v.d_gh;           // the step that read h0
-  const T* g_rest = p.reverse ? v.d_gh : v.d_gh + B * W;                  // steps that read h_{t-+1}
+  const T* g_first = p.reverse ? g.d + T1 * B * g.ld : g.d;           // the step that read h0
+  const T* g_rest = p.reverse ? g.d : g.d + B * g.ld;                  // the steps that read h_t
   const T* h_rest = p.reverse ? v.hs + B * H : v.hs;
-  gemm(true, false, W, H, B, g_first, W, v.h0, H, T(0), dU, H);
-  if (T1 > 0) gemm(true, false, W, H, T1 * B, g_rest, W, h_rest, H, T(1), dU, H);
+  gemm(true, false, g.n, H, B, g_first, g.ld, v.h0, H, T(0), out, H);
+  if (T1 > 0) gemm(true, false, g.n, H, T1 * B, g_rest, g.ld, h_rest, H, T(1), out, H);
+}
+
+// The blocks of d_gh over all steps: one, or for the GRU without LN d_xi's r, z blocks and d_ghn.
+template <typename T>
+std::vector<GradRows<T>> grad_rows(const Problem& p, const Views<T>& v) {
+  const int64_t H = p.H, W = p.W();
+  if (v.d_ghn == nullptr) return {{0, W, W, v.d_gh}};
+  return {{0, 2 * H, W, v.d_xi}, {2 * H, H, H, v.d_ghn}};
+}
+
+Tensor bias_grad(const Problem& p, const Tensor& d_xi, const Tensor& d_gh, const Tensor& d_ghn) {
+  const int64_t TB = p.T * p.B, W = p.W();
+  if (!d_ghn.defined()) return d_gh.view({TB, W}).sum(0);
+  return at::cat({d_xi.view({TB, W}).narrow(1, 0, 2 * p.H).sum(0), d_ghn.view({TB, p.H}).sum(0)});
 }
 
 // Returns [d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta].
@@ -173,16 +215,19 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
                              const Opt& d_out, const Opt& d_hT, const Opt& d_cT, const Opt& gn, bool need_w,
                              bool need_b) {
   const Problem p = problem(cell, ln, reverse, hs.size(0), hs.size(1), w);
-  for (auto* t : {&b, &c0, &gamma, &mask, &rec, &zh, &zc, &cs, &act, &aux, &hr, &xhat, &inv, &d_out, &d_hT,
-                  &d_cT, &gn}) {
+  for (auto* t : {&b, &c0, &gamma, &mask, &rec, &zh, &zc, &cs, &act, &aux, &hr, &xhat, &inv, &d_hT, &d_cT,
+                  &gn}) {
     check(*t, hs, "every input");
   }
+  check_grad(d_out, hs);
   const auto o = hs.options();
   const int64_t T = p.T, B = p.B, H = p.H, W = p.W();
   const Tensor zero_w = at::zeros({W}, o);
   const Tensor bias = has(b) ? *b : zero_w;
   Tensor d_xi = at::empty({T, B, W}, o);
-  Tensor d_gh = (p.gru() || p.ln) ? at::empty({T, B, W}, o) : d_xi;
+  const bool gru_plain = p.gru() && !p.ln;
+  Tensor d_gh = p.ln ? at::empty({T, B, W}, o) : gru_plain ? at::empty({1, B, W}, o) : d_xi;
+  Tensor d_ghn = gru_plain ? at::empty({T, B, H}, o) : Tensor();
   Tensor d_h0 = at::empty({B, H}, o), d_c0 = p.lstm() ? at::empty({B, H}, o) : Tensor();
   Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
   Tensor d_gamma = p.ln ? at::zeros({W}, o) : Tensor(), d_beta = p.ln ? at::zeros({W}, o) : Tensor();
@@ -197,14 +242,18 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.xhat = ptr<S>(xhat);
     v.inv = ptr<S>(inv);
     v.keep = 1;
-    v.d_out = ptr<S>(d_out);
+    v.d_out = rows<S>(d_out, p);
     v.gn = ptr<S>(gn);
     v.d_xi = ptr<S>(d_xi);
     v.d_gh = ptr<S>(d_gh);
+    v.d_ghn = ptr<S>(d_ghn);
+    v.gh_keep = gru_plain ? 0 : 1;
     v.dgamma = ptr<S>(d_gamma);
     v.dbeta = ptr<S>(d_beta);
     backward_loop<S>(p, v, truncate, ptr<S>(d_hT), ptr<S>(d_cT), ptr<S>(d_h0), ptr<S>(d_c0));
-    if (need_w) weight_grad<S>(p, v, ptr<S>(d_w));
+    if (need_w) {
+      for (const auto& g : grad_rows<S>(p, v)) weight_grad<S>(p, v, g, ptr<S>(d_w));
+    }
   };
   if (hs.scalar_type() == at::kFloat) {
     run(0.f);
@@ -212,7 +261,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     TORCH_CHECK(hs.scalar_type() == at::kDouble, "rnnkit fused scan: float32 or float64 only");
     run(0.0);
   }
-  Tensor d_b = (need_b && has(b)) ? d_gh.view({T * B, W}).sum(0) : Tensor();
+  Tensor d_b = (need_b && has(b)) ? bias_grad(p, d_xi, d_gh, d_ghn) : Tensor();
   return {d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta};
 }
 
@@ -233,6 +282,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
         "Tensor? act, Tensor? aux, Tensor? hr, Tensor? xhat, Tensor? inv, Tensor? d_out, Tensor? d_hT, "
         "Tensor? d_cT, Tensor? grad_norm, bool need_w, bool need_b) -> Tensor[]",
         &rnnkit::backward);
+  m.def("bernoulli_mask(int[] shape, float p, int seed, ScalarType dtype) -> Tensor", &rnnkit::bernoulli_mask);
   m.def("gemm_route() -> str", &rnnkit::route);
   m.def("limit_gemm_route(str route) -> ()", &rnnkit::limit_route);
 }

@@ -8,6 +8,10 @@
 
 #include <cstdint>
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
 namespace rnnkit {
 
 enum class CellKind : int64_t { kTanh = 0, kRelu = 1, kLSTM = 2, kGRU = 3 };
@@ -26,11 +30,12 @@ struct Problem {
   int64_t before(int64_t t) const { return reverse ? t + 1 : t - 1; }   // step processed before t
 };
 
-// A (T or 1, B or 1, H) tensor of per-unit values (zoneout shares), read one (t, b) row at a time.
+// A (T, B, H) tensor read one (t, b) row at a time, with strides: 0 along a broadcast dimension
+// (zoneout shares of shape (1, 1, H); the gradient of out.sum(), a scalar expanded to (T, B, H)).
 template <typename T>
 struct Rows {
   const T* p = nullptr;
-  int64_t st = 0, sb = 0;                          // 0 along a broadcast dimension
+  int64_t st = 0, sb = 0, sj = 1;                  // sj: 1, or 0 when one value fills the row
   const T* row(int64_t t, int64_t b) const { return p ? p + t * st + b * sb : nullptr; }
 };
 
@@ -43,9 +48,11 @@ struct Views {
   // saved by the forward; per-step buffers (act, aux, xhat, inv, hr) have one slot when `keep` is off
   T *hs, *cs, *out, *act, *aux, *hr, *xhat, *inv;
   int64_t keep;                                    // 1: slot t for step t; 0: slot 0 for every step
-  // backward only
-  const T *d_out;
-  T *gn, *d_xi, *d_gh, *dgamma, *dbeta;
+  // backward only. d_gh has T slots (gh_keep 1), or for the GRU without LN one slot (gh_keep 0): its
+  // r and z blocks equal d_xi's, so only its n block is kept for dU, in d_ghn (T, B, H).
+  Rows<T> d_out;
+  T *gn, *d_xi, *d_gh, *d_ghn, *dgamma, *dbeta;
+  int64_t gh_keep;
 };
 
 // Rows of one step handed to each thread: enough elementwise work per task to pay for the hand-off.
@@ -55,10 +62,35 @@ inline int64_t row_grain(const Problem& p) {
   return g < 1 ? 1 : g;
 }
 
+// The calling thread's denormal mode, carried into the worker threads. The backward runs with
+// denormals flushed to zero (rnnkit/numerics.py: a gradient decaying through many steps otherwise
+// crawls through denormals ~100x slower), and that switch (MXCSR's FTZ and DAZ bits) is per thread.
+class DenormalMode {
+ public:
+#if defined(__SSE2__)
+  DenormalMode() : bits_(_mm_getcsr() & kFlushBits) {}
+  void apply() const { _mm_setcsr((_mm_getcsr() & ~kFlushBits) | bits_); }
+  static unsigned current() { return _mm_getcsr(); }
+  static void restore(unsigned csr) { _mm_setcsr(csr); }
+
+ private:
+  static constexpr unsigned kFlushBits = 0x8040;   // FTZ | DAZ
+  unsigned bits_;
+#else
+  void apply() const {}
+  static unsigned current() { return 0; }
+  static void restore(unsigned) {}
+#endif
+};
+
 template <typename F>
 void for_rows(const Problem& p, const F& f) {
+  const DenormalMode mode;
   at::parallel_for(0, p.B, row_grain(p), [&](int64_t b0, int64_t b1) {
+    const unsigned saved = DenormalMode::current();
+    mode.apply();
     for (int64_t b = b0; b < b1; ++b) f(b);
+    DenormalMode::restore(saved);
   });
 }
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .. import layers as rk
 from ..data import synthetic
 from ..errors import UserError
+from ..numerics import flushing_denormals
 
 TASKS = ("adding", "copy", "order", "digits", "mnist1d")
 CELLS = {"rnn": rk.RNN, "lstm": rk.LSTM, "gru": rk.GRU}
@@ -214,7 +215,11 @@ def _finite_or_none(v: float):
 def train(cfg: MemoryConfig, progress: bool = True, probe=None, probe_every: int = 0) -> RunResult:
     """Train one model. probe(model, step) is called before step 0, every `probe_every` steps, and
     after the last step (the gradient-flow study records its traces there)."""
-    torch.set_flush_denormal(True)     # a vanished gradient in denormal floats slows CPU BPTT ~10x
+    with flushing_denormals():         # a vanished gradient in denormal floats slows CPU BPTT ~10x
+        return _train(cfg, progress, probe, probe_every)
+
+
+def _train(cfg: MemoryConfig, progress: bool, probe, probe_every: int) -> RunResult:
     torch.manual_seed(cfg.seed)
     spec = task_spec(cfg.task, cfg.length)
     model, source = SequenceModel(cfg, spec), Source(cfg)
