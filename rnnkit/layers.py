@@ -191,19 +191,7 @@ class _Recurrent:
     # -- validation at the boundary -------------------------------------------------------------------
     def _check(self, input, hx, lengths, padding, truncate):
         name = type(self).__name__
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
-        layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
-        if input.dim() not in (2, 3):
-            raise ValueError(f"{name}: input must be 3-D {layout} or 2-D (T, input_size) for one "
-                             f"unbatched sequence; got {input.dim()}-D shape {tuple(input.shape)}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"{name}: input has {input.shape[-1]} features in its last dimension "
-                             f"(shape {tuple(input.shape)}), but the layer was built with "
-                             f"input_size={self.input_size}")
-        if input.dtype != self.weight_ih_l0.dtype:
-            raise TypeError(f"{name}: input dtype {input.dtype} does not match the weights' "
-                            f"{self.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")
+        check_input(self, input)
         if padding not in _PADDING:
             raise ValueError(f"{name}: padding must be 'right' or 'left', got {padding!r}")
         if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
@@ -250,6 +238,24 @@ class _Recurrent:
             return hx
         state = self._default_state(B, x)
         return state if self._cell.num_states == 2 else state[0]
+
+
+def check_input(layer, input) -> None:
+    """The input checks every rnnkit layer shares: a tensor, 2-D or 3-D, input_size features, weights' dtype."""
+    name = type(layer).__name__
+    if not isinstance(input, Tensor):
+        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
+    layout = "(B, T, input_size)" if layer.batch_first else "(T, B, input_size)"
+    if input.dim() not in (2, 3):
+        raise ValueError(f"{name}: input must be 3-D {layout} or 2-D (T, input_size) for one "
+                         f"unbatched sequence; got {input.dim()}-D shape {tuple(input.shape)}")
+    if input.shape[-1] != layer.input_size:
+        raise ValueError(f"{name}: input has {input.shape[-1]} features in its last dimension "
+                         f"(shape {tuple(input.shape)}), but the layer was built with "
+                         f"input_size={layer.input_size}")
+    if input.dtype != layer.weight_ih_l0.dtype:
+        raise TypeError(f"{name}: input dtype {input.dtype} does not match the weights' "
+                        f"{layer.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")
 
 
 def _check_lengths(name, lengths, B, T) -> Tensor:

@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .cells.base import uniform_init_
 from .engine import TraceSlot
-from .layers import _check_lengths, _length_mask
+from .layers import _check_lengths, _length_mask, check_input
 from .parallel import blocked_scan, log_scan, reverse_total
 
 SCANS = ("auto", "blocked", "log")
@@ -275,19 +275,7 @@ class _MinRecurrent(nn.Module):
     # -- validation at the boundary -------------------------------------------------------------------
     def _check(self, input, hx, lengths):
         name = type(self).__name__
-        if not isinstance(input, Tensor):
-            raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
-        layout = "(B, T, input_size)" if self.batch_first else "(T, B, input_size)"
-        if input.dim() not in (2, 3):
-            raise ValueError(f"{name}: input must be 3-D {layout} or 2-D (T, input_size) for one "
-                             f"unbatched sequence; got {input.dim()}-D shape {tuple(input.shape)}")
-        if input.shape[-1] != self.input_size:
-            raise ValueError(f"{name}: input has {input.shape[-1]} features in its last dimension "
-                             f"(shape {tuple(input.shape)}), but the layer was built with "
-                             f"input_size={self.input_size}")
-        if input.dtype != self.weight_ih_l0.dtype:
-            raise TypeError(f"{name}: input dtype {input.dtype} does not match the weights' "
-                            f"{self.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")
+        check_input(self, input)
         unbatched = input.dim() == 2
         x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
         T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
