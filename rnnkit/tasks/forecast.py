@@ -12,7 +12,6 @@ early stopping. Metrics are averaged over folds; baselines get exactly the same 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from ..train import (FitResult, TensorBatches, TrainConfig, Trainer, atomic_writ
                      seed_everything)
 from . import baselines
 from .forecast_plot import plot_forecast
+from .text_metrics import write_json
 
 STRATEGIES = ("direct", "recursive")
 LOG = ("auto", "yes", "no")
@@ -216,7 +216,7 @@ def write_outputs(result: ForecastResult, out) -> dict[str, Path]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "forecast": out / "forecast.csv", "plot": out / "forecast.png"}
-    atomic_write(paths["metrics"], json.dumps(_json_safe(metrics_document(result)), indent=2).encode())
+    write_json(paths["metrics"], metrics_document(result))
     atomic_write(paths["forecast"], _forecast_csv(result).encode())
     plot_forecast(result, paths["plot"])
     return paths
@@ -237,16 +237,6 @@ def metrics_document(result: ForecastResult) -> dict:
     doc["seconds"] = round(result.seconds, 2)
     return doc
 
-
-def _json_safe(x):
-    """NaN (an undefined metric, e.g. MAPE with zeros in the truth) becomes null."""
-    if isinstance(x, float) and not np.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
 
 
 def _forecast_csv(result: ForecastResult) -> str:
