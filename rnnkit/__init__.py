@@ -8,7 +8,8 @@
 """
 from .engine import ScanOptions, TraceSlot, scan
 from . import stream
-from .layers import GRU, LSTM, RNN, Recurrent, Trace, trace
+from .layers import GRU, LSTM, RNN, Recurrent
+from .tracing import Trace, trace
 from .minimal import MinGRU, MinLSTM
 from .stream import Stream
 

@@ -17,7 +17,6 @@ needs it).
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
-from .engine import ScanOptions, TraceSlot, scan
+from .engine import ScanOptions, scan
 
 _BACKENDS = ("auto", "engine", "native")
 _PADDING = ("right", "left")
@@ -376,72 +375,3 @@ class Recurrent(_Recurrent, nn.Module):
     def extra_repr(self) -> str:
         return (f"cell={getattr(self._cell, 'name', type(self._cell).__name__)}, {self.input_size}, "
                 f"{self.hidden_size}, num_layers={self.num_layers}, bidirectional={self.bidirectional}")
-
-
-# -- the trace ------------------------------------------------------------------------------------------
-
-class LayerTrace:
-    """The trace of one layer's latest call: lists indexed by k = layer * num_directions + direction."""
-
-    def __init__(self):
-        self.calls: list[list[TraceSlot]] = []
-
-    def new_call(self):
-        self.calls.append([])
-        return self
-
-    def slot(self, k: int) -> TraceSlot:
-        slots = self.calls[-1]
-        while len(slots) <= k:
-            slots.append(TraceSlot())
-        return slots[k]
-
-    def _field(self, name):
-        if not self.calls:
-            raise RuntimeError("nothing traced yet: run the module inside `with rnnkit.trace(module)`")
-        return [getattr(s, name) for s in self.calls[-1]]
-
-    hidden = property(lambda self: self._field("hidden"))
-    cell = property(lambda self: self._field("cell"))
-    gates = property(lambda self: self._field("gates"))
-    grad_norm = property(lambda self: self._field("grad_norm"))
-
-
-class Trace:
-    """Result of `rnnkit.trace(module)`. With one recurrent layer, `tr.hidden[k]`, `tr.grad_norm[k]`,
-    `tr.cell[k]`, `tr.gates[k]` read it directly; with several, `tr[name]` picks one by its module name."""
-
-    def __init__(self, layers: dict[str, LayerTrace]):
-        self.layers = layers
-
-    def __getitem__(self, name: str) -> LayerTrace:
-        return self.layers[name]
-
-    def _only(self) -> LayerTrace:
-        if len(self.layers) != 1:
-            raise AttributeError(f"the traced module has {len(self.layers)} recurrent layers "
-                                 f"({', '.join(self.layers) or 'none'}); pick one with tr[name]")
-        return next(iter(self.layers.values()))
-
-    hidden = property(lambda self: self._only().hidden)
-    cell = property(lambda self: self._only().cell)
-    gates = property(lambda self: self._only().gates)
-    grad_norm = property(lambda self: self._only().grad_norm)
-
-
-@contextlib.contextmanager
-def trace(module: nn.Module):
-    """Run every rnnkit layer inside `module` through the engine and record its trace."""
-    from .minimal import _MinRecurrent                # minimal builds on this module
-    layers = {name: m for name, m in module.named_modules() if isinstance(m, (_Recurrent, _MinRecurrent))}
-    if not layers:
-        raise ValueError(f"trace: {type(module).__name__} contains no rnnkit layer "
-                         f"(RNN, LSTM, GRU, Recurrent, MinGRU, MinLSTM)")
-    records = {name: LayerTrace() for name in layers}
-    for name, m in layers.items():
-        m._trace_sink = records[name]
-    try:
-        yield Trace(records)
-    finally:
-        for m in layers.values():
-            m._trace_sink = None

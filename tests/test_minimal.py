@@ -182,7 +182,7 @@ def test_reverse_total_is_the_adjoint():
 @pytest.mark.parametrize("scan", SCANS)
 def test_trace_against_reference(kind, scan):
     """hidden and ||dL/dh_t|| (the total gradient reaching h_t) on every real step, per layer/direction."""
-    from rnnkit.layers import LayerTrace
+    from rnnkit.tracing import LayerTrace
     T, B, I, H = 6, 3, 2, 4
     layer = make(kind, I, H, 2, bidirectional=True, scan=scan)
     x, lengths = torch.randn(T, B, I, dtype=D64), torch.tensor([6, 2, 4])
