@@ -20,7 +20,7 @@ import torch
 from .. import diagnostics as dg
 from ..diagnostics import plots
 from ..errors import UserError
-from ..layers import trace
+from ..tracing import trace
 from ..numerics import flushing_denormals
 from . import memory
 
