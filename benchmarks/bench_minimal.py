@@ -15,7 +15,6 @@ read from torch's allocator (common.peak_alloc_bytes).
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -24,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from common import interleaved, machine_facts, peak_alloc_bytes
+from common import interleaved, machine_facts, write_report, peak_alloc_bytes
 from rnnkit.minimal import MinGRU, MinLSTM
 
 
@@ -138,13 +137,7 @@ def main(argv=None) -> int:
             f"One step each, CPU time and page faults:\n\n{cpu_table(points)}\n\n"
             f"float32 error at T = {T} (max |h - h_float64|, B = 4, I = 16, H = {H}): "
             + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + "\n")
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"facts": facts, "points": points, "float32_error": errors}, f, indent=1)
+    write_report(text, args.out, args.json, {"facts": facts, "points": points, "float32_error": errors})
     return 0
 
 

@@ -14,7 +14,6 @@ into its parts (where the time goes).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 import rnnkit as rk
-from common import interleaved, machine_facts
+from common import interleaved, machine_facts, write_report
 from rnnkit.stream import Stream, step
 
 CELLS = {"lstm": (nn.LSTM, rk.LSTM), "gru": (nn.GRU, rk.GRU), "rnn": (nn.RNN, rk.RNN)}
@@ -125,13 +124,7 @@ def main(argv=None) -> int:
     text = (f"Per-step latency, batch 1, float32, I = H, one thread; {reps} interleaved timings of "
             f"{number} calls each. Machine: {facts['cpu']}, load average {facts['load_average']}.\n\n"
             f"{table(results)}\n\nWhere the time of one LSTM stream call goes:\n\n{breakdown_table(parts)}\n")
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"facts": facts, "results": results, "breakdown": parts}, f, indent=1)
+    write_report(text, args.out, args.json, {"facts": facts, "results": results, "breakdown": parts})
     return 0
 
 

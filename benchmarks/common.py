@@ -5,6 +5,8 @@ Everything here is independent of rnnkit; `bench_layers.py` puts it together.
 """
 from __future__ import annotations
 
+import json
+
 import contextlib
 import datetime
 import gc
@@ -194,3 +196,14 @@ def peak_alloc_bytes(fn: Callable[[], object]) -> int:
         held += e.nbytes()
         peak = max(peak, held)
     return peak
+
+
+def write_report(text: str, out: str | None, json_path: str | None, doc: dict) -> None:
+    """Print the report, and write it (markdown) and its raw numbers (JSON) where asked."""
+    print("\n" + text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(doc, f, indent=1)

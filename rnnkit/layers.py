@@ -28,6 +28,11 @@ from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
 from .engine import ScanOptions, scan
 
 _BACKENDS = ("auto", "engine", "native")
+
+
+def param_suffix(layer: int, direction: int) -> str:
+    """torch.nn's parameter-name suffix: _l{layer}, plus _reverse for the backward direction."""
+    return f"_l{layer}" + ("_reverse" if direction else "")
 _PADDING = ("right", "left")
 
 
@@ -86,9 +91,7 @@ class _Recurrent:
     def _directions(self) -> int:
         return 2 if self.bidirectional else 1
 
-    @staticmethod
-    def _suffix(layer: int, direction: int) -> str:
-        return f"_l{layer}" + ("_reverse" if direction else "")
+    _suffix = staticmethod(param_suffix)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

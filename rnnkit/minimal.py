@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .cells.base import uniform_init_
 from .engine import TraceSlot
-from .layers import _check_lengths, _length_mask, check_input
+from .layers import _check_lengths, _length_mask, _Recurrent, check_input, param_suffix
 from .parallel import blocked_scan, log_scan, reverse_total
 
 SCANS = ("auto", "blocked", "log")
@@ -188,12 +188,8 @@ class _MinRecurrent(nn.Module):
         for p in self.parameters():
             uniform_init_(p, self.hidden_size)                           # U(-1/sqrt(H), 1/sqrt(H))
 
-    def _directions(self) -> int:
-        return 2 if self.bidirectional else 1
-
-    @staticmethod
-    def _suffix(layer: int, direction: int) -> str:
-        return f"_l{layer}" + ("_reverse" if direction else "")
+    _directions = _Recurrent._directions
+    _suffix = staticmethod(param_suffix)
 
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
