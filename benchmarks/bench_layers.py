@@ -8,6 +8,9 @@ Contenders at every grid point (same weights, copied from the torch.nn layer wit
     native  rnnkit layer, backend="native"         torch's fused kernel behind rnnkit's layer
     engine  rnnkit layer, backend="engine"         rnnkit's own scan and hand-written BPTT
     trace   the engine inside `rnnkit.trace(layer)`  records every h_t and ||dL/dh_t||
+At the shortest T of the grid, the extras' cost over the plain engine (training step): the engine
+against itself with zoneout=0.1 and with layer_norm=True. At one point (GRU, B=64, T=100, H=256 by
+default) torch.profiler's split of one training step, torch.nn against the engine (profile_step.py).
 Timings are interleaved (round-robin over the contenders each repetition, after a warm-up round) and
 reported as medians; the markdown report is rendered by the functions at the bottom of this file.
 """
@@ -29,6 +32,7 @@ from tqdm import tqdm
 
 import rnnkit as rk
 from common import Budget, cpu_count, machine_facts, matmul_peak_gflops, measure, peak_alloc_bytes
+from profile_step import profile_steps
 
 # cell -> (rnnkit class, torch.nn class, gate blocks G, constructor kwargs)
 CELLS = {
@@ -48,6 +52,8 @@ class Grid:
 
 FULL_GRID = Grid(batch=(32, 64), seq=(100, 200), hidden=(64, 128, 256, 512))
 QUICK_GRID = Grid(batch=(8,), seq=(20,), hidden=(32, 128))
+EXTRAS = {"zoneout": {"zoneout": 0.1}, "layer_norm": {"layer_norm": True}}   # name -> constructor kwargs
+PROFILE_POINT = ("gru", 64, 100, 256)                                        # cell, B, T, H
 
 
 # -- one grid point ------------------------------------------------------------------------------------
@@ -112,7 +118,20 @@ def training_memory(layers: dict, x: torch.Tensor) -> dict[str, int]:
     return peaks
 
 
-def bench_point(cell: str, B: int, T: int, H: int, budget: Budget, memory: bool, seed: int) -> dict:
+def extras_layers(cell: str, engine: nn.Module) -> dict[str, nn.Module]:
+    """The plain engine and one layer per extra, with the engine's weights (layer_norm adds its own
+    parameters at their identity initialisation)."""
+    rk_cls, _, _, kw = CELLS[cell]
+    layers = {"engine": engine}
+    for name, extra in EXTRAS.items():
+        layer = rk_cls(engine.input_size, engine.hidden_size, backend="engine", **kw, **extra)
+        layer.load_state_dict(engine.state_dict(), strict=False)
+        layers[name] = layer.train()
+    return layers
+
+
+def bench_point(cell: str, B: int, T: int, H: int, budget: Budget, memory: bool, seed: int,
+                extras: bool = False) -> dict:
     torch.manual_seed(seed)
     layers = build_layers(cell, H)
     x = torch.randn(T, B, H)                                          # (T, B, I), I = H
@@ -121,12 +140,24 @@ def bench_point(cell: str, B: int, T: int, H: int, budget: Budget, memory: bool,
     point["infer"], outputs = measure(steps_for("infer", layers, x), budget)
     point["max_abs_diff"] = output_mismatch(outputs)
     point["peak_bytes"] = training_memory(layers, x) if memory else None
+    if extras:
+        point["extras"], _ = measure(steps_for("train", extras_layers(cell, layers["engine"]), x), budget)
     return point
+
+
+def profile_point(cell: str, B: int, T: int, H: int, seed: int) -> dict:
+    """torch.profiler's split of one training step, torch.nn and the engine, at one point."""
+    torch.manual_seed(seed)
+    layers = build_layers(cell, H)
+    x = torch.randn(T, B, H)
+    steps = steps_for("train", {"torch.nn": layers["torch"], "engine": layers["engine"]}, x)
+    return {"cell": cell, "B": B, "T": T, "H": H,
+            "profiles": {name: profile_steps(step) for name, step in steps.items()}}
 
 
 # -- the report ----------------------------------------------------------------------------------------
 
-from report import render  # noqa: E402
+from report import kept_sections, render  # noqa: E402
 
 
 def run_grid(cells, grid: Grid, budget: Budget, memory: bool, seed: int) -> list[dict]:
@@ -135,7 +166,7 @@ def run_grid(cells, grid: Grid, budget: Budget, memory: bool, seed: int) -> list
     with tqdm(todo, desc="bench", unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
         for cell, B, T, H in bar:
             bar.set_postfix_str(f"{cell} B={B} T={T} H={H}")
-            points.append(bench_point(cell, B, T, H, budget, memory, seed))
+            points.append(bench_point(cell, B, T, H, budget, memory, seed, extras=T == min(grid.seq)))
     return points
 
 
@@ -169,9 +200,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=_ints, help="hidden sizes H = I (default: 64,128,256,512; quick: 32,128)")
     p.add_argument("--reps", type=int, help="fixed repetitions per contender (default: adaptive)")
     p.add_argument("--budget", type=float, help="seconds of measured time per contender and point "
-                                                "(default 0.5; quick 0.05)")
-    p.add_argument("--min-reps", type=int, help="default 3; quick 2")
-    p.add_argument("--max-reps", type=int, help="default 15; quick 3")
+                                                "(default 1.0; quick 0.05)")
+    p.add_argument("--min-reps", type=int, help="default 7; quick 2")
+    p.add_argument("--max-reps", type=int, help="default 25; quick 3")
     p.add_argument("--threads", type=int, default=cpu_count(), help="torch.set_num_threads (default: the cores)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs (default: 0)")
@@ -185,7 +216,7 @@ def settings(args) -> tuple[Grid, Budget, int]:
     """Grid, repetition budget and matmul size for the peak, from the flags (quick or full)."""
     base = QUICK_GRID if args.quick else FULL_GRID
     grid = Grid(args.batch or base.batch, args.seq or base.seq, args.hidden or base.hidden)
-    lo, hi, sec = (2, 3, 0.05) if args.quick else (3, 15, 0.5)
+    lo, hi, sec = (2, 3, 0.05) if args.quick else (7, 25, 1.0)
     budget = Budget(args.budget or sec, args.min_reps or lo, max(args.max_reps or hi, args.min_reps or lo),
                     args.reps)
     return grid, budget, (512 if args.quick else 2048)
@@ -202,12 +233,13 @@ def main(argv=None) -> int:
           file=sys.stderr)
     start = time.perf_counter()
     points = run_grid(args.cells, grid, budget, not args.no_memory, args.seed)
+    prof = profile_point(*PROFILE_POINT, args.seed) if PROFILE_POINT[0] in args.cells else None
     facts["wall_seconds"] = time.perf_counter() - start
     run = {"machine": facts, "grid": asdict(grid), "budget": asdict(budget), "quick": args.quick,
-           "cells": list(args.cells), "points": points}
+           "cells": list(args.cells), "points": points, "profile": prof}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     doc, summary = render(run)
-    args.out.write_text(doc)
+    args.out.write_text(doc + kept_sections(args.out))
     if args.json is not None:
         path = Path(args.json) if args.json else args.out.with_suffix(".json")
         path.write_text(json.dumps(run, indent=1))

@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+
+from profile_step import profile_table, top_ops_lines
+
+# Everything from this line on in docs/benchmarks.md is written by hand (results of the other benchmark
+# scripts, with their commands) and kept as it is when `make bench` regenerates the part above it.
+KEEP_MARKER = "<!-- sections below: written by hand from the other benchmark scripts; make bench keeps them -->"
 
 MODES = ("train", "infer")
 
@@ -26,6 +33,11 @@ def trace_overhead(point: dict, mode: str) -> float:
 
 def memory_ratio(point: dict, mode: str) -> float:
     return point["peak_bytes"]["engine"] / point["peak_bytes"]["torch"]
+
+
+def extra_cost(name: str):
+    """Time of the engine with an extra / time of the plain engine (training step)."""
+    return lambda point, mode: point["extras"][name]["median"] / point["extras"]["engine"]["median"]
 
 
 def engine_gflops(point: dict, mode: str) -> float:
@@ -99,6 +111,10 @@ def checks(points: list[dict]) -> list[Check]:
               bound_check(5, "trace overhead, all points", mode, points, OVERHEAD, 0.10)]
     if points and points[0]["peak_bytes"] is not None:
         found.append(bound_check(5, "engine / torch.nn peak memory", mode, points, MEMORY, 1.0))
+    with_extras = [p for p in points if p.get("extras")]
+    for name in ("zoneout", "layer_norm"):
+        m = Measure(extra_cost(name), lambda r: f"{r:.2f}×", higher_is_better=False)
+        found.append(bound_check(5, f"{name} / plain engine", mode, with_extras, m, 1.3))
     return found
 
 
@@ -135,6 +151,55 @@ def memory_table(points: list[dict]) -> list[str]:
         rows.append(f"| {p['B']} | {p['T']} | {p['H']} | {mb['torch']:.1f} | {mb['native']:.1f} "
                     f"| {mb['engine']:.1f} | {memory_ratio(p, 'train'):.2f}× | {mb['trace']:.1f} |")
     return rows
+
+
+def extras_table(points: list[dict]) -> list[str]:
+    rows = ["| B | T | H | engine ms | + zoneout 0.1 ms | zoneout cost | + layer_norm ms | layer_norm cost |",
+            "|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for p in points:
+        e = {n: s["median"] for n, s in p["extras"].items()}
+        rows.append(f"| {p['B']} | {p['T']} | {p['H']} | {_ms(e['engine'])} | {_ms(e['zoneout'])} "
+                    f"| {extra_cost('zoneout')(p, 'train'):.2f}× | {_ms(e['layer_norm'])} "
+                    f"| {extra_cost('layer_norm')(p, 'train'):.2f}× |")
+    return rows
+
+
+def extras_section(run: dict) -> list[str]:
+    points = [p for p in run["points"] if p.get("extras")]
+    if not points:
+        return []
+    lines = ["## Extras: their cost over the plain engine (training step)", "",
+             "The engine timed against itself, interleaved as above, at the grid's shortest T: with "
+             "`zoneout=0.1` (training mode: fresh 0/1 masks every call, drawn by the fused kernel's "
+             "counter-based generator on CPU) and with `layer_norm=True` (layer normalisation of V x_t and "
+             "of U h_{t−1} at every step, forward and backward, inside the fused kernel). Cost = time with "
+             "the extra / time of the plain engine.", ""]
+    for cell in run["cells"]:
+        lines += [f"### {NAMES[cell]}", "", *extras_table([p for p in points if p["cell"] == cell]), ""]
+    return lines
+
+
+def profile_section(run: dict) -> list[str]:
+    prof = run.get("profile")
+    if not prof:
+        return []
+    where_ = f"{NAMES[prof['cell']]}, B={prof['B']}, T={prof['T']}, H={prof['H']}"
+    return ["## Where the time goes: one training step under torch.profiler", "",
+            f"{where_}; self CPU time per operator, mean of 3 steps after a warm-up, summed by kind of "
+            "work (`benchmarks/profile_step.py`). The profiler's own overhead inflates small operators, "
+            "so the totals sit above the timings in the tables; the shares are the reading.", "",
+            *profile_table(prof["profiles"]), "",
+            "Largest operators (self time per step):", "", *top_ops_lines(prof["profiles"]), ""]
+
+
+def kept_sections(path: Path) -> str:
+    """The hand-written tail of an existing report (from KEEP_MARKER on), or just the marker."""
+    try:
+        text = path.read_text()
+    except OSError:
+        text = ""
+    at = text.find(KEEP_MARKER)
+    return "\n" + (text[at:] if at >= 0 else KEEP_MARKER + "\n")
 
 
 def machine_section(run: dict) -> list[str]:
@@ -235,6 +300,7 @@ def render(run: dict) -> tuple[str, str]:
         lines += ["## Peak memory of a training step", ""]
         for cell in run["cells"]:
             lines += [f"### {NAMES[cell]}", "", *memory_table([p for p in points if p["cell"] == cell]), ""]
+    lines += [*extras_section(run), *profile_section(run)]
     return "\n".join(lines), "\n".join(summary)
 
 

@@ -7,3 +7,35 @@ and exits with status 2, never a traceback.
 
 class UserError(ValueError):
     """Bad input from the user: a wrong argument, an unreadable or malformed file, unusable data."""
+
+
+# -- the checks every config's __post_init__ makes, one wording for all of them --------------------------
+
+def check_choice(name: str, value, options) -> None:
+    """`value` must be one of `options`."""
+    if value not in options:
+        raise UserError(f"{name} must be one of {', '.join(map(str, options))}; got {value!r}")
+
+
+def check_at_least_one(obj, *names: str) -> None:
+    """Each named attribute of `obj` must be an integer >= 1."""
+    for name in names:
+        if getattr(obj, name) < 1:
+            raise UserError(f"{name} must be >= 1, got {getattr(obj, name)}")
+
+
+def check_fraction(name: str, value: float) -> None:
+    """A share strictly between 0 and 1 (a split)."""
+    if not 0.0 < value < 1.0:
+        raise UserError(f"{name} must be in (0, 1), got {value}")
+
+
+def check_dropout(value: float, name: str = "dropout") -> None:
+    if not 0.0 <= value < 1.0:
+        raise UserError(f"{name} must be in [0, 1), got {value}")
+
+
+def check_time_limit(value: float | None) -> None:
+    """None (no limit) or a positive number of seconds."""
+    if value is not None and not value > 0:
+        raise UserError(f"time_limit must be > 0 seconds, got {value}")

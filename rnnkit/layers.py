@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import _fused
 from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
 from .engine import ScanOptions, scan
 
@@ -187,6 +188,8 @@ class _Recurrent:
             return None
         kw = dict(dtype=x.dtype, device=x.device)
         if self.training:
+            if x.device.type == "cpu":   # the kernel's counter-based generator: ~10x faster than bernoulli_
+                return tuple(_fused.bernoulli((T, B, self.hidden_size), z, x.dtype) for z in self.zoneout)
             return tuple(torch.empty(T, B, self.hidden_size, **kw).bernoulli_(z) for z in self.zoneout)
         return tuple(torch.full((1, 1, 1), z, **kw) for z in self.zoneout)
 

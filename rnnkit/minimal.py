@@ -29,7 +29,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from .cells.base import uniform_init_
 from .engine import TraceSlot
 from .layers import _check_lengths, _length_mask, _Recurrent, check_input, param_suffix
-from .parallel import blocked_scan, log_scan, reverse_total
+from .parallel import FUSED_KINDS, blocked_scan, log_scan, reverse_total
 
 SCANS = ("auto", "blocked", "log")
 
@@ -151,6 +151,9 @@ class MinLSTMCell(MinGRUCell):
         torch.mul(dd, torch.sigmoid(-k_i), out=dP[..., H:2 * H])
         _g_backward(db * torch.rsub(a, 1), gt, k_h, dP[..., 2 * H:])
         return dP
+
+
+FUSED_KINDS.update({MinGRUCell: 0, MinLSTMCell: 1})      # rnnkit/_fused/minimal.cpp's MinKind
 
 
 class _MinRecurrent(nn.Module):

@@ -34,11 +34,11 @@ Shapes: T time, Tc steps in a block, B batch, I input size, H hidden size, G gat
 """
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import _fused
 from .numerics import flushing_denormals
 
 BLOCK_ELEMENTS = 1 << 17          # 512 kB of float32 pre-activations per block: stays in L2 (measured best)
@@ -75,6 +75,8 @@ def blocked_scan(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tenso
     T, B = x.shape[:2]
     Tc = block or max(1, BLOCK_ELEMENTS // max(1, B * weight.shape[0]))
     spans = [(lo, min(lo + Tc, T)) for lo in range(0, T, Tc)]
+    if mask is not None:
+        mask = mask.to(x.dtype).contiguous()
     opts = (cell, mask, reverse, spans, grad_norm)
     return _BlockedScan.apply(opts, x.contiguous(), weight, bias, h0)
 
@@ -99,9 +101,14 @@ class _BlockedScan(torch.autograd.Function):
     def forward(ctx, opts, x, weight, bias, h0):
         cell, mask, reverse, spans, _ = opts
         h = x.new_empty(*x.shape[:2], h0.shape[-1])                   # (T, B, H)
-        prev = h0
+        prev, kind = h0, fused_kind(cell, x)
         for lo, hi in (reversed(spans) if reverse else spans):
             m = None if mask is None else mask[lo:hi]
+            if kind is not None:                                      # gates + recurrence in C++
+                _fused.build().min_forward(kind, reverse, _project(x[lo:hi], weight, bias),
+                                           prev.contiguous(), m, h[lo:hi])
+                prev = h[lo] if reverse else h[hi - 1]
+                continue
             a, b, _ = _coefficients(cell, x[lo:hi], weight, bias, m)
             prev = _recur(a, b, prev, h[lo:hi], reverse)
         ctx.opts = opts
@@ -121,28 +128,70 @@ class _BlockedScan(torch.autograd.Function):
         need_x = ctx.needs_input_grad[1]
         dx = torch.empty_like(x) if need_x else None
         dW, db = torch.zeros_like(weight), (None if bias is None else torch.zeros_like(bias))
-        g_next = a_next = None                    # g and a of the step processed after this block
+        kind = fused_kind(cell, x)
+        if kind is not None:                      # the carry: g and a of the step processed next
+            g_next, a_next = (torch.zeros(h0.shape, dtype=h0.dtype) for _ in range(2))
+        else:
+            g_next = a_next = None
         for lo, hi in (spans if reverse else reversed(spans)):
             m = None if mask is None else mask[lo:hi]
-            a, _, saved = _coefficients(cell, x[lo:hi], weight, bias, m)   # recomputed, not kept
-            g = _adjoint(a, dh[lo:hi], g_next, a_next, reverse)       # (Tc, B, H) total dL/dh_t
-            if grad_norm is not None:
-                grad_norm[lo:hi] = torch.linalg.vector_norm(g, dim=2)
-            da = _times_previous(g, h, h0, lo, hi, reverse)           # dL/da_t = g_t h_{t-1}
-            db_ = g                                                   # dL/db_t = g_t
-            if m is not None:
-                da.mul_(m)
-                db_ = g * m
-            dP = cell.backward_block(db_, da, saved).view(-1, weight.shape[0])   # (Tc*B, G*H)
+            if kind is not None:
+                dP = _fused_block_backward(kind, reverse, x, weight, bias, h, h0, m, dh, lo, hi,
+                                           g_next, a_next, grad_norm)
+            else:
+                dP, g_next, a_next = _block_backward(cell, reverse, x, weight, bias, h, h0, m, dh,
+                                                     lo, hi, g_next, a_next, grad_norm)
+            dP = dP.view(-1, weight.shape[0])                         # (Tc*B, G*H)
             x2 = x[lo:hi].reshape(-1, x.shape[-1])                    # (Tc*B, I)
             dW.addmm_(dP.t(), x2)
             if db is not None:
                 db += dP.sum(0)
             if need_x:
                 torch.mm(dP, weight, out=dx[lo:hi].view(-1, x.shape[-1]))
-            first = hi - 1 if reverse else lo                         # first step in processing order
-            g_next, a_next = g[first - lo], a[first - lo]
         return None, dx, dW, db, a_next * g_next                      # dL/dh0 = a_1 g_1
+
+
+def _block_backward(cell, reverse, x, weight, bias, h, h0, m, dh, lo, hi, g_next, a_next, grad_norm):
+    """dP of the block lo..hi in torch ops; returns it with the new carry (g, a of its first step)."""
+    a, _, saved = _coefficients(cell, x[lo:hi], weight, bias, m)      # recomputed, not kept
+    g = _adjoint(a, dh[lo:hi], g_next, a_next, reverse)               # (Tc, B, H) total dL/dh_t
+    if grad_norm is not None:
+        grad_norm[lo:hi] = torch.linalg.vector_norm(g, dim=2)
+    da = _times_previous(g, h, h0, lo, hi, reverse)                   # dL/da_t = g_t h_{t-1}
+    db_ = g                                                           # dL/db_t = g_t
+    if m is not None:
+        da.mul_(m)
+        db_ = g * m
+    first = hi - 1 if reverse else lo                                 # first step in processing order
+    return cell.backward_block(db_, da, saved), g[first - lo], a[first - lo]
+
+
+def _fused_block_backward(kind, reverse, x, weight, bias, h, h0, m, dh, lo, hi, g_carry, a_carry,
+                          grad_norm):
+    """The same in one C++ pass (rnnkit/_fused/minimal.cpp); updates the carry in place."""
+    P = _project(x[lo:hi], weight, bias)                              # recomputed, not kept
+    start = hi == h.shape[0] if reverse else lo == 0                  # the block holds the first step
+    before = h0 if start else (h[hi] if reverse else h[lo - 1])       # state before its first step
+    dP = torch.empty_like(P)
+    g = torch.empty_like(h[lo:hi]) if grad_norm is not None else None
+    _fused.build().min_backward(kind, reverse, P, h[lo:hi], before.contiguous(), m,
+                                dh[lo:hi].contiguous(), g_carry, a_carry, dP, g)
+    if grad_norm is not None:
+        grad_norm[lo:hi] = torch.linalg.vector_norm(g, dim=2)
+    return dP
+
+
+# Cells whose block math rnnkit/_fused/minimal.cpp runs: exact type -> kernel code (filled in by
+# minimal.py; a subclass may change the math, so it takes the torch path).
+FUSED_KINDS: dict[type, int] = {}
+
+
+def fused_kind(cell, x: Tensor) -> int | None:
+    """The kernel code for this cell and input, or None for the torch-op path."""
+    kind = FUSED_KINDS.get(type(cell))
+    if kind is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+        return None
+    return kind if _fused.available() else None
 
 
 def _recur(a, b, prev, out, reverse: bool):

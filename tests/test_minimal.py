@@ -6,6 +6,7 @@ import torch
 from torch.autograd import gradcheck
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from rnnkit import _fused, parallel
 from rnnkit.minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
 from rnnkit.parallel import blocked_scan, log_scan, reverse_total
 
@@ -61,6 +62,17 @@ def reference(kind, layer, x, hx=None, lengths=None, keep=None):
     return x, torch.stack(finals)
 
 
+@pytest.fixture(params=["fused", "torch"])
+def route(request, monkeypatch):
+    """The blocked scan's two block routes: the C++ pass (rnnkit/_fused/minimal.cpp, the default on
+    CPU) and torch ops (the reference and the fallback)."""
+    if request.param == "torch":
+        monkeypatch.setattr(parallel, "FUSED_KINDS", {})
+    elif not _fused.available():
+        pytest.skip("the fused kernel is not available here")
+    return request.param
+
+
 def make(kind, *args, scan="blocked", **kw):
     torch.manual_seed(0)
     return CLASSES[kind](*args, scan=scan, **kw).to(D64)
@@ -78,7 +90,7 @@ def weighted(out, h_n):
 @pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("layers,bidir,use_lengths,use_hx", [(1, False, False, False), (2, True, True, True),
                                                              (3, False, True, False), (1, True, False, True)])
-def test_matches_reference(kind, scan, layers, bidir, use_lengths, use_hx):
+def test_matches_reference(kind, scan, layers, bidir, use_lengths, use_hx, route):
     T, B, I, H = 7, 3, 4, 5
     layer = make(kind, I, H, layers, bidirectional=bidir, scan=scan)
     x = torch.randn(T, B, I, dtype=D64, requires_grad=True)
@@ -109,7 +121,7 @@ def test_batch_first_unbatched_and_packed(kind):
 
 
 @pytest.mark.parametrize("kind", CLASSES)
-def test_float32_blocked_is_exact_at_long_length(kind):
+def test_float32_blocked_is_exact_at_long_length(kind, route):
     """T = 2048: the blocked scan stays at float32 round-off; Heinsen's log scan drifts more."""
     layer = CLASSES[kind](2, 8, scan="blocked")
     x = torch.randn(2048, 2, 2)
@@ -124,7 +136,7 @@ def test_float32_blocked_is_exact_at_long_length(kind):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("block", [1, 3, 7])
 @pytest.mark.parametrize("masked,bias", [(False, True), (True, True), (True, False)])
-def test_blocked_scan_gradcheck(cell, reverse, block, masked, bias):
+def test_blocked_scan_gradcheck(cell, reverse, block, masked, bias, route):
     T, B, I, H = 7, 3, 2, 3
     G = cell.num_gates
     x = torch.randn(T, B, I, dtype=D64, requires_grad=True)
@@ -149,6 +161,34 @@ def test_backward_block_matches_autograd(cell):
         hand = cell.backward_block(db, da, saved)
     assert (a2 - a).abs().max() < 1e-15 and (b2 - b).abs().max() < 1e-15
     assert (hand - auto).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_fused_route_equals_torch_route_in_float32(kind, reverse, monkeypatch):
+    """Sizes the float64 tests do not reach: H = 600 spans two lane chunks of the kernel (512), B = 5
+    rows over two threads, 3 blocks with padding; values, gradients and the trace's g norms."""
+    if not _fused.available():
+        pytest.skip("the fused kernel is not available here")
+    T, B, I, H = 40, 5, 6, 600
+    cell = {"mingru": MinGRUCell, "minlstm": MinLSTMCell}[kind]()
+    torch.manual_seed(1)
+    x = torch.randn(T, B, I, requires_grad=True)
+    W = (torch.randn(cell.num_gates * H, I) * 2).requires_grad_()              # some gates saturate
+    b = torch.randn(cell.num_gates * H, requires_grad=True)
+    h0 = torch.randn(B, H, requires_grad=True)
+    mask = (torch.arange(T)[:, None] < torch.tensor([40, 13, 1, 27, 39])).float().unsqueeze(2)
+    d = torch.randn(T, B, H)
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(parallel, "FUSED_KINDS", {})
+        norms = torch.zeros(T, B)
+        h = blocked_scan(cell, x, W, b, h0, mask, reverse, 16, grad_norm=norms)
+        grads = torch.autograd.grad((h * d).sum(), (x, W, b, h0))
+        results.append((h, norms, *grads))
+    for mine, ref in zip(*results):
+        assert (mine - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
 
 
 def test_log_scan_gradcheck_with_h0_and_padding():
@@ -180,7 +220,7 @@ def test_reverse_total_is_the_adjoint():
 
 @pytest.mark.parametrize("kind", CLASSES)
 @pytest.mark.parametrize("scan", SCANS)
-def test_trace_against_reference(kind, scan):
+def test_trace_against_reference(kind, scan, route):
     """hidden and ||dL/dh_t|| (the total gradient reaching h_t) on every real step, per layer/direction."""
     from rnnkit.tracing import LayerTrace
     T, B, I, H = 6, 3, 2, 4

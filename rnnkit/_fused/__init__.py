@@ -37,10 +37,13 @@ from ..numerics import flushing_denormals
 __all__ = ["available", "bernoulli", "build", "scan", "supports"]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp")
+_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp")
 # -march=native: built on the machine that runs it. No -ffast-math: NaN and Inf must keep
 # propagating (a NaN loss is detected downstream); exp/tanh are written to vectorise without it.
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-w"]
+# -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension itself is
+# compiled with OpenMP; it links libgomp.so.1, which resolves to the copy torch has already loaded.
+_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-w"]
+_LDFLAGS = ["-fopenmp"]
 _DTYPES = (torch.float32, torch.float64)
 _CELL_CODES = {"tanh": 0, "relu": 1, "lstm": 2, "gru": 3}      # scan.h's CellKind
 
@@ -113,6 +116,7 @@ def build(verbose: bool = False):
         build_dir = _build_directory(cpp_extension, name)
         _clear_stale_lock(build_dir)
         cpp_extension.load(name=name, sources=[str(_HERE / s) for s in _SOURCES], extra_cflags=_CFLAGS,
+                           extra_ldflags=_LDFLAGS,
                            extra_include_paths=[str(_HERE)], build_directory=build_dir,
                            is_python_module=False, verbose=verbose)
         _loaded["ops"] = torch.ops.rnnkit_fused

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import layers
-from ..errors import UserError
+from ..errors import check_at_least_one, check_choice, check_dropout
 
 CELLS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}
 
@@ -30,12 +30,9 @@ class ForecasterConfig:
     outputs: int = 1            # values the head emits per window
 
     def __post_init__(self):
-        if self.cell not in CELLS:
-            raise UserError(f"cell must be one of {', '.join(CELLS)}; got {self.cell!r}")
-        if min(self.input_size, self.hidden_size, self.num_layers, self.outputs) < 1:
-            raise UserError(f"input_size, hidden_size, num_layers and outputs must be >= 1: {self}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_choice("cell", self.cell, CELLS)
+        check_at_least_one(self, "input_size", "hidden_size", "num_layers", "outputs")
+        check_dropout(self.dropout)
 
 
 class Forecaster(nn.Module):

@@ -27,7 +27,8 @@ from ..data.classify import (CsvColumns, LabelledTexts, bundled_reviews, check_l
                              read_labelled_csv, stratified_split)
 from ..data.registry import load as registry_load
 from ..data.text import Vocabulary, word_tokens
-from ..errors import UserError
+from ..errors import (UserError, check_at_least_one, check_choice, check_dropout, check_fraction,
+                      check_time_limit)
 from ..models.classifier import POOLINGS, ClassifierConfig, SequenceClassifier
 from ..models.language import CELLS
 from ..train import FitResult, TensorBatches, TrainConfig, Trainer, load_weights, seed_everything
@@ -57,19 +58,12 @@ class ClassifyConfig:
 
     def __post_init__(self):
         for name in ("test_fraction", "val_fraction"):
-            if not 0.0 < getattr(self, name) < 1.0:
-                raise UserError(f"{name} must be in (0, 1), got {getattr(self, name)}")
-        for name in ("min_freq", "max_len", "embed_dim", "hidden_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cell not in CELLS:
-            raise UserError(f"cell must be one of {', '.join(CELLS)}; got {self.cell!r}")
-        if self.pooling not in POOLINGS:
-            raise UserError(f"pooling must be one of {', '.join(POOLINGS)}; got {self.pooling!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise UserError(f"time_limit must be > 0 seconds, got {self.time_limit}")
+            check_fraction(name, getattr(self, name))
+        check_at_least_one(self, "min_freq", "max_len", "embed_dim", "hidden_size", "num_layers")
+        check_choice("cell", self.cell, CELLS)
+        check_choice("pooling", self.pooling, POOLINGS)
+        check_dropout(self.dropout)
+        check_time_limit(self.time_limit)
 
 
 @dataclass(frozen=True)

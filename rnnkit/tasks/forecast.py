@@ -21,11 +21,11 @@ import torch
 
 from ..data import Series, SeriesTransform, airline, load_csv, make_windows, target_starts
 from ..data.scaling import SCALES
-from ..errors import UserError
+from ..errors import UserError, check_at_least_one, check_choice
 from ..metrics import forecast_metrics
 from ..models import Forecaster, ForecasterConfig
-from ..train import (FitResult, TensorBatches, TrainConfig, Trainer, atomic_write, load_weights, read_manifest,
-                     seed_everything)
+from ..train import (FitResult, TensorBatches, TrainConfig, Trainer, atomic_write, load_weights,
+                     read_manifest, seed_everything)
 from . import baselines
 from .forecast_plot import plot_forecast
 from .text_metrics import write_json
@@ -54,15 +54,10 @@ class ForecastConfig:
     sarima: bool = True         # the SARIMA baseline, when statsmodels is installed
 
     def __post_init__(self):
-        for name in ("lookback", "horizon", "backtest", "hidden_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.strategy not in STRATEGIES:
-            raise UserError(f"strategy must be one of {', '.join(STRATEGIES)}; got {self.strategy!r}")
-        if self.scale not in SCALES:
-            raise UserError(f"scale must be one of {', '.join(SCALES)}; got {self.scale!r}")
-        if self.log not in LOG:
-            raise UserError(f"log must be one of {', '.join(LOG)}; got {self.log!r}")
+        check_at_least_one(self, "lookback", "horizon", "backtest", "hidden_size", "num_layers")
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("scale", self.scale, SCALES)
+        check_choice("log", self.log, LOG)
         if self.val_size < 0 or (self.season is not None and self.season < 1):
             raise UserError("val_size must be >= 0 and season >= 1")
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..data.seq2seq import TASKS, Pair, Seq2SeqBatch, build_vocab, collate, make_splits
 from ..data.text import Vocabulary
-from ..errors import UserError
+from ..errors import UserError, check_at_least_one, check_choice, check_dropout, check_time_limit
 from ..models.language import CELLS
 from ..models.seq2seq import Seq2Seq, Seq2SeqConfig
 from ..train import FitResult, TensorBatches, TrainConfig, Trainer, load_weights, seed_everything
@@ -49,17 +49,11 @@ class Seq2SeqTaskConfig:
     time_limit: float | None = None   # seconds of training; stops cleanly after the step running then
 
     def __post_init__(self):
-        if self.task not in TASKS:
-            raise UserError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
-        if self.cell not in CELLS:
-            raise UserError(f"cell must be one of {', '.join(CELLS)}; got {self.cell!r}")
-        for name in ("train_size", "val_size", "test_size", "embed_dim", "hidden_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise UserError(f"time_limit must be > 0 seconds, got {self.time_limit}")
+        check_choice("task", self.task, TASKS)
+        check_choice("cell", self.cell, CELLS)
+        check_at_least_one(self, "train_size", "val_size", "test_size", "embed_dim", "hidden_size", "num_layers")
+        check_dropout(self.dropout)
+        check_time_limit(self.time_limit)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from ..data.registry import load as registry_load
 from ..data.text import (LEVELS, TokenStream, Vocabulary, bundled_text, detokenize, encode_prompt, read_text,
                          split_tail, tokenize)
-from ..errors import UserError
+from ..errors import (UserError, check_at_least_one, check_choice, check_dropout, check_fraction,
+                      check_time_limit)
 from ..models.language import CELLS, LanguageModel, LanguageModelConfig
 from ..train import FitResult, TrainConfig, Trainer, load_weights, seed_everything
 from .text_metrics import Deadline, fit_within, lm_scores, model_dir, read_meta, write_json
@@ -59,19 +60,12 @@ class TextgenConfig:
     anneal: bool = False            # with a time limit: cosine learning-rate decay to lr/10 over it
 
     def __post_init__(self):
-        if self.level not in LEVELS:
-            raise UserError(f"level must be one of {', '.join(LEVELS)}; got {self.level!r}")
-        if self.cell not in CELLS:
-            raise UserError(f"cell must be one of {', '.join(CELLS)}; got {self.cell!r}")
-        for name in ("min_freq", "embed_dim", "hidden_size", "num_layers"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.time_limit is not None and not self.time_limit > 0:
-            raise UserError(f"time_limit must be > 0 seconds, got {self.time_limit}")
+        check_choice("level", self.level, LEVELS)
+        check_choice("cell", self.cell, CELLS)
+        check_at_least_one(self, "min_freq", "embed_dim", "hidden_size", "num_layers")
+        check_fraction("val_fraction", self.val_fraction)
+        check_dropout(self.dropout)
+        check_time_limit(self.time_limit)
         if self.anneal and self.time_limit is None:
             raise UserError("anneal decays the learning rate over the time limit; give --time-limit too")
 

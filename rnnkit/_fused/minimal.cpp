@@ -1,0 +1,238 @@
+// minGRU / minLSTM (rnnkit/minimal.py) on one block of the blocked scan (rnnkit/parallel.py), fused:
+// the gates, the recurrence h_t = a_t h_{t-1} + b_t and, backwards, the adjoint and the gate
+// gradients, in one pass over the block instead of a dozen torch ops and one op per step.
+//
+// The recurrence is elementwise: each lane (b, j) runs its own scalar scan over time, independent of
+// every other lane. So the work is split over threads by (row b, chunk of j), and within a task the
+// loop runs over time outside and over j inside (a straight loop gcc vectorises).
+//
+// Gate math, a line-by-line copy of minimal.py's MinGRUCell / MinLSTMCell (their docstrings derive it):
+//   minGRU   P = [k_z, k_h]        z = sigmoid(k_z), g~ = g(k_h), a = 1 - z, b = z g~
+//   minLSTM  P = [k_f, k_i, k_h]   f' = f/(f+i), i' = i/(f+i), g~ = g(k_h), a = f', b = i' g~
+//   g(x) = x + 1/2 for x >= 0, sigmoid(x) below.
+// minLSTM's f' and i' are formed from u = 1 + e^{-k_i} and v = 1 + e^{-k_f} (f' = u/(u+v),
+// i' = v/(u+v)), both scaled by e^{-m}, m = max(0, -k_f, -k_i), so that no exponential overflows.
+// Padding (mask m_t in {0, 1}): a' = 1 - m + a m, b' = b m, as parallel.py's _coefficients.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <utility>
+
+#include "fastmath.h"
+#include "scan.h"
+
+namespace rnnkit {
+namespace {
+
+using at::Tensor;
+
+enum class MinKind : int64_t { kGRU = 0, kLSTM = 1 };
+
+constexpr int64_t kLanes = 512;                    // j per task: a few kB of each stream per step
+
+template <typename T>
+inline T g_(T x) { return x >= T(0) ? x + T(0.5) : sigmoid_(x); }
+
+template <typename T>
+inline T g_prime(T x, T gt) { return x > T(0) ? T(1) : gt * (T(1) - gt); }
+
+// a, b and what the backward needs, for lane j of one step.
+template <typename T>
+struct Gates {
+  T a, b, gt, s1, s2;   // GRU: s1 = z. LSTM: s1 = sigmoid(-k_f), s2 = sigmoid(-k_i)
+};
+
+template <MinKind K, typename T>
+inline Gates<T> gates(const T* p, int64_t H, int64_t j) {
+  Gates<T> r;
+  if constexpr (K == MinKind::kGRU) {
+    T z = sigmoid_(p[j]);
+    r.gt = g_(p[H + j]);
+    r.a = T(1) - z;
+    r.b = z * r.gt;
+    r.s1 = z;
+    r.s2 = T(0);
+  } else {
+    T kf = p[j], ki = p[H + j];
+    T m = -kf > -ki ? -kf : -ki;                  // max(0, -k_f, -k_i), as comparisons (vectorise)
+    m = m > T(0) ? m : T(0);
+    T em = exp_(-m), ef = exp_(-kf - m), ei = exp_(-ki - m);
+    T u = em + ei, v = em + ef;                    // (1 + e^{-k_i}) e^{-m}, (1 + e^{-k_f}) e^{-m}
+    T inv = T(1) / (u + v);
+    r.gt = g_(p[2 * H + j]);
+    r.a = u * inv;                                 // f'
+    r.b = v * inv * r.gt;                          // i' g~
+    r.s1 = ef / v;                                 // sigmoid(-k_f)
+    r.s2 = ei / u;                                 // sigmoid(-k_i)
+  }
+  return r;
+}
+
+// One step of one row, lanes j0..j1: h = a' hp + b'. Raw restrict pointers so that gcc vectorises.
+template <MinKind K, typename T>
+void step_forward(int64_t H, int64_t j0, int64_t j1, const T* __restrict__ p, const T* __restrict__ hp,
+                  T m, T* __restrict__ h) {
+#pragma omp simd
+  for (int64_t j = j0; j < j1; ++j) {
+    Gates<T> r = gates<K>(p, H, j);
+    h[j] = (T(1) - m + r.a * m) * hp[j] + r.b * m;
+  }
+}
+
+// One step of one row against processing order. gc, ac: the carry (g and a' of the step processed
+// next), replaced by this step's.
+template <MinKind K, typename T>
+void step_backward(int64_t H, int64_t j0, int64_t j1, const T* __restrict__ p, const T* __restrict__ dt,
+                   const T* __restrict__ hprev, T m, T* __restrict__ gc, T* __restrict__ ac,
+                   T* __restrict__ dp) {
+#pragma omp simd
+  for (int64_t j = j0; j < j1; ++j) {
+    Gates<T> r = gates<K>(p, H, j);
+    T g = dt[j] + ac[j] * gc[j];
+    T da = g * hprev[j] * m, db = g * m;
+    if constexpr (K == MinKind::kGRU) {
+      T z = r.s1;
+      T dz = db * r.gt - da;
+      dp[j] = dz * z * (T(1) - z);
+      dp[H + j] = db * z * g_prime(p[H + j], r.gt);
+    } else {
+      T fi = r.a * (T(1) - r.a);                     // f' i'
+      T dd = (db * r.gt - da) * fi;
+      dp[j] = -dd * r.s1;
+      dp[H + j] = dd * r.s2;
+      dp[2 * H + j] = db * (T(1) - r.a) * g_prime(p[2 * H + j], r.gt);
+    }
+    gc[j] = g;
+    ac[j] = T(1) - m + r.a * m;
+  }
+}
+
+struct Block {
+  MinKind kind;
+  bool reverse;
+  int64_t Tc, B, H, G;
+  int64_t time(int64_t i) const { return reverse ? Tc - 1 - i : i; }   // i-th processed step
+};
+
+template <typename F>
+void for_tasks(const Block& k, const F& f) {
+  const int64_t chunks = (k.H + kLanes - 1) / kLanes;
+  const DenormalMode mode;
+  at::parallel_for(0, k.B * chunks, 1, [&](int64_t t0, int64_t t1) {
+    const unsigned saved = DenormalMode::current();
+    mode.apply();
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / chunks, j0 = (task % chunks) * kLanes;
+      f(b, j0, std::min(k.H, j0 + kLanes));
+    }
+    DenormalMode::restore(saved);
+  });
+}
+
+template <MinKind K, typename T>
+void forward_block(const Block& k, const T* P, const T* prev, const T* mask, T* out) {
+  const int64_t W = k.G * k.H;
+  for_tasks(k, [&](int64_t b, int64_t j0, int64_t j1) {
+    const T* hp = prev + b * k.H;
+    for (int64_t i = 0; i < k.Tc; ++i) {
+      const int64_t t = k.time(i);
+      const T m = mask ? mask[t * k.B + b] : T(1);
+      T* h = out + (t * k.B + b) * k.H;
+      step_forward<K>(k.H, j0, j1, P + (t * k.B + b) * W, hp, m, h);
+      hp = h;
+    }
+  });
+}
+
+// Against processing order: g_t = d_t + a_{t+1} g_{t+1} (the carry holds a and g of the step processed
+// after the current one: zeros at the end of the sequence), da = g h_{t-1} m, db = g m, then dP.
+template <MinKind K, typename T>
+void backward_block(const Block& k, const T* P, const T* h, const T* before, const T* mask, const T* d,
+                    T* g_carry, T* a_carry, T* dP, T* g_out) {
+  const int64_t W = k.G * k.H, H = k.H;
+  for_tasks(k, [&](int64_t b, int64_t j0, int64_t j1) {
+    for (int64_t i = k.Tc - 1; i >= 0; --i) {
+      const int64_t t = k.time(i), row = t * k.B + b;
+      const T* hprev = i == 0 ? before + b * H : h + (k.time(i - 1) * k.B + b) * H;
+      const T m = mask ? mask[row] : T(1);
+      step_backward<K>(H, j0, j1, P + row * W, d + row * H, hprev, m, g_carry + b * H, a_carry + b * H,
+                       dP + row * W);
+      if (g_out) std::copy(g_carry + b * H + j0, g_carry + b * H + j1, g_out + row * H + j0);
+    }
+  });
+}
+
+Block block_of(int64_t kind, bool reverse, const Tensor& P, int64_t H) {
+  TORCH_CHECK(kind == 0 || kind == 1, "rnnkit min scan: kind 0 (minGRU) or 1 (minLSTM), got ", kind);
+  TORCH_CHECK(P.dim() == 3 && P.is_contiguous(), "rnnkit min scan: P must be a contiguous (Tc, B, G*H)");
+  const int64_t G = kind == 0 ? 2 : 3;
+  TORCH_CHECK(P.size(2) == G * H, "rnnkit min scan: P has ", P.size(2), " columns, expected ", G * H);
+  return Block{static_cast<MinKind>(kind), reverse, P.size(0), P.size(1), H, G};
+}
+
+void check_like(const Tensor& t, const Tensor& P, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.scalar_type() == P.scalar_type() && t.device().is_cpu(),
+              "rnnkit min scan: ", name, " must be a contiguous CPU tensor of P's dtype");
+}
+
+template <typename T>
+T* opt_ptr(const std::optional<Tensor>& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+void min_forward(int64_t kind, bool reverse, const Tensor& P, const Tensor& prev,
+                 const std::optional<Tensor>& mask, const Tensor& out) {
+  const Block k = block_of(kind, reverse, P, out.size(2));
+  for (const auto& [t, name] : {std::pair{prev, "prev"}, std::pair{out, "out"}}) check_like(t, P, name);
+  if (mask.has_value()) check_like(*mask, P, "mask");
+  auto run = [&](auto zero) {
+    using S = decltype(zero);
+    auto f = k.kind == MinKind::kGRU ? forward_block<MinKind::kGRU, S> : forward_block<MinKind::kLSTM, S>;
+    f(k, P.data_ptr<S>(), prev.data_ptr<S>(), opt_ptr<S>(mask), out.data_ptr<S>());
+  };
+  if (P.scalar_type() == at::kFloat) {
+    run(0.f);
+  } else {
+    TORCH_CHECK(P.scalar_type() == at::kDouble, "rnnkit min scan: float32 or float64 only");
+    run(0.0);
+  }
+}
+
+void min_backward(int64_t kind, bool reverse, const Tensor& P, const Tensor& h, const Tensor& before,
+                  const std::optional<Tensor>& mask, const Tensor& d, const Tensor& g_carry,
+                  const Tensor& a_carry, const Tensor& dP, const std::optional<Tensor>& g_out) {
+  const Block k = block_of(kind, reverse, P, h.size(2));
+  for (const auto& [t, name] : {std::pair{h, "h"}, std::pair{before, "before"}, std::pair{d, "d"},
+                                std::pair{g_carry, "g_carry"}, std::pair{a_carry, "a_carry"},
+                                std::pair{dP, "dP"}}) {
+    check_like(t, P, name);
+  }
+  if (mask.has_value()) check_like(*mask, P, "mask");
+  if (g_out.has_value()) check_like(*g_out, P, "g_out");
+  auto run = [&](auto zero) {
+    using S = decltype(zero);
+    auto f = k.kind == MinKind::kGRU ? backward_block<MinKind::kGRU, S> : backward_block<MinKind::kLSTM, S>;
+    f(k, P.data_ptr<S>(), h.data_ptr<S>(), before.data_ptr<S>(), opt_ptr<S>(mask), d.data_ptr<S>(),
+      g_carry.data_ptr<S>(), a_carry.data_ptr<S>(), dP.data_ptr<S>(), opt_ptr<S>(g_out));
+  };
+  if (P.scalar_type() == at::kFloat) {
+    run(0.f);
+  } else {
+    TORCH_CHECK(P.scalar_type() == at::kDouble, "rnnkit min scan: float32 or float64 only");
+    run(0.0);
+  }
+}
+
+}  // namespace
+}  // namespace rnnkit
+
+TORCH_LIBRARY_FRAGMENT(rnnkit_fused, m) {
+  m.def("min_forward(int kind, bool reverse, Tensor P, Tensor prev, Tensor? mask, Tensor(a!) out) -> ()",
+        &rnnkit::min_forward);
+  m.def("min_backward(int kind, bool reverse, Tensor P, Tensor h, Tensor before, Tensor? mask, Tensor d, "
+        "Tensor(a!) g_carry, Tensor(b!) a_carry, Tensor(c!) dP, Tensor(d!)? g_out) -> ()",
+        &rnnkit::min_backward);
+}
