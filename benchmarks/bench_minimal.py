@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from common import interleaved, machine_facts, write_report, peak_alloc_bytes
+from common import cpu_count, interleaved, machine_facts, peak_alloc_bytes, write_report
 from rnnkit.minimal import MinGRU, MinLSTM
 
 
@@ -120,8 +120,9 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--json", help="write the raw numbers here")
+    ap.add_argument("--threads", type=int, default=cpu_count(), help="torch.set_num_threads (default: the cores)")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     T, H = (512, 256) if args.quick else (4096, 256)
     reps = 2 if args.quick else args.reps
     grid = [(8, H, 2, True), (8, 16, 2, True), (1, 16, 0, False), (32, 16, 0, False)]   # (B, I, log reps, memory)
@@ -131,7 +132,8 @@ def main(argv=None) -> int:
         print(table(points[-1:]), flush=True)
     errors = precision(T, 16, H)
     facts = machine_facts()
-    text = (f"Training step (forward + backward + weight gradients), one layer, float32, one thread; "
+    text = (f"Training step (forward + backward + weight gradients), one layer, float32, {args.threads} "
+            "thread(s); "
             f"{reps} interleaved repetitions (the log scan: 2). Machine: {facts['cpu']}, "
             f"load average {facts['load_average']}.\n\n{table(points)}\n\n"
             f"One step each, CPU time and page faults:\n\n{cpu_table(points)}\n\n"

@@ -41,7 +41,9 @@ from torch.autograd.function import once_differentiable
 from . import _fused
 from .numerics import flushing_denormals
 
-BLOCK_ELEMENTS = 1 << 17          # 512 kB of float32 pre-activations per block: stays in L2 (measured best)
+# Pre-activations per block (float32: 4 bytes each), measured best on the 2-core box at T = 4096:
+BLOCK_ELEMENTS = 1 << 17          # torch ops: ~a dozen passes over the block, so it must stay in L2
+FUSED_BLOCK_ELEMENTS = 1 << 19    # the C++ pass reads the block once: fewer, larger products pay more
 
 
 def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None) -> Tensor:
@@ -73,7 +75,8 @@ def blocked_scan(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tenso
     t = T-1 down to 0 (h stays in time order). grad_norm (T, B): filled with ||g_t|| by backward.
     """
     T, B = x.shape[:2]
-    Tc = block or max(1, BLOCK_ELEMENTS // max(1, B * weight.shape[0]))
+    per_block = FUSED_BLOCK_ELEMENTS if fused_kind(cell, x) is not None else BLOCK_ELEMENTS
+    Tc = block or max(1, per_block // max(1, B * weight.shape[0]))
     spans = [(lo, min(lo + Tc, T)) for lo in range(0, T, Tc)]
     if mask is not None:
         mask = mask.to(x.dtype).contiguous()
@@ -102,10 +105,11 @@ class _BlockedScan(torch.autograd.Function):
         cell, mask, reverse, spans, _ = opts
         h = x.new_empty(*x.shape[:2], h0.shape[-1])                   # (T, B, H)
         prev, kind = h0, fused_kind(cell, x)
+        c = None if kind is None else _kernel_bias(weight, bias)
         for lo, hi in (reversed(spans) if reverse else spans):
             m = None if mask is None else mask[lo:hi]
-            if kind is not None:                                      # gates + recurrence in C++
-                _fused.build().min_forward(kind, reverse, _project(x[lo:hi], weight, bias),
+            if kind is not None:                                      # bias, gates, recurrence in C++
+                _fused.build().min_forward(kind, reverse, _project(x[lo:hi], weight, None), c,
                                            prev.contiguous(), m, h[lo:hi])
                 prev = h[lo] if reverse else h[hi - 1]
                 continue
@@ -131,23 +135,27 @@ class _BlockedScan(torch.autograd.Function):
         kind = fused_kind(cell, x)
         if kind is not None:                      # the carry: g and a of the step processed next
             g_next, a_next = (torch.zeros(h0.shape, dtype=h0.dtype) for _ in range(2))
+            db_rows = torch.zeros(x.shape[1], weight.shape[0], dtype=x.dtype)   # (B, G*H) sums of dP
+            c = _kernel_bias(weight, bias)
         else:
             g_next = a_next = None
         for lo, hi in (spans if reverse else reversed(spans)):
             m = None if mask is None else mask[lo:hi]
             if kind is not None:
-                dP = _fused_block_backward(kind, reverse, x, weight, bias, h, h0, m, dh, lo, hi,
-                                           g_next, a_next, grad_norm)
+                dP = _fused_block_backward(kind, reverse, x, weight, c, h, h0, m, dh, lo, hi,
+                                           g_next, a_next, db_rows, grad_norm)
             else:
                 dP, g_next, a_next = _block_backward(cell, reverse, x, weight, bias, h, h0, m, dh,
                                                      lo, hi, g_next, a_next, grad_norm)
             dP = dP.view(-1, weight.shape[0])                         # (Tc*B, G*H)
             x2 = x[lo:hi].reshape(-1, x.shape[-1])                    # (Tc*B, I)
             dW.addmm_(dP.t(), x2)
-            if db is not None:
+            if db is not None and kind is None:
                 db += dP.sum(0)
             if need_x:
                 torch.mm(dP, weight, out=dx[lo:hi].view(-1, x.shape[-1]))
+        if db is not None and kind is not None:
+            torch.sum(db_rows, 0, out=db)                             # the kernel summed dP per row
         return None, dx, dW, db, a_next * g_next                      # dL/dh0 = a_1 g_1
 
 
@@ -166,19 +174,28 @@ def _block_backward(cell, reverse, x, weight, bias, h, h0, m, dh, lo, hi, g_next
     return cell.backward_block(db_, da, saved), g[first - lo], a[first - lo]
 
 
-def _fused_block_backward(kind, reverse, x, weight, bias, h, h0, m, dh, lo, hi, g_carry, a_carry,
-                          grad_norm):
-    """The same in one C++ pass (rnnkit/_fused/minimal.cpp); updates the carry in place."""
-    P = _project(x[lo:hi], weight, bias)                              # recomputed, not kept
+def _fused_block_backward(kind, reverse, x, weight, c, h, h0, m, dh, lo, hi, g_carry, a_carry,
+                          db_rows, grad_norm):
+    """The same in one C++ pass (rnnkit/_fused/minimal.cpp); updates the carry and the per-row sums
+    of dP (db_rows, (B, G*H)) in place. c: the bias the kernel adds to x W^T. dh may have any strides
+    (it is read as it is)."""
+    P = _project(x[lo:hi], weight, None)                              # recomputed, not kept
     start = hi == h.shape[0] if reverse else lo == 0                  # the block holds the first step
     before = h0 if start else (h[hi] if reverse else h[lo - 1])       # state before its first step
     dP = torch.empty_like(P)
     g = torch.empty_like(h[lo:hi]) if grad_norm is not None else None
-    _fused.build().min_backward(kind, reverse, P, h[lo:hi], before.contiguous(), m,
-                                dh[lo:hi].contiguous(), g_carry, a_carry, dP, g)
+    _fused.build().min_backward(kind, reverse, P, c, h[lo:hi], before.contiguous(), m, dh[lo:hi],
+                                g_carry, a_carry, dP, db_rows, g)
     if grad_norm is not None:
         grad_norm[lo:hi] = torch.linalg.vector_norm(g, dim=2)
     return dP
+
+
+def _kernel_bias(weight: Tensor, bias: Tensor | None) -> Tensor:
+    """The bias as the kernel adds it to x W^T (zeros without one), detached and contiguous."""
+    if bias is None:
+        return weight.new_zeros(weight.shape[0])
+    return bias.detach().contiguous()
 
 
 # Cells whose block math rnnkit/_fused/minimal.cpp runs: exact type -> kernel code (filled in by

@@ -164,10 +164,12 @@ def test_backward_block_matches_autograd(cell):
 
 
 @pytest.mark.parametrize("kind", CLASSES)
-@pytest.mark.parametrize("reverse", [False, True])
-def test_fused_route_equals_torch_route_in_float32(kind, reverse, monkeypatch):
+@pytest.mark.parametrize("reverse,upstream", [(False, "dense"), (True, "dense"), (False, "sum"),
+                                              (True, "transposed")])
+def test_fused_route_equals_torch_route_in_float32(kind, reverse, upstream, monkeypatch):
     """Sizes the float64 tests do not reach: H = 600 spans two lane chunks of the kernel (512), B = 5
-    rows over two threads, 3 blocks with padding; values, gradients and the trace's g norms."""
+    rows over two threads, 3 blocks with padding; values, gradients and the trace's g norms. The
+    gradient arriving at h is dense, one expanded scalar (out.sum()), or strided (a transposed view)."""
     if not _fused.available():
         pytest.skip("the fused kernel is not available here")
     T, B, I, H = 40, 5, 6, 600
@@ -178,14 +180,15 @@ def test_fused_route_equals_torch_route_in_float32(kind, reverse, monkeypatch):
     b = torch.randn(cell.num_gates * H, requires_grad=True)
     h0 = torch.randn(B, H, requires_grad=True)
     mask = (torch.arange(T)[:, None] < torch.tensor([40, 13, 1, 27, 39])).float().unsqueeze(2)
-    d = torch.randn(T, B, H)
+    d = {"dense": torch.randn(T, B, H), "sum": torch.ones(()).expand(T, B, H),
+         "transposed": torch.randn(B, T, H).transpose(0, 1)}[upstream]
     results = []
     for fused in (True, False):
         if not fused:
             monkeypatch.setattr(parallel, "FUSED_KINDS", {})
         norms = torch.zeros(T, B)
         h = blocked_scan(cell, x, W, b, h0, mask, reverse, 16, grad_norm=norms)
-        grads = torch.autograd.grad((h * d).sum(), (x, W, b, h0))
+        grads = torch.autograd.grad(h, (x, W, b, h0), d)                   # d reaches the scan as it is
         results.append((h, norms, *grads))
     for mine, ref in zip(*results):
         assert (mine - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())

@@ -75,3 +75,13 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
         main(["seq2seq", "train", "--task", "sorting"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_help_shows_the_tasks_own_early_stopping_defaults(capsys):
+    """seq2seq overrides the common --monitor/--patience defaults; its --help must say so."""
+    with pytest.raises(SystemExit) as done:
+        main(["seq2seq", "train", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default val_exact_match)" in text and "default 5, None: off" in text
+    assert "(default val_loss)" not in text

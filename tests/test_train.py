@@ -235,3 +235,35 @@ def test_tensor_batches_cover_every_example_once():
     x = torch.arange(10)
     got = torch.cat([b[0] for b in TensorBatches(x, batch_size=3).batches(torch.Generator().manual_seed(0))])
     assert sorted(got.tolist()) == list(range(10))
+
+
+def test_tensorboard_gets_each_epochs_scalars_when_installed(tmp_path, monkeypatch):
+    """tensorboard is optional (not a dependency): a stand-in torch.utils.tensorboard records what the
+    trainer writes; without the package the run writes metrics.csv only (the other tests)."""
+    import sys
+    import types
+    written, closed = [], []
+
+    class SummaryWriter:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, key, value, step):
+            written.append((self.logdir, key, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    t = trainer(tmp_path / "run", epochs=3)
+    t.fit(data())
+    assert {w[0] for w in written} == {str(tmp_path / "run" / "tensorboard")}
+    val = [(step, value) for _, key, value, step in written if key == "val_loss"]
+    assert [s for s, _ in val] == [1, 2, 3] and all(math.isfinite(v) for _, v in val)
+    with open(tmp_path / "run" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["val_loss"]) for r in rows] == pytest.approx([v for _, v in val])
+    assert closed == [True]

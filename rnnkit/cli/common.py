@@ -65,8 +65,10 @@ def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: i
     g.add_argument("--step-size", type=positive_int, default=10, help="epochs per step of the step/plateau schedule")
     g.add_argument("--gamma", type=positive_float, default=0.5, help="factor of the step/plateau schedule")
     g.add_argument("--patience", type=positive_int, default=None,
-                   help="early stopping: epochs without improvement of --monitor before stopping (needs validation)")
-    g.add_argument("--monitor", default="val_loss", help="metric early stopping watches (default val_loss)")
+                   help="early stopping: epochs without improvement of --monitor before stopping (needs "
+                        "validation; default %(default)s, None: off)")
+    # %(default)s: a task's set_defaults (seq2seq watches val_exact_match) shows in its own --help
+    g.add_argument("--monitor", default="val_loss", help="metric early stopping watches (default %(default)s)")
     g.add_argument("--checkpoint-every", type=nonnegative_int, default=10,
                    help="write a checkpoint every N epochs; 0: only at the end (default 10)")
     g.add_argument("--threads", type=positive_int, default=threads,
