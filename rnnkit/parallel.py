@@ -16,7 +16,7 @@ Two evaluations (tests/test_minimal.py checks both by gradcheck against a plain 
                     a*_t = cumsum(log a)_t,   h_t = exp(a*_t + logcumsumexp(log b - a*)_t) + exp(a*_t) h_0
                 Needs b_t > 0 (hence the paper's positive g); h_0 may have any sign (added outside the
                 log). The paper's form, for GPUs. In float32 its error grows with |a*_t| (a* and the
-                logcumsumexp cancel), and torch's CPU logcumsumexp is slow: see docs/streaming_and_minimal.md.
+                logcumsumexp cancel), and torch's CPU logcumsumexp is slow: see docs/benchmarks.md.
 `blocked_scan`  for CPUs, where that is measured to be slow: linear space (as exact as the loop), one
                 autograd Function whose backward is hand-written and mirrors the forward. Time is cut
                 into blocks of a few dozen steps; per block it projects the input (one addmm), asks the
@@ -26,6 +26,9 @@ Two evaluations (tests/test_minimal.py checks both by gradcheck against a plain 
                 a block's gates rather than keeping them: fresh memory costs page faults (measured
                 at several microseconds per 4 kB page here), more than the recomputation. The
                 adjoint g_t is formed anyway, so the trace's ||dL/dh_t|| costs one norm per block.
+                For minGRU / minLSTM on CPU (float32/64) each block's gates, recurrence and adjoint
+                run as one C++ pass instead (rnnkit/_fused/minimal.cpp: lanes (b, j) split over
+                threads, vectorised over j); the torch-op blocks stay as reference and fallback.
 
 A cell used by `blocked_scan` provides, on one block of pre-activations P = x W^T + bias (Tc, B, G*H):
     forward_block(P) -> (a, b, saved)              a, b (Tc, B, H), no autograd
