@@ -1,6 +1,7 @@
 // minGRU / minLSTM (rnnkit/minimal.py) on one block of the blocked scan (rnnkit/parallel.py), fused:
-// the gates, the recurrence h_t = a_t h_{t-1} + b_t and, backwards, the adjoint and the gate
-// gradients, in one pass over the block instead of a dozen torch ops and one op per step.
+// the bias, the gates, the recurrence h_t = a_t h_{t-1} + b_t and, backwards, the adjoint, the gate
+// gradients dP and the bias gradient's per-row sums, in one pass over the block instead of a dozen
+// torch ops and one op per step. The products x W^T and dP^T x stay with torch (parallel.py).
 //
 // The recurrence is elementwise: each lane (b, j) runs its own scalar scan over time, independent of
 // every other lane. So the work is split over threads by (row b, chunk of j), and within a task the
@@ -161,8 +162,8 @@ void forward_block(const Block& k, const T* P, const T* c, const T* prev, const 
 // d: dL/dh of the block, any strides (the gradient of out.sum() is one expanded scalar); a row that is
 // not contiguous is copied to a buffer first, so the lane loop always reads unit stride.
 template <MinKind K, typename T>
-void backward_block(const Block& k, const T* P, const T* c, const T* h, const T* before, const T* mask, const T* d,
-                    const int64_t* ds, T* g_carry, T* a_carry, T* dP, T* db_rows, T* g_out) {
+void backward_block(const Block& k, const T* P, const T* c, const T* h, const T* before, const T* mask,
+                    const T* d, const int64_t* ds, T* g_carry, T* a_carry, T* dP, T* db_rows, T* g_out) {
   const int64_t W = k.G * k.H, H = k.H;
   for_tasks(k, [&](int64_t b, int64_t j0, int64_t j1) {
     T buf[kLanes];
@@ -176,8 +177,8 @@ void backward_block(const Block& k, const T* P, const T* c, const T* h, const T*
         for (int64_t j = 0; j < n; ++j) buf[j] = dt[j * ds[2]];
         dt = buf;
       }
-      step_backward<K>(H, n, P + row * W + j0, c + j0, dt, hprev + j0, m, g_carry + b * H + j0, a_carry + b * H + j0,
-                       dP + row * W + j0, db_rows + b * W + j0);
+      step_backward<K>(H, n, P + row * W + j0, c + j0, dt, hprev + j0, m, g_carry + b * H + j0,
+                       a_carry + b * H + j0, dP + row * W + j0, db_rows + b * W + j0);
       if (g_out) std::copy(g_carry + b * H + j0, g_carry + b * H + j1, g_out + row * H + j0);
     }
   });
