@@ -10,9 +10,8 @@ Contenders at each point, one process, same weights (load_state_dict from the to
     pure      rnnkit layer, backend="engine", scan on the pure-torch engine (engine._Scan)
     fused     rnnkit layer, backend="engine", scan on the fused kernel
     trace     fused, inside rnnkit.trace(layer)
-    zoneout   fused, zoneout=0.1 (training mode: fresh 0/1 masks each call, drawn by the layer with
-              torch's bernoulli_)
-    zoneout-fastmask  the same with the masks drawn by rnnkit._fused.bernoulli (a proposal for layers.py)
+    zoneout   fused, zoneout=0.1 (training mode: fresh 0/1 masks each call, drawn by the layer; on CPU
+              with rnnkit._fused.bernoulli)
     layernorm fused, layer_norm=True
 The route is chosen by pointing rnnkit.layers' `scan` at one or the other, so this measures the kernel
 whether or not engine.scan already dispatches to it. Training step = zero_grad, forward,
@@ -29,7 +28,6 @@ import json
 import statistics
 import sys
 import time
-import types
 from itertools import product
 from pathlib import Path
 
@@ -44,8 +42,7 @@ from rnnkit.engine import _Scan
 
 CELLS = {"rnn": (rk.RNN, nn.RNN, 1, {"nonlinearity": "tanh"}), "lstm": (rk.LSTM, nn.LSTM, 4, {}),
          "gru": (rk.GRU, nn.GRU, 3, {})}
-EXTRAS = {"fused": {}, "trace": {}, "zoneout": {"zoneout": 0.1}, "zoneout-fastmask": {"zoneout": 0.1},
-          "layernorm": {"layer_norm": True}}
+EXTRAS = {"fused": {}, "trace": {}, "zoneout": {"zoneout": 0.1}, "layernorm": {"layer_norm": True}}
 
 
 # -- routing rnnkit.layers' scan -----------------------------------------------------------------------
@@ -73,11 +70,6 @@ def routed(scan_fn, gemm_route: str = "packed"):
         _fused.build().limit_gemm_route("packed")
 
 
-def fast_zone_masks(layer, T, B, x):
-    """layers._Recurrent._zone_masks in training mode, with the masks from rnnkit._fused.bernoulli."""
-    return tuple(_fused.bernoulli((T, B, layer.hidden_size), z, x.dtype) for z in layer.zoneout)
-
-
 # -- one point -------------------------------------------------------------------------------------------
 
 def contenders(cell: str, H: int, routes: bool) -> dict:
@@ -94,7 +86,6 @@ def contenders(cell: str, H: int, routes: bool) -> dict:
     out = {"torch": (ref, None, "packed", False), "pure": (plain, pure_scan, "packed", False)}
     for name, extra in EXTRAS.items():
         out[name] = (plain if not extra else mine(**extra), fused_scan, "packed", name == "trace")
-    out["zoneout-fastmask"][0]._zone_masks = types.MethodType(fast_zone_masks, out["zoneout-fastmask"][0])
     if routes:
         out["fused-blas"] = (plain, fused_scan, "blas", False)
         out["fused-aten"] = (plain, fused_scan, "aten", False)
@@ -137,7 +128,6 @@ def ratios(p: dict, stat: str) -> dict:
     t = p[stat]
     return {"torch/fused": t["torch"] / t["fused"], "pure/fused": t["pure"] / t["fused"],
             "trace/fused": t["trace"] / t["fused"], "zoneout/fused": t["zoneout"] / t["fused"],
-            "zoneout-fastmask/fused": t["zoneout-fastmask"] / t["fused"],
             "layernorm/fused": t["layernorm"] / t["fused"]}
 
 

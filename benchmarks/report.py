@@ -169,7 +169,7 @@ def extras_section(run: dict) -> list[str]:
     if not points:
         return []
     lines = ["## Extras: their cost over the plain engine (training step)", "",
-             "The engine timed against itself, interleaved as above, at the grid's shortest T: with "
+             "The engine timed against itself, interleaved as above, at every grid point: with "
              "`zoneout=0.1` (training mode: fresh 0/1 masks every call, drawn by the fused kernel's "
              "counter-based generator on CPU) and with `layer_norm=True` (layer normalisation of V x_t and "
              "of U h_{t−1} at every step, forward and backward, inside the fused kernel). Cost = time with "
