@@ -130,8 +130,7 @@ def extras_layers(cell: str, engine: nn.Module) -> dict[str, nn.Module]:
     return layers
 
 
-def bench_point(cell: str, B: int, T: int, H: int, budget: Budget, memory: bool, seed: int,
-                extras: bool = False) -> dict:
+def bench_point(cell: str, B: int, T: int, H: int, budget: Budget, memory: bool, seed: int) -> dict:
     torch.manual_seed(seed)
     layers = build_layers(cell, H)
     x = torch.randn(T, B, H)                                          # (T, B, I), I = H
@@ -140,8 +139,7 @@ def bench_point(cell: str, B: int, T: int, H: int, budget: Budget, memory: bool,
     point["infer"], outputs = measure(steps_for("infer", layers, x), budget)
     point["max_abs_diff"] = output_mismatch(outputs)
     point["peak_bytes"] = training_memory(layers, x) if memory else None
-    if extras:
-        point["extras"], _ = measure(steps_for("train", extras_layers(cell, layers["engine"]), x), budget)
+    point["extras"], _ = measure(steps_for("train", extras_layers(cell, layers["engine"]), x), budget)
     return point
 
 
@@ -166,7 +164,7 @@ def run_grid(cells, grid: Grid, budget: Budget, memory: bool, seed: int) -> list
     with tqdm(todo, desc="bench", unit="point", file=sys.stderr, dynamic_ncols=True) as bar:
         for cell, B, T, H in bar:
             bar.set_postfix_str(f"{cell} B={B} T={T} H={H}")
-            points.append(bench_point(cell, B, T, H, budget, memory, seed, extras=True))
+            points.append(bench_point(cell, B, T, H, budget, memory, seed))
     return points
 
 

@@ -111,10 +111,9 @@ def checks(points: list[dict]) -> list[Check]:
               bound_check(5, "trace overhead, all points", mode, points, OVERHEAD, 0.10)]
     if points and points[0]["peak_bytes"] is not None:
         found.append(bound_check(5, "engine / torch.nn peak memory", mode, points, MEMORY, 1.0))
-    with_extras = [p for p in points if p.get("extras")]
     for name in ("zoneout", "layer_norm"):
         m = Measure(extra_cost(name), lambda r: f"{r:.2f}×", higher_is_better=False)
-        found.append(bound_check(5, f"{name} / plain engine", mode, with_extras, m, 1.3))
+        found.append(bound_check(5, f"{name} / plain engine", mode, points, m, 1.3))
     return found
 
 
@@ -165,9 +164,7 @@ def extras_table(points: list[dict]) -> list[str]:
 
 
 def extras_section(run: dict) -> list[str]:
-    points = [p for p in run["points"] if p.get("extras")]
-    if not points:
-        return []
+    points = run["points"]
     lines = ["## Extras: their cost over the plain engine (training step)", "",
              "The engine timed against itself, interleaved as above, at every grid point: with "
              "`zoneout=0.1` (training mode: fresh 0/1 masks every call, drawn by the fused kernel's "

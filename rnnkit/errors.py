@@ -30,9 +30,9 @@ def check_fraction(name: str, value: float) -> None:
         raise UserError(f"{name} must be in (0, 1), got {value}")
 
 
-def check_dropout(value: float, name: str = "dropout") -> None:
+def check_dropout(value: float) -> None:
     if not 0.0 <= value < 1.0:
-        raise UserError(f"{name} must be in [0, 1), got {value}")
+        raise UserError(f"dropout must be in [0, 1), got {value}")
 
 
 def check_time_limit(value: float | None) -> None:

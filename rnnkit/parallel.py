@@ -61,12 +61,8 @@ def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None) -> Tensor:
 def reverse_total(a: Tensor, d: Tensor) -> Tensor:
     """The adjoint g_t = d_t + a_{t+1} g_{t+1}, g_T = d_T, for a, d (T, B, H), without autograd."""
     with torch.no_grad():
-        g = torch.empty_like(d)
-        g_t, a_t, d_t = g.unbind(0), a.unbind(0), d.unbind(0)
-        g_t[-1].copy_(d_t[-1])
-        for t in range(len(g_t) - 2, -1, -1):
-            torch.addcmul(d_t[t], a_t[t + 1], g_t[t + 1], out=g_t[t])  # (B, H)
-    return g
+        end = d.new_zeros(d.shape[1:])                                # nothing after the last step
+        return _adjoint(a, d, end, end, reverse=False)
 
 
 def blocked_scan(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor,
@@ -78,12 +74,13 @@ def blocked_scan(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tenso
     t = T-1 down to 0 (h stays in time order). grad_norm (T, B): filled with ||g_t|| by backward.
     """
     T, B = x.shape[:2]
-    per_block = FUSED_BLOCK_ELEMENTS if fused_kind(cell, x) is not None else BLOCK_ELEMENTS
+    kind = fused_kind(cell, x)                                        # None: the torch-op blocks
+    per_block = BLOCK_ELEMENTS if kind is None else FUSED_BLOCK_ELEMENTS
     Tc = block or max(1, per_block // max(1, B * weight.shape[0]))
     spans = [(lo, min(lo + Tc, T)) for lo in range(0, T, Tc)]
     if mask is not None:
         mask = mask.to(x.dtype).contiguous()
-    opts = (cell, mask, reverse, spans, grad_norm)
+    opts = (cell, kind, mask, reverse, spans, grad_norm)
     return _BlockedScan.apply(opts, x.contiguous(), weight, bias, h0)
 
 
@@ -105,9 +102,9 @@ def _coefficients(cell, x, weight, bias, m):
 class _BlockedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts, x, weight, bias, h0):
-        cell, mask, reverse, spans, _ = opts
+        cell, kind, mask, reverse, spans, _ = opts
         h = x.new_empty(*x.shape[:2], h0.shape[-1])                   # (T, B, H)
-        prev, kind = h0, fused_kind(cell, x)
+        prev = h0
         c = None if kind is None else _kernel_bias(weight, bias)
         for lo, hi in (reversed(spans) if reverse else spans):
             m = None if mask is None else mask[lo:hi]
@@ -130,35 +127,28 @@ class _BlockedScan(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dh):
-        cell, mask, reverse, spans, grad_norm = ctx.opts
+        cell, kind, mask, reverse, spans, grad_norm = ctx.opts
         x, weight, bias, h0, h = ctx.saved_tensors
         need_x = ctx.needs_input_grad[1]
         dx = torch.empty_like(x) if need_x else None
-        dW, db = torch.zeros_like(weight), (None if bias is None else torch.zeros_like(bias))
-        kind = fused_kind(cell, x)
-        if kind is not None:                      # the carry: g and a of the step processed next
-            g_next, a_next = (torch.zeros(h0.shape, dtype=h0.dtype) for _ in range(2))
-            db_rows = torch.zeros(x.shape[1], weight.shape[0], dtype=x.dtype)   # (B, G*H) sums of dP
-            c = _kernel_bias(weight, bias)
-        else:
-            g_next = a_next = None
+        dW = torch.zeros_like(weight)
+        g_next, a_next = h0.new_zeros(h0.shape), h0.new_zeros(h0.shape)   # g, a of the step processed next
+        db_rows = x.new_zeros(x.shape[1], weight.shape[0])            # (B, G*H) dP summed over time
+        c = None if kind is None else _kernel_bias(weight, bias)
         for lo, hi in (spans if reverse else reversed(spans)):
             m = None if mask is None else mask[lo:hi]
-            if kind is not None:
-                dP = _fused_block_backward(kind, reverse, x, weight, c, h, h0, m, dh, lo, hi,
-                                           g_next, a_next, db_rows, grad_norm)
-            else:
+            if kind is None:
                 dP, g_next, a_next = _block_backward(cell, reverse, x, weight, bias, h, h0, m, dh,
                                                      lo, hi, g_next, a_next, grad_norm)
+                db_rows += dP.sum(0)
+            else:                                                     # carry and db_rows in place
+                dP = _fused_block_backward(kind, reverse, x, weight, c, h, h0, m, dh, lo, hi,
+                                           g_next, a_next, db_rows, grad_norm)
             dP = dP.view(-1, weight.shape[0])                         # (Tc*B, G*H)
-            x2 = x[lo:hi].reshape(-1, x.shape[-1])                    # (Tc*B, I)
-            dW.addmm_(dP.t(), x2)
-            if db is not None and kind is None:
-                db += dP.sum(0)
+            dW.addmm_(dP.t(), x[lo:hi].reshape(-1, x.shape[-1]))
             if need_x:
                 torch.mm(dP, weight, out=dx[lo:hi].view(-1, x.shape[-1]))
-        if db is not None and kind is not None:
-            torch.sum(db_rows, 0, out=db)                             # the kernel summed dP per row
+        db = None if bias is None else db_rows.sum(0)
         return None, dx, dW, db, a_next * g_next                      # dL/dh0 = a_1 g_1
 
 
@@ -225,15 +215,11 @@ def _recur(a, b, prev, out, reverse: bool):
 
 def _adjoint(a, d, g_next, a_next, reverse: bool) -> Tensor:
     """g_t = d_t + a_{t+1} g_{t+1} over one block, against processing order; g_next, a_next: of the
-    step processed just after the block (None at the end of the sequence)."""
+    step processed just after the block (zeros at the end of the sequence)."""
     g = torch.empty_like(d)
     a_t, d_t, g_t = a.unbind(0), d.unbind(0), g.unbind(0)
-    steps = list(range(len(g_t))) if reverse else list(range(len(g_t) - 1, -1, -1))
-    for t in steps:
-        if g_next is None:
-            g_t[t].copy_(d_t[t])
-        else:
-            torch.addcmul(d_t[t], a_next, g_next, out=g_t[t])         # (B, H)
+    for t in (range(len(g_t)) if reverse else range(len(g_t) - 1, -1, -1)):
+        torch.addcmul(d_t[t], a_next, g_next, out=g_t[t])             # (B, H)
         g_next, a_next = g_t[t], a_t[t]
     return g
 

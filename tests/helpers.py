@@ -163,3 +163,12 @@ def layer_norm_reference(kind, module, x):
         hs.append(state[0])
     return torch.stack(hs), state
 
+
+
+def run_cli(capsys, *argv):
+    """`rnnkit *argv` in process: (exit code, stdout, stderr); a traceback on stderr fails the test."""
+    from rnnkit.cli import main
+    code = main(list(argv))
+    out = capsys.readouterr()
+    assert "Traceback" not in out.err
+    return code, out.out, out.err

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from rnnkit.cli import main
+from helpers import run_cli
 from rnnkit.data.text import Vocabulary
 from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
 from rnnkit.tasks.classify import bag_of_words, bow_logistic, predict
@@ -44,10 +44,7 @@ def test_padding_does_not_change_predictions():
 
 
 def run(capsys, *argv):
-    code = main(["classify", *argv])
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err
-    return code, out.out, out.err
+    return run_cli(capsys, "classify", *argv)
 
 
 def test_cli_train_on_bundled_sample_and_predict(tmp_path, capsys):

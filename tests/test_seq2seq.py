@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from helpers import run_cli
 from rnnkit.cli import main
 from rnnkit.data.seq2seq import build_vocab, make_splits
 from rnnkit.tasks import TrainConfig
@@ -40,10 +41,7 @@ def test_splits_are_disjoint_and_vocab_has_specials():
 
 
 def run(capsys, *argv):
-    code = main(["seq2seq", *argv])
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err
-    return code, out.out, out.err
+    return run_cli(capsys, "seq2seq", *argv)
 
 
 def test_cli_train_predict_and_time_limit(tmp_path, capsys):

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rnnkit.cli import main
+from helpers import run_cli
 from rnnkit.models.language import LanguageModel, LanguageModelConfig
 from rnnkit.tasks import TrainConfig
 from rnnkit.tasks.text_metrics import bits, lm_scores, perplexity
@@ -51,10 +51,7 @@ def test_short_run_learns_a_repetitive_text(tmp_path):
 
 
 def run(capsys, *argv):
-    code = main(["textgen", *argv])
-    out = capsys.readouterr()
-    assert "Traceback" not in out.err
-    return code, out.out, out.err
+    return run_cli(capsys, "textgen", *argv)
 
 
 def test_cli_word_level_train_and_sample(tmp_path, capsys):

@@ -143,14 +143,16 @@ def available() -> bool:
     return not _disabled() and _ops() is not None
 
 
-def bernoulli(shape, p: float, dtype=torch.float32, generator=None) -> torch.Tensor:
-    """A CPU tensor of 0/1, each 1 with probability p, like torch.empty(shape).bernoulli_(p) but drawn
+def bernoulli(shape, p: float, dtype=torch.float32, generator=None, device=None) -> torch.Tensor:
+    """A tensor of 0/1, each 1 with probability p, like torch.empty(shape).bernoulli_(p); on CPU drawn
     by a vectorised counter-based generator (random.h), about 10x faster. Its seed comes from torch's
-    generator, so torch.manual_seed makes it reproducible. Without the kernel: bernoulli_ itself."""
-    if dtype in _DTYPES and not _disabled() and _ops() is not None:
+    generator, so torch.manual_seed makes it reproducible. Off the CPU, or without the kernel:
+    bernoulli_ itself."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if on_cpu and dtype in _DTYPES and not _disabled() and _ops() is not None:
         seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
         return _ops().bernoulli_mask(list(shape), float(p), seed, dtype)
-    return torch.empty(shape, dtype=dtype).bernoulli_(p, generator=generator)
+    return torch.empty(shape, dtype=dtype, device=device).bernoulli_(p, generator=generator)
 
 
 # -- which scans it runs -----------------------------------------------------------------------------

@@ -14,7 +14,6 @@
 // minLSTM's f' and i' are formed from u = 1 + e^{-k_i} and v = 1 + e^{-k_f} (f' = u/(u+v),
 // i' = v/(u+v)), both scaled by e^{-m}, m = max(0, -k_f, -k_i), so that no exponential overflows.
 // Padding (mask m_t in {0, 1}): a' = 1 - m + a m, b' = b m, as parallel.py's _coefficients.
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -74,13 +73,13 @@ inline Gates<T> gates(const T* p, const T* c, int64_t H, int64_t j) {
   return r;
 }
 
-// One step of one row, lanes j0..j1: h = a' hp + b'. Raw restrict pointers so that gcc vectorises.
+// One step of one row, lanes j0 + [0, n), every pointer offset to j0 (p and c: to column j0 of the
+// first gate block): h = a' hp + b'. Raw restrict pointers so that gcc vectorises.
 template <MinKind K, typename T>
-void step_forward(int64_t H, int64_t j0, int64_t j1, const T* __restrict__ p, const T* __restrict__ c,
-                  const T* __restrict__ hp,
-                  T m, T* __restrict__ h) {
+void step_forward(int64_t H, int64_t n, const T* __restrict__ p, const T* __restrict__ c,
+                  const T* __restrict__ hp, T m, T* __restrict__ h) {
 #pragma omp simd
-  for (int64_t j = j0; j < j1; ++j) {
+  for (int64_t j = 0; j < n; ++j) {
     Gates<T> r = gates<K>(p, c, H, j);
     h[j] = (T(1) - m + r.a * m) * hp[j] + r.b * m;
   }
@@ -127,18 +126,13 @@ struct Block {
   int64_t time(int64_t i) const { return reverse ? Tc - 1 - i : i; }   // i-th processed step
 };
 
+// f(b, j0, j1) for every row b and chunk [j0, j1) of its lanes, over the threads.
 template <typename F>
 void for_tasks(const Block& k, const F& f) {
   const int64_t chunks = (k.H + kLanes - 1) / kLanes;
-  const DenormalMode mode;
-  at::parallel_for(0, k.B * chunks, 1, [&](int64_t t0, int64_t t1) {
-    const unsigned saved = DenormalMode::current();
-    mode.apply();
-    for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / chunks, j0 = (task % chunks) * kLanes;
-      f(b, j0, std::min(k.H, j0 + kLanes));
-    }
-    DenormalMode::restore(saved);
+  parallel_in_mode(k.B * chunks, 1, [&](int64_t task) {
+    const int64_t b = task / chunks, j0 = (task % chunks) * kLanes;
+    f(b, j0, std::min(k.H, j0 + kLanes));
   });
 }
 
@@ -146,12 +140,12 @@ template <MinKind K, typename T>
 void forward_block(const Block& k, const T* P, const T* c, const T* prev, const T* mask, T* out) {
   const int64_t W = k.G * k.H;
   for_tasks(k, [&](int64_t b, int64_t j0, int64_t j1) {
-    const T* hp = prev + b * k.H;
+    const T* hp = prev + b * k.H + j0;
     for (int64_t i = 0; i < k.Tc; ++i) {
-      const int64_t t = k.time(i);
-      const T m = mask ? mask[t * k.B + b] : T(1);
-      T* h = out + (t * k.B + b) * k.H;
-      step_forward<K>(k.H, j0, j1, P + (t * k.B + b) * W, c, hp, m, h);
+      const int64_t row = k.time(i) * k.B + b;
+      const T m = mask ? mask[row] : T(1);
+      T* h = out + row * k.H + j0;
+      step_forward<K>(k.H, j1 - j0, P + row * W + j0, c + j0, hp, m, h);
       hp = h;
     }
   });

@@ -83,15 +83,22 @@ class DenormalMode {
 #endif
 };
 
+// f(i) for i in [0, n) on the intra-op threads, `grain` at least per thread, each worker running in
+// the calling thread's denormal mode.
 template <typename F>
-void for_rows(const Problem& p, const F& f) {
+void parallel_in_mode(int64_t n, int64_t grain, const F& f) {
   const DenormalMode mode;
-  at::parallel_for(0, p.B, row_grain(p), [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
     const unsigned saved = DenormalMode::current();
     mode.apply();
-    for (int64_t b = b0; b < b1; ++b) f(b);
+    for (int64_t i = i0; i < i1; ++i) f(i);
     DenormalMode::restore(saved);
   });
+}
+
+template <typename F>
+void for_rows(const Problem& p, const F& f) {
+  parallel_in_mode(p.B, row_grain(p), f);
 }
 
 template <typename T> void forward_loop(const Problem& p, const Views<T>& v);

@@ -1,7 +1,8 @@
 """`rnnkit <task> ...`: argument parsing and printing only.
 
 Each task is a module here exposing `add_parser(subparsers)` (which must `set_defaults(run=...)`);
-`main` wires up the ones present. Bad input (`UserError`, `ValueError`) exits 2 with its message; a training failure exits 1.
+`main` wires up the ones present. Bad input (`UserError`, `ValueError`) exits 2 with its message; a training failure
+exits 1; Ctrl-C during training exits 130 after the trainer's message (where the checkpoint is, how to resume).
 """
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import importlib
 import sys
 
 from ..errors import UserError
-from ..tasks import TrainingError
+from ..tasks import TrainingError, TrainingInterrupted
+from .common import RawTextParser
 
 COMMANDS = ("forecast", "textgen", "classify", "seq2seq", "memory", "gradflow")
 
@@ -19,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rnnkit", description="Recurrent neural networks: train, measure and apply them.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="<task>")
+    sub = parser.add_subparsers(dest="command", metavar="<task>", parser_class=RawTextParser)
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"{__name__}.{name}")
@@ -43,8 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rnnkit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:                             # e.g. the loss turned NaN: last good checkpoint kept
-        print(f"rnnkit {args.command}: training stopped: {e}", file=sys.stderr)
+        print(f"rnnkit {args.command}: error: {e}", file=sys.stderr)
         return 1
+    except TrainingInterrupted as e:                       # a checkpoint was written; e says how to resume
+        print(f"rnnkit {args.command}: {e}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"rnnkit {args.command}: interrupted", file=sys.stderr)
         return 130

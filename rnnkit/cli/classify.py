@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 from pathlib import Path
 
-from ..tasks import TrainingError, TrainingInterrupted
 from ..tasks.classify import (DATASETS, ClassifyConfig, load_model, load_texts, predict, run_classify,
                               write_outputs)
-from .common import add_common_flags, add_train_flags, positive_float, positive_int, train_config
+from .common import (add_common_flags, add_task, add_train_flags, config_from, positive_float, positive_int,
+                     train_config)
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -36,9 +34,8 @@ D = ClassifyConfig()
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("classify", help="classify texts (bundled: movie-review sentiment)",
-                              description="Many-to-one sequence classification with a recurrent encoder.")
-    sub = p.add_subparsers(dest="action", metavar="<action>", required=True)
+    sub = add_task(subparsers, "classify", help="classify texts (bundled: movie-review sentiment)",
+                   description="Many-to-one sequence classification with a recurrent encoder.")
     _add_train(sub)
     _add_predict(sub)
 
@@ -47,7 +44,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a classifier and score it on a held-out split",
                        description="Train an RNN/LSTM/GRU classifier on labelled texts, hold out 20% (stratified) "
                                    "and compare with majority-class and bag-of-words logistic-regression baselines.",
-                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=TRAIN_EXAMPLES)
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="F.csv", help="CSV with a header row (default: bundled review sample)")
     d.add_argument("--text-column", metavar="C", help="column holding the text (default 'text')")
@@ -77,8 +74,7 @@ def _add_train(sub) -> None:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="label new texts with a trained model", epilog=PREDICT_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("predict", help="label new texts with a trained model", epilog=PREDICT_EXAMPLES)
     p.add_argument("--model", required=True, metavar="DIR", help="the model/ directory a train run wrote")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="texts to classify")
     p.set_defaults(run=run_predict)
@@ -86,16 +82,9 @@ def _add_predict(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     data, source = load_texts(args.data, args.text_column, args.label_column, args.dataset, args.drop_empty)
-    cfg = ClassifyConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ClassifyConfig)})
+    cfg = config_from(args, ClassifyConfig)
     train = train_config(args, out=str(Path(args.out) / "model"))
-    try:
-        r = run_classify(data, cfg, train, source, resume=args.resume)
-    except TrainingInterrupted as e:
-        print(f"rnnkit classify: {e}", file=sys.stderr)
-        return 130
-    except TrainingError as e:
-        print(f"rnnkit classify: error: {e}", file=sys.stderr)
-        return 1
+    r = run_classify(data, cfg, train, source, resume=args.resume)
     write_outputs(r, args.out)
     print(f"{'method':<16}{'accuracy %':>12}{'macro F1':>10}")
     name = f"{'bi' if cfg.bidirectional else ''}{cfg.cell.upper()} {cfg.hidden_size}"

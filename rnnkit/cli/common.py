@@ -3,11 +3,14 @@
     add_common_flags(p, epochs=300, hidden_size=32, out="runs/forecast")   # --seed --device --epochs ...
     add_train_flags(p, lr=1e-2, batch_size=32)                              # --lr --optimizer ... --resume
     cfg = train_config(args, out="runs/forecast/model")                     # a TrainConfig
+    task = config_from(args, ForecastConfig)                                # a task's config from its flags
+    sub = add_task(subparsers, "classify", help=..., description=...)       # a command with actions
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import sys
 
 from tqdm.auto import tqdm
@@ -78,9 +81,28 @@ def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: i
     g.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
 
 
+# Every parser keeps the line breaks of its description and epilog (the worked examples).
+RawTextParser = functools.partial(argparse.ArgumentParser, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_task(subparsers, name: str, *, help: str, description: str):
+    """`rnnkit <name> <action>`: the command's parser; returns its sub-parsers for the actions."""
+    p = subparsers.add_parser(name, help=help, description=description)
+    return p.add_subparsers(dest="action", metavar="<action>", required=True, parser_class=RawTextParser)
+
+
+def config_from(args: argparse.Namespace, cls):
+    """A config dataclass from the parsed flags of the same names (the ones present)."""
+    return cls(**_fields_present(args, cls))
+
+
+def _fields_present(args: argparse.Namespace, cls) -> dict:
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+
+
 def train_config(args: argparse.Namespace, **fixed) -> TrainConfig:
     """A TrainConfig from the parsed flags (the ones present), `fixed` overriding."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    values = _fields_present(args, TrainConfig)
     if values.get("progress") is None:
         values["progress"] = sys.stderr.isatty()
     return TrainConfig(**{**values, **fixed})

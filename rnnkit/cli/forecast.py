@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 from pathlib import Path
 
-from ..tasks import TrainingError, TrainingInterrupted
 from ..tasks.forecast import LOG, SCALES, STRATEGIES, ForecastConfig, load_series, run_forecast, write_outputs
-from .common import add_common_flags, add_train_flags, nonnegative_int, positive_int, train_config
+from .common import add_common_flags, add_train_flags, config_from, nonnegative_int, positive_int, train_config
 
 EXAMPLES = """\
 examples:
@@ -36,8 +33,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "forecast", help="forecast a time series (bundled: airline passengers)", epilog=EXAMPLES,
         description="Train an RNN/LSTM/GRU forecaster on overlapping windows, back-test it on the last "
-                    "steps of the series and compare it with naive, seasonal-naive and SARIMA forecasts.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+                    "steps of the series and compare it with naive, seasonal-naive and SARIMA forecasts.")
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="F.csv", help="CSV file with a header row (default: bundled airline passengers)")
     d.add_argument("--column", metavar="C", help="the value column (default: the only numeric one)")
@@ -72,16 +68,9 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     series = load_series(args.data, args.column, args.time_column)
-    cfg = ForecastConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ForecastConfig)})
+    cfg = config_from(args, ForecastConfig)
     train = train_config(args, out=str(Path(args.out) / "model"))
-    try:
-        result = run_forecast(series, cfg, train, resume=args.resume)
-    except TrainingInterrupted as e:
-        print(f"rnnkit forecast: {e}", file=sys.stderr)
-        return 130
-    except TrainingError as e:
-        print(f"rnnkit forecast: error: {e}", file=sys.stderr)
-        return 1
+    result = run_forecast(series, cfg, train, resume=args.resume)
     write_outputs(result, args.out)
     print(table(result))
     print(summary(result, args.out))

@@ -1,7 +1,6 @@
 """`rnnkit gradflow`: measure ||dL/dh_t|| over t per cell, its memory horizon, at init and after training."""
 from __future__ import annotations
 
-import argparse
 
 from ..errors import UserError
 from ..tasks import gradflow
@@ -18,7 +17,7 @@ back at which the batch-mean ||dL/dh_t|| first falls below --threshold x its las
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("gradflow", help="measure how the gradient vanishes or explodes back through time",
-                              description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, epilog=EPILOG)
     p.add_argument("--cell", default="rnn,lstm,gru", help="cells, comma-separated among rnn,lstm,gru")
     p.add_argument("--length", type=int, default=100, help="sequence length T (default 100)")
     p.add_argument("--hidden-size", type=int, default=128, help="hidden units H (default 128)")

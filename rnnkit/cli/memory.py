@@ -1,7 +1,6 @@
 """`rnnkit memory`: long-range memory benchmarks, and the clipping study."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import fields, replace
@@ -43,7 +42,7 @@ FLAGS = [  # (flag, field, type, help)
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("memory", help="long-range memory benchmarks (adding, copy, order, digits, mnist1d)",
-                              description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, epilog=EPILOG)
     p.add_argument("--length", default=None, help="sequence length(s) T, comma-separated (default per task)")
     p.add_argument("--cell", default=None, help="cells, comma-separated among rnn,lstm,gru (default lstm)")
     p.add_argument("--seed", default="0", help="seed(s), comma-separated; results are averaged over them")

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 from pathlib import Path
 
-from ..tasks import TrainingError, TrainingInterrupted
 from ..tasks.seq2seq import Seq2SeqTaskConfig, load_model, run_seq2seq, translate, write_outputs
-from .common import add_common_flags, add_train_flags, positive_float, positive_int, train_config
+from .common import (add_common_flags, add_task, add_train_flags, config_from, positive_float, positive_int,
+                     train_config)
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -35,9 +33,8 @@ D = Seq2SeqTaskConfig()
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("seq2seq", help="encoder-decoder: string reversal, date normalisation",
-                              description="Sequence to sequence with an encoder-decoder trained by teacher forcing.")
-    sub = p.add_subparsers(dest="action", metavar="<action>", required=True)
+    sub = add_task(subparsers, "seq2seq", help="encoder-decoder: string reversal, date normalisation",
+                   description="Sequence to sequence with an encoder-decoder trained by teacher forcing.")
     _add_train(sub)
     _add_predict(sub)
 
@@ -46,7 +43,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train on generated pairs and score exact match on a test split",
                        description="Train an encoder-decoder (teacher forcing) on pairs the library generates, "
                                    "decode greedily, and score exact match and token accuracy on unseen pairs.",
-                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=TRAIN_EXAMPLES)
     g = p.add_argument_group("task")
     g.add_argument("--task", choices=("reverse", "dates"), default=D.task, help=f"which pairs (default {D.task})")
     g.add_argument("--train-size", type=positive_int, default=D.train_size, help=f"training pairs (default {D.train_size})")
@@ -66,24 +63,16 @@ def _add_train(sub) -> None:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="decode new texts with a trained model", epilog=PREDICT_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("predict", help="decode new texts with a trained model", epilog=PREDICT_EXAMPLES)
     p.add_argument("--model", required=True, metavar="DIR", help="the model/ directory a train run wrote")
     p.add_argument("texts", nargs="+", metavar="TEXT", help="source strings")
     p.set_defaults(run=run_predict)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    cfg = Seq2SeqTaskConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Seq2SeqTaskConfig)})
+    cfg = config_from(args, Seq2SeqTaskConfig)
     train = train_config(args, out=str(Path(args.out) / "model"))
-    try:
-        result = run_seq2seq(cfg, train, resume=args.resume)
-    except TrainingInterrupted as e:
-        print(f"rnnkit seq2seq: {e}", file=sys.stderr)
-        return 130
-    except TrainingError as e:
-        print(f"rnnkit seq2seq: error: {e}", file=sys.stderr)
-        return 1
+    result = run_seq2seq(cfg, train, resume=args.resume)
     write_outputs(result, args.out)
     for ex in result.examples[:3]:
         mark = "ok" if ex["prediction"] == ex["target"] else "WRONG"

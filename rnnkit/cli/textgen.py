@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import sys
 from pathlib import Path
 
 import torch
 
-from ..tasks import TrainingError, TrainingInterrupted
 from ..tasks.textgen import DATASETS, TextgenConfig, generate, load_corpus, load_model, run_textgen, write_outputs
-from .common import add_common_flags, add_train_flags, nonnegative_int, positive_float, positive_int, train_config
+from .common import (add_common_flags, add_task, add_train_flags, config_from, nonnegative_int,
+                     positive_float, positive_int, train_config)
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -43,9 +41,8 @@ D = TextgenConfig()
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("textgen", help="character/word language models; sampling",
-                              description="Train a recurrent language model and sample text from it.")
-    sub = p.add_subparsers(dest="action", metavar="<action>", required=True)
+    sub = add_task(subparsers, "textgen", help="character/word language models; sampling",
+                   description="Train a recurrent language model and sample text from it.")
     _add_train(sub)
     _add_sample(sub)
 
@@ -54,7 +51,7 @@ def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a language model with stateful truncated BPTT",
                        description="Train a character- or word-level RNN/LSTM/GRU language model with stateful "
                                    "truncated backpropagation through time; score it on the last 10% of the text.",
-                       epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=TRAIN_EXAMPLES)
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="F.txt", help="a UTF-8 text file (default: the bundled text)")
     d.add_argument("--dataset", choices=DATASETS, help="a data set from the registry instead of --data")
@@ -79,8 +76,7 @@ def _add_train(sub) -> None:
 
 
 def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="continue a prompt with a trained model", epilog=SAMPLE_EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser("sample", help="continue a prompt with a trained model", epilog=SAMPLE_EXAMPLES)
     p.add_argument("--model", required=True, metavar="DIR", help="the model/ directory a train run wrote")
     p.add_argument("--prompt", required=True, metavar="P", help="text to continue")
     p.add_argument("--temperature", type=float, default=1.0, metavar="T",
@@ -93,16 +89,9 @@ def _add_sample(sub) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     text, source = load_corpus(args.data, args.dataset)
-    cfg = TextgenConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TextgenConfig)})
+    cfg = config_from(args, TextgenConfig)
     train = train_config(args, out=str(Path(args.out) / "model"))
-    try:
-        r = run_textgen(text, cfg, train, source, resume=args.resume)
-    except TrainingInterrupted as e:
-        print(f"rnnkit textgen: {e}", file=sys.stderr)
-        return 130
-    except TrainingError as e:
-        print(f"rnnkit textgen: error: {e}", file=sys.stderr)
-        return 1
+    r = run_textgen(text, cfg, train, source, resume=args.resume)
     write_outputs(r, args.out)
     print(r.sample)
     print("-" * 40)
