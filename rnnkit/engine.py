@@ -60,6 +60,15 @@ def scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_h
     """
     if _fused.supports(opts, xi, state0, weight_hh, bias_hh, params):
         return _fused.scan(opts, xi, state0, weight_hh, bias_hh, params)
+    return pure_scan(opts, xi, state0, weight_hh, bias_hh, params)
+
+
+def pure_scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
+              params: tuple = ()):
+    """`scan` on the pure-torch path, whatever the machine: the reference the fused kernel is held to."""
+    prepare = getattr(opts.cell, "prepare_input", None)     # work a cell does on all steps at once
+    if prepare is not None:
+        xi, params = prepare(xi, tuple(params))
     n = len(state0)
     res = _Scan.apply(opts, n, xi, weight_hh, bias_hh, *state0, *params)
     return res[0], tuple(res[1:])

@@ -151,8 +151,8 @@ class _Recurrent:
             x = x.transpose(0, 1)
         T, B = x.shape[:2]
         mask = None if lengths is None else _length_mask(lengths.to(x.device), T, padding, x.dtype)
-        D, G, H = self._directions(), self._cell.num_gates, self.hidden_size
-        cell = LayerNormCell(self._cell) if self.layer_norm else self._cell
+        D = self._directions()
+        cell = LayerNormCell(self._cell, normalize_input=True) if self.layer_norm else self._cell
         sink = self._trace_sink.new_call() if self._trace_sink is not None else None
         finals = []
         for layer in range(self.num_layers):
@@ -162,9 +162,8 @@ class _Recurrent:
                 w = lambda name: getattr(self, name + sfx, None)  # noqa: E731
                 xi = F.linear(x, w("weight_ih"), w("bias_ih"))                   # (T, B, G*H)
                 params = ()
-                if self.layer_norm:
-                    xi = F.layer_norm(xi, (G * H,), w("ln_ih_weight"), w("ln_ih_bias"))
-                    params = (w("ln_hh_weight"), w("ln_hh_bias"))
+                if self.layer_norm:              # LN of xi too: in the fused loop, or before the pure one
+                    params = (w("ln_hh_weight"), w("ln_hh_bias"), w("ln_ih_weight"), w("ln_ih_bias"))
                 opts = ScanOptions(cell, reverse=d == 1, mask=mask, truncate=truncate,
                                    rec_mask=self._recurrent_mask(B, x), zone=self._zone_masks(T, B, x),
                                    trace=None if sink is None else sink.slot(k))

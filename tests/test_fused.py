@@ -17,13 +17,14 @@ from torch.autograd import gradcheck
 
 import rnnkit as rk
 import rnnkit.layers
-from rnnkit import _fused
+from rnnkit import _fused, engine
 from rnnkit.cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
-from rnnkit.engine import ScanOptions, TraceSlot, _Scan
+from rnnkit.engine import ScanOptions, TraceSlot
 
 T, B, H = 6, 4, 5
 LENGTHS = torch.tensor([3, 6, 1, 4])                   # unsorted; one full, one of length 1
-CELL_KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru", "ln_rnn_tanh", "ln_lstm", "ln_gru")
+CELL_KINDS = ("rnn_tanh", "rnn_relu", "lstm", "gru", "ln_rnn_tanh", "ln_lstm", "ln_gru", "lnx_rnn_tanh", "lnx_lstm",
+              "lnx_gru")                                # lnx: LN of xi too, inside the kernel's loop
 TOL = {torch.float64: 1e-6, torch.float32: 1e-5}
 
 
@@ -40,6 +41,8 @@ needs_kernel = pytest.mark.skipif(_why_unavailable() is not None, reason=str(_wh
 def make_cell(kind: str):
     if kind.startswith("ln_"):
         return LayerNormCell(make_cell(kind[3:]))
+    if kind.startswith("lnx_"):
+        return LayerNormCell(make_cell(kind[4:]), normalize_input=True)
     if kind.startswith("rnn"):
         return ElmanCell(kind[4:])
     return {"lstm": LSTMCell, "gru": GRUCell}[kind]()
@@ -47,8 +50,7 @@ def make_cell(kind: str):
 
 def pure_scan(opts, xi, state0, w, b, params=()):
     """The pure-torch engine, called directly (whatever engine.scan dispatches to)."""
-    res = _Scan.apply(opts, len(state0), xi, w, b, *state0, *params)
-    return res[0], tuple(res[1:])
+    return engine.pure_scan(opts, xi, state0, w, b, params)
 
 
 def length_mask(padding, dtype, T_=T, lengths=LENGTHS):
@@ -68,7 +70,8 @@ def scan_inputs(kind, dtype, bias=True, seed=0, T_=T, B_=B, H_=H):
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=dtype) * scale).requires_grad_()
 
-    params = (r(W, scale=0.5), r(W, scale=0.5)) if kind.startswith("ln_") else ()
+    n_params = 2 if kind.startswith("ln_") else 4 if kind.startswith("lnx_") else 0
+    params = tuple(r(W, scale=0.5) for _ in range(n_params))
     return (cell, r(T_, B_, W), r(W, H_, scale=H_ ** -0.5), r(W) if bias else None,
             tuple(r(B_, H_) for _ in range(cell.num_states)), params)
 
@@ -169,6 +172,7 @@ def big_run(kind, dtype, T_, B_, H_, **opt):
         (out.sum() + final[0].square().sum()).backward()
         got = {"out": out, "final": final[0], "d_xi": xi.grad.clone(), "d_w": w.grad.clone(),
                "d_b": b.grad.clone(), "d_h0": state0[0].grad.clone()}
+        got.update({f"d_p{j}": p.grad.clone() for j, p in enumerate(params)})
         if opts.trace is not None:
             got["grad_norm"] = opts.trace.grad_norm
         outs.append(got)
@@ -184,17 +188,22 @@ def test_equals_engine_over_enough_steps_to_pack_the_weight(kind):
 
 
 @needs_kernel
-@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru", "ln_gru"])
-def test_equals_engine_with_two_threads_and_many_rows(kind):
-    """Large enough that the elementwise pass splits the batch rows over threads."""
+@pytest.mark.parametrize("lanes", [16, 0], ids=["lanes", "no_lanes"])
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru", "ln_gru", "lnx_lstm", "lnx_gru"])
+def test_equals_engine_with_two_threads_and_many_rows(kind, lanes):
+    """Large enough that the batch rows split over threads: in lanes (scan.h: each thread runs the
+    whole loop on its rows, 67 = 33 + 34) or, lanes off, each step's row pass split."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
+    old = _fused.build().set_min_lane_rows(lanes)
     try:
         for dtype in TOL:
-            outs = big_run(kind, dtype, 9, 67, 150, padding="left", zone="train", rec=True, trace=True)
-            assert_same(*outs, 10 * TOL[dtype], f"{kind} {dtype}")
+            for opt in (dict(padding="left", zone="train", rec=True, trace=True), dict(reverse=True, truncate=4)):
+                outs = big_run(kind, dtype, 9, 67, 150, **opt)
+                assert_same(*outs, 10 * TOL[dtype], f"{kind} {dtype} {opt}")
     finally:
         torch.set_num_threads(threads)
+        _fused.build().set_min_lane_rows(old)
 
 
 @needs_kernel
@@ -374,3 +383,27 @@ def test_bernoulli_without_the_kernel_is_torchs(monkeypatch):
     m = _fused.bernoulli((7, 3), 0.3)
     torch.manual_seed(1)
     assert torch.equal(m, torch.empty(7, 3).bernoulli_(0.3))
+
+
+@needs_kernel
+def test_buffer_pool_reuses_freed_buffers_and_releases_them():
+    """A training step's large buffers return to the pool when freed, serve the next step, and
+    release_pool hands them back; turning the pool off (limit 0) keeps nothing."""
+    ops = _fused.build()
+    _fused.release_pool()
+    assert ops.pool_held_bytes() == 0
+    run(fused_scan, "gru", torch.float64)                       # tiny: under the pool's 64 KiB floor
+    assert ops.pool_held_bytes() == 0
+    out = big_run("lnx_gru", torch.float32, 20, 64, 64)[0]["out"]   # 20*64*192 floats: pooled
+    held = ops.pool_held_bytes()
+    assert held >= 20 * 64 * 192 * 4                            # at least d_xi came back
+    again = big_run("lnx_gru", torch.float32, 20, 64, 64)[0]["out"]
+    assert torch.equal(out, again)                              # reused memory, same numbers
+    assert ops.pool_held_bytes() <= held                        # served from the pool, not grown
+    assert _fused.release_pool() > 0 and ops.pool_held_bytes() == 0
+    old = ops.set_pool_limit(0)
+    try:
+        big_run("lnx_gru", torch.float32, 20, 64, 64)
+        assert ops.pool_held_bytes() == 0
+    finally:
+        ops.set_pool_limit(old)

@@ -10,6 +10,12 @@ after the loop. The C++ mirrors `rnnkit/cells/*.py` line by line (`cells.h`).
     scan(opts, xi, state0, weight_hh, bias_hh, params)       same signature and result as engine.scan
     build(verbose=False)                                     compile now (the install step may call it)
     bernoulli(shape, p, dtype)                               fast 0/1 masks (zoneout), see random.h
+    release_pool()                                           hand the kernel's kept buffers back (pool.h)
+
+Speed (measured in docs/benchmarks.md): with enough batch rows each thread runs the whole time loop on
+its own rows ("lanes", scan.h), so no step waits on a hand-off between threads; the large buffers come
+from a pool that keeps them between calls (pool.h), so a training step does not fault in fresh pages
+every call; layer normalisation of xi and of the recurrent product is done per row inside the loop.
 
 Built on first use with torch.utils.cpp_extension (JIT, for this machine's CPU), cached in torch's
 extension folder or in $RNNKIT_EXT_DIR; torch's file lock makes concurrent builds safe. If the build
@@ -34,10 +40,10 @@ from torch.autograd.function import once_differentiable
 from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from ..numerics import flushing_denormals
 
-__all__ = ["available", "bernoulli", "build", "scan", "supports"]
+__all__ = ["available", "bernoulli", "build", "release_pool", "scan", "supports"]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp")
+_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp", "pool.cpp")
 # -march=native: built on the machine that runs it. No -ffast-math: NaN and Inf must keep
 # propagating (a NaN loss is detected downstream); exp/tanh are written to vectorise without it.
 # -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension itself is
@@ -155,6 +161,16 @@ def bernoulli(shape, p: float, dtype=torch.float32, generator=None, device=None)
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(p, generator=generator)
 
 
+def release_pool() -> int:
+    """Hand the buffers the kernel keeps between calls back to the system; returns the bytes freed.
+    (The pool holds at most 1 GiB of free blocks; a later call refills it.)"""
+    if _disabled() or _ops() is None:
+        return 0
+    held = int(_ops().pool_held_bytes())
+    _ops().release_pool()
+    return held
+
+
 # -- which scans it runs -----------------------------------------------------------------------------
 
 def _cell_code(cell) -> tuple[int, bool] | None:
@@ -197,11 +213,16 @@ def supports(opts, xi, state0, weight_hh, bias_hh, params=()) -> bool:
         return False
     if any(tuple(s.shape) != (B, H) for s in state0):
         return False
-    if len(params) != (2 if code[1] else 0) or any(tuple(p.shape) != (W,) for p in params):
+    if len(params) != _num_params(opts.cell, code[1]) or any(tuple(p.shape) != (W,) for p in params):
         return False
     if not _options_fit(opts, T, B, H, n):
         return False
     return _ops() is not None
+
+
+def _num_params(cell, ln: bool) -> int:
+    """LN's (gamma, beta), and (gamma_x, beta_x) when the cell normalises xi itself."""
+    return (4 if cell.normalize_input else 2) if ln else 0
 
 
 def _options_fit(opts, T, B, H, n) -> bool:
@@ -269,14 +290,15 @@ class _FusedScan(torch.autograd.Function):
         keep = any(ctx.needs_input_grad) or opts.trace is not None
         mask, rec, zone = _options(opts, xi)
         h0, c0 = state[0].contiguous(), _c(state[1]) if n == 2 else None
-        gamma, beta = (params[0].contiguous(), params[1].contiguous()) if ln else (None, None)
+        gamma, beta, gamma_x, beta_x = (tuple(_c(p) for p in params) + (None,) * 4)[:4]
         w, b = weight_hh.contiguous(), _c(bias_hh)
-        out, hs, cs, act, aux, hr, xhat, inv, h_T, c_T = _ops().forward(
-            code, ln, opts.reverse, keep, xi.contiguous(), w, b, h0, c0, gamma, beta, mask, rec, *zone)
+        out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_T, c_T = _ops().forward(
+            code, ln, opts.reverse, keep, xi.contiguous(), w, b, h0, c0, gamma, beta, gamma_x, beta_x, mask,
+            rec, *zone)
         if opts.trace is not None:
             _record_forward(opts.trace, code, hs, cs, act)
         if keep:
-            ctx.save_for_backward(w, b, h0, c0, gamma, hs, cs, act, aux, hr, xhat, inv)
+            ctx.save_for_backward(w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x)
             ctx.opts, ctx.code, ctx.ln, ctx.n, ctx.aux_opts = opts, code, ln, n, (mask, rec, *zone)
             ctx.set_materialize_grads(False)                   # an unused output sends None: skip it
         return (out, h_T) if n == 1 else (out, h_T, c_T)
@@ -290,14 +312,14 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_out, *d_final):
         opts, n = ctx.opts, ctx.n
-        w, b, h0, c0, gamma, hs, cs, act, aux, hr, xhat, inv = ctx.saved_tensors
+        w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x = ctx.saved_tensors
         mask, rec, zh, zc = ctx.aux_opts
         gn = opts.trace.grad_norm if opts.trace is not None else None
         d_hT, d_cT = _c(d_final[0]), (_c(d_final[1]) if n == 2 else None)
         need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4] and b is not None
-        d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta = _ops().backward(
-            ctx.code, ctx.ln, opts.reverse, opts.truncate or 0, w, b, h0, c0, gamma, mask, rec, zh, zc,
-            hs, cs, act, aux, hr, xhat, inv, _grad_out(d_out), d_hT, d_cT, gn, need_w, need_b)
+        d_xi, d_w, d_b, d_h0, d_c0, *d_ln = _ops().backward(
+            ctx.code, ctx.ln, opts.reverse, opts.truncate or 0, w, b, h0, c0, gamma, gamma_x, mask, rec, zh, zc,
+            hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, _grad_out(d_out), d_hT, d_cT, gn, need_w, need_b)
         states = (d_h0,) if n == 1 else (d_h0, d_c0)
-        params = (d_gamma, d_beta) if ctx.ln else ()
+        params = tuple(d_ln[:_num_params(opts.cell, ctx.ln)])
         return (None, None, d_xi, d_w, d_b, *states, *params)

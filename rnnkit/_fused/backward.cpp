@@ -19,13 +19,17 @@
 namespace rnnkit {
 namespace {
 
-// Per-row scratch of the loop, (B, H) each, plus the LN path's (B, W) d_y.
+// Per-row scratch of the loop, (B, H) each, plus the LN path's (B, W) d_y; lanes use their own rows.
 template <typename T>
 struct Carry {
   std::vector<T> h, c, gw, dh, dc, dy;   // carries to step t-1; d_gh U; d_new of h; d_new of c (LSTM)
                                          // or the direct dh z (GRU, when a d_pass must be added)
-  bool h_live = false;                             // h holds a gradient (else it is all zeros)
-  bool have_gw = false;                            // gw holds step t+1's d_gh U
+};
+
+// What a lane knows of its carries (the same in every lane: it depends on the step, not the row).
+struct Live {
+  bool h = false;                                  // Carry::h holds a gradient (else it is all zeros)
+  bool gw = false;                                 // Carry::gw holds step t+1's d_gh U
 };
 
 // dh = term(j) or dh += term(j): the first term present assigns, so absent terms cost nothing.
@@ -128,16 +132,21 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
     if (around) add_into(H, dc, ch);                   // carry_h = dh z + d_pass
     if (v.d_ghn != nullptr) std::memcpy(v.d_ghn + row * H, d_y + 2 * H, sizeof(T) * H);
   }
-  if (p.ln) layernorm_backward(W, d_y, v.xhat + row * W, v.inv[row], v.gamma, v.d_gh + row * W);
+  if (!p.ln) return;
+  T* acc = v.ln_acc + at::get_thread_num() * 4 * W;  // this thread's sums (scan.h: Views::ln_acc)
+  layernorm_backward(W, d_y, v.xhat + row * W, v.inv[row], v.gamma, acc, acc + W, v.d_gh + row * W);
+  if (v.gamma_x != nullptr) {                          // xi came raw: d_xi back through its LN, in place
+    layernorm_backward(W, d_xi, v.xhat_x + row * W, v.inv_x[row], v.gamma_x, acc + 2 * W, acc + 3 * W, d_xi);
+  }
 }
 
 template <typename T>
-void backward_row(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, int64_t b,
+void backward_row(const Problem& p, const Views<T>& v, Carry<T>& k, Live live, int64_t t, int64_t b,
                   const T* h_prev, const T* c_prev, bool around) {
   const int64_t H = p.H, row = t * p.B + b;
   const T* m = v.mask ? v.mask + row : nullptr;
   T *dh = k.dh.data() + b * H, *ch = k.h.data() + b * H;
-  gather_dh(H, k.h_live ? ch : nullptr, k.have_gw ? k.gw.data() + b * H : nullptr,
+  gather_dh(H, live.h ? ch : nullptr, live.gw ? k.gw.data() + b * H : nullptr,
             v.rec ? v.rec + b * H : nullptr, v.d_out.row(t, b), v.d_out.sj, m, dh);
   if (v.gn != nullptr) v.gn[row] = norm(H, dh);
   if (around) {
@@ -151,39 +160,22 @@ void backward_row(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, i
   cell_backward(p, v, k, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr, around);
 }
 
-// LN's gamma and beta gradients: sums over the step's rows of d_y xhat and d_y (serial: a reduction).
+// Step i on the lane's rows; returns what the lane's carries hold for step i-1.
 template <typename T>
-void layernorm_params(const Problem& p, const Views<T>& v, const Carry<T>& k, int64_t t) {
-  const int64_t W = p.W();
-  for (int64_t b = 0; b < p.B; ++b) {
-    const int64_t row = t * p.B + b;
-    const T* d_y = p.gru() ? k.dy.data() + b * W : v.d_xi + row * W;
-    const T* xh = v.xhat + row * W;
-    for (int64_t j = 0; j < W; ++j) {
-      v.dgamma[j] += d_y[j] * xh[j];
-      v.dbeta[j] += d_y[j];
-    }
-  }
-}
-
-template <typename T>
-void backward_step(const Problem& p, const Views<T>& v, const StepProduct<T>& times_u, Carry<T>& k,
-                   int64_t i, bool cut) {
-  const int64_t t = p.time(i), B = p.B, H = p.H, W = p.W();
+Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const StepProduct<T>& times_u,
+                   Carry<T>& k, Live live, int64_t i, bool cut) {
+  const int64_t t = p.time(i), B = p.B, H = p.H, W = p.W(), b0 = lane.b0, nb = lane.rows();
   const T* h_prev = i == 0 ? v.h0 : v.hs + p.before(t) * B * H;
   const T* c_prev = !p.lstm() ? nullptr : i == 0 ? v.c0 : v.cs + p.before(t) * B * H;
   const bool around = goes_around(v);
-  for_rows(p, [&](int64_t b) { backward_row(p, v, k, t, b, h_prev, c_prev, around); });
-  k.h_live = around || p.gru();                    // else nothing reaches h_{t-1} but through U
-  if (p.ln) layernorm_params(p, v, k, t);
+  for_lane_rows(p, lane, [&](int64_t b) { backward_row(p, v, k, live, t, b, h_prev, c_prev, around); });
   if (cut) {                                       // truncated BPTT: the state was detached here
-    std::fill(k.h.begin(), k.h.end(), T(0));
-    std::fill(k.c.begin(), k.c.end(), T(0));
-    k.h_live = k.have_gw = false;
-    return;
+    std::fill(k.h.begin() + b0 * H, k.h.begin() + (b0 + nb) * H, T(0));
+    if (p.lstm()) std::fill(k.c.begin() + b0 * H, k.c.begin() + (b0 + nb) * H, T(0));
+    return Live{};
   }
-  times_u(v.d_gh + t * v.gh_keep * B * W, k.gw.data());      // d_gh U  (B, H)
-  k.have_gw = true;
+  times_u(v.d_gh + (t * v.gh_keep * B + b0) * W, k.gw.data() + b0 * H);      // d_gh U  (rows, H)
+  return Live{around || p.gru(), true};           // h: else nothing reaches h_{t-1} but through U
 }
 
 }  // namespace
@@ -200,15 +192,19 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
   k.dc.resize(BH);
   k.dy.resize(p.ln && p.gru() ? static_cast<size_t>(p.B * p.W()) : 0);
   if (d_hT != nullptr) std::memcpy(k.h.data(), d_hT, sizeof(T) * BH);
-  k.h_live = d_hT != nullptr;
   if (d_cT != nullptr) std::memcpy(k.c.data(), d_cT, sizeof(T) * BH);
-  const StepProduct<T> times_u(v.w, p.W(), p.H, p.B, true, p.T);
-  for (int64_t i = p.T - 1; i >= 0; --i) {
-    backward_step(p, v, times_u, k, i, truncate > 0 && i > 0 && i % truncate == 0);
-  }
+  Live last;
+  for_lanes<T>(p, [&](const Lane& lane, int64_t l) {
+    const StepProduct<T> times_u(v.w, p.W(), p.H, lane.rows(), true, p.T);
+    Live live{d_hT != nullptr, false};
+    for (int64_t i = p.T - 1; i >= 0; --i) {
+      live = backward_step(p, v, lane, times_u, k, live, i, truncate > 0 && i > 0 && i % truncate == 0);
+    }
+    if (l == 0) last = live;
+  });
   // what reaches the initial state: the carry, plus the last product through U
   const T* none = nullptr;
-  gather_dh(p.B * p.H, k.h_live ? k.h.data() : none, k.have_gw ? k.gw.data() : none, v.rec, none, 1, none,
+  gather_dh(p.B * p.H, last.h ? k.h.data() : none, last.gw ? k.gw.data() : none, v.rec, none, 1, none,
             d_h0);
   if (p.lstm()) std::memcpy(d_c0, k.c.data(), sizeof(T) * BH);
 }

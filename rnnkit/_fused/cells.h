@@ -6,7 +6,8 @@
 //
 // The bias b_hh is passed as its own row `b`: for Elman and LSTM the engine folds it into xi (one
 // pre-activation a = xi + b + U h), for GRU it belongs to gh = U h + b. Under layer normalisation the
-// bias goes into the normalised sum instead, and the cell gets a row of zeros.
+// bias goes into the normalised sum instead, and the cell gets a row of zeros; xi is normalised too
+// when the layer hands it over raw (its own gamma and beta), else it comes in normalised.
 #pragma once
 
 #include <cmath>
@@ -119,44 +120,46 @@ void gru_backward(int64_t H, const T* __restrict__ dh, const T* __restrict__ gat
   }
 }
 
-// ---- layer normalisation of the recurrent pre-activation (layernorm.py) --------------------------
+// ---- layer normalisation (layernorm.py): of U h + b_hh inside the loop, and of xi = V x + b_ih ----
 
 constexpr double kLayerNormEps = 1e-5;
 
-// gh := LN(gh + b) * gamma + beta over the row's W = G*H features; saves xhat, returns 1/s.
+// y = xhat * gamma + beta, xhat = (x - mean(x)) / s over the row's W features; saves xhat, returns 1/s.
+// y may be x itself (the recurrent product is normalised in place).
 template <typename T>
-T layernorm_forward(int64_t W, T* __restrict__ gh, const T* __restrict__ b, const T* __restrict__ gamma,
-                    const T* __restrict__ beta, T* __restrict__ xhat) {
+T layernorm_forward(int64_t W, const T* x, const T* __restrict__ gamma, const T* __restrict__ beta,
+                    T* __restrict__ xhat, T* y) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < W; ++j) {
-    gh[j] += b[j];
-    sum += gh[j];
-  }
+  for (int64_t j = 0; j < W; ++j) sum += x[j];
   const T mu = sum / T(W);
   T ss = 0;
 #pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < W; ++j) ss += (gh[j] - mu) * (gh[j] - mu);
+  for (int64_t j = 0; j < W; ++j) ss += (x[j] - mu) * (x[j] - mu);
   const T inv = T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
   for (int64_t j = 0; j < W; ++j) {
-    xhat[j] = (gh[j] - mu) * inv;
-    gh[j] = xhat[j] * gamma[j] + beta[j];
+    xhat[j] = (x[j] - mu) * inv;
+    y[j] = xhat[j] * gamma[j] + beta[j];
   }
   return inv;
 }
 
-// dxhat = dy gamma;  d_gh = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / s
+// dxhat = dy gamma;  dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / s.  dx may be dy itself.
+// The row's share of the parameters' gradients is added on the way: dgamma += dy xhat, dbeta += dy.
 template <typename T>
-void layernorm_backward(int64_t W, const T* __restrict__ dy, const T* __restrict__ xhat, T inv,
-                        const T* __restrict__ gamma, T* __restrict__ d_gh) {
+void layernorm_backward(int64_t W, const T* dy, const T* __restrict__ xhat, T inv, const T* __restrict__ gamma,
+                        T* __restrict__ dgamma, T* __restrict__ dbeta, T* dx) {
   T s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s1, s2)
   for (int64_t j = 0; j < W; ++j) {
-    s1 += dy[j] * gamma[j];
-    s2 += dy[j] * gamma[j] * xhat[j];
+    const T g = dy[j] * gamma[j];
+    s1 += g;
+    s2 += g * xhat[j];
+    dgamma[j] += dy[j] * xhat[j];
+    dbeta[j] += dy[j];
   }
   const T m1 = s1 / T(W), m2 = s2 / T(W);
-  for (int64_t j = 0; j < W; ++j) d_gh[j] = inv * (dy[j] * gamma[j] - m1 - xhat[j] * m2);
+  for (int64_t j = 0; j < W; ++j) dx[j] = inv * (dy[j] * gamma[j] - m1 - xhat[j] * m2);
 }
 
 }  // namespace rnnkit

@@ -5,7 +5,8 @@
 //     s_t   = s_{t-1} + m_t (s_t - s_{t-1})       padding keeps the state
 //     out_t = m_t h_t
 // and it saves, per step, what the backward reads: the gate activations (which are also the trace's
-// gates), tanh(c_t) for the LSTM, U h + b_hh's n block for the GRU, h * r, LN's xhat and 1/s.
+// gates), tanh(c_t) for the LSTM, U h + b_hh's n block for the GRU, h * r, LN's xhat and 1/s (of the
+// recurrent product and, when the layer hands xi over raw, of xi: its LN is then done here, per row).
 #include <vector>
 
 #include "blas.h"
@@ -30,13 +31,21 @@ void blend(int64_t H, const T* nw, const T* prev, const T* z, const T* m, T* s) 
 }
 
 // One batch row b of step t: the cell, then zoneout and padding, then the output.
+// xn: the row's scratch for xi normalised, when xi comes raw.
 template <typename T>
-void forward_row(const Problem& p, const Views<T>& v, T* gh, int64_t t, int64_t b,
+void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, int64_t t, int64_t b,
                  const T* h_prev, const T* c_prev) {
   const int64_t H = p.H, W = p.W(), slot = t * v.keep * p.B + b;   // slot: row of a per-step buffer
   const int64_t row = t * p.B + b;                                 // row of a (T, B, .) buffer
-  if (p.ln) v.inv[slot] = layernorm_forward(W, gh, v.b, v.gamma, v.beta, v.xhat + slot * W);
   const T* xi = v.xi + row * W;
+  if (p.ln) {
+    for (int64_t j = 0; j < W; ++j) gh[j] += v.b[j];
+    v.inv[slot] = layernorm_forward(W, gh, v.gamma, v.beta, v.xhat + slot * W, gh);
+    if (v.gamma_x != nullptr) {
+      v.inv_x[slot] = layernorm_forward(W, xi, v.gamma_x, v.beta_x, v.xhat_x + slot * W, xn);
+      xi = xn;
+    }
+  }
   T* h = v.hs + row * H;
   const T* m = v.mask ? v.mask + row : nullptr;
   if (p.elman()) {
@@ -58,21 +67,24 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, int64_t t, int64_t 
   }
 }
 
+// Step i on the lane's rows: gh (the lane's rows of the step product, (rows, W)) = h_in U^T, then the
+// row pass.
 template <typename T>
-void forward_step(const Problem& p, const Views<T>& v, const StepProduct<T>& times_ut, T* gh,
-                  int64_t i) {
-  const int64_t t = p.time(i), B = p.B, H = p.H, W = p.W();
+void forward_step(const Problem& p, const Views<T>& v, const Lane& lane, const StepProduct<T>& times_ut,
+                  T* gh, T* xn, int64_t i) {
+  const int64_t t = p.time(i), B = p.B, H = p.H, W = p.W(), b0 = lane.b0;
   const T* h_prev = i == 0 ? v.h0 : v.hs + p.before(t) * B * H;
   const T* c_prev = !p.lstm() ? nullptr : i == 0 ? v.c0 : v.cs + p.before(t) * B * H;
   const T* h_in = h_prev;
   if (v.rec != nullptr) {                          // variational dropout on h before U
     T* hr = v.hr + t * v.keep * B * H;
-    for (int64_t k = 0; k < B * H; ++k) hr[k] = h_prev[k] * v.rec[k];
+    for (int64_t k = b0 * H; k < lane.b1 * H; ++k) hr[k] = h_prev[k] * v.rec[k];
     h_in = hr;
   }
-  times_ut(h_in, gh);                              // gh = h_in U^T   (B, W)
-  for_rows(p, [&](int64_t b) {
-    forward_row(p, v, gh + b * W, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr);
+  times_ut(h_in + b0 * H, gh);                     // gh = h_in U^T   (rows, W)
+  for_lane_rows(p, lane, [&](int64_t b) {
+    const int64_t r = b - b0;
+    forward_row(p, v, gh + r * W, xn + r * W, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr);
   });
 }
 
@@ -80,9 +92,13 @@ void forward_step(const Problem& p, const Views<T>& v, const StepProduct<T>& tim
 
 template <typename T>
 void forward_loop(const Problem& p, const Views<T>& v) {
-  const StepProduct<T> times_ut(v.w, p.W(), p.H, p.B, false, p.T);
-  std::vector<T> gh(static_cast<size_t>(p.B * p.W()));     // the step's recurrent product, reused
-  for (int64_t i = 0; i < p.T; ++i) forward_step(p, v, times_ut, gh.data(), i);
+  for_lanes<T>(p, [&](const Lane& lane, int64_t) {
+    const StepProduct<T> times_ut(v.w, p.W(), p.H, lane.rows(), false, p.T);
+    const size_t rows_w = static_cast<size_t>(lane.rows() * p.W());
+    std::vector<T> gh(rows_w);                                     // the step's recurrent product, reused
+    std::vector<T> xn(v.gamma_x != nullptr ? rows_w : 0);          // and xi normalised
+    for (int64_t i = 0; i < p.T; ++i) forward_step(p, v, lane, times_ut, gh.data(), xn.data(), i);
+  });
 }
 
 template void forward_loop<float>(const Problem&, const Views<float>&);

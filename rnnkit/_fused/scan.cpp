@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "pool.h"
 #include "random.h"
 #include "scan.h"
 
@@ -78,8 +79,8 @@ void check_grad(const Opt& g, const Tensor& like) {
 // and the cell sees zeros in its place under LN, where the bias goes into the normalised sum.
 template <typename T>
 Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const Tensor& zero_w,
-                     const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta, const Opt& mask,
-                     const Opt& rec, const Opt& zh, const Opt& zc) {
+                     const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta, const Opt& gamma_x,
+                     const Opt& beta_x, const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc) {
   Views<T> v{};
   v.w = ptr<T>(w);
   v.b = ptr<T>(b);
@@ -88,6 +89,8 @@ Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const T
   v.c0 = ptr<T>(c0);
   v.gamma = ptr<T>(gamma);
   v.beta = ptr<T>(beta);
+  v.gamma_x = ptr<T>(gamma_x);
+  v.beta_x = ptr<T>(beta_x);
   v.mask = ptr<T>(mask);
   v.rec = ptr<T>(rec);
   v.zone[0] = rows<T>(zh, p);
@@ -98,28 +101,32 @@ Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const T
 
 // ---- forward ---------------------------------------------------------------------------------------
 
-// What forward allocates. act/aux/hr/xhat/inv have T slots when kept for backward, else 1.
+// What forward allocates. act/aux/hr/xhat/inv/xhat_x/inv_x have T slots when kept for backward, else 1.
 struct Buffers {
-  Tensor out, hs, cs, act, aux, hr, xhat, inv;
+  Tensor out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x;
 };
 
-Buffers allocate(const Problem& p, bool keep, bool blended, bool masked, bool dropped,
+Buffers allocate(const Problem& p, bool keep, bool blended, bool masked, bool dropped, bool raw_xi,
                  const at::TensorOptions& o) {
   const int64_t T = p.T, B = p.B, H = p.H, W = p.W(), S = keep ? T : 1;
   Buffers f;
-  f.hs = at::empty({T, B, H}, o);
-  f.out = masked ? at::empty({T, B, H}, o) : f.hs;
-  if (p.lstm()) f.cs = at::empty({T, B, H}, o);
+  f.hs = pooled_empty({T, B, H}, o);
+  f.out = masked ? pooled_empty({T, B, H}, o) : f.hs;
+  if (p.lstm()) f.cs = pooled_empty({T, B, H}, o);
   if (!p.elman()) {
-    f.act = at::empty({S, B, W}, o);
-    f.aux = at::empty({S, B, H}, o);
+    f.act = pooled_empty({S, B, W}, o);
+    f.aux = pooled_empty({S, B, H}, o);
   } else if (keep && blended) {
-    f.act = at::empty({T, B, H}, o);               // the cell's own h_t, before zoneout and padding
+    f.act = pooled_empty({T, B, H}, o);               // the cell's own h_t, before zoneout and padding
   }
-  if (dropped) f.hr = at::empty({S, B, H}, o);
+  if (dropped) f.hr = pooled_empty({S, B, H}, o);
   if (p.ln) {
-    f.xhat = at::empty({S, B, W}, o);
+    f.xhat = pooled_empty({S, B, W}, o);
     f.inv = at::empty({S, B}, o);
+  }
+  if (raw_xi) {
+    f.xhat_x = pooled_empty({S, B, W}, o);
+    f.inv_x = at::empty({S, B}, o);
   }
   return f;
 }
@@ -135,25 +142,32 @@ void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& 
   v.hr = ptr<T>(f.hr);
   v.xhat = ptr<T>(f.xhat);
   v.inv = ptr<T>(f.inv);
+  v.xhat_x = ptr<T>(f.xhat_x);
+  v.inv_x = ptr<T>(f.inv_x);
   v.keep = keep ? 1 : 0;
   forward_loop<T>(p, v);
 }
 
-// Returns [out, hs, cs, act, aux, hr, xhat, inv, h_final, c_final]; absent entries are undefined (None).
+// Returns [out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_final, c_final]; absent entries are
+// undefined (None). gamma_x, beta_x: xi comes raw, and is layer-normalised here (LN cells only).
 std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, const Tensor& xi, const Tensor& w,
                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta,
-                            const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc) {
+                            const Opt& gamma_x, const Opt& beta_x, const Opt& mask, const Opt& rec,
+                            const Opt& zh, const Opt& zc) {
   TORCH_CHECK(xi.dim() == 3, "rnnkit fused scan: xi must be (T, B, G*H)");
   const Problem p = problem(cell, ln, reverse, xi.size(0), xi.size(1), w);
   for (auto* t : {&xi, &w, &h0}) check(*t, xi, "every input");
-  for (auto* t : {&b, &c0, &gamma, &beta, &mask, &rec, &zh, &zc}) check(*t, xi, "every input");
+  for (auto* t : {&b, &c0, &gamma, &beta, &gamma_x, &beta_x, &mask, &rec, &zh, &zc}) check(*t, xi, "every input");
+  TORCH_CHECK(has(gamma_x) == has(beta_x) && (ln || !has(gamma_x)),
+              "rnnkit fused scan: gamma_x and beta_x come together, and only with layer normalisation");
   const auto o = xi.options();
   const Tensor zero_w = at::zeros({p.W()}, o);
   const Tensor bias = has(b) ? *b : zero_w;
-  const Buffers f = allocate(p, keep, has(mask) || has(zh) || has(zc), has(mask), has(rec), o);
+  const Buffers f = allocate(p, keep, has(mask) || has(zh) || has(zc), has(mask), has(rec), has(gamma_x), o);
   auto run = [&](auto zero) {
     using S = decltype(zero);
-    run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, mask, rec, zh, zc), xi, f, keep);
+    run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, mask, rec, zh, zc),
+                   xi, f, keep);
   };
   if (xi.scalar_type() == at::kFloat) {
     run(0.f);
@@ -164,7 +178,7 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
   const int64_t last = reverse ? 0 : p.T - 1;
   Tensor h_final = f.hs[last].clone();
   Tensor c_final = p.lstm() ? f.cs[last].clone() : Tensor();
-  return {f.out, f.hs, f.cs, f.act, f.aux, f.hr, f.xhat, f.inv, h_final, c_final};
+  return {f.out, f.hs, f.cs, f.act, f.aux, f.hr, f.xhat, f.inv, f.xhat_x, f.inv_x, h_final, c_final};
 }
 
 // ---- backward --------------------------------------------------------------------------------------
@@ -207,16 +221,16 @@ Tensor bias_grad(const Problem& p, const Tensor& d_xi, const Tensor& d_gh, const
   return at::cat({d_xi.view({TB, W}).narrow(1, 0, 2 * p.H).sum(0), d_ghn.view({TB, p.H}).sum(0)});
 }
 
-// Returns [d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta].
+// Returns [d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta, d_gamma_x, d_beta_x].
 std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t truncate, const Tensor& w,
-                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& mask,
-                             const Opt& rec, const Opt& zh, const Opt& zc, const Tensor& hs, const Opt& cs,
-                             const Opt& act, const Opt& aux, const Opt& hr, const Opt& xhat, const Opt& inv,
-                             const Opt& d_out, const Opt& d_hT, const Opt& d_cT, const Opt& gn, bool need_w,
-                             bool need_b) {
+                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& gamma_x,
+                             const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc, const Tensor& hs,
+                             const Opt& cs, const Opt& act, const Opt& aux, const Opt& hr, const Opt& xhat,
+                             const Opt& inv, const Opt& xhat_x, const Opt& inv_x, const Opt& d_out,
+                             const Opt& d_hT, const Opt& d_cT, const Opt& gn, bool need_w, bool need_b) {
   const Problem p = problem(cell, ln, reverse, hs.size(0), hs.size(1), w);
-  for (auto* t : {&b, &c0, &gamma, &mask, &rec, &zh, &zc, &cs, &act, &aux, &hr, &xhat, &inv, &d_hT, &d_cT,
-                  &gn}) {
+  for (auto* t : {&b, &c0, &gamma, &gamma_x, &mask, &rec, &zh, &zc, &cs, &act, &aux, &hr, &xhat, &inv, &xhat_x,
+                  &inv_x, &d_hT, &d_cT, &gn}) {
     check(*t, hs, "every input");
   }
   check_grad(d_out, hs);
@@ -224,16 +238,18 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   const int64_t T = p.T, B = p.B, H = p.H, W = p.W();
   const Tensor zero_w = at::zeros({W}, o);
   const Tensor bias = has(b) ? *b : zero_w;
-  Tensor d_xi = at::empty({T, B, W}, o);
+  Tensor d_xi = pooled_empty({T, B, W}, o);
   const bool gru_plain = p.gru() && !p.ln;
-  Tensor d_gh = p.ln ? at::empty({T, B, W}, o) : gru_plain ? at::empty({1, B, W}, o) : d_xi;
-  Tensor d_ghn = gru_plain ? at::empty({T, B, H}, o) : Tensor();
+  Tensor d_gh = p.ln ? pooled_empty({T, B, W}, o) : gru_plain ? pooled_empty({1, B, W}, o) : d_xi;
+  Tensor d_ghn = gru_plain ? pooled_empty({T, B, H}, o) : Tensor();
   Tensor d_h0 = at::empty({B, H}, o), d_c0 = p.lstm() ? at::empty({B, H}, o) : Tensor();
   Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
-  Tensor d_gamma = p.ln ? at::zeros({W}, o) : Tensor(), d_beta = p.ln ? at::zeros({W}, o) : Tensor();
+  TORCH_CHECK(has(gamma_x) == (has(xhat_x) && has(inv_x)), "rnnkit fused scan: xi's LN needs xhat_x and inv_x");
+  Tensor ln_acc = p.ln ? at::zeros({at::get_num_threads(), 4, W}, o) : Tensor();   // scan.h: Views::ln_acc
   auto run = [&](auto zero) {
     using S = decltype(zero);
-    Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, std::nullopt, mask, rec, zh, zc);
+    Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, std::nullopt, gamma_x, std::nullopt, mask, rec,
+                                zh, zc);
     v.hs = ptr<S>(hs);
     v.cs = ptr<S>(cs);
     v.act = ptr<S>(act);
@@ -241,6 +257,8 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.hr = ptr<S>(hr);
     v.xhat = ptr<S>(xhat);
     v.inv = ptr<S>(inv);
+    v.xhat_x = ptr<S>(xhat_x);
+    v.inv_x = ptr<S>(inv_x);
     v.keep = 1;
     v.d_out = rows<S>(d_out, p);
     v.gn = ptr<S>(gn);
@@ -248,8 +266,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.d_gh = ptr<S>(d_gh);
     v.d_ghn = ptr<S>(d_ghn);
     v.gh_keep = gru_plain ? 0 : 1;
-    v.dgamma = ptr<S>(d_gamma);
-    v.dbeta = ptr<S>(d_beta);
+    v.ln_acc = ptr<S>(ln_acc);
     backward_loop<S>(p, v, truncate, ptr<S>(d_hT), ptr<S>(d_cT), ptr<S>(d_h0), ptr<S>(d_c0));
     if (need_w) {
       for (const auto& g : grad_rows<S>(p, v)) weight_grad<S>(p, v, g, ptr<S>(d_w));
@@ -262,27 +279,45 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     run(0.0);
   }
   Tensor d_b = (need_b && has(b)) ? bias_grad(p, d_xi, d_gh, d_ghn) : Tensor();
-  return {d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta};
+  std::vector<Tensor> d_ln(4);                         // the threads' LN sums, added in thread order
+  if (p.ln) {
+    const Tensor total = ln_acc.sum(0);
+    for (int k = 0; k < (has(gamma_x) ? 4 : 2); ++k) d_ln[k] = total[k].clone();
+  }
+  return {d_xi, d_w, d_b, d_h0, d_c0, d_ln[0], d_ln[1], d_ln[2], d_ln[3]};
 }
 
 std::string route() { return gemm_route(); }
 
 void limit_route(const std::string& route) { limit_gemm_route(route); }
 
+// Returns the previous setting; 0 switches lanes off (see scan.h).
+int64_t set_min_lane_rows(int64_t rows) {
+  TORCH_CHECK(rows >= 0, "rnnkit fused scan: min lane rows must be >= 0");
+  const int64_t old = g_min_lane_rows;
+  g_min_lane_rows = rows;
+  return old;
+}
+
 }  // namespace
 }  // namespace rnnkit
 
 TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("forward(int cell, bool ln, bool reverse, bool keep, Tensor xi, Tensor w, Tensor? b, Tensor h0, "
-        "Tensor? c0, Tensor? gamma, Tensor? beta, Tensor? mask, Tensor? rec, Tensor? zone_h, "
-        "Tensor? zone_c) -> Tensor[]",
+        "Tensor? c0, Tensor? gamma, Tensor? beta, Tensor? gamma_x, Tensor? beta_x, Tensor? mask, Tensor? rec, "
+        "Tensor? zone_h, Tensor? zone_c) -> Tensor[]",
         &rnnkit::forward);
   m.def("backward(int cell, bool ln, bool reverse, int truncate, Tensor w, Tensor? b, Tensor h0, Tensor? c0, "
-        "Tensor? gamma, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor hs, Tensor? cs, "
-        "Tensor? act, Tensor? aux, Tensor? hr, Tensor? xhat, Tensor? inv, Tensor? d_out, Tensor? d_hT, "
-        "Tensor? d_cT, Tensor? grad_norm, bool need_w, bool need_b) -> Tensor[]",
+        "Tensor? gamma, Tensor? gamma_x, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor hs, "
+        "Tensor? cs, Tensor? act, Tensor? aux, Tensor? hr, Tensor? xhat, Tensor? inv, Tensor? xhat_x, "
+        "Tensor? inv_x, Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor? grad_norm, bool need_w, "
+        "bool need_b) -> Tensor[]",
         &rnnkit::backward);
   m.def("bernoulli_mask(int[] shape, float p, int seed, ScalarType dtype) -> Tensor", &rnnkit::bernoulli_mask);
   m.def("gemm_route() -> str", &rnnkit::route);
   m.def("limit_gemm_route(str route) -> ()", &rnnkit::limit_route);
+  m.def("set_min_lane_rows(int rows) -> int", &rnnkit::set_min_lane_rows);
+  m.def("pool_held_bytes() -> int", &rnnkit::pool_held_bytes);
+  m.def("release_pool() -> ()", &rnnkit::release_pool);
+  m.def("set_pool_limit(int bytes) -> int", &rnnkit::set_pool_limit);
 }

@@ -42,16 +42,20 @@ struct Rows {
 // What the loops read and write, as raw pointers. Null means absent.
 template <typename T>
 struct Views {
-  // inputs
-  const T *xi, *w, *b, *cell_b, *h0, *c0, *gamma, *beta, *mask, *rec;
+  // inputs. gamma/beta: LN of the recurrent product; gamma_x/beta_x: LN of xi (null: xi comes normalised)
+  const T *xi, *w, *b, *cell_b, *h0, *c0, *gamma, *beta, *gamma_x, *beta_x, *mask, *rec;
   Rows<T> zone[2];
-  // saved by the forward; per-step buffers (act, aux, xhat, inv, hr) have one slot when `keep` is off
-  T *hs, *cs, *out, *act, *aux, *hr, *xhat, *inv;
+  // saved by the forward; per-step buffers (act, aux, xhat, inv, hr, xhat_x, inv_x) have one slot when
+  // `keep` is off
+  T *hs, *cs, *out, *act, *aux, *hr, *xhat, *inv, *xhat_x, *inv_x;
   int64_t keep;                                    // 1: slot t for step t; 0: slot 0 for every step
   // backward only. d_gh has T slots (gh_keep 1), or for the GRU without LN one slot (gh_keep 0): its
   // r and z blocks equal d_xi's, so only its n block is kept for dU, in d_ghn (T, B, H).
   Rows<T> d_out;
-  T *gn, *d_xi, *d_gh, *d_ghn, *dgamma, *dbeta;
+  T *gn, *d_xi, *d_gh, *d_ghn;
+  // LN parameter gradients, summed per thread: thread k adds its rows into ln_acc + k * 4W, laid out
+  // [d gamma, d beta, d gamma_x, d beta_x] (W each), and the threads' sums are added after the loop
+  T* ln_acc;
   int64_t gh_keep;
 };
 
@@ -99,6 +103,52 @@ void parallel_in_mode(int64_t n, int64_t grain, const F& f) {
 template <typename F>
 void for_rows(const Problem& p, const F& f) {
   parallel_in_mode(p.B, row_grain(p), f);
+}
+
+// Lanes. With enough batch rows, the batch is cut into one contiguous range of rows per thread and each
+// thread runs the whole time loop on its own rows: its own step products (single-threaded, as BLAS is
+// inside a parallel region) and row passes, no hand-off between threads inside a step. Each row's
+// arithmetic is the same either way. With fewer rows, one lane holds the batch and each step spreads its
+// product and its row pass over the threads. kMinLaneRows: the fewest rows a lane gets (0: lanes off;
+// the benchmarks and tests switch it through the operator set_min_lane_rows). Every lane reads all of U
+// at every step, so lanes pay only while U stays in a core's own cache: at most kLaneMaxWeightBytes
+// (this box: 2 MB of L2 per core; measured, a 3 MB U runs 3% slower in lanes, a 1 MB U 5-40% faster).
+struct Lane {
+  int64_t b0, b1;        // rows [b0, b1)
+  bool split;            // one of several lanes: run rows serially, in this thread
+  int64_t rows() const { return b1 - b0; }
+};
+
+inline int64_t g_min_lane_rows = 16;
+constexpr int64_t kLaneMaxWeightBytes = int64_t(2) << 20;
+
+inline int64_t lane_count(const Problem& p, int64_t elem_bytes) {
+  const int64_t threads = at::get_num_threads();
+  if (g_min_lane_rows <= 0 || threads < 2 || at::in_parallel_region()) return 1;
+  if (p.W() * p.H * elem_bytes > kLaneMaxWeightBytes) return 1;
+  const int64_t n = p.B / g_min_lane_rows;
+  return n < 2 ? 1 : n < threads ? n : threads;
+}
+
+// f(lane, index) for each lane, lanes on the threads; rows split as evenly as they go.
+template <typename T, typename F>
+void for_lanes(const Problem& p, const F& f) {
+  const int64_t n = lane_count(p, sizeof(T));
+  if (n == 1) {
+    f(Lane{0, p.B, false}, int64_t(0));
+    return;
+  }
+  parallel_in_mode(n, 1, [&](int64_t l) { f(Lane{p.B * l / n, p.B * (l + 1) / n, true}, l); });
+}
+
+// f(b) for the lane's rows: in this thread when the lane is one of several, else over the threads.
+template <typename F>
+void for_lane_rows(const Problem& p, const Lane& lane, const F& f) {
+  if (lane.split) {
+    for (int64_t b = lane.b0; b < lane.b1; ++b) f(b);
+  } else {
+    for_rows(p, f);
+  }
 }
 
 template <typename T> void forward_loop(const Problem& p, const Views<T>& v);

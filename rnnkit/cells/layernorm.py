@@ -1,14 +1,18 @@
 """Layer normalisation of the recurrent pre-activation, as a cell that wraps another cell.
 
     gh_t = LN(U h_{t-1} + b_hh) * gamma + beta       normalised over its G*H features
+    xi_t = LN(V x_t + b_ih) * gamma_x + beta_x       with normalize_input=True
 
-(The input pre-activation V x_t + b_ih is normalised by the layer before the loop, where autograd
-handles it.) params = (gamma, beta), each (G*H,). Hand backward of LN, with xhat the normalised
-input and s its standard deviation:  dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / s.
+params = (gamma, beta), each (G*H,), or with normalize_input (gamma, beta, gamma_x, beta_x): the
+scan then receives xi raw. The fused CPU kernel normalises each row of xi inside its time loop;
+the pure-torch engine calls `prepare_input` first, which normalises all steps at once with autograd
+and leaves (gamma, beta) for the steps. Hand backward of LN, with xhat the normalised input and s its
+standard deviation:  dx = (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)) / s.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .base import derived_backward, has_hand_backward
 
@@ -16,13 +20,20 @@ EPS = 1e-5
 
 
 class LayerNormCell:
-    def __init__(self, inner):
+    def __init__(self, inner, normalize_input: bool = False):
         self.inner = inner
+        self.normalize_input = bool(normalize_input)
         self.name = f"ln_{getattr(inner, 'name', type(inner).__name__)}"
         self._hand = has_hand_backward(inner)
         self.num_gates = inner.num_gates
         self.num_states = inner.num_states
         self.shared_preactivation = False
+
+    def prepare_input(self, xi, params):
+        """(xi, the params the steps take): xi's layer norm over all steps when the cell owns it."""
+        if not self.normalize_input:
+            return xi, params
+        return F.layer_norm(xi, xi.shape[-1:], params[2], params[3], EPS), tuple(params[:2])
 
     def step(self, xi, gh, state, params):
         gamma, beta = params

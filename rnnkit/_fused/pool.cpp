@@ -1,0 +1,130 @@
+// See pool.h.
+#include "pool.h"
+
+#include <ATen/EmptyTensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
+
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <new>
+
+namespace rnnkit {
+namespace {
+
+constexpr size_t kAlign = 64;                            // as c10's CPU allocator
+constexpr size_t kPage = 4096;
+size_t g_limit = size_t(1) << 30;
+
+struct Block {
+  void* ptr;
+  size_t bytes;
+};
+
+class Pool final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t n) override {
+    const size_t bytes = (n + kPage - 1) / kPage * kPage;
+    void* ptr = nullptr;
+    size_t in_use = 0, held = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = free_.find(bytes);
+      if (it != free_.end()) {
+        ptr = it->second;
+        free_.erase(it);
+        held_ -= bytes;
+      }
+      in_use = in_use_ += bytes;
+      held = held_;
+    }
+    if (ptr == nullptr && posix_memalign(&ptr, kAlign, bytes) != 0) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      in_use_ -= bytes;
+      throw std::bad_alloc();
+    }
+    report(ptr, static_cast<int64_t>(bytes), in_use, held);
+    auto* block = new Block{ptr, bytes};
+    return {ptr, block, &Pool::release, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+
+  int64_t held() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(held_);
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& kv : free_) std::free(kv.second);
+    free_.clear();
+    held_ = 0;
+  }
+
+  static Pool& get() {
+    static Pool* pool = new Pool();                      // never destroyed: tensors may outlive statics
+    return *pool;
+  }
+
+ private:
+  static void release(void* ctx) {
+    auto* block = static_cast<Block*>(ctx);
+    Pool& pool = get();
+    bool keep = false;
+    size_t in_use = 0, held = 0;
+    {
+      std::lock_guard<std::mutex> lock(pool.mutex_);
+      pool.in_use_ -= block->bytes;
+      if (pool.held_ + block->bytes <= g_limit) {
+        pool.free_.emplace(block->bytes, block->ptr);
+        pool.held_ += block->bytes;
+        keep = true;
+      }
+      in_use = pool.in_use_;
+      held = pool.held_;
+    }
+    report(block->ptr, -static_cast<int64_t>(block->bytes), in_use, held);
+    if (!keep) std::free(block->ptr);
+    delete block;
+  }
+
+  static void report(void* ptr, int64_t delta, size_t in_use, size_t held) {
+    if (c10::memoryProfilingEnabled()) {
+      c10::reportMemoryUsageToProfiler(ptr, delta, in_use, in_use + held, c10::Device(c10::DeviceType::CPU));
+    }
+  }
+
+  std::mutex mutex_;
+  std::multimap<size_t, void*> free_;
+  size_t held_ = 0, in_use_ = 0;
+};
+
+}  // namespace
+
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  int64_t n = 1;
+  for (int64_t s : sizes) n *= s;
+  const size_t bytes = static_cast<size_t>(n) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  if (!options.device().is_cpu() || bytes < kPoolMinBytes) return at::empty(sizes, options);
+  return at::detail::empty_generic(sizes, &Pool::get(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                   c10::typeMetaToScalarType(options.dtype()), std::nullopt);
+}
+
+int64_t pool_held_bytes() { return Pool::get().held(); }
+
+void release_pool() { Pool::get().clear(); }
+
+int64_t set_pool_limit(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "rnnkit fused scan: the pool limit must be >= 0 bytes");
+  const int64_t old = static_cast<int64_t>(g_limit);
+  g_limit = static_cast<size_t>(bytes);
+  if (bytes == 0) release_pool();
+  return old;
+}
+
+}  // namespace rnnkit
