@@ -280,9 +280,18 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   }
   Tensor d_b = (need_b && has(b)) ? bias_grad(p, d_xi, d_gh, d_ghn) : Tensor();
   std::vector<Tensor> d_ln(4);                         // the threads' LN sums, added in thread order
-  if (p.ln) {
-    const Tensor total = ln_acc.sum(0);
-    for (int k = 0; k < (has(gamma_x) ? 4 : 2); ++k) d_ln[k] = total[k].clone();
+  for (int64_t k = 0; p.ln && k < (has(gamma_x) ? 4 : 2); ++k) {
+    d_ln[k] = at::empty({W}, o);
+    auto add_threads = [&](auto zero) {
+      using S = decltype(zero);
+      const S* acc = ptr<S>(ln_acc) + k * W;
+      S* out = ptr<S>(d_ln[k]);
+      for (int64_t j = 0; j < W; ++j) out[j] = acc[j];
+      for (int64_t n = 1; n < ln_acc.size(0); ++n) {
+        for (int64_t j = 0; j < W; ++j) out[j] += acc[n * 4 * W + j];
+      }
+    };
+    if (hs.scalar_type() == at::kFloat) add_threads(0.f); else add_threads(0.0);
   }
   return {d_xi, d_w, d_b, d_h0, d_c0, d_ln[0], d_ln[1], d_ln[2], d_ln[3]};
 }
