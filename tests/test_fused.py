@@ -407,3 +407,21 @@ def test_buffer_pool_reuses_freed_buffers_and_releases_them():
         assert ops.pool_held_bytes() == 0
     finally:
         ops.set_pool_limit(old)
+
+
+@needs_kernel
+def test_buffer_pool_evicts_old_blocks_for_a_new_working_set():
+    """At its limit the pool drops its longest-unused blocks to keep the newest ones (a new layer size
+    must not find the pool full of an old size's blocks)."""
+    ops = _fused.build()
+    _fused.release_pool()
+    old = ops.set_pool_limit(4 << 20)
+    try:
+        big_run("lnx_gru", torch.float32, 20, 64, 64)           # blocks of ~1 MB
+        assert 0 < ops.pool_held_bytes() <= 4 << 20
+        big_run("lstm", torch.float32, 30, 64, 96)              # other sizes, ~2.9 MB d_xi among them
+        held = ops.pool_held_bytes()
+        assert 30 * 64 * 384 * 4 <= held <= 4 << 20             # the newest large block was kept
+    finally:
+        ops.set_pool_limit(old)
+        _fused.release_pool()

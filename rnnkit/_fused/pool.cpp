@@ -33,7 +33,7 @@ class Pool final : public c10::Allocator {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = free_.find(bytes);
       if (it != free_.end()) {
-        ptr = it->second;
+        ptr = it->second.ptr;
         free_.erase(it);
         held_ -= bytes;
       }
@@ -61,7 +61,7 @@ class Pool final : public c10::Allocator {
 
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto& kv : free_) std::free(kv.second);
+    for (auto& kv : free_) std::free(kv.second.ptr);
     free_.clear();
     held_ = 0;
   }
@@ -80,8 +80,9 @@ class Pool final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(pool.mutex_);
       pool.in_use_ -= block->bytes;
-      if (pool.held_ + block->bytes <= g_limit) {
-        pool.free_.emplace(block->bytes, block->ptr);
+      if (block->bytes <= g_limit) {                     // make room: the longest-unused blocks go first
+        while (pool.held_ + block->bytes > g_limit) pool.evict_oldest();
+        pool.free_.emplace(block->bytes, Free{block->ptr, ++pool.clock_});
         pool.held_ += block->bytes;
         keep = true;
       }
@@ -100,8 +101,24 @@ class Pool final : public c10::Allocator {
   }
 
   std::mutex mutex_;
-  std::multimap<size_t, void*> free_;
+  // Called with the lock held. A pool holds tens of blocks, so a scan for the oldest is cheap.
+  void evict_oldest() {
+    auto oldest = free_.begin();
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->second.stamp < oldest->second.stamp) oldest = it;
+    }
+    std::free(oldest->second.ptr);
+    held_ -= oldest->first;
+    free_.erase(oldest);
+  }
+
+  struct Free {
+    void* ptr;
+    uint64_t stamp;                                      // when it was freed: older blocks are evicted first
+  };
+  std::multimap<size_t, Free> free_;
   size_t held_ = 0, in_use_ = 0;
+  uint64_t clock_ = 0;
 };
 
 }  // namespace

@@ -6,8 +6,9 @@
 // at B = 64, H = 256. The pool keeps freed blocks, keyed by their size, and hands one back to the next
 // request of that size. Tensors from it are ordinary CPU tensors (resizable, any op accepts them); their
 // memory is reported to torch's profiler like the default allocator's, so memory measurements see it.
-// It holds at most pool_limit() bytes of free blocks (1 GiB; 0 turns it off); beyond that, freed blocks
-// go back to the system.
+// It holds at most 1 GiB of free blocks (set_pool_limit; 0 turns it off): a freed block that would pass
+// the limit evicts the longest-unused blocks first, so a new working set (another layer size) replaces
+// an old one instead of finding the pool full.
 #pragma once
 
 #include <ATen/core/Tensor.h>
