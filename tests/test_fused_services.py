@@ -1,0 +1,81 @@
+"""The fused kernel's services beside the scan: its fast 0/1 mask sampler (zoneout) and the pool
+that keeps its large buffers between calls. The scan itself is held to the engine in test_fused.py,
+whose fixtures these tests reuse."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rnnkit import _fused
+from test_fused import big_run, fused_scan, needs_kernel, run
+
+
+# -- the fast mask sampler ----------------------------------------------------------------------------
+
+@needs_kernel
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+def test_bernoulli_masks_have_the_rate_and_are_reproducible(p):
+    torch.manual_seed(3)
+    a = _fused.bernoulli((50, 40, 30), p, torch.float64)
+    torch.manual_seed(3)
+    b = _fused.bernoulli((50, 40, 30), p, torch.float64)
+    c = _fused.bernoulli((50, 40, 30), p, torch.float64)
+    assert a.dtype == torch.float64 and a.shape == (50, 40, 30) and torch.equal(a, b)
+    assert set(a.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(a.mean()) - p) < 0.01                      # 60,000 draws: 4 standard deviations
+    assert (p in (0.0, 1.0)) == torch.equal(a, c)               # a fresh seed, a fresh mask
+    if 0 < p < 1:                                                # neighbours are not correlated
+        x = a.flatten() - p
+        assert abs(float((x[1:] * x[:-1]).mean())) < 0.01 * p * (1 - p) * 4
+
+
+def test_bernoulli_without_the_kernel_is_torchs(monkeypatch):
+    monkeypatch.setenv("RNNKIT_NO_FUSED", "1")
+    torch.manual_seed(1)
+    m = _fused.bernoulli((7, 3), 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(m, torch.empty(7, 3).bernoulli_(0.3))
+
+
+# -- the buffer pool ------------------------------------------------------------------------------------
+
+@needs_kernel
+def test_buffer_pool_reuses_freed_buffers_and_releases_them():
+    """A training step's large buffers return to the pool when freed, serve the next step, and
+    release_pool hands them back; turning the pool off (limit 0) keeps nothing."""
+    ops = _fused.build()
+    _fused.release_pool()
+    assert ops.pool_held_bytes() == 0
+    run(fused_scan, "gru", torch.float64)                       # tiny: under the pool's 64 KiB floor
+    assert ops.pool_held_bytes() == 0
+    out = big_run("lnx_gru", torch.float32, 20, 64, 64)[0]["out"]   # 20*64*192 floats: pooled
+    held = ops.pool_held_bytes()
+    assert held >= 20 * 64 * 192 * 4                            # at least d_xi came back
+    again = big_run("lnx_gru", torch.float32, 20, 64, 64)[0]["out"]
+    assert torch.equal(out, again)                              # reused memory, same numbers
+    assert ops.pool_held_bytes() <= held                        # served from the pool, not grown
+    assert _fused.release_pool() > 0 and ops.pool_held_bytes() == 0
+    old = ops.set_pool_limit(0)
+    try:
+        big_run("lnx_gru", torch.float32, 20, 64, 64)
+        assert ops.pool_held_bytes() == 0
+    finally:
+        ops.set_pool_limit(old)
+
+
+@needs_kernel
+def test_buffer_pool_evicts_old_blocks_for_a_new_working_set():
+    """At its limit the pool drops its longest-unused blocks to keep the newest ones (a new layer size
+    must not find the pool full of an old size's blocks)."""
+    ops = _fused.build()
+    _fused.release_pool()
+    old = ops.set_pool_limit(4 << 20)
+    try:
+        big_run("lnx_gru", torch.float32, 20, 64, 64)           # blocks of ~1 MB
+        assert 0 < ops.pool_held_bytes() <= 4 << 20
+        big_run("lstm", torch.float32, 30, 64, 96)              # other sizes, ~2.9 MB d_xi among them
+        held = ops.pool_held_bytes()
+        assert 30 * 64 * 384 * 4 <= held <= 4 << 20             # the newest large block was kept
+    finally:
+        ops.set_pool_limit(old)
+        _fused.release_pool()
