@@ -160,7 +160,7 @@ class _Recurrent:
             for d in range(D):
                 k, sfx = layer * D + d, self._suffix(layer, d)
                 w = lambda name: getattr(self, name + sfx, None)  # noqa: E731
-                xi = F.linear(x, w("weight_ih"), w("bias_ih"))                   # (T, B, G*H)
+                xi = _fused.linear(x, w("weight_ih"), w("bias_ih"))              # (T, B, G*H)
                 params = ()
                 if self.layer_norm:              # LN of xi too: in the fused loop, or before the pure one
                     params = (w("ln_hh_weight"), w("ln_hh_bias"), w("ln_ih_weight"), w("ln_ih_bias"))

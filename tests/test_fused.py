@@ -182,7 +182,7 @@ def big_run(kind, dtype, T_, B_, H_, **opt):
 @needs_kernel
 @pytest.mark.parametrize("kind", CELL_KINDS)
 def test_equals_engine_over_enough_steps_to_pack_the_weight(kind):
-    """float32 scans of at least kMinStepsToPack (8) steps multiply by an MKL-packed U."""
+    """float32 scans of at least kMinStepsToPack (8) steps multiply by an MKL-packed U, forward and backward."""
     for opt in (dict(), dict(reverse=True, padding="right", rec=True, truncate=5)):
         assert_same(*big_run(kind, torch.float32, 12, 5, 33, **opt), 1e-5, f"{kind} {opt}")
 

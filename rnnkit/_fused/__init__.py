@@ -10,6 +10,7 @@ after the loop. The C++ mirrors `rnnkit/cells/*.py` line by line (`cells.h`).
     scan(opts, xi, state0, weight_hh, bias_hh, params)       same signature and result as engine.scan
     build(verbose=False)                                     compile now (the install step may call it)
     bernoulli(shape, p, dtype)                               fast 0/1 masks (zoneout), see random.h
+    linear(x, weight, bias)                                  F.linear, its large results from the pool
     release_pool()                                           hand the kernel's kept buffers back (pool.h)
 
 Speed (measured in docs/benchmarks.md): with enough batch rows each thread runs the whole time loop on
@@ -40,7 +41,7 @@ from torch.autograd.function import once_differentiable
 from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from ..numerics import flushing_denormals
 
-__all__ = ["available", "bernoulli", "build", "release_pool", "scan", "supports"]
+__all__ = ["available", "bernoulli", "build", "linear", "release_pool", "scan", "supports"]
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp", "pool.cpp")
@@ -159,6 +160,48 @@ def bernoulli(shape, p: float, dtype=torch.float32, generator=None, device=None)
         seed = int(torch.randint(0, 2 ** 62, (), generator=generator))
         return _ops().bernoulli_mask(list(shape), float(p), seed, dtype)
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(p, generator=generator)
+
+
+def linear(x, weight, bias=None):
+    """F.linear(x, weight, bias), the same numbers (the same BLAS call), with its output and, in the
+    backward, the gradient of x written into the kernel's buffer pool (pool.h) instead of fresh memory:
+    the layer's input projection V x_t + b for all steps is a training step's largest buffer after the
+    scan's own (T*B*G*H floats; above glibc's 32 MB mmap threshold each call maps fresh pages, measured
+    16 ms of an 83 ms product at T=200, B=64, 512 -> 1536). Anything else (off the CPU, other dtypes,
+    outputs under _LINEAR_POOL_MIN_BYTES, where the Python autograd node's ~70 us outweighs the saving,
+    shapes F.linear would refuse) goes to F.linear itself."""
+    if (x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2 or weight.dim() != 2
+            or weight.dtype != x.dtype or weight.device != x.device or x.shape[-1] != weight.shape[1]
+            or (bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != weight.shape[:1]))
+            or x.numel() // max(x.shape[-1], 1) * weight.shape[0] * x.element_size() < _LINEAR_POOL_MIN_BYTES
+            or _disabled() or _ops() is None):
+        return torch.nn.functional.linear(x, weight, bias)
+    return _PooledLinear.apply(x, weight, bias)
+
+
+_LINEAR_POOL_MIN_BYTES = 4 << 20                              # tests lower it
+
+
+class _PooledLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        x2 = x.reshape(-1, x.shape[-1])
+        return _ops().pooled_addmm(bias, x2, weight.t()).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, d_out):
+        x, weight = ctx.saved_tensors
+        d2 = d_out.reshape(-1, d_out.shape[-1])
+        d_x = d_w = d_b = None
+        if ctx.needs_input_grad[0]:        # under create_graph, ops autograd can differentiate again
+            d_x = (d2 @ weight if torch.is_grad_enabled() else _ops().pooled_addmm(None, d2, weight)).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            d_w = d2.t() @ x.reshape(-1, x.shape[-1])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            d_b = d2.sum(0)
+        return d_x, d_w, d_b
 
 
 def release_pool() -> int:

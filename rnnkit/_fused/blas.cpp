@@ -103,7 +103,7 @@ template <typename T>
 StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool backward, int64_t steps)
     : u_(u), W_(W), H_(H), B_(B), backward_(backward) {
   if constexpr (std::is_same_v<T, float>) {
-    if (backward || steps < kMinStepsToPack || !can_pack() || !blas_ok(W, H, B, W, H, W)) return;
+    if (steps < kMinStepsToPack || !can_pack() || !blas_ok(W, H, B, W, H, W)) return;
     const StepDims d = step_dims(W, H, B, backward);
     const float one = 1;
     packed_.reset(new float[sgemm_pack_get_size("A", &d.m, &d.n, &d.k) / sizeof(float) + 1]);

@@ -23,10 +23,11 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 
 // The per-step product with U, whose operand U is the same at every step:
 //     forward   y (B, W) = x (B, H) U^T          backward  y (B, H) = x (B, W) U
-// Forward, for float with MKL, U is packed once into the kernel's own layout (MKL's packed GEMM)
-// instead of being re-laid-out on every call: 20-40% off each small product, measured at B = 32.
-// The backward product reads U untransposed, where plain sgemm is already as fast as packed. Packing
-// costs about four products' time, so a scan of fewer than kMinStepsToPack steps does not pack.
+// For float with MKL, U is packed once per scan into the kernel's own layout (MKL's packed GEMM), forward
+// and backward, instead of being re-laid-out on every call: measured at T = 200, 2 threads, the
+// backward's step product went from 265 to 305 GFLOP/s at B = 64, H = 512 (GRU) and from 225 to 290 at
+// B = 32, and the forward's gains 20-40% at B = 32. Packing costs about four products' time, so a scan
+// of fewer than kMinStepsToPack steps does not pack.
 constexpr int64_t kMinStepsToPack = 8;
 
 template <typename T>
