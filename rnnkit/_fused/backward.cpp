@@ -132,11 +132,18 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
     if (around) add_into(H, dc, ch);                   // carry_h = dh z + d_pass
     if (v.d_ghn != nullptr) std::memcpy(v.d_ghn + row * H, d_y + 2 * H, sizeof(T) * H);
   }
-  if (!p.ln) return;
-  T* acc = v.ln_acc + at::get_thread_num() * 4 * W;  // this thread's sums (scan.h: Views::ln_acc)
-  layernorm_backward(W, d_y, v.xhat + row * W, v.inv[row], v.gamma, acc, acc + W, v.d_gh + row * W);
-  if (v.gamma_x != nullptr) {                          // xi came raw: d_xi back through its LN, in place
-    layernorm_backward(W, d_xi, v.xhat_x + row * W, v.inv_x[row], v.gamma_x, acc + 2 * W, acc + 3 * W, d_xi);
+  T* acc = v.acc == nullptr ? nullptr : v.acc + at::get_thread_num() * kAccSlots * W;   // scan.h: Views::acc
+  if (p.ln) {                                          // d_y to the raw d_gh, through LN's backward
+    T* d_gh = v.d_gh + row * W;
+    layernorm_backward(W, d_y, v.xhat + row * W, v.inv[row], v.gamma, acc, acc + W, d_gh);
+    d_y = d_gh;
+    if (v.gamma_x != nullptr) {                        // xi came raw: d_xi back through its LN, in place
+      layernorm_backward(W, d_xi, v.xhat_x + row * W, v.inv_x[row], v.gamma_x, acc + 2 * W, acc + 3 * W, d_xi);
+    }
+  }
+  if (v.acc_b) {
+    T* db = acc + 4 * W;
+    for (int64_t j = 0; j < W; ++j) db[j] += d_y[j];
   }
 }
 

@@ -215,12 +215,6 @@ std::vector<GradRows<T>> grad_rows(const Problem& p, const Views<T>& v) {
   return {{0, 2 * H, W, v.d_xi}, {2 * H, H, H, v.d_ghn}};
 }
 
-Tensor bias_grad(const Problem& p, const Tensor& d_xi, const Tensor& d_gh, const Tensor& d_ghn) {
-  const int64_t TB = p.T * p.B, W = p.W();
-  if (!d_ghn.defined()) return d_gh.view({TB, W}).sum(0);
-  return at::cat({d_xi.view({TB, W}).narrow(1, 0, 2 * p.H).sum(0), d_ghn.view({TB, p.H}).sum(0)});
-}
-
 // Returns [d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta, d_gamma_x, d_beta_x].
 std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t truncate, const Tensor& w,
                              const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& gamma_x,
@@ -245,7 +239,8 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   Tensor d_h0 = at::empty({B, H}, o), d_c0 = p.lstm() ? at::empty({B, H}, o) : Tensor();
   Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
   TORCH_CHECK(has(gamma_x) == (has(xhat_x) && has(inv_x)), "rnnkit fused scan: xi's LN needs xhat_x and inv_x");
-  Tensor ln_acc = p.ln ? at::zeros({at::get_num_threads(), 4, W}, o) : Tensor();   // scan.h: Views::ln_acc
+  const bool acc_b = need_b && has(b);
+  Tensor acc = p.ln || acc_b ? at::zeros({at::get_num_threads(), kAccSlots, W}, o) : Tensor();   // Views::acc
   auto run = [&](auto zero) {
     using S = decltype(zero);
     Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, std::nullopt, gamma_x, std::nullopt, mask, rec,
@@ -266,7 +261,8 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.d_gh = ptr<S>(d_gh);
     v.d_ghn = ptr<S>(d_ghn);
     v.gh_keep = gru_plain ? 0 : 1;
-    v.ln_acc = ptr<S>(ln_acc);
+    v.acc = ptr<S>(acc);
+    v.acc_b = acc_b;
     backward_loop<S>(p, v, truncate, ptr<S>(d_hT), ptr<S>(d_cT), ptr<S>(d_h0), ptr<S>(d_c0));
     if (need_w) {
       for (const auto& g : grad_rows<S>(p, v)) weight_grad<S>(p, v, g, ptr<S>(d_w));
@@ -278,22 +274,22 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     TORCH_CHECK(hs.scalar_type() == at::kDouble, "rnnkit fused scan: float32 or float64 only");
     run(0.0);
   }
-  Tensor d_b = (need_b && has(b)) ? bias_grad(p, d_xi, d_gh, d_ghn) : Tensor();
-  std::vector<Tensor> d_ln(4);                         // the threads' LN sums, added in thread order
-  for (int64_t k = 0; p.ln && k < (has(gamma_x) ? 4 : 2); ++k) {
-    d_ln[k] = at::empty({W}, o);
+  std::vector<Tensor> sums(kAccSlots);                 // the threads' sums, added in thread order
+  for (int64_t k = 0; k < kAccSlots; ++k) {
+    if (k < 4 ? !p.ln || (k >= 2 && !has(gamma_x)) : !acc_b) continue;
+    sums[k] = at::empty({W}, o);
     auto add_threads = [&](auto zero) {
       using S = decltype(zero);
-      const S* acc = ptr<S>(ln_acc) + k * W;
-      S* out = ptr<S>(d_ln[k]);
-      for (int64_t j = 0; j < W; ++j) out[j] = acc[j];
-      for (int64_t n = 1; n < ln_acc.size(0); ++n) {
-        for (int64_t j = 0; j < W; ++j) out[j] += acc[n * 4 * W + j];
+      const S* a = ptr<S>(acc) + k * W;
+      S* out = ptr<S>(sums[k]);
+      for (int64_t j = 0; j < W; ++j) out[j] = a[j];
+      for (int64_t n = 1; n < acc.size(0); ++n) {
+        for (int64_t j = 0; j < W; ++j) out[j] += a[n * kAccSlots * W + j];
       }
     };
     if (hs.scalar_type() == at::kFloat) add_threads(0.f); else add_threads(0.0);
   }
-  return {d_xi, d_w, d_b, d_h0, d_c0, d_ln[0], d_ln[1], d_ln[2], d_ln[3]};
+  return {d_xi, d_w, sums[4], d_h0, d_c0, sums[0], sums[1], sums[2], sums[3]};
 }
 
 std::string route() { return gemm_route(); }

@@ -40,6 +40,8 @@ struct Rows {
 };
 
 // What the loops read and write, as raw pointers. Null means absent.
+constexpr int64_t kAccSlots = 5;
+
 template <typename T>
 struct Views {
   // inputs. gamma/beta: LN of the recurrent product; gamma_x/beta_x: LN of xi (null: xi comes normalised)
@@ -53,9 +55,11 @@ struct Views {
   // r and z blocks equal d_xi's, so only its n block is kept for dU, in d_ghn (T, B, H).
   Rows<T> d_out;
   T *gn, *d_xi, *d_gh, *d_ghn;
-  // LN parameter gradients, summed per thread: thread k adds its rows into ln_acc + k * 4W, laid out
-  // [d gamma, d beta, d gamma_x, d beta_x] (W each), and the threads' sums are added after the loop
-  T* ln_acc;
+  // Parameter gradients summed per thread as the rows go by (no pass over (T, B, W) after the loop):
+  // thread k adds its rows into acc + k * kAccSlots * W, laid out [d gamma, d beta, d gamma_x, d beta_x,
+  // d b_hh] (W each); the threads' sums are added after the loop. Null: none; acc_b: d b_hh wanted.
+  T* acc;
+  bool acc_b;
   int64_t gh_keep;
 };
 
