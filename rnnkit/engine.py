@@ -63,6 +63,16 @@ def scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_h
     return pure_scan(opts, xi, state0, weight_hh, bias_hh, params)
 
 
+def project_scan(opts: ScanOptions, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None, state0: tuple,
+                 weight_hh: Tensor, bias_hh: Tensor | None, params: tuple = ()):
+    """scan(opts, F.linear(x, weight_ih, bias_ih), ...): what a layer runs, x (T, B, I). On the fused
+    path the projection is part of the scan's node (its bias added and its gradient summed per row in the
+    loop); elsewhere it is the projection, then `scan`."""
+    if _fused.supports_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params):
+        return _fused.scan_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params)
+    return scan(opts, _fused.linear(x, weight_ih, bias_ih), state0, weight_hh, bias_hh, params)
+
+
 def pure_scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
               params: tuple = ()):
     """`scan` on the pure-torch path, whatever the machine: the reference the fused kernel is held to."""

@@ -26,7 +26,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from . import _fused
 from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
-from .engine import ScanOptions, scan
+from .engine import ScanOptions, project_scan
 
 _BACKENDS = ("auto", "engine", "native")
 
@@ -160,14 +160,14 @@ class _Recurrent:
             for d in range(D):
                 k, sfx = layer * D + d, self._suffix(layer, d)
                 w = lambda name: getattr(self, name + sfx, None)  # noqa: E731
-                xi = _fused.linear(x, w("weight_ih"), w("bias_ih"))              # (T, B, G*H)
                 params = ()
                 if self.layer_norm:              # LN of xi too: in the fused loop, or before the pure one
                     params = (w("ln_hh_weight"), w("ln_hh_bias"), w("ln_ih_weight"), w("ln_ih_bias"))
                 opts = ScanOptions(cell, reverse=d == 1, mask=mask, truncate=truncate,
                                    rec_mask=self._recurrent_mask(B, x), zone=self._zone_masks(T, B, x),
                                    trace=None if sink is None else sink.slot(k))
-                out, final = scan(opts, xi, tuple(s[k] for s in hx), w("weight_hh"), w("bias_hh"), params)
+                out, final = project_scan(opts, x, w("weight_ih"), w("bias_ih"), tuple(s[k] for s in hx),
+                                          w("weight_hh"), w("bias_hh"), params)          # xi = V x + b: (T, B, G*H)
                 outs.append(out)
                 finals.append(final)
             x = outs[0] if D == 1 else torch.cat(outs, 2)                        # (T, B, D*H)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rnnkit import _fused
+from rnnkit._fused import pooled
 from test_fused import big_run, fused_scan, needs_kernel, run
 
 
@@ -85,7 +86,7 @@ def test_buffer_pool_evicts_old_blocks_for_a_new_working_set():
 
 @pytest.fixture
 def pool_every_linear(monkeypatch):
-    monkeypatch.setattr(_fused, "_LINEAR_POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(pooled, "_LINEAR_POOL_MIN_BYTES", 0)
 
 
 @needs_kernel
@@ -112,7 +113,7 @@ def test_linear_large_outputs_come_from_the_pool():
     _fused.release_pool()
     T, B, H = 60, 64, 128                                       # xi: 60*64*384 floats = 5.9 MB
     n = T * B * 3 * H * 4
-    assert n >= _fused._LINEAR_POOL_MIN_BYTES
+    assert n >= pooled._LINEAR_POOL_MIN_BYTES
     x, w = torch.randn(T, B, H, requires_grad=True), torch.randn(3 * H, H)
     y = _fused.linear(x, w)
     assert type(y.grad_fn).__name__ == "_PooledLinearBackward" and ops.pool_held_bytes() == 0

@@ -8,6 +8,8 @@ after the loop. The C++ mirrors `rnnkit/cells/*.py` line by line (`cells.h`).
 
     supports(opts, xi, state0, weight_hh, bias_hh, params)   True when the fused path can run this scan
     scan(opts, xi, state0, weight_hh, bias_hh, params)       same signature and result as engine.scan
+    supports_projected / scan_projected(opts, x, weight_ih, bias_ih, ...)   the same with xi = F.linear(x, ...)
+                                                             computed inside the node (engine.project_scan)
     build(verbose=False)                                     compile now (the install step may call it)
     bernoulli(shape, p, dtype)                               fast 0/1 masks (zoneout), see random.h
     linear(x, weight, bias)                                  F.linear, its large results from the pool
@@ -41,7 +43,8 @@ from torch.autograd.function import once_differentiable
 from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from ..numerics import flushing_denormals
 
-__all__ = ["available", "bernoulli", "build", "linear", "release_pool", "scan", "supports"]
+__all__ = ["available", "bernoulli", "build", "linear", "release_pool", "scan", "scan_projected", "supports",
+           "supports_projected"]
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp", "pool.cpp")
@@ -162,48 +165,6 @@ def bernoulli(shape, p: float, dtype=torch.float32, generator=None, device=None)
     return torch.empty(shape, dtype=dtype, device=device).bernoulli_(p, generator=generator)
 
 
-def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias), the same numbers (the same BLAS call), with its output and, in the
-    backward, the gradient of x written into the kernel's buffer pool (pool.h) instead of fresh memory:
-    the layer's input projection V x_t + b for all steps is a training step's largest buffer after the
-    scan's own (T*B*G*H floats; above glibc's 32 MB mmap threshold each call maps fresh pages, measured
-    16 ms of an 83 ms product at T=200, B=64, 512 -> 1536). Anything else (off the CPU, other dtypes,
-    outputs under _LINEAR_POOL_MIN_BYTES, where the Python autograd node's ~70 us outweighs the saving,
-    shapes F.linear would refuse) goes to F.linear itself."""
-    if (x.device.type != "cpu" or x.dtype not in _DTYPES or x.dim() < 2 or weight.dim() != 2
-            or weight.dtype != x.dtype or weight.device != x.device or x.shape[-1] != weight.shape[1]
-            or (bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != weight.shape[:1]))
-            or x.numel() // max(x.shape[-1], 1) * weight.shape[0] * x.element_size() < _LINEAR_POOL_MIN_BYTES
-            or _disabled() or _ops() is None):
-        return torch.nn.functional.linear(x, weight, bias)
-    return _PooledLinear.apply(x, weight, bias)
-
-
-_LINEAR_POOL_MIN_BYTES = 4 << 20                              # tests lower it
-
-
-class _PooledLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        x2 = x.reshape(-1, x.shape[-1])
-        return _ops().pooled_addmm(bias, x2, weight.t()).view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, d_out):
-        x, weight = ctx.saved_tensors
-        d2 = d_out.reshape(-1, d_out.shape[-1])
-        d_x = d_w = d_b = None
-        if ctx.needs_input_grad[0]:        # under create_graph, ops autograd can differentiate again
-            d_x = (d2 @ weight if torch.is_grad_enabled() else _ops().pooled_addmm(None, d2, weight)).view(x.shape)
-        if ctx.needs_input_grad[1]:
-            d_w = d2.t() @ x.reshape(-1, x.shape[-1])
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            d_b = d2.sum(0)
-        return d_x, d_w, d_b
-
-
 def release_pool() -> int:
     """Hand the buffers the kernel keeps between calls back to the system; returns the bytes freed.
     (The pool holds at most 1 GiB of free blocks; a later call refills it.)"""
@@ -237,20 +198,36 @@ def _fits(t, shape: tuple) -> bool:
 def supports(opts, xi, state0, weight_hh, bias_hh, params=()) -> bool:
     """True when the fused kernel runs this scan: a built-in cell, float32/float64 CPU tensors of one
     dtype and the shapes the engine expects, and an extension that built. Cheap after the first call."""
-    if _disabled():
+    if _disabled() or not isinstance(xi, torch.Tensor) or xi.dim() != 3:
         return False
+    return _supports(opts, *xi.shape, [xi], state0, weight_hh, bias_hh, params)
+
+
+def supports_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params=()) -> bool:
+    """supports() for scan(opts, F.linear(x, weight_ih, bias_ih), ...): x (T, B, I), weight_ih (G*H, I)."""
+    if _disabled() or not all(isinstance(t, torch.Tensor) for t in (x, weight_ih)):
+        return False
+    if x.dim() != 3 or weight_ih.dim() != 2 or weight_ih.shape[1] != x.shape[2]:
+        return False
+    if bias_ih is not None and (not isinstance(bias_ih, torch.Tensor) or tuple(bias_ih.shape) != weight_ih.shape[:1]):
+        return False
+    tensors = [x, weight_ih] + ([] if bias_ih is None else [bias_ih])
+    return _supports(opts, x.shape[0], x.shape[1], weight_ih.shape[0], tensors, state0, weight_hh, bias_hh, params)
+
+
+def _supports(opts, T, B, W, tensors, state0, weight_hh, bias_hh, params) -> bool:
     code = _cell_code(opts.cell)
-    if code is None or not isinstance(xi, torch.Tensor) or xi.dim() != 3:
+    if code is None:
         return False
-    T, B, W = xi.shape
     G, n = opts.cell.num_gates, opts.cell.num_states
     if T == 0 or B == 0 or W % G or W == 0 or len(state0) != n:
         return False
     H = W // G
-    tensors = [xi, weight_hh, *state0, *params] + ([] if bias_hh is None else [bias_hh])
-    if any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype != xi.dtype for t in tensors):
+    dtype = tensors[0].dtype
+    tensors = tensors + [weight_hh, *state0, *params] + ([] if bias_hh is None else [bias_hh])
+    if any(not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype != dtype for t in tensors):
         return False
-    if xi.dtype not in _DTYPES or tuple(weight_hh.shape) != (W, H):
+    if dtype not in _DTYPES or tuple(weight_hh.shape) != (W, H):
         return False
     if bias_hh is not None and tuple(bias_hh.shape) != (W,):
         return False
@@ -285,7 +262,16 @@ def _options_fit(opts, T, B, H, n) -> bool:
 def scan(opts, xi, state0, weight_hh, bias_hh, params=()):
     """Run `opts.cell` over xi (T, B, G*H) from state0, as engine.scan does. Call only when `supports`."""
     n = len(state0)
-    res = _FusedScan.apply(opts, n, xi, weight_hh, bias_hh, *state0, *params)
+    res = _FusedScan.apply(opts, n, xi, None, None, weight_hh, bias_hh, *state0, *params)
+    return res[0], tuple(res[1:])
+
+
+def scan_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params=()):
+    """scan(opts, F.linear(x, weight_ih, bias_ih), ...) as one autograd node: x W_ih^T into a pooled
+    buffer, b_ih added per row inside the loop and its gradient summed there (no pass over (T, B, G*H)
+    to add the bias, nor one to sum its gradient). Call only when `supports_projected`."""
+    n = len(state0)
+    res = _FusedScan.apply(opts, n, x, weight_ih, bias_ih, weight_hh, bias_hh, *state0, *params)
     return res[0], tuple(res[1:])
 
 
@@ -327,22 +313,32 @@ def _grad_out(d_out):
 
 class _FusedScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, opts, n: int, xi, weight_hh, bias_hh, *rest):
+    def forward(ctx, opts, n: int, x, weight_ih, bias_ih, weight_hh, bias_hh, *rest):
+        # weight_ih None: x is xi itself; else xi = x W_ih^T here, and b_ih goes to the kernel
         state, params = rest[:n], rest[n:]
         code, ln = _cell_code(opts.cell)
         keep = any(ctx.needs_input_grad) or opts.trace is not None
+        x2 = xb = None
+        if weight_ih is None:
+            xi = x.contiguous()
+        else:
+            x2 = x.reshape(-1, x.shape[2])
+            xi = _ops().pooled_addmm(None, x2, weight_ih.t()).view(x.shape[0], x.shape[1], weight_ih.shape[0])
+            xb = _c(bias_ih)
         mask, rec, zone = _options(opts, xi)
         h0, c0 = state[0].contiguous(), _c(state[1]) if n == 2 else None
         gamma, beta, gamma_x, beta_x = (tuple(_c(p) for p in params) + (None,) * 4)[:4]
         w, b = weight_hh.contiguous(), _c(bias_hh)
         out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_T, c_T = _ops().forward(
-            code, ln, opts.reverse, keep, xi.contiguous(), w, b, h0, c0, gamma, beta, gamma_x, beta_x, mask,
-            rec, *zone)
+            code, ln, opts.reverse, keep, xi, w, b, h0, c0, gamma, beta, gamma_x, beta_x, xb, mask, rec, *zone)
+        del xi                                                 # back to the pool now: d_xi reuses it
         if opts.trace is not None:
             _record_forward(opts.trace, code, hs, cs, act)
         if keep:
-            ctx.save_for_backward(w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x)
+            ctx.save_for_backward(w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x,
+                                  x2, weight_ih)
             ctx.opts, ctx.code, ctx.ln, ctx.n, ctx.aux_opts = opts, code, ln, n, (mask, rec, *zone)
+            ctx.x_shape, ctx.has_xb = x.shape, xb is not None
             ctx.set_materialize_grads(False)                   # an unused output sends None: skip it
         return (out, h_T) if n == 1 else (out, h_T, c_T)
 
@@ -355,14 +351,24 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_out, *d_final):
         opts, n = ctx.opts, ctx.n
-        w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x = ctx.saved_tensors
+        w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2, w_ih = ctx.saved_tensors
         mask, rec, zh, zc = ctx.aux_opts
         gn = opts.trace.grad_norm if opts.trace is not None else None
         d_hT, d_cT = _c(d_final[0]), (_c(d_final[1]) if n == 2 else None)
-        need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4] and b is not None
-        d_xi, d_w, d_b, d_h0, d_c0, *d_ln = _ops().backward(
+        need = ctx.needs_input_grad
+        need_w, need_b, need_xb = need[5], need[6] and b is not None, need[4] and ctx.has_xb
+        d_xi, d_w, d_b, d_h0, d_c0, *d_ln, d_xb = _ops().backward(
             ctx.code, ctx.ln, opts.reverse, opts.truncate or 0, w, b, h0, c0, gamma, gamma_x, mask, rec, zh, zc,
-            hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, _grad_out(d_out), d_hT, d_cT, gn, need_w, need_b)
+            hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, _grad_out(d_out), d_hT, d_cT, gn, need_w, need_b,
+            need_xb)
         states = (d_h0,) if n == 1 else (d_h0, d_c0)
         params = tuple(d_ln[:_num_params(opts.cell, ctx.ln)])
-        return (None, None, d_xi, d_w, d_b, *states, *params)
+        if w_ih is None:
+            return (None, None, d_xi, None, None, d_w, d_b, *states, *params)
+        d2 = d_xi.view(-1, d_xi.shape[2])                      # through xi = x W_ih^T
+        d_x = _ops().pooled_addmm(None, d2, w_ih).view(ctx.x_shape) if need[2] else None
+        d_w_ih = d2.t() @ x2 if need[3] else None
+        return (None, None, d_x, d_w_ih, d_xb if need_xb else None, d_w, d_b, *states, *params)
+
+
+from .pooled import linear  # last: it looks up _ops above at call time

@@ -145,6 +145,10 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
     T* db = acc + 4 * W;
     for (int64_t j = 0; j < W; ++j) db[j] += d_y[j];
   }
+  if (v.acc_xb) {
+    T* dxb = acc + 5 * W;
+    for (int64_t j = 0; j < W; ++j) dxb[j] += d_xi[j];
+  }
 }
 
 template <typename T>

@@ -31,13 +31,17 @@ void blend(int64_t H, const T* nw, const T* prev, const T* z, const T* m, T* s) 
 }
 
 // One batch row b of step t: the cell, then zoneout and padding, then the output.
-// xn: the row's scratch for xi normalised, when xi comes raw.
+// xn: the row's scratch for xi + b_ih and for xi normalised, when xi comes without them.
 template <typename T>
 void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, int64_t t, int64_t b,
                  const T* h_prev, const T* c_prev) {
   const int64_t H = p.H, W = p.W(), slot = t * v.keep * p.B + b;   // slot: row of a per-step buffer
   const int64_t row = t * p.B + b;                                 // row of a (T, B, .) buffer
   const T* xi = v.xi + row * W;
+  if (v.xb != nullptr) {                           // xi + b_ih, in the row's scratch (LN may go on in place)
+    for (int64_t j = 0; j < W; ++j) xn[j] = xi[j] + v.xb[j];
+    xi = xn;
+  }
   if (p.ln) {
     for (int64_t j = 0; j < W; ++j) gh[j] += v.b[j];
     v.inv[slot] = layernorm_forward(W, gh, v.gamma, v.beta, v.xhat + slot * W, gh);
@@ -96,7 +100,7 @@ void forward_loop(const Problem& p, const Views<T>& v) {
     const StepProduct<T> times_ut(v.w, p.W(), p.H, lane.rows(), false, p.T);
     const size_t rows_w = static_cast<size_t>(lane.rows() * p.W());
     std::vector<T> gh(rows_w);                                     // the step's recurrent product, reused
-    std::vector<T> xn(v.gamma_x != nullptr ? rows_w : 0);          // and xi normalised
+    std::vector<T> xn(v.gamma_x != nullptr || v.xb != nullptr ? rows_w : 0);   // xi + b_ih, normalised
     for (int64_t i = 0; i < p.T; ++i) forward_step(p, v, lane, times_ut, gh.data(), xn.data(), i);
   });
 }

@@ -80,7 +80,8 @@ void check_grad(const Opt& g, const Tensor& like) {
 template <typename T>
 Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const Tensor& zero_w,
                      const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta, const Opt& gamma_x,
-                     const Opt& beta_x, const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc) {
+                     const Opt& beta_x, const Opt& xb, const Opt& mask, const Opt& rec, const Opt& zh,
+                     const Opt& zc) {
   Views<T> v{};
   v.w = ptr<T>(w);
   v.b = ptr<T>(b);
@@ -91,6 +92,7 @@ Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const T
   v.beta = ptr<T>(beta);
   v.gamma_x = ptr<T>(gamma_x);
   v.beta_x = ptr<T>(beta_x);
+  v.xb = ptr<T>(xb);
   v.mask = ptr<T>(mask);
   v.rec = ptr<T>(rec);
   v.zone[0] = rows<T>(zh, p);
@@ -149,15 +151,17 @@ void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& 
 }
 
 // Returns [out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_final, c_final]; absent entries are
-// undefined (None). gamma_x, beta_x: xi comes raw, and is layer-normalised here (LN cells only).
+// undefined (None). gamma_x, beta_x: xi comes raw, and is layer-normalised here (LN cells only). xb: xi
+// comes without the input projection's bias b_ih, which is added here.
 std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, const Tensor& xi, const Tensor& w,
                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta,
-                            const Opt& gamma_x, const Opt& beta_x, const Opt& mask, const Opt& rec,
-                            const Opt& zh, const Opt& zc) {
+                            const Opt& gamma_x, const Opt& beta_x, const Opt& xb, const Opt& mask,
+                            const Opt& rec, const Opt& zh, const Opt& zc) {
   TORCH_CHECK(xi.dim() == 3, "rnnkit fused scan: xi must be (T, B, G*H)");
   const Problem p = problem(cell, ln, reverse, xi.size(0), xi.size(1), w);
   for (auto* t : {&xi, &w, &h0}) check(*t, xi, "every input");
-  for (auto* t : {&b, &c0, &gamma, &beta, &gamma_x, &beta_x, &mask, &rec, &zh, &zc}) check(*t, xi, "every input");
+  for (auto* t : {&b, &c0, &gamma, &beta, &gamma_x, &beta_x, &xb, &mask, &rec, &zh, &zc}) check(*t, xi, "every input");
+  TORCH_CHECK(!has(xb) || (xb->dim() == 1 && xb->size(0) == p.W()), "rnnkit fused scan: b_ih must be (G*H,)");
   TORCH_CHECK(has(gamma_x) == has(beta_x) && (ln || !has(gamma_x)),
               "rnnkit fused scan: gamma_x and beta_x come together, and only with layer normalisation");
   const auto o = xi.options();
@@ -166,7 +170,7 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
   const Buffers f = allocate(p, keep, has(mask) || has(zh) || has(zc), has(mask), has(rec), has(gamma_x), o);
   auto run = [&](auto zero) {
     using S = decltype(zero);
-    run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, mask, rec, zh, zc),
+    run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, xb, mask, rec, zh, zc),
                    xi, f, keep);
   };
   if (xi.scalar_type() == at::kFloat) {
@@ -215,13 +219,15 @@ std::vector<GradRows<T>> grad_rows(const Problem& p, const Views<T>& v) {
   return {{0, 2 * H, W, v.d_xi}, {2 * H, H, H, v.d_ghn}};
 }
 
-// Returns [d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta, d_gamma_x, d_beta_x].
+// Returns [d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta, d_gamma_x, d_beta_x, d_xb]; d_xb: the sum of d_xi,
+// the gradient of b_ih when the forward added it (xb).
 std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t truncate, const Tensor& w,
                              const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& gamma_x,
                              const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc, const Tensor& hs,
                              const Opt& cs, const Opt& act, const Opt& aux, const Opt& hr, const Opt& xhat,
                              const Opt& inv, const Opt& xhat_x, const Opt& inv_x, const Opt& d_out,
-                             const Opt& d_hT, const Opt& d_cT, const Opt& gn, bool need_w, bool need_b) {
+                             const Opt& d_hT, const Opt& d_cT, const Opt& gn, bool need_w, bool need_b,
+                             bool need_xb) {
   const Problem p = problem(cell, ln, reverse, hs.size(0), hs.size(1), w);
   for (auto* t : {&b, &c0, &gamma, &gamma_x, &mask, &rec, &zh, &zc, &cs, &act, &aux, &hr, &xhat, &inv, &xhat_x,
                   &inv_x, &d_hT, &d_cT, &gn}) {
@@ -240,11 +246,11 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
   TORCH_CHECK(has(gamma_x) == (has(xhat_x) && has(inv_x)), "rnnkit fused scan: xi's LN needs xhat_x and inv_x");
   const bool acc_b = need_b && has(b);
-  Tensor acc = p.ln || acc_b ? at::zeros({at::get_num_threads(), kAccSlots, W}, o) : Tensor();   // Views::acc
+  Tensor acc = p.ln || acc_b || need_xb ? at::zeros({at::get_num_threads(), kAccSlots, W}, o) : Tensor();   // Views::acc
   auto run = [&](auto zero) {
     using S = decltype(zero);
-    Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, std::nullopt, gamma_x, std::nullopt, mask, rec,
-                                zh, zc);
+    Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, std::nullopt, gamma_x, std::nullopt, std::nullopt,
+                                mask, rec, zh, zc);
     v.hs = ptr<S>(hs);
     v.cs = ptr<S>(cs);
     v.act = ptr<S>(act);
@@ -263,6 +269,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.gh_keep = gru_plain ? 0 : 1;
     v.acc = ptr<S>(acc);
     v.acc_b = acc_b;
+    v.acc_xb = need_xb;
     backward_loop<S>(p, v, truncate, ptr<S>(d_hT), ptr<S>(d_cT), ptr<S>(d_h0), ptr<S>(d_c0));
     if (need_w) {
       for (const auto& g : grad_rows<S>(p, v)) weight_grad<S>(p, v, g, ptr<S>(d_w));
@@ -276,7 +283,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   }
   std::vector<Tensor> sums(kAccSlots);                 // the threads' sums, added in thread order
   for (int64_t k = 0; k < kAccSlots; ++k) {
-    if (k < 4 ? !p.ln || (k >= 2 && !has(gamma_x)) : !acc_b) continue;
+    if (k < 4 ? !p.ln || (k >= 2 && !has(gamma_x)) : k == 4 ? !acc_b : !need_xb) continue;
     sums[k] = at::empty({W}, o);
     auto add_threads = [&](auto zero) {
       using S = decltype(zero);
@@ -289,7 +296,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     };
     if (hs.scalar_type() == at::kFloat) add_threads(0.f); else add_threads(0.0);
   }
-  return {d_xi, d_w, sums[4], d_h0, d_c0, sums[0], sums[1], sums[2], sums[3]};
+  return {d_xi, d_w, sums[4], d_h0, d_c0, sums[0], sums[1], sums[2], sums[3], sums[5]};
 }
 
 std::string route() { return gemm_route(); }
@@ -309,14 +316,15 @@ int64_t set_min_lane_rows(int64_t rows) {
 
 TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("forward(int cell, bool ln, bool reverse, bool keep, Tensor xi, Tensor w, Tensor? b, Tensor h0, "
-        "Tensor? c0, Tensor? gamma, Tensor? beta, Tensor? gamma_x, Tensor? beta_x, Tensor? mask, Tensor? rec, "
+        "Tensor? c0, Tensor? gamma, Tensor? beta, Tensor? gamma_x, Tensor? beta_x, Tensor? xb, Tensor? mask, "
+        "Tensor? rec, "
         "Tensor? zone_h, Tensor? zone_c) -> Tensor[]",
         &rnnkit::forward);
   m.def("backward(int cell, bool ln, bool reverse, int truncate, Tensor w, Tensor? b, Tensor h0, Tensor? c0, "
         "Tensor? gamma, Tensor? gamma_x, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor hs, "
         "Tensor? cs, Tensor? act, Tensor? aux, Tensor? hr, Tensor? xhat, Tensor? inv, Tensor? xhat_x, "
         "Tensor? inv_x, Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor? grad_norm, bool need_w, "
-        "bool need_b) -> Tensor[]",
+        "bool need_b, bool need_xb) -> Tensor[]",
         &rnnkit::backward);
   m.def("bernoulli_mask(int[] shape, float p, int seed, ScalarType dtype) -> Tensor", &rnnkit::bernoulli_mask);
   m.def("gemm_route() -> str", &rnnkit::route);

@@ -39,13 +39,15 @@ struct Rows {
   const T* row(int64_t t, int64_t b) const { return p ? p + t * st + b * sb : nullptr; }
 };
 
+constexpr int64_t kAccSlots = 6;                 // Views::acc
+
 // What the loops read and write, as raw pointers. Null means absent.
-constexpr int64_t kAccSlots = 5;
 
 template <typename T>
 struct Views {
-  // inputs. gamma/beta: LN of the recurrent product; gamma_x/beta_x: LN of xi (null: xi comes normalised)
-  const T *xi, *w, *b, *cell_b, *h0, *c0, *gamma, *beta, *gamma_x, *beta_x, *mask, *rec;
+  // inputs. gamma/beta: LN of the recurrent product; gamma_x/beta_x: LN of xi (null: xi comes normalised);
+  // xb: the input projection's bias b_ih, added to each row of xi here (null: xi holds it already)
+  const T *xi, *w, *b, *cell_b, *h0, *c0, *gamma, *beta, *gamma_x, *beta_x, *xb, *mask, *rec;
   Rows<T> zone[2];
   // saved by the forward; per-step buffers (act, aux, xhat, inv, hr, xhat_x, inv_x) have one slot when
   // `keep` is off
@@ -57,9 +59,10 @@ struct Views {
   T *gn, *d_xi, *d_gh, *d_ghn;
   // Parameter gradients summed per thread as the rows go by (no pass over (T, B, W) after the loop):
   // thread k adds its rows into acc + k * kAccSlots * W, laid out [d gamma, d beta, d gamma_x, d beta_x,
-  // d b_hh] (W each); the threads' sums are added after the loop. Null: none; acc_b: d b_hh wanted.
+  // d b_hh, d b_ih] (W each); the threads' sums are added after the loop. Null: none wanted;
+  // acc_b, acc_xb: d b_hh, d b_ih (the sum of d_xi) wanted.
   T* acc;
-  bool acc_b;
+  bool acc_b, acc_xb;
   int64_t gh_keep;
 };
 
