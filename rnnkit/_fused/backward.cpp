@@ -69,10 +69,7 @@ void gather_dh(int64_t H, const T* carry, const T* gw, const T* rec, const T* d_
 
 template <typename T>
 T norm(int64_t H, const T* d) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < H; ++j) s += d[j] * d[j];
-  return std::sqrt(s);
+  return std::sqrt(row_sum<T>(H, [](auto a) { return a * a; }, d));
 }
 
 // Reverse of padding then zoneout: splits d (the gradient of s_t) into the part that enters the

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "fastmath.h"
+#include "rowsum.h"
 
 namespace rnnkit {
 
@@ -129,13 +130,8 @@ constexpr double kLayerNormEps = 1e-5;
 template <typename T>
 T layernorm_forward(int64_t W, const T* x, const T* __restrict__ gamma, const T* __restrict__ beta,
                     T* __restrict__ xhat, T* y) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t j = 0; j < W; ++j) sum += x[j];
-  const T mu = sum / T(W);
-  T ss = 0;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t j = 0; j < W; ++j) ss += (x[j] - mu) * (x[j] - mu);
+  const T mu = row_sum<T>(W, [](auto a) { return a; }, x) / T(W);
+  const T ss = row_sum<T>(W, [mu](auto a) { return (a - mu) * (a - mu); }, x);
   const T inv = T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
   for (int64_t j = 0; j < W; ++j) {
     xhat[j] = (x[j] - mu) * inv;
@@ -149,12 +145,10 @@ T layernorm_forward(int64_t W, const T* x, const T* __restrict__ gamma, const T*
 template <typename T>
 void layernorm_backward(int64_t W, const T* dy, const T* __restrict__ xhat, T inv, const T* __restrict__ gamma,
                         T* __restrict__ dgamma, T* __restrict__ dbeta, T* dx) {
-  T s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
+  T s1, s2;
+  row_sums<T>(W, s1, s2, [](auto d, auto g, auto) { return d * g; }, [](auto d, auto g, auto xh) { return d * g * xh; },
+              dy, gamma, xhat);
   for (int64_t j = 0; j < W; ++j) {
-    const T g = dy[j] * gamma[j];
-    s1 += g;
-    s2 += g * xhat[j];
     dgamma[j] += dy[j] * xhat[j];
     dbeta[j] += dy[j];
   }
