@@ -204,6 +204,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=cpu_count(), help="torch.set_num_threads (default: the cores)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs (default: 0)")
+    p.add_argument("--from-json", type=Path, metavar="PATH",
+                   help="measure nothing: render --out again from a run's JSON (after a change to report.py)")
     args = p.parse_args(argv)
     if args.reps is not None and args.reps < 1:
         p.error(f"--reps must be at least 1, got {args.reps}")
@@ -222,6 +224,11 @@ def settings(args) -> tuple[Grid, Budget, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.from_json is not None:
+        doc, summary = render(json.loads(args.from_json.read_text()))
+        args.out.write_text(doc + kept_sections(args.out))
+        print(summary)
+        return 0
     torch.set_num_threads(args.threads)
     grid, budget, peak_n = settings(args)
     facts = machine_facts()

@@ -40,9 +40,14 @@ def extra_cost(name: str):
     return lambda point, mode: point["extras"][name]["median"] / point["extras"]["engine"]["median"]
 
 
+TRAIN_FLOPS_PER_FORWARD = 2.5
+
+
 def engine_gflops(point: dict, mode: str) -> float:
-    """Matmul GFLOP/s of the engine; backward is about twice the forward, so training = 3x."""
-    flops = point["flops_forward"] * (3 if mode == "train" else 1)
+    """Matmul GFLOP/s of the engine. The training step's products, with I = H: the forward's x V^T and
+    h U^T, then dh U, dU and dV, and no dx (the benchmark's input does not require grad): five products of
+    the same size, 2.5x the forward's two."""
+    flops = point["flops_forward"] * (TRAIN_FLOPS_PER_FORWARD if mode == "train" else 1)
     return flops / median(point, mode, "engine") / 1e9
 
 
@@ -267,7 +272,8 @@ def method_section(run: dict) -> list[str]:
             "the JSON. Spread: the inter-quartile range is typically "
             f"{100 * typical:.1f}% of the median (largest {100 * worst:.1f}%).",
             "- **GFLOP/s** counts matrix-product FLOPs only: forward 2·T·B·(I+H)·G·H with G = 1, 4, 3 "
-            "gate blocks for RNN, LSTM, GRU; the training step counts 3× that (backward ≈ 2× forward). "
+            "gate blocks for RNN, LSTM, GRU; the training step counts 2.5× that: "
+            "the backward's dh·U, dU and dV, no dx (the input does not require grad). "
             "**% of peak** divides by the matmul peak above.",
             memory_note(points),
             f"- Every rnnkit output was checked against torch.nn's before timing: largest |difference| over "
