@@ -70,7 +70,7 @@ def project_scan(opts: ScanOptions, x: Tensor, weight_ih: Tensor, bias_ih: Tenso
     loop); elsewhere it is the projection, then `scan`."""
     if _fused.supports_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params):
         return _fused.scan_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params)
-    return scan(opts, _fused.linear(x, weight_ih, bias_ih), state0, weight_hh, bias_hh, params)
+    return scan(opts, torch.nn.functional.linear(x, weight_ih, bias_ih), state0, weight_hh, bias_hh, params)
 
 
 def pure_scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from rnnkit import _fused
-from rnnkit._fused import pooled
 from test_fused import big_run, fused_scan, needs_kernel, run
 
 
@@ -80,70 +79,3 @@ def test_buffer_pool_evicts_old_blocks_for_a_new_working_set():
     finally:
         ops.set_pool_limit(old)
         _fused.release_pool()
-
-
-# -- the layer's input projection into pooled memory ------------------------------------------------------
-
-@pytest.fixture
-def pool_every_linear(monkeypatch):
-    monkeypatch.setattr(pooled, "_LINEAR_POOL_MIN_BYTES", 0)
-
-
-@needs_kernel
-def test_linear_equals_f_linear_and_passes_gradcheck(pool_every_linear):
-    torch.manual_seed(0)
-    x = torch.randn(9, 4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(12, dtype=torch.float64, requires_grad=True)
-    y = _fused.linear(x, w, b)
-    assert type(y.grad_fn).__name__ == "_PooledLinearBackward"
-    assert y.shape == (9, 4, 12) and torch.equal(y, torch.nn.functional.linear(x, w, b))
-    assert torch.autograd.gradcheck(_fused.linear, (x, w, b))
-    assert torch.autograd.gradgradcheck(_fused.linear, (x, w, b))       # create_graph: plain ops
-    assert torch.autograd.gradcheck(_fused.linear, (x, w))              # no bias
-    xt = x.detach().transpose(0, 1).requires_grad_()                    # batch_first input, strided
-    assert torch.autograd.gradcheck(_fused.linear, (xt, w, b))
-
-
-@needs_kernel
-def test_linear_large_outputs_come_from_the_pool():
-    """Above the threshold (default 4 MiB) the projection's output is a pooled block: freed, it stays in
-    the pool for the next call."""
-    ops = _fused.build()
-    _fused.release_pool()
-    T, B, H = 60, 64, 128                                       # xi: 60*64*384 floats = 5.9 MB
-    n = T * B * 3 * H * 4
-    assert n >= pooled._LINEAR_POOL_MIN_BYTES
-    x, w = torch.randn(T, B, H, requires_grad=True), torch.randn(3 * H, H)
-    y = _fused.linear(x, w)
-    assert type(y.grad_fn).__name__ == "_PooledLinearBackward" and ops.pool_held_bytes() == 0
-    torch.testing.assert_close(y, x @ w.t(), rtol=0, atol=0)
-    del y
-    assert ops.pool_held_bytes() >= n
-    small = _fused.linear(x[:2], w)                              # under the threshold: F.linear
-    assert type(small.grad_fn).__name__ != "_PooledLinearBackward"
-    _fused.release_pool()
-
-
-@needs_kernel
-@pytest.mark.parametrize("cls, torch_cls", [("GRU", "GRU"), ("LSTM", "LSTM"), ("RNN", "RNN")])
-def test_layer_through_the_pooled_projection_matches_torch_nn(pool_every_linear, cls, torch_cls):
-    import rnnkit as rk
-    torch.manual_seed(1)
-    ref = getattr(torch.nn, torch_cls)(6, 10, num_layers=2, batch_first=True, dtype=torch.float64)
-    layer = getattr(rk, cls)(6, 10, num_layers=2, batch_first=True, backend="engine", dtype=torch.float64)
-    layer.load_state_dict(ref.state_dict())
-    x = torch.randn(3, 15, 6, dtype=torch.float64)
-    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    (ref(x1)[0] ** 2).sum().backward()
-    (layer(x2)[0] ** 2).sum().backward()
-    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-10, atol=1e-12)
-    for (name, p), q in zip(layer.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=name)
-
-
-def test_linear_falls_back_to_f_linear(pool_every_linear):
-    x = torch.randn(4, 3, 5)
-    assert _fused.linear(x.half(), torch.randn(7, 5).half()).grad_fn is None            # other dtype
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):              # F.linear's error
-        _fused.linear(x, torch.randn(7, 6))

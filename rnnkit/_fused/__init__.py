@@ -12,7 +12,6 @@ after the loop. The C++ mirrors `rnnkit/cells/*.py` line by line (`cells.h`).
                                                              computed inside the node (engine.project_scan)
     build(verbose=False)                                     compile now (the install step may call it)
     bernoulli(shape, p, dtype)                               fast 0/1 masks (zoneout), see random.h
-    linear(x, weight, bias)                                  F.linear, its large results from the pool
     release_pool()                                           hand the kernel's kept buffers back (pool.h)
 
 Speed (measured in docs/benchmarks.md): with enough batch rows each thread runs the whole time loop on
@@ -43,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from ..numerics import flushing_denormals
 
-__all__ = ["available", "bernoulli", "build", "linear", "release_pool", "scan", "scan_projected", "supports",
+__all__ = ["available", "bernoulli", "build", "release_pool", "scan", "scan_projected", "supports",
            "supports_projected"]
 
 _HERE = Path(__file__).resolve().parent
@@ -268,8 +267,9 @@ def scan(opts, xi, state0, weight_hh, bias_hh, params=()):
 
 def scan_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params=()):
     """scan(opts, F.linear(x, weight_ih, bias_ih), ...) as one autograd node: x W_ih^T into a pooled
-    buffer, b_ih added per row inside the loop and its gradient summed there (no pass over (T, B, G*H)
-    to add the bias, nor one to sum its gradient). Call only when `supports_projected`."""
+    buffer, b_ih added inside the loop (with b_hh, for Elman and LSTM without LN) and its gradient summed
+    there (no pass over (T, B, G*H) to add the bias, nor one to sum its gradient). Call only when
+    `supports_projected`."""
     n = len(state0)
     res = _FusedScan.apply(opts, n, x, weight_ih, bias_ih, weight_hh, bias_hh, *state0, *params)
     return res[0], tuple(res[1:])
@@ -323,7 +323,7 @@ class _FusedScan(torch.autograd.Function):
             xi = x.contiguous()
         else:
             x2 = x.reshape(-1, x.shape[2])
-            xi = _ops().pooled_addmm(None, x2, weight_ih.t()).view(x.shape[0], x.shape[1], weight_ih.shape[0])
+            xi = _ops().pooled_mm(x2, weight_ih.t()).view(x.shape[0], x.shape[1], weight_ih.shape[0])
             xb = _c(bias_ih)
         mask, rec, zone = _options(opts, xi)
         h0, c0 = state[0].contiguous(), _c(state[1]) if n == 2 else None
@@ -366,9 +366,7 @@ class _FusedScan(torch.autograd.Function):
         if w_ih is None:
             return (None, None, d_xi, None, None, d_w, d_b, *states, *params)
         d2 = d_xi.view(-1, d_xi.shape[2])                      # through xi = x W_ih^T
-        d_x = _ops().pooled_addmm(None, d2, w_ih).view(ctx.x_shape) if need[2] else None
+        d_x = _ops().pooled_mm(d2, w_ih).view(ctx.x_shape) if need[2] else None
         d_w_ih = d2.t() @ x2 if need[3] else None
         return (None, None, d_x, d_w_ih, d_xb if need_xb else None, d_w, d_b, *states, *params)
 
-
-from .pooled import linear  # last: it looks up _ops above at call time

@@ -2,7 +2,6 @@
 #include "pool.h"
 
 #include <ATen/EmptyTensor.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/Allocator.h>
@@ -147,20 +146,19 @@ int64_t set_pool_limit(int64_t bytes) {
   return old;
 }
 
-// bias + a b (a: (n, k), b: (k, m), bias: (m,) or none) into a pooled (n, m) tensor: the layer's input
-// projection V x_t + b for all steps at once, and the gradient of its input. The largest buffers of a
-// training step after the scan's own; from fresh memory each call they cost a page fault per 4 KiB
-// (measured 16 ms of an 83 ms product at T = 200, B = 64, (512 -> 1536)).
-at::Tensor pooled_addmm(const std::optional<at::Tensor>& bias, const at::Tensor& a, const at::Tensor& b) {
+// a b (a: (n, k), b: (k, m)) into a pooled (n, m) tensor: the layer's input projection x V^T for all
+// steps at once (its bias is added in the scan's loop), and the gradient of its input. The largest
+// buffers of a training step after the scan's own; from fresh memory each call they cost a page fault
+// per 4 KiB (measured 16 ms of an 83 ms product at T = 200, B = 64, (512 -> 1536)).
+at::Tensor pooled_mm(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
-              "rnnkit pooled_addmm: expected (n, k) and (k, m) matrices, got ", a.sizes(), " and ", b.sizes());
+              "rnnkit pooled_mm: expected (n, k) and (k, m) matrices, got ", a.sizes(), " and ", b.sizes());
   at::Tensor out = pooled_empty({a.size(0), b.size(1)}, a.options());
-  if (bias.has_value() && bias->defined()) return at::addmm_out(out, *bias, a, b);
   return at::mm_out(out, a, b);
 }
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_fused, m) {
-  m.def("pooled_addmm(Tensor? bias, Tensor a, Tensor b) -> Tensor", &pooled_addmm);
+  m.def("pooled_mm(Tensor a, Tensor b) -> Tensor", &pooled_mm);
 }
 
 }  // namespace rnnkit

@@ -5,12 +5,12 @@
 // are a safety net only. Registered with TORCH_LIBRARY rather than pybind11, which keeps the compile
 // to a few seconds (no torch/extension.h).
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sum.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -74,6 +74,12 @@ void check_grad(const Opt& g, const Tensor& like) {
                 "rnnkit fused scan: the gradient of out must be a (T, B, H) CPU tensor of dtype ", like.scalar_type());
   }
 }
+
+// Elman and LSTM without LN add b_ih where they add b_hh (a = xi + b_ih + b_hh + U h): the forward adds
+// one row b_hh + b_ih instead of b_ih to every row of xi, and the backward's sum of d_gh serves both
+// gradients (d_xi is d_gh there). The GRU (b_ih's n block sits outside r (U h + b_hh)) and LN (b_ih is
+// inside xi's normalised sum) add it per row.
+bool xb_folds_into_b(const Problem& p) { return !p.ln && !p.gru(); }
 
 // Inputs shared by both passes, as pointers. `b` is never null (zeros when the layer has no bias),
 // and the cell sees zeros in its place under LN, where the bias goes into the normalised sum.
@@ -166,11 +172,13 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
               "rnnkit fused scan: gamma_x and beta_x come together, and only with layer normalisation");
   const auto o = xi.options();
   const Tensor zero_w = at::zeros({p.W()}, o);
-  const Tensor bias = has(b) ? *b : zero_w;
+  const bool fold = has(xb) && xb_folds_into_b(p);
+  const Tensor bias = fold ? (has(b) ? at::add(*b, *xb) : *xb) : has(b) ? *b : zero_w;
+  const Opt row_xb = fold ? Opt() : xb;                  // b_ih still to add per row
   const Buffers f = allocate(p, keep, has(mask) || has(zh) || has(zc), has(mask), has(rec), has(gamma_x), o);
   auto run = [&](auto zero) {
     using S = decltype(zero);
-    run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, xb, mask, rec, zh, zc),
+    run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, row_xb, mask, rec, zh, zc),
                    xi, f, keep);
   };
   if (xi.scalar_type() == at::kFloat) {
@@ -245,8 +253,12 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   Tensor d_h0 = at::empty({B, H}, o), d_c0 = p.lstm() ? at::empty({B, H}, o) : Tensor();
   Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
   TORCH_CHECK(has(gamma_x) == (has(xhat_x) && has(inv_x)), "rnnkit fused scan: xi's LN needs xhat_x and inv_x");
-  const bool acc_b = need_b && has(b);
-  Tensor acc = p.ln || acc_b || need_xb ? at::zeros({at::get_num_threads(), kAccSlots, W}, o) : Tensor();   // Views::acc
+  const bool want_b = need_b && has(b), xb_is_b = xb_folds_into_b(p);
+  // the slots of Views::acc to sum: LN's four (two when xi comes normalised), d b_hh, d b_ih
+  const bool wanted[kAccSlots] = {p.ln, p.ln, p.ln && has(gamma_x), p.ln && has(gamma_x),
+                                  want_b || (need_xb && xb_is_b), need_xb && !xb_is_b};
+  const bool any_sum = std::any_of(wanted, wanted + kAccSlots, [](bool x) { return x; });
+  Tensor acc = any_sum ? at::zeros({at::get_num_threads(), kAccSlots, W}, o) : Tensor();
   auto run = [&](auto zero) {
     using S = decltype(zero);
     Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, std::nullopt, gamma_x, std::nullopt, std::nullopt,
@@ -268,8 +280,8 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.d_ghn = ptr<S>(d_ghn);
     v.gh_keep = gru_plain ? 0 : 1;
     v.acc = ptr<S>(acc);
-    v.acc_b = acc_b;
-    v.acc_xb = need_xb;
+    v.acc_b = wanted[4];
+    v.acc_xb = wanted[5];
     backward_loop<S>(p, v, truncate, ptr<S>(d_hT), ptr<S>(d_cT), ptr<S>(d_h0), ptr<S>(d_c0));
     if (need_w) {
       for (const auto& g : grad_rows<S>(p, v)) weight_grad<S>(p, v, g, ptr<S>(d_w));
@@ -283,7 +295,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   }
   std::vector<Tensor> sums(kAccSlots);                 // the threads' sums, added in thread order
   for (int64_t k = 0; k < kAccSlots; ++k) {
-    if (k < 4 ? !p.ln || (k >= 2 && !has(gamma_x)) : k == 4 ? !acc_b : !need_xb) continue;
+    if (!wanted[k]) continue;
     sums[k] = at::empty({W}, o);
     auto add_threads = [&](auto zero) {
       using S = decltype(zero);
@@ -296,7 +308,9 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     };
     if (hs.scalar_type() == at::kFloat) add_threads(0.f); else add_threads(0.0);
   }
-  return {d_xi, d_w, sums[4], d_h0, d_c0, sums[0], sums[1], sums[2], sums[3], sums[5]};
+  Tensor d_b = want_b ? sums[4] : Tensor();
+  Tensor d_xb = !need_xb ? Tensor() : !xb_is_b ? sums[5] : want_b ? sums[4].clone() : sums[4];   // own storage
+  return {d_xi, d_w, d_b, d_h0, d_c0, sums[0], sums[1], sums[2], sums[3], d_xb};
 }
 
 std::string route() { return gemm_route(); }
