@@ -168,6 +168,22 @@ void backward_row(const Problem& p, const Views<T>& v, Carry<T>& k, Live live, i
   cell_backward(p, v, k, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr, around);
 }
 
+// Under LN, row b of the step processed next (t_next), fetched from the saved xhat rows a step ahead: at
+// small W a row's LN backward is short and otherwise waits on memory, as the steps go backward in time,
+// where the hardware prefetcher does not follow (LSTM B=64 T=200 H=64, LN backward alone: 120 -> 87 ns a
+// row). Only for rows of up to kPrefetchRowBytes: at W = 1536 (GRU H=512) it slowed the LN backward 2.5%,
+// as software prefetch of the cells' own saved rows had slowed the plain loop (6%).
+constexpr int64_t kPrefetchRowBytes = 2048;
+
+template <typename T>
+void prefetch_ln_rows(const Problem& p, const Views<T>& v, int64_t t_next, int64_t b) {
+  const int64_t W = p.W(), at = (t_next * p.B + b) * W;
+  for (int64_t j = 0; j < W; j += 64 / int64_t(sizeof(T))) {
+    __builtin_prefetch(v.xhat + at + j);
+    if (v.xhat_x != nullptr) __builtin_prefetch(v.xhat_x + at + j);
+  }
+}
+
 // Step i on the lane's rows; returns what the lane's carries hold for step i-1.
 template <typename T>
 Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const StepProduct<T>& times_u,
@@ -175,8 +191,12 @@ Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const 
   const int64_t t = p.time(i), B = p.B, H = p.H, W = p.W(), b0 = lane.b0, nb = lane.rows();
   const T* h_prev = i == 0 ? v.h0 : v.hs + p.before(t) * B * H;
   const T* c_prev = !p.lstm() ? nullptr : i == 0 ? v.c0 : v.cs + p.before(t) * B * H;
-  const bool around = goes_around(v);
-  for_lane_rows(p, lane, [&](int64_t b) { backward_row(p, v, k, live, t, b, h_prev, c_prev, around); });
+  const bool around = goes_around(v), fetch = p.ln && i > 0 && W * int64_t(sizeof(T)) <= kPrefetchRowBytes;
+  const int64_t t_next = fetch ? p.time(i - 1) : 0;
+  for_lane_rows(p, lane, [&](int64_t b) {
+    if (fetch) prefetch_ln_rows(p, v, t_next, b);
+    backward_row(p, v, k, live, t, b, h_prev, c_prev, around);
+  });
   if (cut) {                                       // truncated BPTT: the state was detached here
     std::fill(k.h.begin() + b0 * H, k.h.begin() + (b0 + nb) * H, T(0));
     if (p.lstm()) std::fill(k.c.begin() + b0 * H, k.c.begin() + (b0 + nb) * H, T(0));

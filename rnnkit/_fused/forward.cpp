@@ -38,15 +38,15 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, int64_t t, i
   const int64_t H = p.H, W = p.W(), slot = t * v.keep * p.B + b;   // slot: row of a per-step buffer
   const int64_t row = t * p.B + b;                                 // row of a (T, B, .) buffer
   const T* xi = v.xi + row * W;
-  if (v.xb != nullptr) {                           // xi + b_ih, in the row's scratch (LN may go on in place)
+  const bool ln_x = p.ln && v.gamma_x != nullptr;  // xi's LN here: it adds b_ih itself
+  if (v.xb != nullptr && !ln_x) {                  // xi + b_ih, in the row's scratch
     for (int64_t j = 0; j < W; ++j) xn[j] = xi[j] + v.xb[j];
     xi = xn;
   }
-  if (p.ln) {
-    for (int64_t j = 0; j < W; ++j) gh[j] += v.b[j];
-    v.inv[slot] = layernorm_forward(W, gh, v.gamma, v.beta, v.xhat + slot * W, gh);
-    if (v.gamma_x != nullptr) {
-      v.inv_x[slot] = layernorm_forward(W, xi, v.gamma_x, v.beta_x, v.xhat_x + slot * W, xn);
+  if (p.ln) {                                      // LN(U h + b_hh) in place; LN(xi + b_ih) into xn
+    v.inv[slot] = layernorm_forward(W, gh, v.b, v.gamma, v.beta, v.xhat + slot * W, gh);
+    if (ln_x) {
+      v.inv_x[slot] = layernorm_forward(W, xi, v.xb, v.gamma_x, v.beta_x, v.xhat_x + slot * W, xn);
       xi = xn;
     }
   }
