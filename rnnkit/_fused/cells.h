@@ -132,28 +132,25 @@ constexpr double kLayerNormEps = 1e-5;
 // pass of its own, written back, which made a row's forward LN 1.7x slower (W = 256, measured alone).
 // A one-pass shifted sum of squares was 5% faster still, but 30x less accurate when the row's first
 // element is an outlier (float32, LSTM with LN of xi, against float64); not taken.
-template <typename T>
-T layernorm_forward(int64_t W, const T* x, const T* __restrict__ add, const T* __restrict__ gamma,
-                    const T* __restrict__ beta, T* __restrict__ xhat, T* y) {
-  if (add == nullptr) {
-    const T mu = row_sum<T>(W, [](auto a) { return a; }, x) / T(W);
-    const T ss = row_sum<T>(W, [mu](auto a) { return (a - mu) * (a - mu); }, x);
-    const T inv = T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
-    for (int64_t j = 0; j < W; ++j) {
-      xhat[j] = (x[j] - mu) * inv;
-      y[j] = xhat[j] * gamma[j] + beta[j];
-    }
-    return inv;
-  }
-  const T mu = row_sum<T>(W, [](auto a, auto b) { return a + b; }, x, add) / T(W);
-  const T ss = row_sum<T>(W, [mu](auto a, auto b) { return ((a + b) - mu) * ((a + b) - mu); }, x, add);
+template <typename T, typename... Rows>
+T layernorm_rows(int64_t W, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ xhat, T* y,
+                 const Rows*... rows) {
+  const auto a = [](auto... r) { return (r + ...); };                  // x, or x + add
+  const T mu = row_sum<T>(W, a, rows...) / T(W);
+  const T ss = row_sum<T>(W, [&](auto... r) { return (a(r...) - mu) * (a(r...) - mu); }, rows...);
   const T inv = T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
   for (int64_t j = 0; j < W; ++j) {
-    const T xh = ((x[j] + add[j]) - mu) * inv;
+    const T xh = (a(rows[j]...) - mu) * inv;
     xhat[j] = xh;
     y[j] = xh * gamma[j] + beta[j];
   }
   return inv;
+}
+
+template <typename T>
+T layernorm_forward(int64_t W, const T* x, const T* __restrict__ add, const T* __restrict__ gamma,
+                    const T* __restrict__ beta, T* __restrict__ xhat, T* y) {
+  return add == nullptr ? layernorm_rows(W, gamma, beta, xhat, y, x) : layernorm_rows(W, gamma, beta, xhat, y, x, add);
 }
 
 // dxhat = dy gamma;  dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / s.  dx may be dy itself.

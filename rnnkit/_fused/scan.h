@@ -116,7 +116,7 @@ void for_rows(const Problem& p, const F& f) {
 // thread runs the whole time loop on its own rows: its own step products (single-threaded, as BLAS is
 // inside a parallel region) and row passes, no hand-off between threads inside a step. Each row's
 // arithmetic is the same either way. With fewer rows, one lane holds the batch and each step spreads its
-// product and its row pass over the threads. kMinLaneRows: the fewest rows a lane gets (0: lanes off;
+// product and its row pass over the threads. g_min_lane_rows: the fewest rows a lane gets (0: lanes off;
 // the benchmarks and tests switch it through the operator set_min_lane_rows). Every lane reads all of U
 // at every step, so lanes pay only while U stays in a core's own cache: at most kLaneMaxWeightBytes
 // (this box: 2 MB of L2 per core; measured, a 3 MB U runs 3% slower in lanes, a 1 MB U 5-40% faster).
