@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 import rnnkit as rk
-from common import Budget, cpu_count, machine_facts, matmul_peak_gflops, measure, peak_alloc_bytes
+from common import Budget, cpu_count, machine_facts, matmul_peak_gflops, measure, peak_alloc_bytes, steady_allocator
 from profile_step import profile_steps
 
 # cell -> (rnnkit class, torch.nn class, gate blocks G, constructor kwargs)
@@ -232,6 +232,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     grid, budget, peak_n = settings(args)
     facts = machine_facts()
+    facts["allocator"] = steady_allocator()
     facts["peak_matmul_n"], facts["peak_matmul_reps"] = peak_n, 5
     facts["peak_gflops"] = matmul_peak_gflops(peak_n, reps=facts["peak_matmul_reps"])
     print(f"{facts['cpu']}, {facts['threads']} threads, matmul peak {facts['peak_gflops']:.1f} GFLOP/s",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import contextlib
+import ctypes
 import datetime
 import gc
 import math
@@ -80,6 +81,28 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
     torch.mm(a, b, out=out)
     times = [time_once(lambda: torch.mm(a, b, out=out)) for _ in range(reps)]
     return 2 * n ** 3 / statistics.median(times) / 1e9
+
+
+def steady_allocator(mmap_mib: int = 32, trim_mib: int = 1024) -> str:
+    """Fix glibc malloc's two thresholds for the rest of the process, and say what was set.
+
+    By default glibc moves them as the process runs: a freed mmap'd block raises the threshold under
+    which blocks come from the heap (up to 32 MiB), and the heap's free top goes back to the OS past a
+    trim threshold. So whether a contender's fresh (T, B, H) buffers come from reused heap memory or
+    from new pages, each paying a page fault and the kernel's zeroing per 4 KiB, depended on what ran
+    before it in the process: the same call of torch's own kernel measured 66 ms or 75 ms at inference
+    RNN B=64 T=200 H=512 depending on its place in the run. Fixed, blocks up to 32 MiB come from the
+    heap and freed memory stays in the process, for every contender alike (rnnkit's fused kernel keeps
+    its own buffer pool, so this helps torch.nn more than the engine).
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "the platform's default (no glibc mallopt)"
+    m_trim_threshold, m_mmap_threshold = -1, -3                  # malloc.h
+    if not (mallopt(m_mmap_threshold, mmap_mib << 20) and mallopt(m_trim_threshold, trim_mib << 20)):
+        return "glibc's default (mallopt refused the thresholds)"
+    return f"glibc, fixed: blocks up to {mmap_mib} MiB from the heap, trim past {trim_mib} MiB (mallopt)"
 
 
 # -- timing ----------------------------------------------------------------------------------------------

@@ -216,6 +216,7 @@ def machine_section(run: dict) -> list[str]:
             f"| platform | {m['platform']} |",
             f"| rnnkit commit | {m['rnnkit_commit']} |",
             f"| date | {m['date']} |",
+            f"| memory allocator | {m.get('allocator', 'glibc default (not recorded)')} |",
             f"| load average at start | {' / '.join(str(x) for x in m['load_average'])} (1 / 5 / 15 min) |",
             f"| wall time of this run | {m['wall_seconds'] / 60:.1f} min |", ""]
 
@@ -270,7 +271,10 @@ def method_section(run: dict) -> list[str]:
             f"**medians** (repetitions used: {min(reps)}–{max(reps)}, calls per repetition: "
             f"{min(calls)}–{max(calls)}); quartiles and every single time are in "
             "the JSON. Spread: the inter-quartile range is typically "
-            f"{100 * typical:.1f}% of the median (largest {100 * worst:.1f}%).",
+            f"{100 * typical:.1f}% of the median (largest {100 * worst:.1f}%). glibc's malloc thresholds are "
+            "fixed for the run (`common.steady_allocator`, see Machine): left to move with what ran before, "
+            "they decided whether a contender's fresh buffers came from reused memory or from new pages, "
+            "and torch's own kernel measured up to 13% slower at one place of a run than at another.",
             "- **GFLOP/s** counts matrix-product FLOPs only: forward 2·T·B·(I+H)·G·H with G = 1, 4, 3 "
             "gate blocks for RNN, LSTM, GRU; the training step counts 2.5× that: "
             "the backward's dh·U, dU and dV, no dx (the input does not require grad). "
