@@ -207,6 +207,27 @@ def test_equals_engine_with_two_threads_and_many_rows(kind, lanes):
 
 
 @needs_kernel
+@pytest.mark.parametrize("lanes", [16, 0], ids=["lanes", "no_lanes"])
+@pytest.mark.parametrize("H_", [128, 90], ids=["aligned", "unaligned"])
+def test_gru_backward_streaming_its_rows_equals_engine(H_, lanes):
+    """The GRU backward without LN writes d_xi and d_gh's n block with non-temporal stores once d_xi
+    passes 8 MB in rows of 1 KB or more (store.h), from a per-thread scratch row. H = 128: whole 64-byte
+    vectors; H = 90: 1080-byte rows, which take memcpy. Both threads, in lanes or splitting each step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    old = _fused.build().set_min_lane_rows(lanes)
+    try:
+        for dtype in TOL:
+            T_ = -(-(8 << 20) // (3 * H_ * dtype.itemsize * 64))          # (T, 64, 3H) d_xi of >= 8 MB
+            for opt in (dict(), dict(reverse=True, padding="right", zone="train")):
+                outs = big_run("gru", dtype, T_, 64, H_, **opt)
+                assert_same(*outs, 10 * TOL[dtype], f"H={H_} {dtype} {opt}")
+    finally:
+        torch.set_num_threads(threads)
+        _fused.build().set_min_lane_rows(old)
+
+
+@needs_kernel
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru", "ln_lstm"])
 def test_equals_engine_with_broadcast_and_strided_output_gradients(kind):
     """out.sum() sends a scalar expanded to (T, B, H); a loss on out.transpose(0, 1) a strided gradient.

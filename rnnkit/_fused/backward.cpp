@@ -24,6 +24,7 @@ template <typename T>
 struct Carry {
   std::vector<T> h, c, gw, dh, dc, dy;   // carries to step t-1; d_gh U; d_new of h; d_new of c (LSTM)
                                          // or the direct dh z (GRU, when a d_pass must be added)
+  std::vector<T> xs;                     // per thread, (W): a d_xi row before it is streamed out
 };
 
 // What a lane knows of its carries (the same in every lane: it depends on the step, not the row).
@@ -125,9 +126,16 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
     lstm_backward(H, dh, around ? dc : cc, v.act + row * W, v.aux + row * H, c_prev, d_xi);
     if (around) add_into(H, dc, cc);                   // carry_c = dc f + d_pass
   } else {
-    gru_backward(H, dh, v.act + row * W, v.aux + row * H, h_prev, d_xi, d_y, around ? dc : ch);
+    T* dx = v.stream ? k.xs.data() + at::get_thread_num() * W : d_xi;
+    gru_backward(H, dh, v.act + row * W, v.aux + row * H, h_prev, dx, d_y, around ? dc : ch);
     if (around) add_into(H, dc, ch);                   // carry_h = dh z + d_pass
-    if (v.d_ghn != nullptr) std::memcpy(v.d_ghn + row * H, d_y + 2 * H, sizeof(T) * H);
+    if (v.stream) {                                    // out to memory; the sums below read the copy here
+      stream_row(d_xi, dx, W);
+      d_xi = dx;
+      stream_row(v.d_ghn + row * H, d_y + 2 * H, H);
+    } else if (v.d_ghn != nullptr) {
+      std::memcpy(v.d_ghn + row * H, d_y + 2 * H, sizeof(T) * H);
+    }
   }
   T* acc = v.acc == nullptr ? nullptr : v.acc + at::get_thread_num() * kAccSlots * W;   // scan.h: Views::acc
   if (p.ln) {                                          // d_y to the raw d_gh, through LN's backward
@@ -219,6 +227,7 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
   k.dh.resize(BH);
   k.dc.resize(BH);
   k.dy.resize(p.ln && p.gru() ? static_cast<size_t>(p.B * p.W()) : 0);
+  k.xs.resize(v.stream ? static_cast<size_t>(at::get_num_threads() * p.W()) : 0);
   if (d_hT != nullptr) std::memcpy(k.h.data(), d_hT, sizeof(T) * BH);
   if (d_cT != nullptr) std::memcpy(k.c.data(), d_cT, sizeof(T) * BH);
   Live last;

@@ -282,6 +282,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.acc = ptr<S>(acc);
     v.acc_b = wanted[4];
     v.acc_xb = wanted[5];
+    v.stream = gru_plain && worth_streaming(T * B, W * int64_t(sizeof(S)));
     backward_loop<S>(p, v, truncate, ptr<S>(d_hT), ptr<S>(d_cT), ptr<S>(d_h0), ptr<S>(d_c0));
     if (need_w) {
       for (const auto& g : grad_rows<S>(p, v)) weight_grad<S>(p, v, g, ptr<S>(d_w));

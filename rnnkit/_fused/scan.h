@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "store.h"
+
 #if defined(__SSE2__)
 #include <xmmintrin.h>
 #endif
@@ -63,6 +65,7 @@ struct Views {
   // acc_b, acc_xb: d b_hh, d b_ih (the sum of d_xi) wanted.
   T* acc;
   bool acc_b, acc_xb;
+  bool stream;                                     // GRU without LN: d_xi, d_ghn rows go out non-temporal (store.h)
   int64_t gh_keep;
 };
 
@@ -103,6 +106,7 @@ void parallel_in_mode(int64_t n, int64_t grain, const F& f) {
     const unsigned saved = DenormalMode::current();
     mode.apply();
     for (int64_t i = i0; i < i1; ++i) f(i);
+    stream_fence();                                // the task's non-temporal stores (store.h), before its join
     DenormalMode::restore(saved);
   });
 }
