@@ -32,13 +32,13 @@ from itertools import product
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import rnnkit as rk
 import rnnkit.layers
-from common import interleaved, machine_facts, matmul_peak_gflops, peak_alloc_bytes
-from rnnkit import _fused
-from rnnkit.engine import _Scan
+from common import interleaved, machine_facts, matmul_peak_gflops, peak_alloc_bytes, steady_allocator
+from rnnkit import _fused, engine
 
 CELLS = {"rnn": (rk.RNN, nn.RNN, 1, {"nonlinearity": "tanh"}), "lstm": (rk.LSTM, nn.LSTM, 4, {}),
          "gru": (rk.GRU, nn.GRU, 3, {})}
@@ -46,27 +46,28 @@ EXTRAS = {"fused": {}, "trace": {}, "zoneout": {"zoneout": 0.1}, "layernorm": {"
 
 
 # -- routing rnnkit.layers' scan -----------------------------------------------------------------------
+# A layer runs engine.project_scan (the input projection, then the scan); the benchmark swaps it for the
+# pure-torch path or the fused kernel's node.
 
-def pure_scan(opts, xi, state0, w, b, params=()):
-    res = _Scan.apply(opts, len(state0), xi, w, b, *state0, *params)
-    return res[0], tuple(res[1:])
+def pure_scan(opts, x, weight_ih, bias_ih, state0, w, b, params=()):
+    return engine.pure_scan(opts, F.linear(x, weight_ih, bias_ih), state0, w, b, params)
 
 
-def fused_scan(opts, xi, state0, w, b, params=()):
-    if not _fused.supports(opts, xi, state0, w, b, params):
+def fused_scan(opts, x, weight_ih, bias_ih, state0, w, b, params=()):
+    if not _fused.supports_projected(opts, x, weight_ih, bias_ih, state0, w, b, params):
         raise RuntimeError("the fused kernel refused a benchmark scan")
-    return _fused.scan(opts, xi, state0, w, b, params)
+    return _fused.scan_projected(opts, x, weight_ih, bias_ih, state0, w, b, params)
 
 
 @contextlib.contextmanager
 def routed(scan_fn, gemm_route: str = "packed"):
-    saved = rnnkit.layers.scan
-    rnnkit.layers.scan = scan_fn
+    saved = rnnkit.layers.project_scan
+    rnnkit.layers.project_scan = scan_fn
     _fused.build().limit_gemm_route(gemm_route)
     try:
         yield
     finally:
-        rnnkit.layers.scan = saved
+        rnnkit.layers.project_scan = saved
         _fused.build().limit_gemm_route("packed")
 
 
@@ -173,8 +174,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    facts = machine_facts()
+    facts = machine_facts() | {"allocator": steady_allocator()}
     print(f"{facts['cpu']}, load average {facts['load_average']}, torch {facts['torch']}, "
+          f"allocator: {facts['allocator']}, "
           f"gemm route {_fused.build().gemm_route()}", file=sys.stderr)
     print(f"B={args.batch} T={args.seq}, training step, median / min of {args.reps} interleaved "
           "repetitions\n", flush=True)

@@ -23,7 +23,7 @@ import time
 import torch
 from torch import nn
 
-from common import cpu_count, interleaved, machine_facts, peak_alloc_bytes, write_report
+from common import cpu_count, interleaved, machine_facts, peak_alloc_bytes, steady_allocator, write_report
 from rnnkit.minimal import MinGRU, MinLSTM
 
 
@@ -123,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=cpu_count(), help="torch.set_num_threads (default: the cores)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    allocator = steady_allocator()
     T, H = (512, 256) if args.quick else (4096, 256)
     reps = 2 if args.quick else args.reps
     grid = [(8, H, 2, True), (8, 16, 2, True), (1, 16, 0, False), (32, 16, 0, False)]   # (B, I, log reps, memory)
@@ -131,11 +132,11 @@ def main(argv=None) -> int:
         points.append(bench_point(T, B, I, H, reps, log_reps, memory))
         print(table(points[-1:]), flush=True)
     errors = precision(T, 16, H)
-    facts = machine_facts()
+    facts = machine_facts() | {"allocator": allocator}
     text = (f"Training step (forward + backward + weight gradients), one layer, float32, {args.threads} "
             "thread(s); "
             f"{reps} interleaved repetitions (the log scan: 2). Machine: {facts['cpu']}, "
-            f"load average {facts['load_average']}.\n\n{table(points)}\n\n"
+            f"load average {facts['load_average']}; allocator: {allocator}.\n\n{table(points)}\n\n"
             f"One step each, CPU time and page faults:\n\n{cpu_table(points)}\n\n"
             f"float32 error at T = {T} (max |h - h_float64|, B = 4, I = 16, H = {H}): "
             + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()) + "\n")

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import rnnkit as rk
-from common import interleaved, machine_facts, write_report
+from common import interleaved, machine_facts, steady_allocator, write_report
 from rnnkit.stream import Stream, step
 
 CELLS = {"lstm": (nn.LSTM, rk.LSTM), "gru": (nn.GRU, rk.GRU), "rnn": (nn.RNN, rk.RNN)}
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
+    allocator = steady_allocator()
     hidden = (32, 256) if args.quick else tuple(int(h) for h in args.hidden.split(","))
     reps, number = (5, 20) if args.quick else (args.reps, args.number)
     results = []
@@ -120,9 +121,10 @@ def main(argv=None) -> int:
             results.append({"cell": cell, "H": H, "times": measure(contenders(cell, H), reps, number)})
             print(table(results[-1:]).splitlines()[-1], flush=True)
     parts = {H: breakdown(H, reps, number) for H in (hidden[0], hidden[-1])}
-    facts = machine_facts()
+    facts = machine_facts() | {"allocator": allocator}
     text = (f"Per-step latency, batch 1, float32, I = H, one thread; {reps} interleaved timings of "
-            f"{number} calls each. Machine: {facts['cpu']}, load average {facts['load_average']}.\n\n"
+            f"{number} calls each. Machine: {facts['cpu']}, load average {facts['load_average']}; "
+            f"allocator: {allocator}.\n\n"
             f"{table(results)}\n\nWhere the time of one LSTM stream call goes:\n\n{breakdown_table(parts)}\n")
     write_report(text, args.out, args.json, {"facts": facts, "results": results, "breakdown": parts})
     return 0

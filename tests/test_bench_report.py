@@ -16,7 +16,7 @@ def test_quick_bench_renders_and_keeps_the_hand_written_tail(tmp_path):
     out.write_text("# old generated part\n\nstale\n" + KEEP_MARKER + "\n\n## Hand-written\n\nkept text\n")
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_layers.py"), "--quick", "--cells", "rnn",
            "--no-memory", "--hidden", "16", "--threads", "1", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     doc = out.read_text()
     assert "stale" not in doc and doc.count(KEEP_MARKER) == 1 and doc.endswith("## Hand-written\n\nkept text\n")
@@ -30,3 +30,18 @@ def test_quick_bench_renders_and_keeps_the_hand_written_tail(tmp_path):
     assert len(row) == 1 and row[0].count("×") == 2                   # both costs, as numbers
     cost = float(row[0].split("|")[6].strip().rstrip("×"))
     assert 0.2 < cost < 20                                            # a ratio of two real timings
+
+
+def test_fused_kernel_benchmark_runs_every_contender():
+    """benchmarks/bench_fused.py (the development tool) swaps the layers' project_scan for the pure path and
+    the fused node: each contender runs and gets a timing (it once broke silently when the layers moved
+    from scan to project_scan)."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_fused.py"), "--cells", "rnn,gru", "--hidden", "16",
+           "--seq", "6", "--batch", "3", "--reps", "2", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| 1 | ")]
+    assert [r.split("|")[2].strip() for r in rows] == ["rnn", "gru"]
+    for row in rows:                                              # torch, pure, fused and the extras: timed
+        cells = [c.strip() for c in row.split("|")[4:10]]
+        assert all(float(c.split("/")[0]) > 0 for c in cells), row
