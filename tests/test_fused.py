@@ -8,6 +8,7 @@ If the extension cannot be built here, the tests that need it are skipped with t
 fallback tests still run."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import warnings
 
@@ -160,6 +161,19 @@ def test_equals_engine_with_broadcast_zoneout_no_bias_and_partial_losses(kind):
                         f"{kind} {dtype} {opt}")
 
 
+@contextlib.contextmanager
+def two_threads(lanes: int):
+    """Two intra-op threads and the kernel's lane setting (scan.h: fewest rows a lane gets, 0 = off)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    old = _fused.build().set_min_lane_rows(lanes)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        _fused.build().set_min_lane_rows(old)
+
+
 def big_run(kind, dtype, T_, B_, H_, **opt):
     """Fused and pure runs of one larger scan: (fused results, pure results)."""
     cell, xi, w, b, state0, params = scan_inputs(kind, dtype, T_=T_, B_=B_, H_=H_)
@@ -193,17 +207,11 @@ def test_equals_engine_over_enough_steps_to_pack_the_weight(kind):
 def test_equals_engine_with_two_threads_and_many_rows(kind, lanes):
     """Large enough that the batch rows split over threads: in lanes (scan.h: each thread runs the
     whole loop on its rows, 67 = 33 + 34) or, lanes off, each step's row pass split."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    old = _fused.build().set_min_lane_rows(lanes)
-    try:
+    with two_threads(lanes):
         for dtype in TOL:
             for opt in (dict(padding="left", zone="train", rec=True, trace=True), dict(reverse=True, truncate=4)):
                 outs = big_run(kind, dtype, 9, 67, 150, **opt)
                 assert_same(*outs, 10 * TOL[dtype], f"{kind} {dtype} {opt}")
-    finally:
-        torch.set_num_threads(threads)
-        _fused.build().set_min_lane_rows(old)
 
 
 @needs_kernel
@@ -211,20 +219,15 @@ def test_equals_engine_with_two_threads_and_many_rows(kind, lanes):
 @pytest.mark.parametrize("H_", [128, 90], ids=["aligned", "unaligned"])
 def test_gru_backward_streaming_its_rows_equals_engine(H_, lanes):
     """The GRU backward without LN writes d_xi and d_gh's n block with non-temporal stores once d_xi
-    passes 8 MB in rows of 1 KB or more (store.h), from a per-thread scratch row. H = 128: whole 64-byte
-    vectors; H = 90: 1080-byte rows, which take memcpy. Both threads, in lanes or splitting each step."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    old = _fused.build().set_min_lane_rows(lanes)
-    try:
+    passes 8 MB in rows of 1 KB or more (store.h), from a per-thread scratch row. H = 128: whole 16-byte
+    chunks; H = 90: 1080-byte float32 rows, which are not and take memcpy. Both threads, in lanes or
+    splitting each step."""
+    with two_threads(lanes):
         for dtype in TOL:
             T_ = -(-(8 << 20) // (3 * H_ * dtype.itemsize * 64))          # (T, 64, 3H) d_xi of >= 8 MB
             for opt in (dict(), dict(reverse=True, padding="right", zone="train")):
                 outs = big_run("gru", dtype, T_, 64, H_, **opt)
                 assert_same(*outs, 10 * TOL[dtype], f"H={H_} {dtype} {opt}")
-    finally:
-        torch.set_num_threads(threads)
-        _fused.build().set_min_lane_rows(old)
 
 
 @needs_kernel

@@ -115,6 +115,7 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
                    const T* h_prev, const T* c_prev, bool around) {
   const int64_t H = p.H, W = p.W(), row = t * p.B + b;
   T *dh = k.dh.data() + b * H, *dc = k.dc.data() + b * H, *ch = k.h.data() + b * H;
+  const int64_t thread = at::get_thread_num();        // its own rows of Views::acc and Carry::xs
   T* d_xi = v.d_xi + row * W;
   T* d_y = p.ln ? (p.gru() ? k.dy.data() + b * W : d_xi)          // what the cell calls d_gh
                 : v.d_gh + (t * v.gh_keep * p.B + b) * W;
@@ -126,7 +127,7 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
     lstm_backward(H, dh, around ? dc : cc, v.act + row * W, v.aux + row * H, c_prev, d_xi);
     if (around) add_into(H, dc, cc);                   // carry_c = dc f + d_pass
   } else {
-    T* dx = v.stream ? k.xs.data() + at::get_thread_num() * W : d_xi;
+    T* dx = v.stream ? k.xs.data() + thread * W : d_xi;
     gru_backward(H, dh, v.act + row * W, v.aux + row * H, h_prev, dx, d_y, around ? dc : ch);
     if (around) add_into(H, dc, ch);                   // carry_h = dh z + d_pass
     if (v.stream) {                                    // out to memory; the sums below read the copy here
@@ -137,7 +138,7 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
       std::memcpy(v.d_ghn + row * H, d_y + 2 * H, sizeof(T) * H);
     }
   }
-  T* acc = v.acc == nullptr ? nullptr : v.acc + at::get_thread_num() * kAccSlots * W;   // scan.h: Views::acc
+  T* acc = v.acc == nullptr ? nullptr : v.acc + thread * kAccSlots * W;   // scan.h: Views::acc
   if (p.ln) {                                          // d_y to the raw d_gh, through LN's backward
     T* d_gh = v.d_gh + row * W;
     layernorm_backward(W, d_y, v.xhat + row * W, v.inv[row], v.gamma, acc, acc + W, d_gh);

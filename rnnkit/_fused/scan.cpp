@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/add.h>
+#include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -294,20 +295,12 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     TORCH_CHECK(hs.scalar_type() == at::kDouble, "rnnkit fused scan: float32 or float64 only");
     run(0.0);
   }
-  std::vector<Tensor> sums(kAccSlots);                 // the threads' sums, added in thread order
-  for (int64_t k = 0; k < kAccSlots; ++k) {
-    if (!wanted[k]) continue;
-    sums[k] = at::empty({W}, o);
-    auto add_threads = [&](auto zero) {
-      using S = decltype(zero);
-      const S* a = ptr<S>(acc) + k * W;
-      S* out = ptr<S>(sums[k]);
-      for (int64_t j = 0; j < W; ++j) out[j] = a[j];
-      for (int64_t n = 1; n < acc.size(0); ++n) {
-        for (int64_t j = 0; j < W; ++j) out[j] += a[n * kAccSlots * W + j];
-      }
-    };
-    if (hs.scalar_type() == at::kFloat) add_threads(0.f); else add_threads(0.0);
+  std::vector<Tensor> sums(kAccSlots);                 // the threads' sums added, one row per slot wanted
+  if (any_sum) {
+    const Tensor total = acc.sum(0);
+    for (int64_t k = 0; k < kAccSlots; ++k) {
+      if (wanted[k]) sums[k] = total[k].clone();
+    }
   }
   Tensor d_b = want_b ? sums[4] : Tensor();
   Tensor d_xb = !need_xb ? Tensor() : !xb_is_b ? sums[5] : want_b ? sums[4].clone() : sums[4];   // own storage
@@ -332,8 +325,7 @@ int64_t set_min_lane_rows(int64_t rows) {
 TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("forward(int cell, bool ln, bool reverse, bool keep, Tensor xi, Tensor w, Tensor? b, Tensor h0, "
         "Tensor? c0, Tensor? gamma, Tensor? beta, Tensor? gamma_x, Tensor? beta_x, Tensor? xb, Tensor? mask, "
-        "Tensor? rec, "
-        "Tensor? zone_h, Tensor? zone_c) -> Tensor[]",
+        "Tensor? rec, Tensor? zone_h, Tensor? zone_c) -> Tensor[]",
         &rnnkit::forward);
   m.def("backward(int cell, bool ln, bool reverse, int truncate, Tensor w, Tensor? b, Tensor h0, Tensor? c0, "
         "Tensor? gamma, Tensor? gamma_x, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor hs, "
