@@ -95,3 +95,47 @@ def test_float32_layer_norm_keeps_its_precision_when_a_row_has_an_outlier(kind):
     out, _ = fused_scan(options(cell, torch.float32, T_=6, B_=4, H_=64), f32(xi), tuple(map(f32, state0)), f32(w),
                         f32(b), tuple(map(f32, params)))
     assert float((out.double() - ref.detach()).abs().max()) <= 1e-6
+
+
+def _zero_state_run(fn, kind, dtype, grad_h0, poison=None, **opt):
+    """One scan from zero initial states, T=12 (float32 multiplies by a packed U), B=5, H=33; poison:
+    a NaN in U ("w") or in step 0's output gradient ("d_out")."""
+    cell, xi, w, b, state0, params = scan_inputs(kind, dtype, T_=12, B_=5, H_=33)
+    state0 = tuple(torch.zeros_like(s).requires_grad_(grad_h0) for s in state0)
+    if poison == "w":
+        with torch.no_grad():
+            w[3, 4] = float("nan")
+    out, final = fn(options(cell, dtype, T_=12, B_=5, H_=33, **opt), xi, state0, w, b, params)
+    d_out = torch.linspace(-1, 1, out.numel(), dtype=dtype).view(out.shape)
+    if poison == "d_out":
+        d_out[0, 1, 2] = float("nan")
+    torch.autograd.backward([out, final[0]], [d_out, final[0].detach()])
+    got = {"out": out, "final": final[0], "d_xi": xi.grad, "d_w": w.grad, "d_b": b.grad}
+    got.update({f"d_s{j}": s.grad for j, s in enumerate(state0)})
+    got.update({f"d_p{j}": p.grad for j, p in enumerate(params)})
+    return got
+
+
+@needs_kernel
+@pytest.mark.parametrize("grad_h0", [True, False], ids=["d_h0", "no_d_h0"])
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru", "ln_gru"])
+def test_zero_initial_state_skips_step_zeros_products_and_equals_the_engine(kind, grad_h0):
+    """From zeros (a layer called without a state) the kernel skips h0 U in the first step, dU's h0 term
+    and, when nothing asks for d_h0, the backward's last product through U; all else as the engine."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        for opt in (dict(), dict(reverse=True, rec=True, padding="right", truncate=5)):
+            got, ref = (_zero_state_run(fn, kind, dtype, grad_h0, **opt) for fn in (fused_scan, pure_scan))
+            assert_same(got, ref, tol, f"{kind} {dtype} {opt}")
+            assert (got["d_s0"] is None) == (not grad_h0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("poison", ["w", "d_out"])
+def test_zero_initial_state_still_carries_nan_through_the_skipped_products(poison):
+    """0 * NaN is NaN: with a NaN in U, step 0's output is NaN (h0 U is not skipped); with a NaN in step
+    0's output gradient, dU's h0 term is NaN (not skipped) — on both paths the same entries."""
+    got, ref = (_zero_state_run(fn, "rnn_tanh", torch.float32, False, poison) for fn in (fused_scan, pure_scan))
+    for k in ("out", "d_w", "d_xi"):
+        assert torch.equal(torch.isnan(got[k]), torch.isnan(ref[k])), k
+    assert bool(torch.isnan(ref["out"][0]).any()) == (poison == "w")
+    assert bool(torch.isnan(ref["d_w"]).any())

@@ -360,7 +360,7 @@ class _FusedScan(torch.autograd.Function):
         d_xi, d_w, d_b, d_h0, d_c0, *d_ln, d_xb = _ops().backward(
             ctx.code, ctx.ln, opts.reverse, opts.truncate or 0, w, b, h0, c0, gamma, gamma_x, mask, rec, zh, zc,
             hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, _grad_out(d_out), d_hT, d_cT, gn, need_w, need_b,
-            need_xb)
+            need_xb, need[7])
         states = (d_h0,) if n == 1 else (d_h0, d_c0)
         params = tuple(d_ln[:_num_params(opts.cell, ctx.ln)])
         if w_ih is None:

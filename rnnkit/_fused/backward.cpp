@@ -196,7 +196,7 @@ void prefetch_ln_rows(const Problem& p, const Views<T>& v, int64_t t_next, int64
 // Step i on the lane's rows; returns what the lane's carries hold for step i-1.
 template <typename T>
 Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const StepProduct<T>& times_u,
-                   Carry<T>& k, Live live, int64_t i, bool cut) {
+                   Carry<T>& k, Live live, int64_t i, bool cut, bool product) {
   const int64_t t = p.time(i), B = p.B, H = p.H, W = p.W(), b0 = lane.b0, nb = lane.rows();
   const T* h_prev = i == 0 ? v.h0 : v.hs + p.before(t) * B * H;
   const T* c_prev = !p.lstm() ? nullptr : i == 0 ? v.c0 : v.cs + p.before(t) * B * H;
@@ -211,8 +211,8 @@ Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const 
     if (p.lstm()) std::fill(k.c.begin() + b0 * H, k.c.begin() + (b0 + nb) * H, T(0));
     return Live{};
   }
-  times_u(v.d_gh + (t * v.gh_keep * B + b0) * W, k.gw.data() + b0 * H);      // d_gh U  (rows, H)
-  return Live{around || p.gru(), true};           // h: else nothing reaches h_{t-1} but through U
+  if (product) times_u(v.d_gh + (t * v.gh_keep * B + b0) * W, k.gw.data() + b0 * H);   // d_gh U  (rows, H)
+  return Live{around || p.gru(), product};        // h: else nothing reaches h_{t-1} but through U
 }
 
 }  // namespace
@@ -236,14 +236,17 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
     const StepProduct<T> times_u(v.w, p.W(), p.H, lane.rows(), true, p.T);
     Live live{d_hT != nullptr, false};
     for (int64_t i = p.T - 1; i >= 0; --i) {
-      live = backward_step(p, v, lane, times_u, k, live, i, truncate > 0 && i > 0 && i % truncate == 0);
+      live = backward_step(p, v, lane, times_u, k, live, i, truncate > 0 && i > 0 && i % truncate == 0,
+                           i > 0 || d_h0 != nullptr);     // step 0's product feeds only d_h0
     }
     if (l == 0) last = live;
   });
   // what reaches the initial state: the carry, plus the last product through U
   const T* none = nullptr;
-  gather_dh(p.B * p.H, last.h ? k.h.data() : none, last.gw ? k.gw.data() : none, v.rec, none, 1, none,
-            d_h0);
+  if (d_h0 != nullptr) {
+    gather_dh(p.B * p.H, last.h ? k.h.data() : none, last.gw ? k.gw.data() : none, v.rec, none, 1, none,
+              d_h0);
+  }
   if (p.lstm()) std::memcpy(d_c0, k.c.data(), sizeof(T) * BH);
 }
 

@@ -7,6 +7,7 @@
 // and it saves, per step, what the backward reads: the gate activations (which are also the trace's
 // gates), tanh(c_t) for the LSTM, U h + b_hh's n block for the GRU, h * r, LN's xhat and 1/s (of the
 // recurrent product and, when the layer hands xi over raw, of xi: its LN is then done here, per row).
+#include <algorithm>
 #include <vector>
 
 #include "blas.h"
@@ -85,7 +86,11 @@ void forward_step(const Problem& p, const Views<T>& v, const Lane& lane, const S
     for (int64_t k = b0 * H; k < lane.b1 * H; ++k) hr[k] = h_prev[k] * v.rec[k];
     h_in = hr;
   }
-  times_ut(h_in + b0 * H, gh);                     // gh = h_in U^T   (rows, W)
+  if (i == 0 && v.h0_zero) {                       // gh = h_in U^T   (rows, W)
+    std::fill(gh, gh + lane.rows() * W, T(0));
+  } else {
+    times_ut(h_in + b0 * H, gh);
+  }
   for_lane_rows(p, lane, [&](int64_t b) {
     const int64_t r = b - b0;
     forward_row(p, v, gh + r * W, xn + r * W, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr);

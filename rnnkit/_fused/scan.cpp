@@ -94,6 +94,7 @@ Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const T
   v.b = ptr<T>(b);
   v.cell_b = p.ln ? ptr<T>(zero_w) : v.b;
   v.h0 = ptr<T>(h0);
+  v.h0_zero = all_zero(p.B * p.H, v.h0) && all_finite(p.W() * p.H, v.w);
   v.c0 = ptr<T>(c0);
   v.gamma = ptr<T>(gamma);
   v.beta = ptr<T>(beta);
@@ -216,8 +217,14 @@ void weight_grad(const Problem& p, const Views<T>& v, const GradRows<T>& g, T* d
   const T* g_first = p.reverse ? g.d + T1 * B * g.ld : g.d;           // the step that read h0
   const T* g_rest = p.reverse ? g.d : g.d + B * g.ld;                  // the steps that read h_t
   const T* h_rest = p.reverse ? v.hs + B * H : v.hs;
-  gemm(true, false, g.n, H, B, g_first, g.ld, v.h0, H, T(0), out, H);
-  if (T1 > 0) gemm(true, false, g.n, H, T1 * B, g_rest, g.ld, h_rest, H, T(1), out, H);
+  bool first_zero = v.h0_zero;                 // g_first^T h0 is exactly zero: h0 zeros, g_first finite
+  for (int64_t b = 0; b < B && first_zero; ++b) first_zero = all_finite(g.n, g_first + b * g.ld);
+  if (!first_zero) gemm(true, false, g.n, H, B, g_first, g.ld, v.h0, H, T(0), out, H);
+  if (T1 > 0) {
+    gemm(true, false, g.n, H, T1 * B, g_rest, g.ld, h_rest, H, first_zero ? T(0) : T(1), out, H);
+  } else if (first_zero) {
+    std::fill(out, out + g.n * H, T(0));
+  }
 }
 
 // The blocks of d_gh over all steps: one, or for the GRU without LN d_xi's r, z blocks and d_ghn.
@@ -229,14 +236,15 @@ std::vector<GradRows<T>> grad_rows(const Problem& p, const Views<T>& v) {
 }
 
 // Returns [d_xi, d_w, d_b, d_h0, d_c0, d_gamma, d_beta, d_gamma_x, d_beta_x, d_xb]; d_xb: the sum of d_xi,
-// the gradient of b_ih when the forward added it (xb).
+// the gradient of b_ih when the forward added it (xb); d_h0 undefined without need_h0 (the last step's
+// product through U is then skipped).
 std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t truncate, const Tensor& w,
                              const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& gamma_x,
                              const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc, const Tensor& hs,
                              const Opt& cs, const Opt& act, const Opt& aux, const Opt& hr, const Opt& xhat,
                              const Opt& inv, const Opt& xhat_x, const Opt& inv_x, const Opt& d_out,
                              const Opt& d_hT, const Opt& d_cT, const Opt& gn, bool need_w, bool need_b,
-                             bool need_xb) {
+                             bool need_xb, bool need_h0) {
   const Problem p = problem(cell, ln, reverse, hs.size(0), hs.size(1), w);
   for (auto* t : {&b, &c0, &gamma, &gamma_x, &mask, &rec, &zh, &zc, &cs, &act, &aux, &hr, &xhat, &inv, &xhat_x,
                   &inv_x, &d_hT, &d_cT, &gn}) {
@@ -251,7 +259,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   const bool gru_plain = p.gru() && !p.ln;
   Tensor d_gh = p.ln ? pooled_empty({T, B, W}, o) : gru_plain ? pooled_empty({1, B, W}, o) : d_xi;
   Tensor d_ghn = gru_plain ? pooled_empty({T, B, H}, o) : Tensor();
-  Tensor d_h0 = at::empty({B, H}, o), d_c0 = p.lstm() ? at::empty({B, H}, o) : Tensor();
+  Tensor d_h0 = need_h0 ? at::empty({B, H}, o) : Tensor(), d_c0 = p.lstm() ? at::empty({B, H}, o) : Tensor();
   Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
   TORCH_CHECK(has(gamma_x) == (has(xhat_x) && has(inv_x)), "rnnkit fused scan: xi's LN needs xhat_x and inv_x");
   const bool want_b = need_b && has(b), xb_is_b = xb_folds_into_b(p);
@@ -331,7 +339,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
         "Tensor? gamma, Tensor? gamma_x, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor hs, "
         "Tensor? cs, Tensor? act, Tensor? aux, Tensor? hr, Tensor? xhat, Tensor? inv, Tensor? xhat_x, "
         "Tensor? inv_x, Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor? grad_norm, bool need_w, "
-        "bool need_b, bool need_xb) -> Tensor[]",
+        "bool need_b, bool need_xb, bool need_h0=True) -> Tensor[]",
         &rnnkit::backward);
   m.def("bernoulli_mask(int[] shape, float p, int seed, ScalarType dtype) -> Tensor", &rnnkit::bernoulli_mask);
   m.def("gemm_route() -> str", &rnnkit::route);
