@@ -123,7 +123,7 @@ def test_zero_initial_state_skips_step_zeros_products_and_equals_the_engine(kind
     """From zeros (a layer called without a state) the kernel skips h0 U in the first step, dU's h0 term
     and, when nothing asks for d_h0, the backward's last product through U; all else as the engine."""
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
-        for opt in (dict(), dict(reverse=True, rec=True, padding="right", truncate=5)):
+        for opt in ({}, {"reverse": True, "rec": True, "padding": "right", "truncate": 5}):
             got, ref = (_zero_state_run(fn, kind, dtype, grad_h0, **opt) for fn in (fused_scan, pure_scan))
             assert_same(got, ref, tol, f"{kind} {dtype} {opt}")
             assert (got["d_s0"] is None) == (not grad_h0)
