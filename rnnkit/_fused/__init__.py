@@ -356,11 +356,11 @@ class _FusedScan(torch.autograd.Function):
         gn = opts.trace.grad_norm if opts.trace is not None else None
         d_hT, d_cT = _c(d_final[0]), (_c(d_final[1]) if n == 2 else None)
         need = ctx.needs_input_grad
-        need_w, need_b, need_xb = need[5], need[6] and b is not None, need[4] and ctx.has_xb
+        need_w, need_b, need_xb, need_h0 = need[5], need[6] and b is not None, need[4] and ctx.has_xb, need[7]
         d_xi, d_w, d_b, d_h0, d_c0, *d_ln, d_xb = _ops().backward(
             ctx.code, ctx.ln, opts.reverse, opts.truncate or 0, w, b, h0, c0, gamma, gamma_x, mask, rec, zh, zc,
             hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, _grad_out(d_out), d_hT, d_cT, gn, need_w, need_b,
-            need_xb, need[7])
+            need_xb, need_h0)
         states = (d_h0,) if n == 1 else (d_h0, d_c0)
         params = tuple(d_ln[:_num_params(opts.cell, ctx.ln)])
         if w_ih is None:

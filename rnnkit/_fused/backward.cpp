@@ -147,14 +147,8 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
       layernorm_backward(W, d_xi, v.xhat_x + row * W, v.inv_x[row], v.gamma_x, acc + 2 * W, acc + 3 * W, d_xi);
     }
   }
-  if (v.acc_b) {
-    T* db = acc + 4 * W;
-    for (int64_t j = 0; j < W; ++j) db[j] += d_y[j];
-  }
-  if (v.acc_xb) {
-    T* dxb = acc + 5 * W;
-    for (int64_t j = 0; j < W; ++j) dxb[j] += d_xi[j];
-  }
+  if (v.acc_b) add_into(W, d_y, acc + 4 * W);         // d b_hh
+  if (v.acc_xb) add_into(W, d_xi, acc + 5 * W);       // d b_ih
 }
 
 template <typename T>

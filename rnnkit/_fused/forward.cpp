@@ -72,11 +72,11 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, int64_t t, i
   }
 }
 
-// Step i on the lane's rows: gh (the lane's rows of the step product, (rows, W)) = h_in U^T, then the
-// row pass.
+// Step i on the lane's rows: gh (the lane's rows of the step product, (rows, W)) = h_in U^T (zeros
+// without `product`), then the row pass.
 template <typename T>
 void forward_step(const Problem& p, const Views<T>& v, const Lane& lane, const StepProduct<T>& times_ut,
-                  T* gh, T* xn, int64_t i) {
+                  T* gh, T* xn, int64_t i, bool product) {
   const int64_t t = p.time(i), B = p.B, H = p.H, W = p.W(), b0 = lane.b0;
   const T* h_prev = i == 0 ? v.h0 : v.hs + p.before(t) * B * H;
   const T* c_prev = !p.lstm() ? nullptr : i == 0 ? v.c0 : v.cs + p.before(t) * B * H;
@@ -86,10 +86,10 @@ void forward_step(const Problem& p, const Views<T>& v, const Lane& lane, const S
     for (int64_t k = b0 * H; k < lane.b1 * H; ++k) hr[k] = h_prev[k] * v.rec[k];
     h_in = hr;
   }
-  if (i == 0 && v.h0_zero) {                       // gh = h_in U^T   (rows, W)
-    std::fill(gh, gh + lane.rows() * W, T(0));
+  if (product) {
+    times_ut(h_in + b0 * H, gh);                   // gh = h_in U^T   (rows, W)
   } else {
-    times_ut(h_in + b0 * H, gh);
+    std::fill(gh, gh + lane.rows() * W, T(0));
   }
   for_lane_rows(p, lane, [&](int64_t b) {
     const int64_t r = b - b0;
@@ -101,12 +101,13 @@ void forward_step(const Problem& p, const Views<T>& v, const Lane& lane, const S
 
 template <typename T>
 void forward_loop(const Problem& p, const Views<T>& v) {
+  const bool first_zero = v.h0_zero && all_finite(p.W() * p.H, v.w);   // h0 U exactly zero (0 * NaN is not)
   for_lanes<T>(p, [&](const Lane& lane, int64_t) {
     const StepProduct<T> times_ut(v.w, p.W(), p.H, lane.rows(), false, p.T);
     const size_t rows_w = static_cast<size_t>(lane.rows() * p.W());
     std::vector<T> gh(rows_w);                                     // the step's recurrent product, reused
     std::vector<T> xn(v.gamma_x != nullptr || v.xb != nullptr ? rows_w : 0);   // xi + b_ih, normalised
-    for (int64_t i = 0; i < p.T; ++i) forward_step(p, v, lane, times_ut, gh.data(), xn.data(), i);
+    for (int64_t i = 0; i < p.T; ++i) forward_step(p, v, lane, times_ut, gh.data(), xn.data(), i, i > 0 || !first_zero);
   });
 }
 

@@ -8,40 +8,34 @@
 // elements that do not fill a vector are added after, one by one.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 namespace rnnkit {
 
-// One 64-byte vector of T; fold adds lane k ^ s into lane k for s = lanes/2, ..., 1 (spelled out per
-// type: gcc turns constant masks into single permutes, but not masks built in a loop, measured 2x slower).
+// One 64-byte vector of T; fold adds lane k ^ s into lane k for s = lanes/2, ..., 1. Each mask is a
+// constant built at compile time (index_sequence), which gcc turns into a single permute (masks built in
+// a loop at run time measured 2x slower).
 template <typename T>
-struct Simd;
+struct Simd {
+  static constexpr int kLanes = 64 / sizeof(T);
+  typedef T V __attribute__((vector_size(64)));
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;   // a mask lane as wide as T
+  typedef I M __attribute__((vector_size(64)));
 
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t M __attribute__((vector_size(64)));
-  static constexpr int kLanes = 16;
-  static float fold(V v) {
-    v += __builtin_shuffle(v, M{8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7});
-    v += __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11});
-    v += __builtin_shuffle(v, M{2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13});
-    v += __builtin_shuffle(v, M{1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14});
-    return v[0];
-  }
-};
+  template <int S, size_t... K>
+  static V swapped(V v, std::index_sequence<K...>) { return __builtin_shuffle(v, M{I(K ^ S)...}); }
 
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(64)));
-  typedef int64_t M __attribute__((vector_size(64)));
-  static constexpr int kLanes = 8;
-  static double fold(V v) {
-    v += __builtin_shuffle(v, M{4, 5, 6, 7, 0, 1, 2, 3});
-    v += __builtin_shuffle(v, M{2, 3, 0, 1, 6, 7, 4, 5});
-    v += __builtin_shuffle(v, M{1, 0, 3, 2, 5, 4, 7, 6});
-    return v[0];
+  template <int S = kLanes / 2>
+  static T fold(V v) {
+    if constexpr (S == 0) {
+      return v[0];
+    } else {
+      return fold<S / 2>(v + swapped<S>(v, std::make_index_sequence<kLanes>{}));
+    }
   }
 };
 

@@ -94,7 +94,7 @@ Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const T
   v.b = ptr<T>(b);
   v.cell_b = p.ln ? ptr<T>(zero_w) : v.b;
   v.h0 = ptr<T>(h0);
-  v.h0_zero = all_zero(p.B * p.H, v.h0) && all_finite(p.W() * p.H, v.w);
+  v.h0_zero = all_zero(p.B * p.H, v.h0);
   v.c0 = ptr<T>(c0);
   v.gamma = ptr<T>(gamma);
   v.beta = ptr<T>(beta);

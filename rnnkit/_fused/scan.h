@@ -67,8 +67,8 @@ struct Views {
   bool acc_b, acc_xb;
   bool stream;                                     // GRU without LN: d_xi, d_ghn rows go out non-temporal (store.h)
   int64_t gh_keep;
-  // h0 is all zeros and U finite, so the first step's product h0 U is exactly zero: it is skipped (a
-  // layer called without a state starts from zeros; that product is 1/T of the step products each way)
+  // h0 is all zeros (a layer called without a state starts from zeros): the forward skips the first
+  // step's product h0 U when U is finite too, the backward dU's h0 term when that step's d_gh is finite
   bool h0_zero;
 };
 
