@@ -255,6 +255,10 @@ def check_input(layer, input) -> None:
         raise ValueError(f"{name}: input has {input.shape[-1]} features in its last dimension "
                          f"(shape {tuple(input.shape)}), but the layer was built with "
                          f"input_size={layer.input_size}")
+    steps = input.shape[1 if layer.batch_first and input.dim() == 3 else 0]
+    if steps == 0:
+        raise ValueError(f"{name}: input has no time steps (T = 0 in shape {tuple(input.shape)}); "
+                         f"give each sequence at least one step")
     if input.dtype != layer.weight_ih_l0.dtype:
         raise TypeError(f"{name}: input dtype {input.dtype} does not match the weights' "
                         f"{layer.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")

@@ -88,7 +88,7 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """P = x W^T + bias for one block: (Tc, B, I) -> (Tc, B, G*H), one matrix product."""
     x2 = x.reshape(-1, x.shape[-1])                                   # (Tc*B, I)
     P = torch.mm(x2, weight.t()) if bias is None else torch.addmm(bias, x2, weight.t())
-    return P.view(*x.shape[:2], -1)
+    return P.view(*x.shape[:2], weight.shape[0])
 
 
 def _coefficients(cell, x, weight, bias, m):

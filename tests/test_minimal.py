@@ -121,6 +121,18 @@ def test_batch_first_unbatched_and_packed(kind):
 
 
 @pytest.mark.parametrize("kind", CLASSES)
+@pytest.mark.parametrize("scan", SCANS)
+def test_empty_batch(kind, scan, route):
+    """B = 0 gives empty outputs of the right shapes and empty gradients, as rnnkit's other layers do."""
+    layer = make(kind, 3, 4, 2, bidirectional=True, scan=scan)
+    x = torch.randn(5, 0, 3, dtype=D64, requires_grad=True)
+    out, h_n = layer(x)
+    assert out.shape == (5, 0, 8) and h_n.shape == (4, 0, 4)
+    out.sum().backward()
+    assert x.grad.shape == (5, 0, 3) and all(float(p.grad.abs().sum()) == 0.0 for p in layer.parameters())
+
+
+@pytest.mark.parametrize("kind", CLASSES)
 def test_float32_blocked_is_exact_at_long_length(kind, route):
     """T = 2048: the blocked scan stays at float32 round-off; Heinsen's log scan drifts more."""
     layer = CLASSES[kind](2, 8, scan="blocked")
@@ -278,6 +290,7 @@ def test_parameters_names_and_dropout():
     (lambda m: m(torch.randn(4, 2, 3), torch.zeros(2, 2, 4)), r"hx must have shape \(1, 2, 4\)"),
     (lambda m: m(torch.randn(4, 2, 3), lengths=torch.tensor([5, 1])), "lengths"),
     (lambda m: m(torch.randn(4, 2, 3, dtype=D64)), "dtype"),
+    (lambda m: m(torch.randn(0, 2, 3)), r"no time steps \(T = 0 in shape \(0, 2, 3\)\)"),
 ])
 def test_bad_input(call, match):
     with pytest.raises((ValueError, TypeError), match=match):
