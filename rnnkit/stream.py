@@ -77,7 +77,10 @@ def _describe(layer) -> list[_Sub]:
     """Validate `layer` for streaming; its stacked layers as _Sub objects."""
     name = type(layer).__name__
     if not isinstance(layer, (_Recurrent, _MinRecurrent)):
-        raise TypeError(f"stream: expected an rnnkit RNN, LSTM, GRU, MinGRU or MinLSTM layer, got {name}")
+        kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
+        hint = "; build the rnnkit layer of the same name and copy the weights over with load_state_dict" \
+            if isinstance(layer, torch.nn.RNNBase) else ""
+        raise TypeError(f"stream: expected an rnnkit RNN, LSTM, GRU, MinGRU or MinLSTM layer, got {kind}{hint}")
     if layer.bidirectional:
         raise ValueError(f"stream: {name} is bidirectional; its backward direction starts at the end "
                          "of the sequence, which a stream never sees. Stream a unidirectional layer.")
