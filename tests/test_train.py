@@ -126,6 +126,25 @@ def test_crash_mid_write_keeps_previous_checkpoint(tmp_path, monkeypatch, crash_
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+def test_written_files_get_the_umask_mode_or_keep_their_own(tmp_path):
+    """atomic_write's temporary file is mkstemp's 0600; the file it becomes gets what open() would give a
+    new file (0644 under umask 022), or the mode of the file it replaces."""
+    old = os.umask(0o022)
+    try:
+        checkpoint.atomic_write(tmp_path / "new.json", b"{}")
+        assert os.stat(tmp_path / "new.json").st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "new.json", 0o640)
+        checkpoint.atomic_write(tmp_path / "new.json", b"[]")
+        assert os.stat(tmp_path / "new.json").st_mode & 0o777 == 0o640
+        assert (tmp_path / "new.json").read_bytes() == b"[]"
+        os.umask(0o077)
+        checkpoint.atomic_write(tmp_path / "private.json", b"{}")
+        assert os.stat(tmp_path / "private.json").st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
+    assert sorted(os.listdir(tmp_path)) == ["new.json", "private.json"]
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     calls = {"n": 0}
 

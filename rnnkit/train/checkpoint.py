@@ -44,8 +44,10 @@ def _write(f, data: bytes) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees either the old file or the whole new one."""
     path = Path(path)
+    mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)                                   # mkstemp's 0600 is for the temporary name only
         with os.fdopen(fd, "wb") as f:
             _write(f, data)
             f.flush()
@@ -56,6 +58,16 @@ def atomic_write(path: Path, data: bytes) -> None:
             os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def _file_mode(path: Path) -> int:
+    """The permissions the written file gets: the old file's when it is replaced, else what open() would
+    give a new file under the process's umask (0644 under the usual 022)."""
+    with contextlib.suppress(OSError):
+        return path.stat().st_mode & 0o7777
+    umask = os.umask(0o022)                                   # read it: there is no other portable way
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _fsync_dir(directory: Path) -> None:
