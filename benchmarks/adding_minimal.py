@@ -12,11 +12,19 @@ Adam, lr 1e-2, divided by 10 for the last fifth of the steps; batch 64; MSE loss
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 
 import torch
+from common import (
+    check_writable,
+    int_at_least,
+    ints_at_least,
+    names_from,
+    positive_float,
+    positive_int,
+    write_report,
+)
 from torch import nn
 
 from rnnkit.data.synthetic import adding
@@ -75,32 +83,26 @@ def table(results: list[dict], T: int, steps: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--length", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--cells", default="MinGRU,MinLSTM")
-    ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-2)
+    ap.add_argument("--length", type=int_at_least(2), default=200, help="sequence length T (default 200)")
+    ap.add_argument("--steps", type=positive_int, default=1500, help="Adam steps per run (default 1500)")
+    ap.add_argument("--seeds", type=ints_at_least(0), default=(0, 1, 2), help="comma-separated (default 0,1,2)")
+    ap.add_argument("--cells", type=names_from(CELLS), default=tuple(CELLS), help="default MinGRU,MinLSTM")
+    ap.add_argument("--hidden", type=positive_int, default=64)
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--lr", type=positive_float, default=1e-2)
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--json", help="write the results (with test-MSE curves) here")
     args = ap.parse_args(argv)
+    check_writable(ap, args.out, args.json)
     torch.set_num_threads(1)
     results = []
-    for cell in args.cells.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
+    for cell in args.cells:
+        for seed in args.seeds:
             r = run(cell, seed, args.length, args.steps, args.hidden, args.batch, args.lr)
             results.append(r)
             print(f"{cell} seed {seed}: test MSE {r['test_mse']:.4f} in {r['seconds']:.0f} s "
                   f"(curve {[(i, round(m, 4)) for i, m in r['curve']]})", flush=True)
-    text = table(results, args.length, args.steps)
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+    write_report(table(results, args.length, args.steps) + "\n", args.out, args.json, results)
     return 0
 
 

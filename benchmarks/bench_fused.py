@@ -33,11 +33,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import (
+    check_writable,
+    interleaved,
+    machine_facts,
+    matmul_peak_gflops,
+    names_from,
+    peak_alloc_bytes,
+    positive_int,
+    positive_ints,
+    steady_allocator,
+    write_text,
+)
 from torch import nn
 
 import rnnkit as rk
 import rnnkit.layers
-from common import interleaved, machine_facts, matmul_peak_gflops, peak_alloc_bytes, steady_allocator
 from rnnkit import _fused, engine
 
 CELLS = {"rnn": (rk.RNN, nn.RNN, 1, {"nonlinearity": "tanh"}), "lstm": (rk.LSTM, nn.LSTM, 4, {}),
@@ -153,23 +164,21 @@ def memory_table(points: list[dict], names: list[str]) -> list[str]:
     return rows
 
 
-def _ints(text):
-    return tuple(int(v) for v in text.split(","))
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cells", default="gru,rnn,lstm")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--seq", type=int, default=100)
-    p.add_argument("--hidden", type=_ints, default=(64, 128, 256, 512))
-    p.add_argument("--threads", type=_ints, default=(1, 2))
-    p.add_argument("--reps", type=int, default=9, help="interleaved repetitions per contender")
+    p.add_argument("--cells", type=names_from(CELLS), default=("gru", "rnn", "lstm"))
+    p.add_argument("--batch", type=positive_int, default=32)
+    p.add_argument("--seq", type=positive_int, default=100)
+    p.add_argument("--hidden", type=positive_ints, default=(64, 128, 256, 512))
+    p.add_argument("--threads", type=positive_ints, default=(1, 2))
+    p.add_argument("--reps", type=positive_int, default=9, help="interleaved repetitions per contender")
     p.add_argument("--routes", action="store_true", help="also time the kernel with plain BLAS / at::mm")
     p.add_argument("--memory", action="store_true", help="also the peak bytes of one training step")
     p.add_argument("--json", type=Path, help="write every time here")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_writable(p, args.json)
+    return args
 
 
 def main(argv=None) -> int:
@@ -185,7 +194,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(threads)
         peak = matmul_peak_gflops(2048, reps=5)
         print(f"{threads} thread(s): float32 matmul peak {peak:.1f} GFLOP/s", file=sys.stderr)
-        for cell, H in product(args.cells.split(","), args.hidden):
+        for cell, H in product(args.cells, args.hidden):
             start = time.perf_counter()
             points.append(bench_point(cell, args.batch, args.seq, H, args.reps, args.routes, args.memory,
                                       args.seed))
@@ -197,8 +206,8 @@ def main(argv=None) -> int:
         print("\nPeak bytes held by torch's allocator during one training step\n")
         print("\n".join(memory_table(points, list(points[0]["median_ms"]))))
     if args.json:
-        args.json.write_text(json.dumps({"machine": facts, "args": vars(args) | {"json": str(args.json)},
-                                         "points": points}, indent=1))
+        write_text(args.json, json.dumps({"machine": facts, "args": vars(args) | {"json": str(args.json)},
+                                          "points": points}, indent=1))
     return 0
 
 

@@ -27,12 +27,26 @@ from itertools import product
 from pathlib import Path
 
 import torch
+from common import (
+    Budget,
+    check_writable,
+    cpu_count,
+    machine_facts,
+    matmul_peak_gflops,
+    measure,
+    names_from,
+    peak_alloc_bytes,
+    positive_float,
+    positive_int,
+    positive_ints,
+    steady_allocator,
+    write_text,
+)
+from profile_step import profile_steps
 from torch import nn
 from tqdm import tqdm
 
 import rnnkit as rk
-from common import Budget, cpu_count, machine_facts, matmul_peak_gflops, measure, peak_alloc_bytes, steady_allocator
-from profile_step import profile_steps
 
 # cell -> (rnnkit class, torch.nn class, gate blocks G, constructor kwargs)
 CELLS = {
@@ -168,47 +182,38 @@ def run_grid(cells, grid: Grid, budget: Budget, memory: bool, seed: int) -> list
     return points
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def _cells(text: str) -> tuple[str, ...]:
-    cells = tuple(c.strip().lower() for c in text.split(","))
-    unknown = [c for c in cells if c not in CELLS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown cell(s) {unknown}; choose from {', '.join(CELLS)}")
-    return cells
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("docs/benchmarks.md"), help="markdown report (default: docs/benchmarks.md)")
     p.add_argument("--json", nargs="?", const="", default=None, metavar="PATH",
                    help="also write the raw numbers as JSON (no PATH: beside --out, suffix .json)")
     p.add_argument("--quick", action="store_true", help="tiny grid and few repetitions: a smoke test")
-    p.add_argument("--cells", type=_cells, default=tuple(CELLS), help="comma-separated subset of rnn,lstm,gru (default: all)")
-    p.add_argument("--batch", type=_ints, help="batch sizes B (default: 32,64; quick: 8)")
-    p.add_argument("--seq", type=_ints, help="sequence lengths T (default: 100,200; quick: 20)")
-    p.add_argument("--hidden", type=_ints, help="hidden sizes H = I (default: 64,128,256,512; quick: 32,128)")
-    p.add_argument("--reps", type=int, help="fixed repetitions per contender (default: adaptive)")
-    p.add_argument("--budget", type=float, help="seconds of measured time per contender and point "
+    p.add_argument("--cells", type=names_from(CELLS), default=tuple(CELLS), help="comma-separated subset of rnn,lstm,gru (default: all)")
+    p.add_argument("--batch", type=positive_ints, help="batch sizes B (default: 32,64; quick: 8)")
+    p.add_argument("--seq", type=positive_ints, help="sequence lengths T (default: 100,200; quick: 20)")
+    p.add_argument("--hidden", type=positive_ints, help="hidden sizes H = I (default: 64,128,256,512; quick: 32,128)")
+    p.add_argument("--reps", type=positive_int, help="fixed repetitions per contender (default: adaptive)")
+    p.add_argument("--budget", type=positive_float, help="seconds of measured time per contender and point "
                                                 "(default 1.0; quick 0.05)")
-    p.add_argument("--min-reps", type=int, help="default 7; quick 2")
-    p.add_argument("--max-reps", type=int, help="default 25; quick 3")
-    p.add_argument("--threads", type=int, default=cpu_count(), help="torch.set_num_threads (default: the cores)")
+    p.add_argument("--min-reps", type=positive_int, help="default 7; quick 2")
+    p.add_argument("--max-reps", type=positive_int, help="default 25; quick 3")
+    p.add_argument("--threads", type=positive_int, default=cpu_count(), help="torch.set_num_threads (default: the cores)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--seed", type=int, default=0, help="weights and inputs (default: 0)")
     p.add_argument("--from-json", type=Path, metavar="PATH",
                    help="measure nothing: render --out again from a run's JSON (after a change to report.py)")
     args = p.parse_args(argv)
-    if args.reps is not None and args.reps < 1:
-        p.error(f"--reps must be at least 1, got {args.reps}")
+    args.run = None
+    if args.from_json is not None:
+        try:
+            args.run = json.loads(args.from_json.read_text())
+        except (OSError, ValueError) as e:
+            p.error(f"--from-json: cannot read a run from {args.from_json}: {e}")
+        if not isinstance(args.run, dict) or "points" not in args.run:
+            p.error(f"--from-json: {args.from_json} is not a run's JSON (no 'points'); write one with --json")
+    if args.json == "":
+        args.json = str(args.out.with_suffix(".json"))
+    check_writable(p, args.out, args.json)
     return args
 
 
@@ -224,9 +229,9 @@ def settings(args) -> tuple[Grid, Budget, int]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.from_json is not None:
-        doc, summary = render(json.loads(args.from_json.read_text()))
-        args.out.write_text(doc + kept_sections(args.out))
+    if args.run is not None:
+        doc, summary = render(args.run)
+        write_text(args.out, doc + kept_sections(args.out))
         print(summary)
         return 0
     torch.set_num_threads(args.threads)
@@ -243,13 +248,11 @@ def main(argv=None) -> int:
     facts["wall_seconds"] = time.perf_counter() - start
     run = {"machine": facts, "grid": asdict(grid), "budget": asdict(budget), "quick": args.quick,
            "cells": list(args.cells), "points": points, "profile": prof}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     doc, summary = render(run)
-    args.out.write_text(doc + kept_sections(args.out))
+    write_text(args.out, doc + kept_sections(args.out))
     if args.json is not None:
-        path = Path(args.json) if args.json else args.out.with_suffix(".json")
-        path.write_text(json.dumps(run, indent=1))
-        print(f"wrote {path}", file=sys.stderr)
+        write_text(args.json, json.dumps(run, indent=1))
+        print(f"wrote {args.json}", file=sys.stderr)
     print(summary)
     print(f"wrote {args.out} ({len(points)} points in {facts['wall_seconds'] / 60:.1f} min)")
     return 0

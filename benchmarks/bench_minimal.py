@@ -21,9 +21,18 @@ import sys
 import time
 
 import torch
+from common import (
+    check_writable,
+    cpu_count,
+    interleaved,
+    machine_facts,
+    peak_alloc_bytes,
+    positive_int,
+    steady_allocator,
+    write_report,
+)
 from torch import nn
 
-from common import cpu_count, interleaved, machine_facts, peak_alloc_bytes, steady_allocator, write_report
 from rnnkit.minimal import MinGRU, MinLSTM
 
 
@@ -117,11 +126,12 @@ def cpu_table(points: list[dict]) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="T = 512, few repetitions")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=positive_int, default=5, help="interleaved repetitions (default 5)")
     ap.add_argument("--out", help="write the markdown table here")
     ap.add_argument("--json", help="write the raw numbers here")
-    ap.add_argument("--threads", type=int, default=cpu_count(), help="torch.set_num_threads (default: the cores)")
+    ap.add_argument("--threads", type=positive_int, default=cpu_count(), help="torch.set_num_threads (default: the cores)")
     args = ap.parse_args(argv)
+    check_writable(ap, args.out, args.json)
     torch.set_num_threads(args.threads)
     allocator = steady_allocator()
     T, H = (512, 256) if args.quick else (4096, 256)

@@ -18,10 +18,18 @@ import statistics
 import sys
 
 import torch
+from common import (
+    check_writable,
+    interleaved,
+    machine_facts,
+    positive_int,
+    positive_ints,
+    steady_allocator,
+    write_report,
+)
 from torch import nn
 
 import rnnkit as rk
-from common import interleaved, machine_facts, steady_allocator, write_report
 from rnnkit.stream import Stream, step
 
 CELLS = {"lstm": (nn.LSTM, rk.LSTM), "gru": (nn.GRU, rk.GRU), "rnn": (nn.RNN, rk.RNN)}
@@ -103,17 +111,18 @@ def breakdown_table(parts: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--hidden", default="32,64,128,256", help="comma-separated hidden sizes")
-    ap.add_argument("--reps", type=int, default=60, help="interleaved repetitions per contender")
-    ap.add_argument("--number", type=int, default=50, help="calls per timing")
+    ap.add_argument("--hidden", type=positive_ints, default=(32, 64, 128, 256), help="comma-separated hidden sizes")
+    ap.add_argument("--reps", type=positive_int, default=60, help="interleaved repetitions per contender")
+    ap.add_argument("--number", type=positive_int, default=50, help="calls per timing")
     ap.add_argument("--quick", action="store_true", help="few repetitions, H = 32 and 256")
     ap.add_argument("--out", help="write the markdown tables here")
     ap.add_argument("--json", help="write the raw numbers here")
     args = ap.parse_args(argv)
+    check_writable(ap, args.out, args.json)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     allocator = steady_allocator()
-    hidden = (32, 256) if args.quick else tuple(int(h) for h in args.hidden.split(","))
+    hidden = (32, 256) if args.quick else args.hidden
     reps, number = (5, 20) if args.quick else (args.reps, args.number)
     results = []
     for cell in CELLS:

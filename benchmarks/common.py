@@ -1,16 +1,19 @@
 """Timing helpers for the benchmarks: machine facts, matmul peak, interleaved timing with a repetition
-budget, peak memory.
+budget, peak memory; and what the scripts share on their command lines (argument types that refuse a bad
+value with argparse's one-line error and exit status 2, output paths checked before a long run, reports
+written atomically).
 
-Everything here is independent of rnnkit; `bench_layers.py` puts it together.
+Everything here but the file writing (rnnkit's `atomic_write`) is independent of rnnkit; `bench_layers.py`
+puts it together.
 """
 from __future__ import annotations
 
-import json
-
+import argparse
 import contextlib
 import ctypes
 import datetime
 import gc
+import json
 import math
 import os
 import platform
@@ -18,12 +21,14 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+from rnnkit.train.checkpoint import atomic_write
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -225,8 +230,83 @@ def write_report(text: str, out: str | None, json_path: str | None, doc: dict) -
     """Print the report, and write it (markdown) and its raw numbers (JSON) where asked."""
     print("\n" + text)
     if out:
-        with open(out, "w") as f:
-            f.write(text)
+        write_text(out, text)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(doc, f, indent=1)
+        write_text(json_path, json.dumps(doc, indent=1))
+
+
+# -- command lines ---------------------------------------------------------------------------------------
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` atomically (rnnkit's atomic_write: a temporary file beside it, then a rename),
+    so an interrupted run leaves the old file whole, docs/benchmarks.md's hand-written sections included."""
+    atomic_write(Path(path), text.encode())
+
+
+def check_writable(parser: argparse.ArgumentParser, *paths: str | Path | None) -> None:
+    """Refuse, before anything is measured, an output path whose folder cannot be made or written."""
+    for path in paths:
+        if not path:
+            continue
+        folder = Path(path).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            parser.error(f"cannot create the folder of {path}: {e.strerror}")
+        if not os.access(folder, os.W_OK) or Path(path).is_dir():
+            parser.error(f"cannot write {path}: " + ("it is a folder" if Path(path).is_dir() else
+                                                      f"{folder} is not writable"))
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= minimum."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+    return parse
+
+
+def ints_at_least(minimum: int) -> Callable[[str], tuple[int, ...]]:
+    """argparse type: comma-separated integers, each >= minimum."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            values = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        if min(values) < minimum:
+            raise argparse.ArgumentTypeError(f"expected integers >= {minimum}, got {text!r}")
+        return values
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def names_from(choices: Iterable[str]) -> Callable[[str], tuple[str, ...]]:
+    """argparse type: comma-separated names out of `choices` (any case), returned as `choices` spell them."""
+    spelled = {c.lower(): c for c in choices}
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(n.strip() for n in text.split(","))
+        unknown = [n for n in names if n.lower() not in spelled]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {unknown}; choose from {', '.join(spelled.values())}")
+        return tuple(spelled[n.lower()] for n in names)
+    return parse
+
+
+positive_int = int_at_least(1)
+positive_ints = ints_at_least(1)

@@ -5,9 +5,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import adding_minimal  # noqa: E402
+import bench_fused  # noqa: E402
+import bench_layers  # noqa: E402
+import bench_minimal  # noqa: E402
+import bench_stream  # noqa: E402
 from report import KEEP_MARKER  # noqa: E402
 
 
@@ -45,3 +52,32 @@ def test_fused_kernel_benchmark_runs_every_contender():
     for row in rows:                                              # torch, pure, fused and the extras: timed
         cells = [c.strip() for c in row.split("|")[4:10]]
         assert all(float(c.split("/")[0]) > 0 for c in cells), row
+
+
+@pytest.mark.parametrize("main,argv,message", [
+    (bench_layers.main, ["--threads", "0"], "argument --threads: expected an integer >= 1, got 0"),
+    (bench_layers.main, ["--budget", "-1"], "argument --budget: expected a number > 0, got '-1'"),
+    (bench_layers.main, ["--seq", "100,x"], "argument --seq: expected comma-separated integers, got '100,x'"),
+    (bench_layers.main, ["--cells", "rnn,Foo"], "argument --cells: unknown name(s) ['Foo']; choose from rnn, lstm, gru"),
+    (bench_layers.main, ["--from-json", "{tmp}/none.json"], "--from-json: cannot read a run from {tmp}/none.json"),
+    (bench_layers.main, ["--from-json", "{tmp}/list.json"], "is not a run's JSON (no 'points'); write one with --json"),
+    (bench_layers.main, ["--out", "{tmp}"], "cannot write {tmp}: it is a folder"),
+    (bench_layers.main, ["--out", "{tmp}/file.txt/x.md"], "cannot create the folder of {tmp}/file.txt/x.md"),
+    (bench_stream.main, ["--hidden", "0"], "argument --hidden: expected integers >= 1, got '0'"),
+    (bench_stream.main, ["--number", "0"], "argument --number: expected an integer >= 1, got 0"),
+    (bench_minimal.main, ["--reps", "0"], "argument --reps: expected an integer >= 1, got 0"),
+    (adding_minimal.main, ["--length", "1"], "argument --length: expected an integer >= 2, got 1"),
+    (adding_minimal.main, ["--seeds", "-1"], "argument --seeds: expected integers >= 0, got '-1'"),
+    (adding_minimal.main, ["--cells", "minlstm,gru"], "unknown name(s) ['gru']; choose from MinGRU, MinLSTM"),
+    (adding_minimal.main, ["--lr", "nan"], "argument --lr: expected a number > 0, got 'nan'"),
+    (bench_fused.main, ["--threads", "1,0"], "argument --threads: expected integers >= 1, got '1,0'"),
+])
+def test_bad_arguments_exit_2_before_measuring(main, argv, message, tmp_path, capsys):
+    """Every benchmark script refuses a bad value with one line and exit status 2, before it measures or
+    builds anything (an output path is checked up front, not after a ten-minute run)."""
+    (tmp_path / "list.json").write_text("[1]")
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and message.format(tmp=tmp_path) in err and "Traceback" not in err
