@@ -245,17 +245,16 @@ def write_text(path: str | Path, text: str) -> None:
 
 def check_writable(parser: argparse.ArgumentParser, *paths: str | Path | None) -> None:
     """Refuse, before anything is measured, an output path whose folder cannot be made or written."""
-    for path in paths:
-        if not path:
-            continue
+    for path in filter(None, paths):
         folder = Path(path).parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             parser.error(f"cannot create the folder of {path}: {e.strerror}")
-        if not os.access(folder, os.W_OK) or Path(path).is_dir():
-            parser.error(f"cannot write {path}: " + ("it is a folder" if Path(path).is_dir() else
-                                                      f"{folder} is not writable"))
+        if Path(path).is_dir():
+            parser.error(f"cannot write {path}: it is a folder")
+        if not os.access(folder, os.W_OK):
+            parser.error(f"cannot write {path}: {folder} is not writable")
 
 
 def int_at_least(minimum: int) -> Callable[[str], int]:

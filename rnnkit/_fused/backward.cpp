@@ -115,7 +115,7 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
                    const T* h_prev, const T* c_prev, bool around) {
   const int64_t H = p.H, W = p.W(), row = t * p.B + b;
   T *dh = k.dh.data() + b * H, *dc = k.dc.data() + b * H, *ch = k.h.data() + b * H;
-  const int64_t thread = at::get_thread_num();        // its own rows of Views::acc and Carry::xs
+  const int64_t thread = v.acc != nullptr || v.stream ? at::get_thread_num() : 0;   // its rows of Views::acc, Carry::xs
   T* d_xi = v.d_xi + row * W;
   T* d_y = p.ln ? (p.gru() ? k.dy.data() + b * W : d_xi)          // what the cell calls d_gh
                 : v.d_gh + (t * v.gh_keep * p.B + b) * W;

@@ -44,7 +44,6 @@ struct Rows {
 constexpr int64_t kAccSlots = 6;                 // Views::acc
 
 // What the loops read and write, as raw pointers. Null means absent.
-
 template <typename T>
 struct Views {
   // inputs. gamma/beta: LN of the recurrent product; gamma_x/beta_x: LN of xi (null: xi comes normalised);

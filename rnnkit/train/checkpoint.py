@@ -47,8 +47,8 @@ def atomic_write(path: Path, data: bytes) -> None:
     mode = _file_mode(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, mode)                                   # mkstemp's 0600 is for the temporary name only
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, mode)                               # mkstemp's 0600 is for the temporary name only
             _write(f, data)
             f.flush()
             os.fsync(f.fileno())
