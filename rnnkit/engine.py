@@ -16,6 +16,9 @@ weight gradients are formed after the loop as one product over all steps:
 which forms dV = sum_t dxi_t^T x_t the same way. Truncated BPTT with k: the gradient carried from
 step i to step i-1 (in processing order) is cut whenever i is a multiple of k, as if the state were
 detached every k steps; the forward is unchanged. k >= T is full BPTT.
+
+Gradients of gradients (create_graph=True) go through `unrolled`, the same loop in autograd ops
+(numerics.hand_backward).
 """
 from __future__ import annotations
 
@@ -23,11 +26,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _fused
 from .cells.base import derived_backward, has_hand_backward
-from .numerics import flushing_denormals
+from .numerics import hand_backward
 
 
 @dataclass
@@ -92,57 +94,82 @@ def _at(z: Tensor, t: int) -> Tensor:
     return z[t] if z.shape[0] != 1 else z[0]
 
 
+def unrolled(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
+             params: tuple = ()):
+    """The scan in plain autograd ops, step by step, truncation as a detached state: (out, *final state).
+    What a create_graph=True backward differentiates (numerics.hand_backward); xi and params as `_Scan`
+    takes them (after the cell's `prepare_input`)."""
+    seqs, state, _ = _unroll(opts, xi, weight_hh, bias_hh, tuple(state0), tuple(params), False,
+                             has_hand_backward(opts.cell), opts.truncate)
+    return (seqs[0] if opts.mask is None else seqs[0] * opts.mask, *state)
+
+
+def _unroll(opts: ScanOptions, xi, weight_hh, bias_hh, state: tuple, params: tuple, keep: bool, hand: bool,
+            cut: int | None = None):
+    """The forward loop: (seqs, final state, saved steps), seqs[j] (T, B, H) state component j after
+    each step. cut: k, to detach the state before every k-th step in processing order (not the first)."""
+    cell, mask, zone, rec = opts.cell, opts.mask, opts.zone, opts.rec_mask
+    T, n = xi.shape[0], len(state)
+    Ut = weight_hh.t().contiguous()                           # (H, G*H) once, not per step
+    fused = hand and cell.shared_preactivation                # the cell only uses xi + gh:
+    if fused and bias_hh is not None:                         # fold b_hh into the hoisted product
+        xi = xi + bias_hh                                     # (T, B, G*H)
+    seq = [[None] * T for _ in range(n)]                       # seq[j][t] = state component j after t
+    saved = [None] * T
+    for i, t in enumerate(_steps(T, opts.reverse)):
+        if cut is not None and i > 0 and i % cut == 0:
+            state = tuple(s.detach() for s in state)
+        hr = state[0] if rec is None else state[0] * rec
+        if fused:                                              # pre-activation in one product
+            new, sv = cell.step(torch.addmm(xi[t], hr, Ut), None, state, params)
+        else:
+            gh = hr @ Ut if bias_hh is None else torch.addmm(bias_hh, hr, Ut)   # (B, G*H)
+            new, sv = cell.step(xi[t], gh, state, params)
+        if zone is not None:
+            new = tuple(s_ + _at(z, t) * (p - s_) for s_, p, z in zip(new, state, zone))
+        if mask is not None:
+            new = tuple(p + mask[t] * (s_ - p) for s_, p in zip(new, state))
+        if keep:
+            saved[t] = sv if hand else (xi[t], gh, state)
+        for j in range(n):
+            seq[j][t] = new[j]
+        state = new
+    return [torch.stack(s) for s in seq], state, saved
+
+
 class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts: ScanOptions, n: int, xi, weight_hh, bias_hh, *rest):
         state, params = tuple(rest[:n]), tuple(rest[n:])
-        cell, mask, zone, rec = opts.cell, opts.mask, opts.zone, opts.rec_mask
-        T = xi.shape[0]
         keep = any(ctx.needs_input_grad) or opts.trace is not None
-        hand = has_hand_backward(cell)
-        Ut = weight_hh.t().contiguous()                       # (H, G*H) once, not per step
-        fused = hand and cell.shared_preactivation            # the cell only uses xi + gh:
-        if fused and bias_hh is not None:                     # fold b_hh into the hoisted product
-            xi = xi + bias_hh                                 # (T, B, G*H)
-        seq = [[None] * T for _ in range(n)]                   # seq[j][t] = state component j after t
-        saved = [None] * T
-        for t in _steps(T, opts.reverse):
-            hr = state[0] if rec is None else state[0] * rec
-            if fused:                                          # pre-activation in one product
-                new, sv = cell.step(torch.addmm(xi[t], hr, Ut), None, state, params)
-            else:
-                gh = hr @ Ut if bias_hh is None else torch.addmm(bias_hh, hr, Ut)   # (B, G*H)
-                new, sv = cell.step(xi[t], gh, state, params)
-            if zone is not None:
-                new = tuple(s_ + _at(z, t) * (p - s_) for s_, p, z in zip(new, state, zone))
-            if mask is not None:
-                new = tuple(p + mask[t] * (s_ - p) for s_, p in zip(new, state))
-            if keep:
-                saved[t] = sv if hand else (xi[t], gh, state)
-            for j in range(n):
-                seq[j][t] = new[j]
-            state = new
-        seqs = [torch.stack(s) for s in seq]                  # each (T, B, H)
-        out = seqs[0] if mask is None else seqs[0] * mask
+        hand = has_hand_backward(opts.cell)
+        seqs, state, saved = _unroll(opts, xi, weight_hh, bias_hh, state, params, keep, hand)
+        out = seqs[0] if opts.mask is None else seqs[0] * opts.mask
         if opts.trace is not None:
-            _record_forward(opts.trace, cell, seqs, saved, hand)
+            _record_forward(opts.trace, opts.cell, seqs, saved, hand)
         if keep:
             ctx.opts, ctx.n, ctx.hand, ctx.saved_steps = opts, n, hand, saved
-            ctx.save_for_backward(weight_hh, bias_hh, *rest, *seqs)
+            ctx.save_for_backward(xi, weight_hh, bias_hh, *rest, *seqs)   # xi: for create_graph's replay
             ctx.xi_shape = xi.shape
         return (out, *state)
 
     @staticmethod
-    @once_differentiable
+    def _replay(ctx):
+        xi, weight_hh, bias_hh, *tensors = ctx.saved_tensors
+        rest = tensors[:-ctx.n]
+        args = (ctx.opts, ctx.n, xi, weight_hh, bias_hh, *rest)
+        return unrolled(ctx.opts, xi, rest[:ctx.n], weight_hh, bias_hh, rest[ctx.n:]), args
+
+    @staticmethod
+    @hand_backward(lambda ctx: _Scan._replay(ctx), records=lambda ctx: ctx.opts.trace is not None)
     def backward(ctx, d_out, *d_final):
-        with flushing_denormals(ctx.saved_tensors[0].device.type == "cpu"):
-            return _Scan._backward(ctx, d_out, *d_final)
+        return _Scan._backward(ctx, d_out, *d_final)
 
     @staticmethod
     def _backward(ctx, d_out, *d_final):
         opts, n, hand = ctx.opts, ctx.n, ctx.hand
         cell, mask, zone, rec, k = opts.cell, opts.mask, opts.zone, opts.rec_mask, opts.truncate
-        weight_hh, bias_hh, *tensors = ctx.saved_tensors
+        _, weight_hh, bias_hh, *tensors = ctx.saved_tensors
         state0, params, seqs = tensors[:n], tuple(tensors[n:-n]), tensors[-n:]
         T, H = ctx.xi_shape[0], weight_hh.shape[1]
         gn = opts.trace.grad_norm if opts.trace is not None else None

@@ -1,7 +1,8 @@
-"""Floating-point settings the recurrent loops need."""
+"""Floating-point settings the recurrent loops need, and how their hand-written backwards run."""
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -22,3 +23,50 @@ def flushing_denormals(on: bool = True):
     finally:
         if switch:
             torch.set_flush_denormal(False)
+
+
+def hand_backward(replay, records=None):
+    """Decorator for the backward of an autograd Function written by hand (it builds no graph).
+
+    create_graph=False, the usual case (grad mode is off inside a backward): the hand-written code runs,
+    with denormals flushed on CPU.
+
+    create_graph=True (gradient penalties, Hessian-vector products, meta-learning): the hand code's
+    result would be a constant to autograd, and a second derivative would silently lose every term that
+    passes through this node. Instead `replay(ctx)` runs the forward again in plain autograd ops from
+    the saved inputs and returns (outputs, arguments), aligned with forward's outputs and positional
+    arguments; the gradient is taken through that graph with create_graph=True, so it is exact to any
+    order (at the speed of the unrolled torch loop). When `records(ctx)` is true (a trace is on), the
+    hand code runs as well, for the gradient norms it records.
+    """
+    def wrap(backward):
+        @functools.wraps(backward)
+        def run(ctx, *grads):
+            if not torch.is_grad_enabled():
+                return _hand(backward, ctx, grads)
+            if records is not None and records(ctx):
+                with torch.no_grad():
+                    _hand(backward, ctx, grads)
+            return _through_replay(ctx, replay, grads)
+        return run
+    return wrap
+
+
+def _hand(backward, ctx, grads):
+    cpu = next((g.device.type == "cpu" for g in grads if g is not None), True)
+    with flushing_denormals(cpu):
+        return backward(ctx, *grads)
+
+
+def _through_replay(ctx, replay, grads):
+    with torch.enable_grad():
+        outs, args = replay(ctx)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o is not None and o.requires_grad]
+    wanted = [i for i, need in enumerate(ctx.needs_input_grad) if need]
+    result = [None] * len(ctx.needs_input_grad)
+    if pairs and wanted:
+        got = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in wanted], [g for _, g in pairs],
+                                  create_graph=True, allow_unused=True)
+        for i, g in zip(wanted, got):
+            result[i] = g
+    return tuple(result)

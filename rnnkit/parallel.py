@@ -39,10 +39,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import _fused
-from .numerics import flushing_denormals
+from .numerics import hand_backward
 
 # Pre-activations per block (float32: 4 bytes each), measured best on the 2-core box at T = 4096:
 BLOCK_ELEMENTS = 1 << 17          # torch ops: ~a dozen passes over the block, so it must stay in L2
@@ -120,10 +119,22 @@ class _BlockedScan(torch.autograd.Function):
         return h
 
     @staticmethod
-    @once_differentiable
+    def _replay(ctx):
+        """The forward again in autograd ops, one step at a time (for numerics.hand_backward)."""
+        cell, _, mask, reverse, _, _ = ctx.opts
+        x, weight, bias, h0, _ = ctx.saved_tensors
+        a, b = cell.coefficients(torch.nn.functional.linear(x, weight, bias))   # (T, B, H) each
+        if mask is not None:
+            a, b = torch.addcmul(1 - mask, a, mask), b * mask
+        h, prev = [None] * x.shape[0], h0
+        for t in _order(x.shape[0], reverse):
+            h[t] = prev = torch.addcmul(b[t], a[t], prev)
+        return (torch.stack(h),), (ctx.opts, x, weight, bias, h0)
+
+    @staticmethod
+    @hand_backward(lambda ctx: _BlockedScan._replay(ctx), records=lambda ctx: ctx.opts[5] is not None)
     def backward(ctx, dh):
-        with flushing_denormals(dh.device.type == "cpu"):
-            return _BlockedScan._backward(ctx, dh)
+        return _BlockedScan._backward(ctx, dh)
 
     @staticmethod
     def _backward(ctx, dh):
@@ -204,10 +215,15 @@ def fused_kind(cell, x: Tensor) -> int | None:
     return kind if _fused.available() else None
 
 
+def _order(T: int, reverse: bool) -> range:
+    """Time steps in processing order."""
+    return range(T - 1, -1, -1) if reverse else range(T)
+
+
 def _recur(a, b, prev, out, reverse: bool):
     """out_t = a_t prev + b_t, step by step in processing order, written in place. Returns the last."""
     a_t, b_t, h_t = a.unbind(0), b.unbind(0), out.unbind(0)
-    for t in (range(len(h_t) - 1, -1, -1) if reverse else range(len(h_t))):
+    for t in _order(len(h_t), reverse):
         torch.addcmul(b_t[t], a_t[t], prev, out=h_t[t])                # (B, H)
         prev = h_t[t]
     return prev

@@ -37,10 +37,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch.autograd.function import once_differentiable
+import torch.nn.functional as F
 
 from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
-from ..numerics import flushing_denormals
+from ..numerics import hand_backward
 
 __all__ = ["available", "bernoulli", "build", "release_pool", "scan", "scan_projected", "supports",
            "supports_projected"]
@@ -311,6 +311,9 @@ def _grad_out(d_out):
     return d_out.contiguous()
 
 
+_HAND_SAVED = 17                     # tensors the hand backward reads; then the forward's own arguments
+
+
 class _FusedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts, n: int, x, weight_ih, bias_ih, weight_hh, bias_hh, *rest):
@@ -336,22 +339,34 @@ class _FusedScan(torch.autograd.Function):
             _record_forward(opts.trace, code, hs, cs, act)
         if keep:
             ctx.save_for_backward(w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x,
-                                  x2, weight_ih)
+                                  x2, weight_ih, x, bias_ih, weight_hh, bias_hh, *rest)   # from weight_ih on: the replay reads
             ctx.opts, ctx.code, ctx.ln, ctx.n, ctx.aux_opts = opts, code, ln, n, (mask, rec, *zone)
             ctx.x_shape, ctx.has_xb = x.shape, xb is not None
             ctx.set_materialize_grads(False)                   # an unused output sends None: skip it
         return (out, h_T) if n == 1 else (out, h_T, c_T)
 
     @staticmethod
-    @once_differentiable
+    def _replay(ctx):
+        """The forward again in autograd ops (engine.unrolled), from the arguments it was given."""
+        from ..engine import unrolled  # engine imports this module
+        weight_ih, x, bias_ih, weight_hh, bias_hh, *rest = ctx.saved_tensors[_HAND_SAVED - 1:]
+        state, params = rest[:ctx.n], tuple(rest[ctx.n:])
+        xi = x if weight_ih is None else F.linear(x, weight_ih, bias_ih)
+        prepare = getattr(ctx.opts.cell, "prepare_input", None)
+        if prepare is not None:
+            xi, params = prepare(xi, params)
+        outs = unrolled(ctx.opts, xi, state, weight_hh, bias_hh, params)
+        return outs, (ctx.opts, ctx.n, x, weight_ih, bias_ih, weight_hh, bias_hh, *rest)
+
+    @staticmethod
+    @hand_backward(lambda ctx: _FusedScan._replay(ctx), records=lambda ctx: ctx.opts.trace is not None)
     def backward(ctx, d_out, *d_final):
-        with flushing_denormals():                             # as the engine's backward does
-            return _FusedScan._backward(ctx, d_out, *d_final)
+        return _FusedScan._backward(ctx, d_out, *d_final)
 
     @staticmethod
     def _backward(ctx, d_out, *d_final):
         opts, n = ctx.opts, ctx.n
-        w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2, w_ih = ctx.saved_tensors
+        w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2, w_ih = ctx.saved_tensors[:_HAND_SAVED]
         mask, rec, zh, zc = ctx.aux_opts
         gn = opts.trace.grad_norm if opts.trace is not None else None
         d_hT, d_cT = _c(d_final[0]), (_c(d_final[1]) if n == 2 else None)
