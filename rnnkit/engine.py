@@ -18,10 +18,11 @@ step i to step i-1 (in processing order) is cut whenever i is a multiple of k, a
 detached every k steps; the forward is unchanged. k >= T is full BPTT.
 
 Gradients of gradients (create_graph=True) go through `unrolled`, the same loop in autograd ops
-(numerics.hand_backward).
+(numerics.hand_backward); under torch.compile the scan is one eager call (`opaque_to_compile`).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,24 @@ class ScanOptions:
     trace: TraceSlot | None = field(default=None)
 
 
+def opaque_to_compile(fn):
+    """Under torch.compile, `fn` runs as one eager call (a graph break) instead of being traced into: the
+    fused kernel's ops have no fake-tensor implementation, and the pure loop would be unrolled step by
+    step. torch.compiler.disable is applied on the first call under compile, not at import, as importing
+    torch._dynamo costs about a second; outside compile this is one flag check."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            if not disabled:
+                disabled.append(torch.compiler.disable(fn))
+            return disabled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run
+
+
+@opaque_to_compile
 def scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
          params: tuple = ()):
     """Run `opts.cell` over xi (T, B, G*H) from state0. Returns (out (T, B, H), final state tuple).
@@ -65,6 +84,7 @@ def scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_h
     return pure_scan(opts, xi, state0, weight_hh, bias_hh, params)
 
 
+@opaque_to_compile
 def project_scan(opts: ScanOptions, x: Tensor, weight_ih: Tensor, bias_ih: Tensor | None, state0: tuple,
                  weight_hh: Tensor, bias_hh: Tensor | None, params: tuple = ()):
     """scan(opts, F.linear(x, weight_ih, bias_ih), ...): what a layer runs, x (T, B, I). On the fused
