@@ -30,7 +30,7 @@ from torch import Tensor
 
 from . import _fused
 from .cells.base import derived_backward, has_hand_backward
-from .numerics import hand_backward
+from .numerics import TRACE_UNDER_TORCH_FUNC, hand_backward, under_torch_func
 
 
 @dataclass
@@ -79,7 +79,8 @@ def scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_h
     The built-in cells on CPU run the same loop compiled (`rnnkit/_fused`, held equal to this file by
     tests/test_fused.py); everything else, and any machine where it did not build, runs `_Scan`.
     """
-    if _fused.supports(opts, xi, state0, weight_hh, bias_hh, params):
+    if not transformed(opts, xi, weight_hh, bias_hh, *state0, *params) and \
+            _fused.supports(opts, xi, state0, weight_hh, bias_hh, params):
         return _fused.scan(opts, xi, state0, weight_hh, bias_hh, params)
     return pure_scan(opts, xi, state0, weight_hh, bias_hh, params)
 
@@ -90,20 +91,33 @@ def project_scan(opts: ScanOptions, x: Tensor, weight_ih: Tensor, bias_ih: Tenso
     """scan(opts, F.linear(x, weight_ih, bias_ih), ...): what a layer runs, x (T, B, I). On the fused
     path the projection is part of the scan's node (its bias added and its gradient summed per row in the
     loop); elsewhere it is the projection, then `scan`."""
-    if _fused.supports_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params):
+    if not transformed(opts, x, weight_ih, bias_ih, weight_hh, bias_hh, *state0, *params) and \
+            _fused.supports_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params):
         return _fused.scan_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params)
     return scan(opts, torch.nn.functional.linear(x, weight_ih, bias_ih), state0, weight_hh, bias_hh, params)
 
 
 def pure_scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
-              params: tuple = ()):
-    """`scan` on the pure-torch path, whatever the machine: the reference the fused kernel is held to."""
+              params: tuple = (), autograd: bool = False):
+    """`scan` on the pure-torch path, whatever the machine: the reference the fused kernel is held to.
+    autograd=True (and always under torch.func): the loop as plain autograd ops (`unrolled`)."""
     prepare = getattr(opts.cell, "prepare_input", None)     # work a cell does on all steps at once
     if prepare is not None:
         xi, params = prepare(xi, tuple(params))
-    n = len(state0)
-    res = _Scan.apply(opts, n, xi, weight_hh, bias_hh, *state0, *params)
+    if autograd or transformed(opts, xi, weight_hh, bias_hh, *state0, *params):
+        res = unrolled(opts, xi, state0, weight_hh, bias_hh, params)
+    else:
+        res = _Scan.apply(opts, len(state0), xi, weight_hh, bias_hh, *state0, *params)
     return res[0], tuple(res[1:])
+
+
+def transformed(opts: ScanOptions, *tensors) -> bool:
+    """numerics.under_torch_func, refusing the trace there (its records would be wrapped tensors)."""
+    if not under_torch_func(*tensors):
+        return False
+    if opts.trace is not None:
+        raise ValueError(TRACE_UNDER_TORCH_FUNC)
+    return True
 
 
 def _steps(T: int, reverse: bool):

@@ -25,6 +25,18 @@ def flushing_denormals(on: bool = True):
             torch.set_flush_denormal(False)
 
 
+def under_torch_func(*tensors) -> bool:
+    """True when torch.func (grad, vmap, jacrev, ...) is transforming any of these tensors. Its wrapped
+    tensors cannot enter an autograd Function written with ctx (as rnnkit's hand backwards are), so the
+    callers then run their loops as plain autograd ops."""
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
+
+
+TRACE_UNDER_TORCH_FUNC = ("rnnkit.trace cannot record inside torch.func transforms (grad, vmap, jacrev, ...): "
+                          "trace the call outside the transform, or take the gradients with torch.autograd.grad")
+
+
 def hand_backward(replay, records=None):
     """Decorator for the backward of an autograd Function written by hand (it builds no graph).
 

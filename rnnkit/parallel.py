@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import _fused
-from .numerics import hand_backward
+from .numerics import TRACE_UNDER_TORCH_FUNC, hand_backward, under_torch_func
 
 # Pre-activations per block (float32: 4 bytes each), measured best on the 2-core box at T = 4096:
 BLOCK_ELEMENTS = 1 << 17          # torch ops: ~a dozen passes over the block, so it must stay in L2
@@ -79,8 +79,25 @@ def blocked_scan(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tenso
     spans = [(lo, min(lo + Tc, T)) for lo in range(0, T, Tc)]
     if mask is not None:
         mask = mask.to(x.dtype).contiguous()
+    if under_torch_func(x, weight, bias, h0):
+        if grad_norm is not None:
+            raise ValueError(TRACE_UNDER_TORCH_FUNC)
+        return unrolled(cell, x, weight, bias, h0, mask, reverse)
     opts = (cell, kind, mask, reverse, spans, grad_norm)
     return _BlockedScan.apply(opts, x.contiguous(), weight, bias, h0)
+
+
+def unrolled(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor, mask: Tensor | None,
+             reverse: bool) -> Tensor:
+    """blocked_scan in plain autograd ops, one step at a time: what a create_graph=True backward
+    differentiates (numerics.hand_backward), and what runs under torch.func."""
+    a, b = cell.coefficients(torch.nn.functional.linear(x, weight, bias))   # (T, B, H) each
+    if mask is not None:
+        a, b = torch.addcmul(1 - mask, a, mask), b * mask
+    h, prev = [None] * x.shape[0], h0
+    for t in _order(x.shape[0], reverse):
+        h[t] = prev = torch.addcmul(b[t], a[t], prev)
+    return torch.stack(h)
 
 
 def _project(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
@@ -120,16 +137,9 @@ class _BlockedScan(torch.autograd.Function):
 
     @staticmethod
     def _replay(ctx):
-        """The forward again in autograd ops, one step at a time (for numerics.hand_backward)."""
         cell, _, mask, reverse, _, _ = ctx.opts
         x, weight, bias, h0, _ = ctx.saved_tensors
-        a, b = cell.coefficients(torch.nn.functional.linear(x, weight, bias))   # (T, B, H) each
-        if mask is not None:
-            a, b = torch.addcmul(1 - mask, a, mask), b * mask
-        h, prev = [None] * x.shape[0], h0
-        for t in _order(x.shape[0], reverse):
-            h[t] = prev = torch.addcmul(b[t], a[t], prev)
-        return (torch.stack(h),), (ctx.opts, x, weight, bias, h0)
+        return (unrolled(cell, x, weight, bias, h0, mask, reverse),), (ctx.opts, x, weight, bias, h0)
 
     @staticmethod
     @hand_backward(lambda ctx: _BlockedScan._replay(ctx), records=lambda ctx: ctx.opts[5] is not None)

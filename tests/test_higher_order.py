@@ -1,5 +1,6 @@
 """Gradients of gradients (create_graph=True) through every hand-written backward: the engine's scan
-(fused kernel and pure torch), the layers with their extras, and the min cells' blocked scan.
+(fused kernel and pure torch), the layers with their extras, and the min cells' blocked scan; and the
+same layers under torch.func's transforms (grad, vmap, jacrev), where they run as plain autograd ops.
 
 A hand backward builds no graph, so before numerics.hand_backward a gradient penalty through an
 engine layer silently lost its own gradient. Checked here by float64 gradgradcheck and against
@@ -162,3 +163,54 @@ def test_min_layer_gradient_penalty_equals_log_scan():
     x = torch.randn(6, 2, 3, dtype=D64, requires_grad=True)
     for a, b in zip(_penalised_gradients(blocked, x), _penalised_gradients(logs, x), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+# -- torch.func -----------------------------------------------------------------------------------------
+
+FUNC_LAYERS = {
+    "gru_ln": lambda: rk.GRU(3, 4, layer_norm=True, dtype=D64),
+    "lstm_engine_2layers": lambda: rk.LSTM(3, 4, num_layers=2, backend="engine", dtype=D64),
+    "rnn_zoneout_eval": lambda: rk.RNN(3, 4, zoneout=0.3, dtype=D64).eval(),
+    "mingru": lambda: rk.MinGRU(3, 4, dtype=D64),
+}
+
+
+def _loss(m, params, x):
+    return torch.func.functional_call(m, params, (x,))[0].pow(2).sum()
+
+
+@pytest.mark.parametrize("name", FUNC_LAYERS)
+def test_torch_func_grad_and_per_sample_grads_equal_autograd(name):
+    m = FUNC_LAYERS[name]()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x = torch.randn(6, 3, 3, dtype=D64)
+    g = torch.func.grad(lambda p: _loss(m, p, x))(params)
+    m.zero_grad()
+    m(x)[0].pow(2).sum().backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(g[k], p.grad, rtol=1e-12, atol=1e-12)
+    per_sample = torch.func.vmap(torch.func.grad(lambda p, xb: _loss(m, p, xb.unsqueeze(1))),
+                                 in_dims=(None, 1))(params, x)
+    for b in range(x.shape[1]):
+        m.zero_grad()
+        m(x[:, b:b + 1])[0].pow(2).sum().backward()
+        for k, p in m.named_parameters():
+            torch.testing.assert_close(per_sample[k][b], p.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_func_jacobian_of_the_final_state_equals_autograd():
+    """dh_T/dh_0, the quantity whose norm vanishes or explodes, by jacrev and by torch.autograd."""
+    m = rk.GRU(3, 4, backend="engine", dtype=D64)
+    x = torch.randn(8, 2, 3, dtype=D64)
+    h_T = lambda h0: m(x, h0)[1]
+    h0 = torch.randn(1, 2, 4, dtype=D64)
+    torch.testing.assert_close(torch.func.jacrev(h_T)(h0), torch.autograd.functional.jacobian(h_T, h0),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [lambda: rk.GRU(3, 4), lambda: rk.MinGRU(3, 4)], ids=["gru", "mingru"])
+def test_trace_inside_torch_func_is_refused(make):
+    m = make()
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    with rk.trace(m), pytest.raises(ValueError, match="trace cannot record inside torch.func"):
+        torch.func.grad(lambda p: _loss(m, p, torch.randn(5, 2, 3)))(params)

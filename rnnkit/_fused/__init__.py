@@ -347,16 +347,12 @@ class _FusedScan(torch.autograd.Function):
 
     @staticmethod
     def _replay(ctx):
-        """The forward again in autograd ops (engine.unrolled), from the arguments it was given."""
-        from ..engine import unrolled  # engine imports this module
+        """The forward again in autograd ops (engine.pure_scan), from the arguments it was given."""
+        from ..engine import pure_scan  # engine imports this module
         weight_ih, x, bias_ih, weight_hh, bias_hh, *rest = ctx.saved_tensors[_HAND_SAVED - 1:]
-        state, params = rest[:ctx.n], tuple(rest[ctx.n:])
         xi = x if weight_ih is None else F.linear(x, weight_ih, bias_ih)
-        prepare = getattr(ctx.opts.cell, "prepare_input", None)
-        if prepare is not None:
-            xi, params = prepare(xi, params)
-        outs = unrolled(ctx.opts, xi, state, weight_hh, bias_hh, params)
-        return outs, (ctx.opts, ctx.n, x, weight_ih, bias_ih, weight_hh, bias_hh, *rest)
+        out, final = pure_scan(ctx.opts, xi, rest[:ctx.n], weight_hh, bias_hh, rest[ctx.n:], autograd=True)
+        return (out, *final), (ctx.opts, ctx.n, x, weight_ih, bias_ih, weight_hh, bias_hh, *rest)
 
     @staticmethod
     @hand_backward(lambda ctx: _FusedScan._replay(ctx), records=lambda ctx: ctx.opts.trace is not None)
