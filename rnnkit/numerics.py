@@ -5,6 +5,7 @@ import contextlib
 import functools
 
 import torch
+from torch.autograd import forward_ad
 
 _DENORMAL = torch.tensor(1e-40)     # below float32's smallest normal number (1.2e-38)
 
@@ -26,11 +27,16 @@ def flushing_denormals(on: bool = True):
 
 
 def under_torch_func(*tensors) -> bool:
-    """True when torch.func (grad, vmap, jacrev, ...) is transforming any of these tensors. Its wrapped
-    tensors cannot enter an autograd Function written with ctx (as rnnkit's hand backwards are), so the
-    callers then run their loops as plain autograd ops."""
+    """True when torch.func (grad, vmap, jacrev, jvp, ...) is transforming any of these tensors, or any
+    carries a forward-mode tangent (torch.autograd.forward_ad). Neither can enter an autograd Function
+    written with ctx and no jvp (as rnnkit's hand backwards are), so the callers then run their loops as
+    plain autograd ops."""
     wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    return wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors)
+    if wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors):
+        return True
+    if getattr(forward_ad, "_current_level", -1) < 0:      # no dual level open: no tangents anywhere
+        return False
+    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 TRACE_UNDER_TORCH_FUNC = ("rnnkit.trace cannot record inside torch.func transforms (grad, vmap, jacrev, ...): "

@@ -214,3 +214,18 @@ def test_trace_inside_torch_func_is_refused(make):
     params = {k: v.detach() for k, v in m.named_parameters()}
     with rk.trace(m), pytest.raises(ValueError, match="trace cannot record inside torch.func"):
         torch.func.grad(lambda p: _loss(m, p, torch.randn(5, 2, 3)))(params)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forward_mode_jvp_equals_torch_nn(kind):
+    """torch.func.jvp and torch.autograd.forward_ad's dual tensors, against torch.nn's forward mode."""
+    import torch.autograd.forward_ad as fwAD
+    ref, mine = pair(kind, 3, 4, num_layers=2, backend="engine")
+    ref, mine = ref.double(), mine.double()
+    x = torch.randn(5, 2, 3, dtype=D64)
+    v = torch.randn_like(x)
+    want = torch.func.jvp(lambda x_: ref(x_)[0], (x,), (v,))[1]
+    torch.testing.assert_close(torch.func.jvp(lambda x_: mine(x_)[0], (x,), (v,))[1], want, rtol=1e-12, atol=1e-12)
+    with fwAD.dual_level():
+        tangent = fwAD.unpack_dual(mine(fwAD.make_dual(x, v))[0]).tangent
+    torch.testing.assert_close(tangent, want, rtol=1e-12, atol=1e-12)
