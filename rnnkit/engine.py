@@ -18,7 +18,8 @@ step i to step i-1 (in processing order) is cut whenever i is a multiple of k, a
 detached every k steps; the forward is unchanged. k >= T is full BPTT.
 
 Gradients of gradients (create_graph=True) go through `unrolled`, the same loop in autograd ops
-(numerics.hand_backward); under torch.compile the scan is one eager call (`opaque_to_compile`).
+(numerics.hand_backward), and so does everything under torch.func or forward-mode AD (`transformed`);
+under torch.compile the scan is one eager call (`opaque_to_compile`).
 """
 from __future__ import annotations
 

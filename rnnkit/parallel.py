@@ -29,6 +29,8 @@ Two evaluations (tests/test_minimal.py checks both by gradcheck against a plain 
                 For minGRU / minLSTM on CPU (float32/64) each block's gates, recurrence and adjoint
                 run as one C++ pass instead (rnnkit/_fused/minimal.cpp: lanes (b, j) split over
                 threads, vectorised over j); the torch-op blocks stay as reference and fallback.
+`unrolled`      the same recurrence in plain autograd ops, one step at a time: what gradients of
+                gradients (create_graph=True) differentiate, and what runs under torch.func.
 
 A cell used by `blocked_scan` provides, on one block of pre-activations P = x W^T + bias (Tc, B, G*H):
     forward_block(P) -> (a, b, saved)              a, b (Tc, B, H), no autograd
