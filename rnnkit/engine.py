@@ -18,7 +18,7 @@ step i to step i-1 (in processing order) is cut whenever i is a multiple of k, a
 detached every k steps; the forward is unchanged. k >= T is full BPTT.
 
 Gradients of gradients (create_graph=True) go through `unrolled`, the same loop in autograd ops
-(numerics.hand_backward), and so does everything under torch.func or forward-mode AD (`transformed`);
+(numerics.hand_backward), and so does everything under torch.func or forward-mode AD (`_scan`);
 under torch.compile the scan is one eager call (`opaque_to_compile`).
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import Tensor
 
 from . import _fused
 from .cells.base import derived_backward, has_hand_backward
-from .numerics import TRACE_UNDER_TORCH_FUNC, hand_backward, under_torch_func
+from .numerics import hand_backward, under_torch_func
 
 
 @dataclass
@@ -80,10 +80,8 @@ def scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_h
     The built-in cells on CPU run the same loop compiled (`rnnkit/_fused`, held equal to this file by
     tests/test_fused.py); everything else, and any machine where it did not build, runs `_Scan`.
     """
-    if not transformed(opts, xi, weight_hh, bias_hh, *state0, *params) and \
-            _fused.supports(opts, xi, state0, weight_hh, bias_hh, params):
-        return _fused.scan(opts, xi, state0, weight_hh, bias_hh, params)
-    return pure_scan(opts, xi, state0, weight_hh, bias_hh, params)
+    plain = under_torch_func(xi, weight_hh, bias_hh, *state0, *params, traced=opts.trace is not None)
+    return _scan(opts, xi, state0, weight_hh, bias_hh, params, plain)
 
 
 @opaque_to_compile
@@ -92,33 +90,33 @@ def project_scan(opts: ScanOptions, x: Tensor, weight_ih: Tensor, bias_ih: Tenso
     """scan(opts, F.linear(x, weight_ih, bias_ih), ...): what a layer runs, x (T, B, I). On the fused
     path the projection is part of the scan's node (its bias added and its gradient summed per row in the
     loop); elsewhere it is the projection, then `scan`."""
-    if not transformed(opts, x, weight_ih, bias_ih, weight_hh, bias_hh, *state0, *params) and \
-            _fused.supports_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params):
+    plain = under_torch_func(x, weight_ih, bias_ih, weight_hh, bias_hh, *state0, *params,
+                             traced=opts.trace is not None)
+    if not plain and _fused.supports_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params):
         return _fused.scan_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params)
-    return scan(opts, torch.nn.functional.linear(x, weight_ih, bias_ih), state0, weight_hh, bias_hh, params)
+    xi = torch.nn.functional.linear(x, weight_ih, bias_ih)
+    return _scan(opts, xi, state0, weight_hh, bias_hh, params, plain)
+
+
+def _scan(opts, xi, state0, weight_hh, bias_hh, params, plain: bool):
+    """plain: under torch.func or forward-mode AD (numerics.under_torch_func), the loop in autograd ops."""
+    if not plain and _fused.supports(opts, xi, state0, weight_hh, bias_hh, params):
+        return _fused.scan(opts, xi, state0, weight_hh, bias_hh, params)
+    return pure_scan(opts, xi, state0, weight_hh, bias_hh, params, autograd=plain)
 
 
 def pure_scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
               params: tuple = (), autograd: bool = False):
     """`scan` on the pure-torch path, whatever the machine: the reference the fused kernel is held to.
-    autograd=True (and always under torch.func): the loop as plain autograd ops (`unrolled`)."""
+    autograd=True: the loop as plain autograd ops (`unrolled`)."""
     prepare = getattr(opts.cell, "prepare_input", None)     # work a cell does on all steps at once
     if prepare is not None:
         xi, params = prepare(xi, tuple(params))
-    if autograd or transformed(opts, xi, weight_hh, bias_hh, *state0, *params):
+    if autograd:
         res = unrolled(opts, xi, state0, weight_hh, bias_hh, params)
     else:
         res = _Scan.apply(opts, len(state0), xi, weight_hh, bias_hh, *state0, *params)
     return res[0], tuple(res[1:])
-
-
-def transformed(opts: ScanOptions, *tensors) -> bool:
-    """numerics.under_torch_func, refusing the trace there (its records would be wrapped tensors)."""
-    if not under_torch_func(*tensors):
-        return False
-    if opts.trace is not None:
-        raise ValueError(TRACE_UNDER_TORCH_FUNC)
-    return True
 
 
 def _steps(T: int, reverse: bool):
@@ -185,7 +183,6 @@ class _Scan(torch.autograd.Function):
         if keep:
             ctx.opts, ctx.n, ctx.hand, ctx.saved_steps = opts, n, hand, saved
             ctx.save_for_backward(xi, weight_hh, bias_hh, *rest, *seqs)   # xi: for create_graph's replay
-            ctx.xi_shape = xi.shape
         return (out, *state)
 
     @staticmethod
@@ -204,9 +201,9 @@ class _Scan(torch.autograd.Function):
     def _backward(ctx, d_out, *d_final):
         opts, n, hand = ctx.opts, ctx.n, ctx.hand
         cell, mask, zone, rec, k = opts.cell, opts.mask, opts.zone, opts.rec_mask, opts.truncate
-        _, weight_hh, bias_hh, *tensors = ctx.saved_tensors
+        xi, weight_hh, bias_hh, *tensors = ctx.saved_tensors
         state0, params, seqs = tensors[:n], tuple(tensors[n:-n]), tensors[-n:]
-        T, H = ctx.xi_shape[0], weight_hh.shape[1]
+        T, H = xi.shape[0], weight_hh.shape[1]
         gn = opts.trace.grad_norm if opts.trace is not None else None
         if d_out is not None and mask is not None:
             d_out = d_out * mask

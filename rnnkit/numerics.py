@@ -26,21 +26,27 @@ def flushing_denormals(on: bool = True):
             torch.set_flush_denormal(False)
 
 
-def under_torch_func(*tensors) -> bool:
+def under_torch_func(*tensors, traced: bool = False) -> bool:
     """True when torch.func (grad, vmap, jacrev, jvp, ...) is transforming any of these tensors, or any
     carries a forward-mode tangent (torch.autograd.forward_ad). Neither can enter an autograd Function
     written with ctx and no jvp (as rnnkit's hand backwards are), so the callers then run their loops as
-    plain autograd ops."""
+    plain autograd ops. traced: a trace is recording this call; refused there (its records would be the
+    transform's wrapped tensors)."""
+    if not _transformed(tensors):
+        return False
+    if traced:
+        raise ValueError("rnnkit.trace cannot record inside torch.func transforms (grad, vmap, jacrev, ...): "
+                         "trace the call outside the transform, or take the gradients with torch.autograd.grad")
+    return True
+
+
+def _transformed(tensors) -> bool:
     wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
     if wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors):
         return True
     if getattr(forward_ad, "_current_level", -1) < 0:      # no dual level open: no tangents anywhere
         return False
     return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-
-
-TRACE_UNDER_TORCH_FUNC = ("rnnkit.trace cannot record inside torch.func transforms (grad, vmap, jacrev, ...): "
-                          "trace the call outside the transform, or take the gradients with torch.autograd.grad")
 
 
 def hand_backward(replay, records=None):

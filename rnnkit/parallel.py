@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from . import _fused
-from .numerics import TRACE_UNDER_TORCH_FUNC, hand_backward, under_torch_func
+from .numerics import hand_backward, under_torch_func
 
 # Pre-activations per block (float32: 4 bytes each), measured best on the 2-core box at T = 4096:
 BLOCK_ELEMENTS = 1 << 17          # torch ops: ~a dozen passes over the block, so it must stay in L2
@@ -74,17 +74,15 @@ def blocked_scan(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tenso
     mask (T, B, 1): 1 on real steps; padded steps keep the state (a = 1, b = 0). reverse: run from
     t = T-1 down to 0 (h stays in time order). grad_norm (T, B): filled with ||g_t|| by backward.
     """
+    if mask is not None:
+        mask = mask.to(x.dtype).contiguous()
+    if under_torch_func(x, weight, bias, h0, traced=grad_norm is not None):
+        return unrolled(cell, x, weight, bias, h0, mask, reverse)
     T, B = x.shape[:2]
     kind = fused_kind(cell, x)                                        # None: the torch-op blocks
     per_block = BLOCK_ELEMENTS if kind is None else FUSED_BLOCK_ELEMENTS
     Tc = block or max(1, per_block // max(1, B * weight.shape[0]))
     spans = [(lo, min(lo + Tc, T)) for lo in range(0, T, Tc)]
-    if mask is not None:
-        mask = mask.to(x.dtype).contiguous()
-    if under_torch_func(x, weight, bias, h0):
-        if grad_norm is not None:
-            raise ValueError(TRACE_UNDER_TORCH_FUNC)
-        return unrolled(cell, x, weight, bias, h0, mask, reverse)
     opts = (cell, kind, mask, reverse, spans, grad_norm)
     return _BlockedScan.apply(opts, x.contiguous(), weight, bias, h0)
 

@@ -3,11 +3,11 @@ truncation), every extra through the layers, and a user's cell with no backward 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import KINDS, as_tuple, cell_step, reference_run, weighted_loss
 from torch.autograd import gradcheck
 from torch.func import functional_call
 
 import rnnkit as rk
-from helpers import KINDS, as_tuple, cell_step, reference_run, weighted_loss
 from rnnkit.cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from rnnkit.engine import ScanOptions, scan
 
@@ -47,9 +47,10 @@ def length_mask(padding: str | None, T_: int = T):
     return real.to(D64).unsqueeze(2)
 
 
-def scan_fn(cell, n_state: int, **opts):
+def scan_fn(cell, n_state: int, run=scan, **opts):
+    """The scan as a function of its tensors; run: engine.scan, or a route of it (engine.pure_scan)."""
     def f(xi, w, b, *rest):
-        out, final = scan(ScanOptions(cell, **opts), xi, tuple(rest[:n_state]), w, b, tuple(rest[n_state:]))
+        out, final = run(ScanOptions(cell, **opts), xi, tuple(rest[:n_state]), w, b, tuple(rest[n_state:]))
         return (out, *final)
     return f
 

@@ -18,25 +18,17 @@ from test_gradcheck import (
     rand,
     reference_truncated,
     scan_args,
+    scan_fn,
     scan_inputs,
 )
 from torch.autograd import gradgradcheck
 
 import rnnkit as rk
 from rnnkit import _fused, engine, parallel
-from rnnkit.engine import ScanOptions
 from rnnkit.minimal import MinGRUCell, MinLSTMCell
 
 D64 = torch.float64
 ROUTES = {"fused": engine.scan, "pure": engine.pure_scan}
-
-
-def scan_fn(route, cell, n_state: int, **opts):
-    def f(xi, w, b, *rest):
-        out, final = ROUTES[route](ScanOptions(cell, **opts), xi, tuple(rest[:n_state]), w, b,
-                                   tuple(rest[n_state:]))
-        return (out, *final)
-    return f
 
 
 @pytest.fixture(params=list(ROUTES))
@@ -53,7 +45,7 @@ def route(request):
     ("gru", None, True), ("ln_lstm", "right", True)])
 def test_scan_gradgradcheck(route, kind, padding, reverse):
     cell, xi, w, b, state0, params = scan_inputs(kind)
-    f = scan_fn(route, cell, len(state0), reverse=reverse, mask=length_mask(padding))
+    f = scan_fn(cell, len(state0), ROUTES[route], reverse=reverse, mask=length_mask(padding))
     assert gradgradcheck(f, scan_args(xi, w, b, state0, params))
 
 
@@ -74,9 +66,9 @@ def test_truncated_second_order_equals_detaching_reference(route, kind, reverse,
     still moves with the inputs)."""
     cell, xi, w, b, state0, _ = scan_inputs(kind)
     args, mask = scan_args(xi, w, b, state0, ()), length_mask(padding)
-    got = _second_order(scan_fn(route, cell, len(state0), truncate=2, reverse=reverse, mask=mask), args)
+    got = _second_order(scan_fn(cell, len(state0), ROUTES[route], truncate=2, reverse=reverse, mask=mask), args)
     want = _second_order(lambda xi_, w_, b_, *s: reference_truncated(kind, xi_, w_, b_, s, 2, reverse, mask), args)
-    full = _second_order(scan_fn(route, cell, len(state0), reverse=reverse, mask=mask), args)
+    full = _second_order(scan_fn(cell, len(state0), ROUTES[route], reverse=reverse, mask=mask), args)
     for a, b_ in zip(got, want, strict=True):
         torch.testing.assert_close(a, b_, rtol=0, atol=1e-10)
     assert float((got[1] - full[1]).abs().max()) > 1e-6       # the truncation is in the second order too
@@ -84,7 +76,7 @@ def test_truncated_second_order_equals_detaching_reference(route, kind, reverse,
 
 def test_user_cell_without_backward_gradgradcheck():
     xi, w, b, state0, params = _minimal_inputs()
-    f = scan_fn("pure", ScaledMinimalCell(), 1, mask=length_mask("right"))
+    f = scan_fn(ScaledMinimalCell(), 1, engine.pure_scan, mask=length_mask("right"))
     assert gradgradcheck(f, scan_args(xi, w, b, state0, params))
 
 

@@ -311,14 +311,25 @@ def _grad_out(d_out):
     return d_out.contiguous()
 
 
-_HAND_SAVED = 17                     # tensors the hand backward reads; then the forward's own arguments
+def _kernel_args(n: int, weight_hh, bias_hh, rest) -> tuple:
+    """What the kernel takes of the scan's own arguments, contiguous: w, b, h0, c0, gamma, beta, gamma_x,
+    beta_x (rest = state, then LN's params)."""
+    state, params = rest[:n], rest[n:]
+    gamma, beta, gamma_x, beta_x = (tuple(_c(p) for p in params) + (None,) * 4)[:4]
+    return (weight_hh.contiguous(), _c(bias_hh), state[0].contiguous(), _c(state[1]) if n == 2 else None,
+            gamma, beta, gamma_x, beta_x)
+
+
+_KERNEL_SAVED = 10                  # saved first: the kernel's outputs the backward reads, and x2
 
 
 class _FusedScan(torch.autograd.Function):
+    """Saves what the kernel wrote for the backward, x2 (x as rows) and then the forward's own arguments,
+    from which the backward takes the kernel's inputs again and a create_graph replay starts."""
+
     @staticmethod
     def forward(ctx, opts, n: int, x, weight_ih, bias_ih, weight_hh, bias_hh, *rest):
         # weight_ih None: x is xi itself; else xi = x W_ih^T here, and b_ih goes to the kernel
-        state, params = rest[:n], rest[n:]
         code, ln = _cell_code(opts.cell)
         keep = any(ctx.needs_input_grad) or opts.trace is not None
         x2 = xb = None
@@ -329,19 +340,16 @@ class _FusedScan(torch.autograd.Function):
             xi = _ops().pooled_mm(x2, weight_ih.t()).view(x.shape[0], x.shape[1], weight_ih.shape[0])
             xb = _c(bias_ih)
         mask, rec, zone = _options(opts, xi)
-        h0, c0 = state[0].contiguous(), _c(state[1]) if n == 2 else None
-        gamma, beta, gamma_x, beta_x = (tuple(_c(p) for p in params) + (None,) * 4)[:4]
-        w, b = weight_hh.contiguous(), _c(bias_hh)
+        w, b, h0, c0, gamma, beta, gamma_x, beta_x = _kernel_args(n, weight_hh, bias_hh, rest)
         out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_T, c_T = _ops().forward(
             code, ln, opts.reverse, keep, xi, w, b, h0, c0, gamma, beta, gamma_x, beta_x, xb, mask, rec, *zone)
         del xi                                                 # back to the pool now: d_xi reuses it
         if opts.trace is not None:
             _record_forward(opts.trace, code, hs, cs, act)
         if keep:
-            ctx.save_for_backward(w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x,
-                                  x2, weight_ih, x, bias_ih, weight_hh, bias_hh, *rest)   # from weight_ih on: the replay reads
+            ctx.save_for_backward(hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2,
+                                  x, weight_ih, bias_ih, weight_hh, bias_hh, *rest)
             ctx.opts, ctx.code, ctx.ln, ctx.n, ctx.aux_opts = opts, code, ln, n, (mask, rec, *zone)
-            ctx.x_shape, ctx.has_xb = x.shape, xb is not None
             ctx.set_materialize_grads(False)                   # an unused output sends None: skip it
         return (out, h_T) if n == 1 else (out, h_T, c_T)
 
@@ -349,10 +357,11 @@ class _FusedScan(torch.autograd.Function):
     def _replay(ctx):
         """The forward again in autograd ops (engine.pure_scan), from the arguments it was given."""
         from ..engine import pure_scan  # engine imports this module
-        weight_ih, x, bias_ih, weight_hh, bias_hh, *rest = ctx.saved_tensors[_HAND_SAVED - 1:]
+        args = ctx.saved_tensors[_KERNEL_SAVED:]
+        x, weight_ih, bias_ih, weight_hh, bias_hh, *rest = args
         xi = x if weight_ih is None else F.linear(x, weight_ih, bias_ih)
         out, final = pure_scan(ctx.opts, xi, rest[:ctx.n], weight_hh, bias_hh, rest[ctx.n:], autograd=True)
-        return (out, *final), (ctx.opts, ctx.n, x, weight_ih, bias_ih, weight_hh, bias_hh, *rest)
+        return (out, *final), (ctx.opts, ctx.n, *args)
 
     @staticmethod
     @hand_backward(lambda ctx: _FusedScan._replay(ctx), records=lambda ctx: ctx.opts.trace is not None)
@@ -362,12 +371,16 @@ class _FusedScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_out, *d_final):
         opts, n = ctx.opts, ctx.n
-        w, b, h0, c0, gamma, gamma_x, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2, w_ih = ctx.saved_tensors[:_HAND_SAVED]
+        saved = ctx.saved_tensors
+        hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2 = saved[:_KERNEL_SAVED]
+        x, w_ih, bias_ih, weight_hh, bias_hh, *rest = saved[_KERNEL_SAVED:]
+        w, b, h0, c0, gamma, _, gamma_x, _ = _kernel_args(n, weight_hh, bias_hh, rest)
         mask, rec, zh, zc = ctx.aux_opts
         gn = opts.trace.grad_norm if opts.trace is not None else None
         d_hT, d_cT = _c(d_final[0]), (_c(d_final[1]) if n == 2 else None)
         need = ctx.needs_input_grad
-        need_w, need_b, need_xb, need_h0 = need[5], need[6] and b is not None, need[4] and ctx.has_xb, need[7]
+        has_xb = w_ih is not None and bias_ih is not None      # the kernel added b_ih (forward's xb)
+        need_w, need_b, need_xb, need_h0 = need[5], need[6] and b is not None, need[4] and has_xb, need[7]
         d_xi, d_w, d_b, d_h0, d_c0, *d_ln, d_xb = _ops().backward(
             ctx.code, ctx.ln, opts.reverse, opts.truncate or 0, w, b, h0, c0, gamma, gamma_x, mask, rec, zh, zc,
             hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, _grad_out(d_out), d_hT, d_cT, gn, need_w, need_b,
@@ -377,7 +390,7 @@ class _FusedScan(torch.autograd.Function):
         if w_ih is None:
             return (None, None, d_xi, None, None, d_w, d_b, *states, *params)
         d2 = d_xi.view(-1, d_xi.shape[2])                      # through xi = x W_ih^T
-        d_x = _ops().pooled_mm(d2, w_ih).view(ctx.x_shape) if need[2] else None
+        d_x = _ops().pooled_mm(d2, w_ih).view(x.shape) if need[2] else None
         d_w_ih = d2.t() @ x2 if need[3] else None
         return (None, None, d_x, d_w_ih, d_xb if need_xb else None, d_w, d_b, *states, *params)
 
