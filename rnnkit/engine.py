@@ -19,11 +19,10 @@ detached every k steps; the forward is unchanged. k >= T is full BPTT.
 
 Gradients of gradients (create_graph=True) go through `unrolled`, the same loop in autograd ops
 (numerics.hand_backward), and so does everything under torch.func or forward-mode AD (`_scan`);
-under torch.compile the scan is one eager call (`opaque_to_compile`).
+under torch.compile the scan is one eager call (`numerics.opaque_to_compile`).
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +30,7 @@ from torch import Tensor
 
 from . import _fused
 from .cells.base import derived_backward, has_hand_backward
-from .numerics import hand_backward, under_torch_func
+from .numerics import hand_backward, opaque_to_compile, under_torch_func
 
 
 @dataclass
@@ -53,23 +52,6 @@ class ScanOptions:
     rec_mask: Tensor | None = None      # (B, H) recurrent dropout mask, already scaled by 1/(1-p)
     zone: tuple | None = None           # per state: (T or 1, B or 1, H or 1) share of old state kept
     trace: TraceSlot | None = field(default=None)
-
-
-def opaque_to_compile(fn):
-    """Under torch.compile, `fn` runs as one eager call (a graph break) instead of being traced into: the
-    fused kernel's ops have no fake-tensor implementation, and the pure loop would be unrolled step by
-    step. torch.compiler.disable is applied on the first call under compile, not at import, as importing
-    torch._dynamo costs about a second; outside compile this is one flag check."""
-    disabled = []
-
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        if torch.compiler.is_compiling():
-            if not disabled:
-                disabled.append(torch.compiler.disable(fn))
-            return disabled[0](*args, **kwargs)
-        return fn(*args, **kwargs)
-    return run
 
 
 @opaque_to_compile

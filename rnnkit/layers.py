@@ -207,23 +207,11 @@ class _Recurrent:
         return x, hx, lengths, unbatched
 
     def _check_state(self, hx, B, unbatched, x):
-        name, n = type(self).__name__, self._cell.num_states
         if hx is None:
             return self._default_state(B, x)
-        if n == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-            got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
-            raise ValueError(f"{name}: hx must be a tuple (h_0, c_0) of two tensors, got {got}")
-        parts = tuple(hx) if n == 2 else (hx,)
         LD = self.num_layers * self._directions()
         want = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
-        for label, s in zip(("h_0", "c_0"), parts):
-            if not isinstance(s, Tensor) or tuple(s.shape) != want:
-                got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-                raise ValueError(f"{name}: initial state {label} must have shape {want} "
-                                 f"(num_layers*num_directions, batch, hidden_size), got {got}")
-            if s.dtype != x.dtype:
-                raise TypeError(f"{name}: initial state {label} has dtype {s.dtype} but the input has "
-                                f"{x.dtype}; give both the same dtype")
+        parts = check_state(type(self).__name__, hx, self._cell.num_states, want, x.dtype)
         return tuple(s.unsqueeze(1) for s in parts) if unbatched else parts
 
     def _default_state(self, B, x) -> tuple:
@@ -262,6 +250,25 @@ def check_input(layer, input) -> None:
     if input.dtype != layer.weight_ih_l0.dtype:
         raise TypeError(f"{name}: input dtype {input.dtype} does not match the weights' "
                         f"{layer.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")
+
+
+def check_state(name: str, hx, num_states: int, want: tuple, dtype: torch.dtype,
+                labels: tuple = ("h_0", "c_0"), layout: str = "num_layers*num_directions") -> tuple:
+    """A given state -> tuple of tensors, each checked for shape `want` and `dtype`: a tensor, or for
+    two-state cells (LSTM) a tuple of two. The checks every rnnkit layer and the stream share."""
+    if num_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
+        got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+        raise ValueError(f"{name}: hx must be a tuple ({', '.join(labels)}) of two tensors, got {got}")
+    parts = tuple(hx) if num_states == 2 else (hx,)
+    dims = f"({layout}, hidden_size)" if len(want) == 2 else f"({layout}, batch, hidden_size)"
+    for label, s in zip(labels, parts):
+        if not isinstance(s, Tensor) or tuple(s.shape) != want:
+            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
+            raise ValueError(f"{name}: initial state {label} must have shape {want} {dims}, got {got}")
+        if s.dtype != dtype:
+            raise TypeError(f"{name}: initial state {label} has dtype {s.dtype} but the input and weights "
+                            f"have {dtype}; give them the same dtype")
+    return parts
 
 
 def _check_lengths(name, lengths, B, T) -> Tensor:

@@ -28,7 +28,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 
 from .cells.base import uniform_init_
 from .engine import TraceSlot
-from .layers import _check_lengths, _length_mask, _Recurrent, check_input, param_suffix
+from .layers import _check_lengths, _length_mask, _Recurrent, check_input, check_state, param_suffix
 from .parallel import FUSED_KINDS, blocked_scan, log_scan, reverse_total
 
 SCANS = ("auto", "blocked", "log")
@@ -282,11 +282,7 @@ class _MinRecurrent(nn.Module):
         if hx is None:
             hx = x.new_zeros(LD, B, H)
         else:
-            want = (LD, H) if unbatched else (LD, B, H)
-            if not isinstance(hx, Tensor) or tuple(hx.shape) != want:
-                got = tuple(hx.shape) if isinstance(hx, Tensor) else type(hx).__name__
-                raise ValueError(f"{name}: initial state hx must have shape {want} "
-                                 f"(num_layers*num_directions, batch, hidden_size), got {got}")
+            hx = check_state(name, hx, 1, (LD, H) if unbatched else (LD, B, H), x.dtype)[0]
             hx = hx.unsqueeze(1) if unbatched else hx
         if lengths is not None:
             lengths = _check_lengths(name, lengths, B, T)
@@ -313,7 +309,10 @@ def _hook_grad_norm(h, a, grad_norm, reverse: bool) -> None:
 class MinGRU(_MinRecurrent):
     """minGRU (Feng et al. 2024). Arguments and forward as rk.GRU: out, h_n = layer(x, hx, lengths).
     scan: "blocked" (`parallel.blocked_scan`, the fast path on CPU), "log" (Heinsen's log-space scan,
-    the paper's form, for GPUs) or "auto" (log on CUDA, blocked elsewhere)."""
+    the paper's form, for GPUs) or "auto" (log on CUDA, blocked elsewhere). Second derivatives
+    (create_graph=True) through "log" are NaN wherever the gradient reaching some h_t is exactly zero
+    (a loss on the last step, padding): torch's logcumsumexp double backward takes log of it; use
+    scan="blocked" for gradient penalties (any device; exact to any order)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None, *, scan="auto"):

@@ -94,3 +94,20 @@ def _through_replay(ctx, replay, grads):
         for i, g in zip(wanted, got):
             result[i] = g
     return tuple(result)
+
+
+def opaque_to_compile(fn):
+    """Under torch.compile, `fn` runs as one eager call (a graph break) instead of being traced into: the
+    fused kernel's ops have no fake-tensor implementation, and the pure loop would be unrolled step by
+    step. torch.compiler.disable is applied on the first call under compile, not at import, as importing
+    torch._dynamo costs about a second; outside compile this is one flag check."""
+    disabled = []
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            if not disabled:
+                disabled.append(torch.compiler.disable(fn))
+            return disabled[0](*args, **kwargs)
+        return fn(*args, **kwargs)
+    return run

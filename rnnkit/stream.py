@@ -30,13 +30,15 @@ Shapes: B batch, I input size, H hidden size, L layers, G gate blocks.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from .cells.base import has_hand_backward
-from .layers import _Recurrent
+from .layers import _Recurrent, check_state
 from .minimal import _MinRecurrent
 
 
@@ -80,6 +82,8 @@ def _describe(layer) -> list[_Sub]:
         kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
         hint = "; build the rnnkit layer of the same name and copy the weights over with load_state_dict" \
             if isinstance(layer, torch.nn.RNNBase) else ""
+        if getattr(layer, "proj_size", 0):
+            hint = "; rnnkit has no projected LSTM (proj_size), so this layer cannot be streamed"
         raise TypeError(f"stream: expected an rnnkit RNN, LSTM, GRU, MinGRU or MinLSTM layer, got {kind}{hint}")
     if layer.bidirectional:
         raise ValueError(f"stream: {name} is bidirectional; its backward direction starts at the end "
@@ -103,17 +107,12 @@ def _default_state(layer, B: int, like: Tensor) -> tuple:
 
 
 def _check_state(layer, state, B: int, unbatched: bool, like: Tensor) -> tuple:
-    """state in torch.nn's layout -> tuple of (L, B, H) tensors (validated)."""
-    name, n = type(layer).__name__, layer._cell.num_states
+    """state in torch.nn's layout -> tuple of (L, B, H) tensors (validated: shape, and like's dtype)."""
     if state is None:
         return _default_state(layer, B, like)
-    parts = tuple(state) if n == 2 and isinstance(state, (tuple, list)) else (state,)
-    want = (layer.num_layers, layer.hidden_size) if unbatched else (layer.num_layers, B, layer.hidden_size)
-    if len(parts) != n or not all(isinstance(s, Tensor) and tuple(s.shape) == want for s in parts):
-        got = [tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__ for s in parts]
-        what = "a tuple (h, c), each" if n == 2 else "a tensor"
-        raise ValueError(f"stream: {name} state must be {what} of shape {want} "
-                         f"(num_layers, batch, hidden_size), got {got}")
+    L, H = layer.num_layers, layer.hidden_size
+    parts = check_state(f"stream: {type(layer).__name__}", state, layer._cell.num_states,
+                        (L, H) if unbatched else (L, B, H), like.dtype, labels=("h", "c"), layout="num_layers")
     return tuple(s.unsqueeze(1) for s in parts) if unbatched else parts
 
 
@@ -151,25 +150,46 @@ def step(layer, x_t: Tensor, state=None):
 
 class Stream:
     """Keeps `layer`'s state between calls: `y_t = s(x_t)` with x_t (B, I) or, for batch_size 1, (I,).
-    `s.state` reads the state in torch.nn's layout, `s.reset(state=None)` sets it (None: initial)."""
+    `s.state` reads the state in torch.nn's layout, `s.reset(state=None)` sets it (None: initial).
+
+    Inference only: calls run under torch.inference_mode, so y_t carries no gradient (for online
+    learning use `rk.stream.step`, plain differentiable torch code). x_t must have the weights' dtype.
+    Parameter changes are picked up on the next call (an optimizer step, load_state_dict, a new
+    Parameter, layer.to(dtype or device) — the state is moved along); writes through `p.data` bypass
+    torch's version counter and need `s.refresh()`. A stream pickles and deep-copies (its layer and
+    state; buffers are rebuilt). Inputs are assumed finite (a GRU stream turns ±inf into NaN)."""
 
     def __init__(self, layer, batch_size: int = 1, state=None):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        try:
+            size = 0 if isinstance(batch_size, bool) else operator.index(batch_size)   # numpy ints too
+        except TypeError:
+            size = 0
+        if size < 1:
             raise ValueError(f"Stream: batch_size must be a positive int, got {batch_size!r}")
+        batch_size = size
         self.layer, self.batch_size = layer, batch_size
         self._subs = _describe(layer)
         self._fast = _fast_kind(layer)
-        L, I, H = layer.num_layers, layer.input_size, layer.hidden_size
-        like = layer.weight_ih_l0
-        with torch.inference_mode():
-            self._buf = like.new_zeros(batch_size, I + L * H)                  # [x | h_1 | ... | h_L]
-            self._x = self._buf[:, :I]
-            self._h = [self._buf[:, I + k * H:I + (k + 1) * H] for k in range(L)]   # (B, H) views
-            self._rest = [like.new_zeros(L, batch_size, H) for _ in range(layer._cell.num_states - 1)]
-        self._shape = (batch_size, I)
+        self._random = bool(layer.dropout and layer.num_layers > 1 or getattr(layer, "recurrent_dropout", 0.0)
+                            or any(getattr(layer, "zoneout", ())))
+        self._alloc(layer.weight_ih_l0, None)
         self._key = None
         self._inference = torch.inference_mode()                                # reused: cheaper to enter
         self.reset(state)
+
+    def _alloc(self, like: Tensor, keep: tuple | None) -> None:
+        """State buffers in like's dtype and device; keep: the old buffers' values, moved along."""
+        L, I, H, B = self.layer.num_layers, self.layer.input_size, self.layer.hidden_size, self.batch_size
+        with torch.inference_mode():
+            self._buf = like.new_zeros(B, I + L * H)                           # [x | h_1 | ... | h_L]
+            self._x = self._buf[:, :I]
+            self._h = [self._buf[:, I + k * H:I + (k + 1) * H] for k in range(L)]   # (B, H) views
+            self._rest = [like.new_zeros(L, B, H) for _ in range(self.layer._cell.num_states - 1)]
+            if keep is not None:
+                self._buf.copy_(keep[0])
+                for r, old in zip(self._rest, keep[1:]):
+                    r.copy_(old)
+        self._shape, self._dtype = (B, I), like.dtype
 
     # -- state ------------------------------------------------------------------------------------------
     @property
@@ -179,38 +199,66 @@ class Stream:
         return parts if len(parts) == 2 else parts[0]
 
     def reset(self, state=None) -> None:
-        """Set the state: None for the layer's initial state, or a state in torch.nn's layout."""
-        parts = _check_state(self.layer, state, self.batch_size, False, self.layer.weight_ih_l0)
+        """Set the state: None for the layer's initial state, or a state in torch.nn's layout
+        ((L, B, H) each; (L, H) also at batch_size 1)."""
+        first = state[0] if isinstance(state, (tuple, list)) and state else state
+        unbatched = self.batch_size == 1 and isinstance(first, Tensor) and first.dim() == 2
+        parts = _check_state(self.layer, state, self.batch_size, unbatched, self._buf)
         with torch.inference_mode():
             for k, h in enumerate(self._h):
                 h.copy_(parts[0][k])
             for r, p in zip(self._rest, parts[1:]):
                 r.copy_(p)
 
+    def refresh(self) -> None:
+        """Rebuild from the layer's parameters now (needed only after writes through `p.data`)."""
+        self._key = None
+
     # -- the hot call -----------------------------------------------------------------------------------
     def __call__(self, x_t: Tensor) -> Tensor:
-        unbatched = False
-        if x_t.shape != self._shape:
-            x_t, unbatched = self._reshape(x_t)
         with self._inference:
-            key = [(p._version, p.data_ptr()) for p in self.layer._parameters.values()]
+            key = self._version_key()
             if key != self._key:
                 self._build(key)
+            if self._random and self.layer.training:
+                _describe(self.layer)                                          # raises: training mode
+            unbatched = False
+            if type(x_t) is not Tensor or x_t.shape != self._shape or x_t.dtype is not self._dtype:
+                x_t, unbatched = self._check_x(x_t)
             self._x.copy_(x_t)
             for run in self._kernels:
                 run()
         y = self._h[-1].clone()                                                # (B, H), a normal tensor
         return y[0] if unbatched else y
 
-    def _reshape(self, x_t):
-        if self.batch_size == 1 and tuple(x_t.shape) == self._shape[1:]:
-            return x_t.unsqueeze(0), True
-        raise ValueError(f"Stream: x_t must have shape {self._shape} (batch_size, input_size)"
-                         + (f" or {self._shape[1:]}" if self.batch_size == 1 else "")
-                         + f", got {tuple(x_t.shape)}")
+    def _version_key(self):
+        """What changes when a parameter does: its version counter and storage, per parameter."""
+        layer = self.layer
+        try:
+            if layer._modules:                                                 # e.g. parametrizations
+                return [(p._version, p.data_ptr()) for p in layer.parameters()]
+            return [(p._version, p.data_ptr()) for p in layer._parameters.values() if p is not None]
+        except RuntimeError:            # inference tensors (built under inference_mode) keep no version
+            return object()                                                    # rebuild on every call
+
+    def _check_x(self, x_t) -> tuple[Tensor, bool]:
+        if not isinstance(x_t, Tensor):
+            raise TypeError(f"Stream: x_t must be a torch.Tensor, got {type(x_t).__name__}")
+        unbatched = self.batch_size == 1 and tuple(x_t.shape) == self._shape[1:]
+        if not unbatched and tuple(x_t.shape) != self._shape:
+            raise ValueError(f"Stream: x_t must have shape {self._shape} (batch_size, input_size)"
+                             + (f" or {self._shape[1:]}" if self.batch_size == 1 else "")
+                             + f", got {tuple(x_t.shape)}")
+        if x_t.dtype != self._dtype:
+            raise TypeError(f"Stream: x_t has dtype {x_t.dtype} but the layer's weights have {self._dtype}; "
+                            f"convert x_t (x_t.to({self._dtype})) or the layer (layer.to(...))")
+        return (x_t.unsqueeze(0) if unbatched else x_t), unbatched
 
     def _build(self, key) -> None:
         """Stacked weights and the per-layer kernels, from the layer's current parameters."""
+        like = self.layer.weight_ih_l0
+        if like.dtype != self._buf.dtype or like.device != self._buf.device:  # layer.to(...) since
+            self._alloc(like, (self._buf, *self._rest))
         self._subs = [_Sub(self.layer, k) for k in range(self.layer.num_layers)]
         make = {"lstm": _LSTMKernel, "gru": _GRUKernel, "rnn": _ElmanKernel}.get(self._fast, _GenericKernel)
         I, H = self.layer.input_size, self.layer.hidden_size
@@ -220,6 +268,16 @@ class Stream:
             window = self._buf[:, lo:I + (k + 1) * H]                          # (B, I_k + H) [x_k | h_k]
             self._kernels.append(make(sub, window, self._h[k], [r[k] for r in self._rest]))
         self._key = key
+
+    # -- copies -----------------------------------------------------------------------------------------
+    def __getstate__(self):
+        return {"layer": self.layer, "batch_size": self.batch_size, "state": self.state}
+
+    def __setstate__(self, saved):
+        self.__init__(saved["layer"], saved["batch_size"], saved["state"])
+
+    def __repr__(self) -> str:
+        return f"Stream({self.layer!r}, batch_size={self.batch_size})"
 
 
 def _fast_kind(layer) -> str | None:

@@ -1,5 +1,5 @@
 """torch.compile of a model holding rnnkit layers: the engine's scan runs as one eager call inside the
-compiled model (engine.opaque_to_compile), with the same outputs and gradients as without compile."""
+compiled model (numerics.opaque_to_compile), with the same outputs and gradients as without compile."""
 import subprocess
 import sys
 
@@ -44,3 +44,15 @@ def test_importing_and_running_rnnkit_does_not_load_dynamo():
             "print('torch._dynamo' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_min_layer_compiles_without_dynamo_tracing_into_the_scan():
+    """The min cells' blocked scan is opaque to compile too (was: Dynamo warned that it cannot trace
+    functorch's wrapped-tensor check inside it)."""
+    import warnings
+    torch._dynamo.reset()
+    layer = rk.MinGRU(3, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(layer)(torch.randn(12, 4, 3))[0].sum().backward()
+    assert not [w for w in caught if "Dynamo does not know" in str(w.message)]

@@ -185,3 +185,117 @@ def test_min_layers_have_a_step_method():
         y, state = layer.step(x[t], state)
         ys.append(y)
     assert (torch.stack(ys) - out).abs().max() < 1e-5 and (state - h_n).abs().max() < 1e-5
+
+
+# -- the stream against changes a user makes between calls, and copies -----------------------------------
+
+def stream_matches_step(layer, stream, steps=4, B=1, state=None, dtype=torch.float32):
+    """Feed `stream` and `step` the same inputs from `state`; the largest |difference| of the outputs."""
+    worst = 0.0
+    for _ in range(steps):
+        x = torch.randn(B, layer.input_size, dtype=dtype)
+        with torch.no_grad():
+            y, state = step(layer, x, state)
+        worst = max(worst, (stream(x) - y).abs().max().item())
+    return worst, state
+
+
+def test_wrong_dtypes_are_refused_with_a_message():
+    layer = rk.GRU(3, 4)
+    s = Stream(layer)
+    with pytest.raises(TypeError, match=r"x_t has dtype torch\.float64 but the layer's weights have torch\.float32"):
+        s(torch.randn(3, dtype=D64))
+    with pytest.raises(TypeError, match=r"x_t has dtype torch\.int64"):
+        s(torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="must be a torch.Tensor, got list"):
+        s([1.0, 2.0, 3.0])
+    with pytest.raises(TypeError, match=r"initial state h has dtype torch\.float64"):
+        s.reset(torch.zeros(1, 1, 4, dtype=D64))
+    with pytest.raises(TypeError, match=r"initial state h has dtype torch\.float64"):
+        step(layer, torch.randn(2, 3), torch.zeros(1, 2, 4, dtype=D64))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_moved_to_float64_between_calls(kind):
+    layer = layer_of(kind, 3, 4, 2)
+    s = Stream(layer)
+    _, state = stream_matches_step(layer, s, 3)
+    layer.to(D64)                                                # the stream's state moves along
+    worst, _ = stream_matches_step(layer, s, 3, state=tuple(p.to(D64) for p in as_tuple(state))
+                                   if kind == "lstm" else state.to(D64), dtype=D64)
+    assert worst < 1e-6 and s.state[0].dtype == D64
+
+
+def test_parametrized_and_data_written_weights_are_picked_up():
+    layer = rk.GRU(3, 4, bias=False)
+    torch.nn.utils.parametrizations.weight_norm(layer, "weight_ih_l0")
+    s = Stream(layer)
+    stream_matches_step(layer, s, 2)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(torch.randn(5, 1, 3))[0].sum().backward()
+    opt.step()                                                   # changes the parametrization's original
+    s.reset()
+    assert stream_matches_step(layer, s, 3)[0] < 1e-6
+    plain = rk.LSTM(3, 4)
+    s = Stream(plain)
+    s(torch.randn(3))
+    plain.weight_hh_l0.data.mul_(3)                              # no version bump: refresh() is the way
+    s.refresh()
+    s.reset()
+    assert stream_matches_step(plain, s, 3)[0] < 1e-6
+
+
+def test_unusual_layers():
+    with torch.inference_mode():                                 # parameters without version counters
+        built = rk.LSTM(3, 4)
+    s = Stream(built)
+    assert stream_matches_step(built, s, 3)[0] < 1e-6
+    m = MinGRU(3, 4)
+    m.bias_ih_l0 = None                                          # a parameter set to None
+    s = Stream(m)
+    assert stream_matches_step(m, s, 3)[0] < 1e-6
+
+
+def test_training_mode_switched_on_after_building_is_refused():
+    layer = rk.GRU(3, 4, zoneout=0.3).eval()
+    s = Stream(layer)
+    s(torch.randn(3))
+    layer.train()
+    with pytest.raises(ValueError, match="training mode with zoneout"):
+        s(torch.randn(3))
+
+
+@pytest.mark.parametrize("copy_how", ["pickle", "deepcopy", "torch.save"])
+def test_a_copied_stream_goes_on_from_the_same_state(copy_how, tmp_path):
+    import copy
+    import pickle
+    layer = rk.LSTM(3, 4, 2)
+    s = Stream(layer, batch_size=2)
+    for _ in range(3):
+        s(torch.randn(2, 3))
+    if copy_how == "pickle":
+        twin = pickle.loads(pickle.dumps(s))
+    elif copy_how == "deepcopy":
+        twin = copy.deepcopy(s)
+    else:
+        torch.save(s, tmp_path / "s.pt")
+        twin = torch.load(tmp_path / "s.pt", weights_only=False)
+    for _ in range(3):
+        x = torch.randn(2, 3)
+        assert torch.equal(twin(x), s(x))
+    assert twin.layer is not layer and repr(twin).startswith("Stream(LSTM(3, 4")
+
+
+def test_reset_takes_an_unbatched_state_and_batch_size_any_int():
+    import numpy as np
+    layer = rk.LSTM(3, 4, 2)
+    h, c = torch.randn(2, 4), torch.randn(2, 4)
+    s = Stream(layer, batch_size=np.int64(1))
+    s.reset((h, c))
+    x = torch.randn(3)
+    y, _ = step(layer, x, (h, c))
+    assert (s(x) - y).abs().max() < 1e-6
+    with pytest.raises(ValueError, match=r"must have shape \(2, 4\) \(num_layers, hidden_size\)"):
+        step(layer, x, (h[:1], c))
+    with pytest.raises(TypeError, match="no projected LSTM"):
+        Stream(nn.LSTM(3, 4, proj_size=2))
