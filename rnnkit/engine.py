@@ -109,20 +109,36 @@ def _at(z: Tensor, t: int) -> Tensor:
     return z[t] if z.shape[0] != 1 else z[0]
 
 
+def truncation_cuts(opts: ScanOptions) -> int | Tensor | None:
+    """Where truncated BPTT detaches the state. None: no truncation. Without a mask the int k: before
+    every k-th step in processing order (not the first). With a mask, (T, B, 1) in time order, 1 before
+    each row's k-th, 2k-th ... real step: a row's own steps are counted, so padding neither cuts its
+    gradient (a cut inside right padding would stop all of h_n's) nor shifts the cuts (left padding,
+    the reverse direction): a sequence gets the gradient it gets alone."""
+    k, mask = opts.truncate, opts.mask
+    if k is None or mask is None:
+        return k
+    real = (mask != 0).flip(0) if opts.reverse else mask != 0          # processing order
+    own = torch.cumsum(real, 0) - real.long()                          # real steps before this one
+    cut = real & (own > 0) & (own % k == 0)
+    return (cut.flip(0) if opts.reverse else cut).to(mask.dtype)
+
+
 def unrolled(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
              params: tuple = ()):
     """The scan in plain autograd ops, step by step, truncation as a detached state: (out, *final state).
     What a create_graph=True backward differentiates (numerics.hand_backward); xi and params as `_Scan`
     takes them (after the cell's `prepare_input`)."""
     seqs, state, _ = _unroll(opts, xi, weight_hh, bias_hh, tuple(state0), tuple(params), False,
-                             has_hand_backward(opts.cell), opts.truncate)
+                             has_hand_backward(opts.cell), truncation_cuts(opts))
     return (seqs[0] if opts.mask is None else seqs[0] * opts.mask, *state)
 
 
 def _unroll(opts: ScanOptions, xi, weight_hh, bias_hh, state: tuple, params: tuple, keep: bool, hand: bool,
-            cut: int | None = None):
+            cut: int | Tensor | None = None):
     """The forward loop: (seqs, final state, saved steps), seqs[j] (T, B, H) state component j after
-    each step. cut: k, to detach the state before every k-th step in processing order (not the first)."""
+    each step. cut (truncation_cuts): k, to detach the state before every k-th step in processing order
+    (not the first), or (T, B, 1) rows to detach before step t."""
     cell, mask, zone, rec = opts.cell, opts.mask, opts.zone, opts.rec_mask
     T, n = xi.shape[0], len(state)
     Ut = weight_hh.t().contiguous()                           # (H, G*H) once, not per step
@@ -132,8 +148,10 @@ def _unroll(opts: ScanOptions, xi, weight_hh, bias_hh, state: tuple, params: tup
     seq = [[None] * T for _ in range(n)]                       # seq[j][t] = state component j after t
     saved = [None] * T
     for i, t in enumerate(_steps(T, opts.reverse)):
-        if cut is not None and i > 0 and i % cut == 0:
+        if isinstance(cut, int) and i > 0 and i % cut == 0:
             state = tuple(s.detach() for s in state)
+        elif isinstance(cut, Tensor):                          # the same values; no gradient on cut rows
+            state = tuple(torch.addcmul(s, cut[t], s.detach() - s) for s in state)
         hr = state[0] if rec is None else state[0] * rec
         if fused:                                              # pre-activation in one product
             new, sv = cell.step(torch.addmm(xi[t], hr, Ut), None, state, params)
@@ -182,7 +200,7 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_out, *d_final):
         opts, n, hand = ctx.opts, ctx.n, ctx.hand
-        cell, mask, zone, rec, k = opts.cell, opts.mask, opts.zone, opts.rec_mask, opts.truncate
+        cell, mask, zone, rec, k = opts.cell, opts.mask, opts.zone, opts.rec_mask, truncation_cuts(opts)
         xi, weight_hh, bias_hh, *tensors = ctx.saved_tensors
         state0, params, seqs = tensors[:n], tuple(tensors[n:-n]), tensors[-n:]
         T, H = xi.shape[0], weight_hh.shape[1]
@@ -226,8 +244,10 @@ class _Scan(torch.autograd.Function):
                 d_hr = d_gh @ weight_hh
                 rest[0] = _add(rest[0], d_hr if rec is None else d_hr * rec)
             d_state = rest
-            if k is not None and i % k == 0 and i > 0:
+            if isinstance(k, int) and i % k == 0 and i > 0:
                 d_state = [None] * n                           # truncation: the state was "detached" here
+            elif isinstance(k, Tensor):                        # per row (padding): its own k-th steps
+                d_state = [None if d is None else d - d * k[t] for d in d_state]
         d_xi_all = torch.stack(dxi)                            # (T, B, G*H)
         d_gh_all = d_xi_all if cell.shared_preactivation else torch.stack(dgh)
         h_prev = _previous_h(seqs[0], state0[0], opts.reverse)   # (T, B, H)

@@ -107,7 +107,8 @@ class _Recurrent:
         """Same as torch.nn's forward, plus:
         lengths: (B,) ints in [1, T]; steps past an example's length are padding (left padding when
             padding="left"): the state is kept through them and the output there is zero.
-        truncate: k for truncated BPTT inside the sequence (gradient cut every k steps).
+        truncate: k for truncated BPTT inside the sequence (gradient cut every k steps, counted
+            over each sequence's own steps: padding neither cuts nor shifts the cuts).
         """
         if isinstance(input, PackedSequence):
             if self._needs_engine(padding, truncate):

@@ -157,11 +157,17 @@ def test_second_backward_through_one_graph():
 # -- (c) truncated BPTT -------------------------------------------------------------------------------
 
 def reference_truncated(kind, xi, w, b, state0, k, reverse, mask):
-    """Autograd loop over processing order that detaches the state every k steps."""
+    """Autograd loop over processing order that detaches the state every k steps; with a mask, each row
+    before its own k-th, 2k-th ... real step (padding steps are not counted)."""
     state, outs = state0, [None] * xi.shape[0]
+    own = torch.zeros(xi.shape[1], 1, dtype=xi.dtype)                   # real steps so far, per row
     for i, t in enumerate(range(T - 1, -1, -1) if reverse else range(T)):
-        if k is not None and i and i % k == 0:
+        if k is not None and mask is None and i and i % k == 0:
             state = tuple(s.detach() for s in state)
+        elif k is not None and mask is not None:
+            cut = [bool(mask[t, r] and own[r] and own[r] % k == 0) for r in range(xi.shape[1])]
+            state = tuple(torch.stack([s[r].detach() if c else s[r] for r, c in enumerate(cut)]) for s in state)
+            own = own + mask[t]
         new = cell_step(kind, xi[t], state[0] @ w.t() + b, state)
         if mask is not None:
             new = tuple(p + mask[t] * (s - p) for s, p in zip(new, state))
@@ -190,7 +196,7 @@ def test_truncate_at_least_T_passes_gradcheck_and_equals_full_bptt(kind, k):
         assert torch.equal(a, b_)
 
 
-@pytest.mark.parametrize("padding", [None, "left"])
+@pytest.mark.parametrize("padding", [None, "left", "right"])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("kind", KINDS)
@@ -211,6 +217,34 @@ def test_truncated_gradient_is_not_the_full_gradient(kind):
     cell, xi, w, b, state0, _ = scan_inputs(kind)
     f = scan_fn(cell, len(state0), truncate=2)
     assert not gradcheck(f, scan_args(xi, w, b, state0, ()), raise_exception=False)
+
+
+@pytest.mark.parametrize("route", ["fused", "pure"])
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_truncated_gradient_of_a_sequence_does_not_depend_on_padding(kind, padding, route, monkeypatch):
+    """A 4-step sequence beside a 7-step one (so padded by 3), truncate=2, bidirectional, loss on its
+    outputs and final states: the gradients it sends to its input and to the weights equal those it
+    gets alone. Was: cuts counted over padded time, so a cut inside right padding stopped all of h_n's
+    gradient (x and W_hh gradients 0.0 for a GRU), and left padding or the reverse direction shifted
+    the cuts."""
+    if route == "pure":
+        monkeypatch.setenv("RNNKIT_NO_FUSED", "1")
+    m = layer(kind)
+    x = torch.randn(7, 2, 2, dtype=D64)
+    short = x[:4, 1] if padding == "right" else x[3:, 1]
+    xb, xs = x.clone().requires_grad_(), short.clone().unsqueeze(1).requires_grad_()
+    out, state = m(xb, lengths=torch.tensor([7, 4]), padding=padding, truncate=2)
+    rows = out[:4, 1:] if padding == "right" else out[3:, 1:]
+    weighted_loss(rows, tuple(s[:, 1:] for s in as_tuple(state))).backward()
+    batched = [xb.grad[:4, 1:] if padding == "right" else xb.grad[3:, 1:]] + [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    out_a, state_a = m(xs, truncate=2)
+    weighted_loss(out_a, state_a).backward()
+    alone = [xs.grad] + [p.grad for p in m.parameters()]
+    assert float(alone[0].abs().max()) > 1e-3
+    for a, b_ in zip(batched, alone, strict=True):
+        torch.testing.assert_close(a, b_, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("kind", KINDS)

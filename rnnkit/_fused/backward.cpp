@@ -5,7 +5,8 @@
 //     d_pass += d z_t;      d = d - d z_t                      zoneout: so does the kept share
 //     d_xi, d_gh, direct = cell backward(d)                    (cells.h)
 //     carry   = direct + d_pass                                what reaches s_{t-1} around U
-// then one product per step, d_gh_t U (B, H), unless truncated BPTT cuts the carry right here.
+// then one product per step, d_gh_t U (B, H), unless truncated BPTT cuts the carry right here (every
+// k-th step; with padding, per row at its own k-th real step: Views::cut).
 // The weight gradients come after the loop as one product over all steps: dU = sum_t d_gh_t^T (h_{t-1} r).
 #include <algorithm>
 #include <cmath>
@@ -206,6 +207,14 @@ Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const 
     return Live{};
   }
   if (product) times_u(v.d_gh + (t * v.gh_keep * B + b0) * W, k.gw.data() + b0 * H);   // d_gh U  (rows, H)
+  if (v.cut != nullptr) {                          // rows with padding: each cut at its own k-th step
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      if (v.cut[t * B + b] == T(0)) continue;
+      std::fill_n(k.h.begin() + b * H, H, T(0));
+      if (p.lstm()) std::fill_n(k.c.begin() + b * H, H, T(0));
+      if (product) std::fill_n(k.gw.begin() + b * H, H, T(0));
+    }
+  }
   return Live{around || p.gru(), product};        // h: else nothing reaches h_{t-1} but through U
 }
 

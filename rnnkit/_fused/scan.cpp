@@ -240,14 +240,15 @@ std::vector<GradRows<T>> grad_rows(const Problem& p, const Views<T>& v) {
 // product through U is then skipped).
 std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t truncate, const Tensor& w,
                              const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& gamma_x,
-                             const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc, const Tensor& hs,
+                             const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc, const Opt& cut,
+                             const Tensor& hs,
                              const Opt& cs, const Opt& act, const Opt& aux, const Opt& hr, const Opt& xhat,
                              const Opt& inv, const Opt& xhat_x, const Opt& inv_x, const Opt& d_out,
                              const Opt& d_hT, const Opt& d_cT, const Opt& gn, bool need_w, bool need_b,
                              bool need_xb, bool need_h0) {
   const Problem p = problem(cell, ln, reverse, hs.size(0), hs.size(1), w);
-  for (auto* t : {&b, &c0, &gamma, &gamma_x, &mask, &rec, &zh, &zc, &cs, &act, &aux, &hr, &xhat, &inv, &xhat_x,
-                  &inv_x, &d_hT, &d_cT, &gn}) {
+  for (auto* t : {&b, &c0, &gamma, &gamma_x, &mask, &rec, &zh, &zc, &cut, &cs, &act, &aux, &hr, &xhat, &inv,
+                  &xhat_x, &inv_x, &d_hT, &d_cT, &gn}) {
     check(*t, hs, "every input");
   }
   check_grad(d_out, hs);
@@ -282,6 +283,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.xhat_x = ptr<S>(xhat_x);
     v.inv_x = ptr<S>(inv_x);
     v.keep = 1;
+    v.cut = ptr<S>(cut);
     v.d_out = rows<S>(d_out, p);
     v.gn = ptr<S>(gn);
     v.d_xi = ptr<S>(d_xi);
@@ -336,7 +338,8 @@ TORCH_LIBRARY(rnnkit_fused, m) {
         "Tensor? rec, Tensor? zone_h, Tensor? zone_c) -> Tensor[]",
         &rnnkit::forward);
   m.def("backward(int cell, bool ln, bool reverse, int truncate, Tensor w, Tensor? b, Tensor h0, Tensor? c0, "
-        "Tensor? gamma, Tensor? gamma_x, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor hs, "
+        "Tensor? gamma, Tensor? gamma_x, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor? cut, "
+        "Tensor hs, "
         "Tensor? cs, Tensor? act, Tensor? aux, Tensor? hr, Tensor? xhat, Tensor? inv, Tensor? xhat_x, "
         "Tensor? inv_x, Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor? grad_norm, bool need_w, "
         "bool need_b, bool need_xb, bool need_h0=True) -> Tensor[]",

@@ -49,6 +49,8 @@ struct Views {
   // inputs. gamma/beta: LN of the recurrent product; gamma_x/beta_x: LN of xi (null: xi comes normalised);
   // xb: the input projection's bias b_ih, added to each row of xi here (null: xi holds it already)
   const T *xi, *w, *b, *cell_b, *h0, *c0, *gamma, *beta, *gamma_x, *beta_x, *xb, *mask, *rec;
+  const T* cut;                                    // backward: (T, B) 1 where truncated BPTT detaches a
+                                                   // row's state before step t (null: every k-th step)
   Rows<T> zone[2];
   // saved by the forward; per-step buffers (act, aux, xhat, inv, hr, xhat_x, inv_x) have one slot when
   // `keep` is off
