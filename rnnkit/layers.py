@@ -17,6 +17,7 @@ needs it).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -111,15 +112,16 @@ class _Recurrent:
             over each sequence's own steps: padding neither cuts nor shifts the cuts).
         """
         if isinstance(input, PackedSequence):
+            padded, lens = unpack(type(self).__name__, input, lengths, padding, self.batch_first)
             if self._needs_engine(padding, truncate):
-                padded, lens = pad_packed_sequence(input, batch_first=self.batch_first)
                 out, state = self.forward(padded, hx, lens, truncate=truncate)
-                return pack_padded_sequence(out, lens, self.batch_first,
-                                            enforce_sorted=input.sorted_indices is None), state
+                return repack_like(out, lens, input, self.batch_first), state
             return super().forward(input, self._packed_state(hx, int(input.batch_sizes[0]), input.data))
+        input, amp = autocast_input(self, input)
         x, hx, lengths, unbatched = self._check(input, hx, lengths, padding, truncate)
         if self._needs_engine(padding, truncate):
-            out, state = self._engine_forward(x, hx, lengths, padding, truncate)
+            with amp:
+                out, state = self._engine_forward(x, hx, lengths, padding, truncate)
         else:
             out, state = self._native_forward(x, hx, lengths)
         if unbatched:
@@ -270,6 +272,35 @@ def check_state(name: str, hx, num_states: int, want: tuple, dtype: torch.dtype,
             raise TypeError(f"{name}: initial state {label} has dtype {s.dtype} but the input and weights "
                             f"have {dtype}; give them the same dtype")
     return parts
+
+
+def autocast_input(layer, input):
+    """Under autocast, rnnkit's own scans compute in the weights' dtype (the fused kernels have no
+    lower-precision path, and every route must give the same numbers): returns the input cast to the
+    weights' dtype and a context that turns autocast off for the scan. Otherwise (input, a no-op)."""
+    if not (isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type)):
+        return input, contextlib.nullcontext()
+    if input.is_floating_point():
+        input = input.to(layer.weight_ih_l0.dtype)
+    return input, torch.autocast(input.device.type, enabled=False)
+
+
+def unpack(name: str, packed: PackedSequence, lengths, padding: str, batch_first: bool):
+    """A PackedSequence input -> (padded, lengths); lengths= or padding= given beside it are refused."""
+    if lengths is not None or padding != "right":
+        raise ValueError(f"{name}: a PackedSequence carries its own lengths (right padding); "
+                         "pass it without lengths= and padding=")
+    return pad_packed_sequence(packed, batch_first=batch_first)
+
+
+def repack_like(out: Tensor, lens: Tensor, like: PackedSequence, batch_first: bool) -> PackedSequence:
+    """out (padded, the batch in the caller's order) packed as `like` is: the same batch_sizes,
+    sorted_indices and unsorted_indices, so out.data's rows line up with like.data's (torch.nn's way)."""
+    order = like.sorted_indices
+    if order is not None:
+        out, lens = out.index_select(0 if batch_first else 1, order), lens[order.cpu()]
+    data = pack_padded_sequence(out, lens, batch_first).data
+    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
 
 
 def _check_lengths(name, lengths, B, T) -> Tensor:

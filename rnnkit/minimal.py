@@ -24,11 +24,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from .cells.base import uniform_init_
 from .engine import TraceSlot
-from .layers import _check_lengths, _length_mask, _Recurrent, check_input, check_state, param_suffix
+from .layers import (
+    _check_lengths,
+    _length_mask,
+    _Recurrent,
+    autocast_input,
+    check_input,
+    check_state,
+    param_suffix,
+    repack_like,
+    unpack,
+)
 from .parallel import FUSED_KINDS, blocked_scan, log_scan, reverse_total
 
 SCANS = ("auto", "blocked", "log")
@@ -209,9 +219,14 @@ class _MinRecurrent(nn.Module):
         lengths (B,) in [1, T], right padding: padded steps keep the state (a = 1, b = 0) and output 0.
         Returns out (T, B, D*H) and h_n (L*D, B, H), as rk.GRU."""
         if isinstance(input, PackedSequence):
-            padded, lens = pad_packed_sequence(input, batch_first=self.batch_first)
+            padded, lens = unpack(type(self).__name__, input, lengths, "right", self.batch_first)
             out, h_n = self.forward(padded, hx, lens)
-            return pack_padded_sequence(out, lens, self.batch_first, enforce_sorted=False), h_n
+            return repack_like(out, lens, input, self.batch_first), h_n
+        input, amp = autocast_input(self, input)
+        with amp:
+            return self._forward(input, hx, lengths)
+
+    def _forward(self, input, hx, lengths):
         x, hx, lengths, unbatched = self._check(input, hx, lengths)
         if self.batch_first:
             x = x.transpose(0, 1)                                        # (T, B, I)

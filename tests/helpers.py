@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import rnnkit as rk
 
@@ -172,3 +173,14 @@ def run_cli(capsys, *argv):
     out = capsys.readouterr()
     assert "Traceback" not in out.err
     return code, out.out, out.err
+
+
+def tied_packs(T=4, dtype=torch.float32):
+    """x (T, 3, 2), and PackedSequences of it whose rows of equal length (4, 4, 2) come in either order
+    (a valid packing that torch.sort would not produce for the first)."""
+    x, lengths = torch.randn(T, 3, 2, dtype=dtype), torch.tensor([4, 4, 2])
+    packs = []
+    for perm in (torch.tensor([1, 0, 2]), torch.tensor([0, 1, 2])):
+        p = pack_padded_sequence(x[:, perm], lengths[perm])
+        packs.append(PackedSequence(p.data, p.batch_sizes, perm, torch.argsort(perm)))
+    return x, lengths, packs

@@ -3,6 +3,7 @@ paper's equations (written here, not taken from rnnkit), gradcheck in float64, t
 and bad input."""
 import pytest
 import torch
+from helpers import tied_packs
 from torch.autograd import gradcheck
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -118,6 +119,21 @@ def test_batch_first_unbatched_and_packed(kind):
     padded, _ = pad_packed_sequence(packed, batch_first=True)
     plain, plain_h = layer(x, lengths=lengths)
     assert (padded - plain).abs().max() < 1e-12 and (packed_h - plain_h).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_packed_output_keeps_the_inputs_order_of_tied_lengths(kind):
+    """out.data's rows line up with the input's: packed as the input is, from the padded run."""
+    layer = make(kind, 2, 3, 2)
+    x, lengths, packs = tied_packs(dtype=D64)
+    plain, _ = layer(x, lengths=lengths)
+    for packed in packs:
+        out, _ = layer(packed)
+        assert torch.equal(out.sorted_indices, packed.sorted_indices)
+        want = pack_padded_sequence(plain[:, packed.sorted_indices], lengths[packed.sorted_indices]).data
+        assert (out.data - want).abs().max() < 1e-6
+    with pytest.raises(ValueError, match="PackedSequence carries its own lengths"):
+        layer(packs[0], lengths=lengths)
 
 
 @pytest.mark.parametrize("kind", CLASSES)

@@ -7,11 +7,20 @@ import random
 
 import pytest
 import torch
+from helpers import (
+    KINDS,
+    as_tuple,
+    assert_close,
+    build,
+    lengths_with_extremes,
+    pair,
+    tied_packs,
+    weighted_loss,
+)
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence, pad_packed_sequence
 
 import rnnkit as rk
-from helpers import KINDS, as_tuple, assert_close, build, lengths_with_extremes, pair, weighted_loss
 
 TOL = 1e-5
 BACKENDS = ("engine", "native", "auto")
@@ -144,6 +153,28 @@ def test_packed_sequence_in_packed_sequence_out(kind, backend, enforce_sorted, r
         assert a is None or torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_packed_output_keeps_the_inputs_order_of_tied_lengths(kind, backend):
+    """out.data's rows line up with the input's (was: the engine re-packed with torch.sort's order, so
+    a loss over out.data against targets packed like the input differed: 128.1 against torch.nn's 144.6)."""
+    ref, mine = pair(kind, 2, 3, num_layers=2, backend=backend)
+    for packed in tied_packs()[2]:
+        (out_r, st_r), (out_m, st_m) = ref(packed), mine(packed)
+        assert torch.equal(out_m.sorted_indices, out_r.sorted_indices)
+        assert torch.equal(out_m.unsorted_indices, out_r.unsorted_indices)
+        assert_close(out_m.data, out_r.data, TOL, "packed data")
+        for a, b in zip(as_tuple(st_m), as_tuple(st_r), strict=True):
+            assert_close(a, b, TOL, "final state")
+
+
+def test_packed_input_refuses_lengths_and_padding_beside_it():
+    packed = tied_packs()[2][0]
+    for kw in ({"lengths": torch.tensor([4, 4, 2])}, {"padding": "left"}):
+        with pytest.raises(ValueError, match="PackedSequence carries its own lengths"):
+            rk.GRU(2, 3)(packed, **kw)
+
+
 @pytest.mark.parametrize("with_hx", [False, True])
 @pytest.mark.parametrize("backend", ("engine", "native"))
 @pytest.mark.parametrize("kind", KINDS)
@@ -183,3 +214,29 @@ def test_layers_are_torch_nn_layers():
     assert isinstance(rk.GRU(3, 4), nn.GRU)
     assert isinstance(rk.RNN(3, 4, nonlinearity="relu"), nn.RNN)
     assert rk.RNN(3, 4).nonlinearity == nn.RNN(3, 4).nonlinearity == "tanh"
+
+
+@pytest.mark.parametrize("route", ["fused", "pure"])
+@pytest.mark.parametrize("make", [lambda: rk.RNN(3, 8, backend="engine"), lambda: rk.GRU(3, 8, layer_norm=True),
+                                  lambda: rk.LSTM(3, 8, backend="engine"), lambda: rk.MinGRU(3, 8)],
+                         ids=["rnn", "gru_ln", "lstm", "mingru"])
+def test_own_scans_compute_in_the_weights_dtype_under_autocast(make, route, monkeypatch):
+    """Under CPU autocast the engine and the min layers run as without it, in float32, and take a
+    bfloat16 input as a torch.nn layer does. Was: the pure route's RNN failed in backward (bfloat16 !=
+    float) and the fused and pure routes computed in different precisions."""
+    if route == "pure":
+        monkeypatch.setenv("RNNKIT_NO_FUSED", "1")
+    torch.manual_seed(0)
+    m, x = make(), torch.randn(6, 2, 3)
+    params = list(m.parameters())
+    want = m(x)[0]
+    g_want = torch.autograd.grad(want.pow(2).sum(), params)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = m(x)[0]
+        from_bf16 = m(x.bfloat16())[0]
+    g_got = torch.autograd.grad(got.pow(2).sum(), params)
+    assert got.dtype == from_bf16.dtype == torch.float32
+    assert_close(got, want, 1e-6, "output")
+    assert_close(from_bf16, m(x.bfloat16().float())[0], 1e-6, "output from bfloat16")
+    for a, b in zip(g_got, g_want, strict=True):
+        assert_close(a, b, 1e-6, "gradient")
