@@ -40,10 +40,16 @@ def under_torch_func(*tensors, traced: bool = False) -> bool:
     return True
 
 
+# functorch's wrapped tensors (torch.func) and the legacy batched ones (is_grads_batched=True); a torch
+# without either predicate keeps the old behaviour (torch's own error).
+_WRAPPED = tuple(f for f in (getattr(getattr(torch._C, "_functorch", None), name, None)
+                             for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor")) if f)
+
+
 def _transformed(tensors) -> bool:
-    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
-    if wrapped is not None and any(isinstance(t, torch.Tensor) and wrapped(t) for t in tensors):
-        return True
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and any(wrapped(t) for wrapped in _WRAPPED):
+            return True
     if getattr(forward_ad, "_current_level", -1) < 0:      # no dual level open: no tangents anywhere
         return False
     return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
@@ -61,12 +67,14 @@ def hand_backward(replay, records=None):
     the saved inputs and returns (outputs, arguments), aligned with forward's outputs and positional
     arguments; the gradient is taken through that graph with create_graph=True, so it is exact to any
     order (at the speed of the unrolled torch loop). When `records(ctx)` is true (a trace is on), the
-    hand code runs as well, for the gradient norms it records.
+    hand code runs as well, for the gradient norms it records. Batched incoming gradients (torch's vmap
+    over the backward: is_grads_batched=True, jacobian(vectorize=True)) take the replay too: the hand
+    code and the fused kernels have no batching rule.
     """
     def wrap(backward):
         @functools.wraps(backward)
         def run(ctx, *grads):
-            if not torch.is_grad_enabled():
+            if not torch.is_grad_enabled() and not _transformed(grads):   # batched grads (vmap): replay
                 return _hand(backward, ctx, grads)
             if records is not None and records(ctx):
                 with torch.no_grad():

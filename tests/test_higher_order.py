@@ -221,3 +221,23 @@ def test_forward_mode_jvp_equals_torch_nn(kind):
     with fwAD.dual_level():
         tangent = fwAD.unpack_dual(mine(fwAD.make_dual(x, v))[0]).tangent
     torch.testing.assert_close(tangent, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["rnn", "gru", "lstm", "mingru"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_batched_backward_equals_one_by_one(kind, fused, monkeypatch):
+    """is_grads_batched=True and jacobian(vectorize=True) run the backward under torch's (legacy) vmap;
+    the hand backwards then take the replay. Was: 'Batching rule not implemented for
+    rnnkit_fused::backward' (and min_backward, aten::addcmul.out on the pure route of the min layers)."""
+    if not fused:
+        monkeypatch.setenv("RNNKIT_NO_FUSED", "1")
+    make = {"rnn": rk.RNN, "gru": rk.GRU, "lstm": rk.LSTM}.get(kind)
+    m = (make(3, 4, backend="engine") if make else rk.MinGRU(3, 4)).to(D64)
+    x = torch.randn(5, 2, 3, dtype=D64, requires_grad=True)
+    out = m(x)[0][-1]                                                   # (2, 4)
+    basis = torch.eye(8, dtype=D64).view(8, 2, 4)
+    (batched,) = torch.autograd.grad(out, x, basis, is_grads_batched=True, retain_graph=True)
+    one_by_one = torch.stack([torch.autograd.grad(out, x, e, retain_graph=True)[0] for e in basis])
+    torch.testing.assert_close(batched, one_by_one, rtol=0, atol=1e-12)
+    jac = torch.autograd.functional.jacobian(lambda x_: m(x_)[0][-1], x, vectorize=True)
+    torch.testing.assert_close(jac.reshape(8, *x.shape), one_by_one, rtol=0, atol=1e-12)
