@@ -18,6 +18,7 @@ needs it).
 from __future__ import annotations
 
 import contextlib
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -40,6 +41,9 @@ _PADDING = ("right", "left")
 
 class _Recurrent:
     """The engine path and the extras, shared by RNN, LSTM and GRU (mixed in before torch.nn's class)."""
+
+    def __getstate__(self):
+        return untraced(super().__getstate__())
 
     def _setup_extras(self, recurrent_dropout, zoneout, layer_norm, learn_initial_state, backend):
         if not 0.0 <= float(recurrent_dropout) < 1.0:
@@ -111,6 +115,7 @@ class _Recurrent:
         truncate: k for truncated BPTT inside the sequence (gradient cut every k steps, counted
             over each sequence's own steps: padding neither cuts nor shifts the cuts).
         """
+        truncate = _check_truncate(type(self).__name__, truncate)
         if isinstance(input, PackedSequence):
             padded, lens = unpack(type(self).__name__, input, lengths, padding, self.batch_first)
             if self._needs_engine(padding, truncate):
@@ -118,7 +123,7 @@ class _Recurrent:
                 return repack_like(out, lens, input, self.batch_first), state
             return super().forward(input, self._packed_state(hx, int(input.batch_sizes[0]), input.data))
         input, amp = autocast_input(self, input)
-        x, hx, lengths, unbatched = self._check(input, hx, lengths, padding, truncate)
+        x, hx, lengths, unbatched = self._check(input, hx, lengths, padding)
         if self._needs_engine(padding, truncate):
             with amp:
                 out, state = self._engine_forward(x, hx, lengths, padding, truncate)
@@ -194,13 +199,11 @@ class _Recurrent:
         return tuple(torch.full((1, 1, 1), z, dtype=x.dtype, device=x.device) for z in self.zoneout)
 
     # -- validation at the boundary -------------------------------------------------------------------
-    def _check(self, input, hx, lengths, padding, truncate):
+    def _check(self, input, hx, lengths, padding):
         name = type(self).__name__
         check_input(self, input)
         if padding not in _PADDING:
             raise ValueError(f"{name}: padding must be 'right' or 'left', got {padding!r}")
-        if truncate is not None and (isinstance(truncate, bool) or not isinstance(truncate, int) or truncate < 1):
-            raise ValueError(f"{name}: truncate must be a positive int (steps of BPTT), got {truncate!r}")
         unbatched = input.dim() == 2
         x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
         T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
@@ -272,6 +275,24 @@ def check_state(name: str, hx, num_states: int, want: tuple, dtype: torch.dtype,
             raise TypeError(f"{name}: initial state {label} has dtype {s.dtype} but the input and weights "
                             f"have {dtype}; give them the same dtype")
     return parts
+
+
+def _check_truncate(name: str, truncate) -> int | None:
+    """truncate as an int (numpy and 0-d tensor ints too), or None; anything else refused."""
+    if truncate is None:
+        return None
+    try:
+        k = None if isinstance(truncate, bool) else operator.index(truncate)
+    except TypeError:
+        k = None
+    if k is None or k < 1:
+        raise ValueError(f"{name}: truncate must be a positive int (steps of BPTT), got {truncate!r}")
+    return k
+
+
+def untraced(state: dict) -> dict:
+    """A layer's pickled or deep-copied state: the copy is not inside its original's trace."""
+    return {**state, "_trace_sink": None}
 
 
 def autocast_input(layer, input):

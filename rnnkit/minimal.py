@@ -38,6 +38,7 @@ from .layers import (
     param_suffix,
     repack_like,
     unpack,
+    untraced,
 )
 from .parallel import FUSED_KINDS, blocked_scan, log_scan, reverse_total
 
@@ -168,6 +169,9 @@ FUSED_KINDS.update({MinGRUCell: 0, MinLSTMCell: 1})      # rnnkit/_fused/minimal
 
 class _MinRecurrent(nn.Module):
     """Stacked, optionally bidirectional layers of a min cell, with rk.GRU's forward API."""
+
+    def __getstate__(self):
+        return untraced(super().__getstate__())
 
     def __init__(self, cell, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,

@@ -17,22 +17,24 @@ class LayerTrace:
     """The trace of one layer's latest call: lists indexed by k = layer * num_directions + direction."""
 
     def __init__(self):
-        self.calls: list[list[TraceSlot]] = []
+        self.latest: list[TraceSlot] | None = None   # only the latest call's: a trace kept open over many
+                                                     # calls must not grow (earlier slots live on in
+                                                     # their autograd graphs until backward fills them)
 
     def new_call(self):
-        self.calls.append([])
+        self.latest = []
         return self
 
     def slot(self, k: int) -> TraceSlot:
-        slots = self.calls[-1]
+        slots = self.latest
         while len(slots) <= k:
             slots.append(TraceSlot())
         return slots[k]
 
     def _field(self, name):
-        if not self.calls:
+        if self.latest is None:
             raise RuntimeError("nothing traced yet: run the module inside `with rnnkit.trace(module)`")
-        return [getattr(s, name) for s in self.calls[-1]]
+        return [getattr(s, name) for s in self.latest]
 
     hidden = property(lambda self: self._field("hidden"))
     cell = property(lambda self: self._field("cell"))
@@ -64,17 +66,20 @@ class Trace:
 
 @contextlib.contextmanager
 def trace(module: nn.Module):
-    """Run every rnnkit layer inside `module` through the engine and record its trace."""
+    """Run every rnnkit layer inside `module` through the engine and record its trace. Nested traces
+    of the same layers: the inner one records while it is open, then the outer one again. A copy of a
+    layer (copy.deepcopy, pickle) made inside a trace is not traced."""
     from .minimal import _MinRecurrent                # minimal builds on this module
     layers = {name: m for name, m in module.named_modules() if isinstance(m, (_Recurrent, _MinRecurrent))}
     if not layers:
         raise ValueError(f"trace: {type(module).__name__} contains no rnnkit layer "
                          f"(RNN, LSTM, GRU, Recurrent, MinGRU, MinLSTM)")
     records = {name: LayerTrace() for name in layers}
+    outer = {name: m._trace_sink for name, m in layers.items()}   # a trace this one is nested in
     for name, m in layers.items():
         m._trace_sink = records[name]
     try:
         yield Trace(records)
     finally:
-        for m in layers.values():
-            m._trace_sink = None
+        for name, m in layers.items():
+            m._trace_sink = outer[name]                           # the outer trace records again
