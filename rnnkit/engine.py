@@ -15,7 +15,8 @@ weight gradients are formed after the loop as one product over all steps:
     dU = sum_t dgh_t^T (h_{t-1} * r),   db_hh = sum_t dgh_t,   and d xi_t is returned to autograd,
 which forms dV = sum_t dxi_t^T x_t the same way. Truncated BPTT with k: the gradient carried from
 step i to step i-1 (in processing order) is cut whenever i is a multiple of k, as if the state were
-detached every k steps; the forward is unchanged. k >= T is full BPTT.
+detached every k steps (with padding, every k of each row's own steps: `truncation_cuts`); the forward
+is unchanged. k >= T is full BPTT.
 
 Gradients of gradients (create_graph=True) go through `unrolled`, the same loop in autograd ops
 (numerics.hand_backward), and so does everything under torch.func or forward-mode AD (`_scan`);
@@ -109,19 +110,19 @@ def _at(z: Tensor, t: int) -> Tensor:
     return z[t] if z.shape[0] != 1 else z[0]
 
 
-def truncation_cuts(opts: ScanOptions) -> int | Tensor | None:
-    """Where truncated BPTT detaches the state. None: no truncation. Without a mask the int k: before
-    every k-th step in processing order (not the first). With a mask, (T, B, 1) in time order, 1 before
-    each row's k-th, 2k-th ... real step: a row's own steps are counted, so padding neither cuts its
-    gradient (a cut inside right padding would stop all of h_n's) nor shifts the cuts (left padding,
-    the reverse direction): a sequence gets the gradient it gets alone."""
+def truncation_cuts(opts: ScanOptions) -> tuple[int | None, Tensor | None]:
+    """Where truncated BPTT detaches the state, as (every, rows); (None, None): no truncation. Without a
+    mask every = k: before every k-th step in processing order (not the first). With a mask, rows
+    (T, B, 1) in time order, 1 before each row's k-th, 2k-th ... real step: a row's own steps are
+    counted, so padding neither cuts its gradient (a cut inside right padding would stop all of h_n's)
+    nor shifts the cuts (left padding, the reverse direction): a sequence gets the gradient it gets alone."""
     k, mask = opts.truncate, opts.mask
     if k is None or mask is None:
-        return k
+        return k, None
     real = (mask != 0).flip(0) if opts.reverse else mask != 0          # processing order
     own = torch.cumsum(real, 0) - real.long()                          # real steps before this one
     cut = real & (own > 0) & (own % k == 0)
-    return (cut.flip(0) if opts.reverse else cut).to(mask.dtype)
+    return None, (cut.flip(0) if opts.reverse else cut).to(mask.dtype)
 
 
 def unrolled(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_hh: Tensor | None,
@@ -135,10 +136,9 @@ def unrolled(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bi
 
 
 def _unroll(opts: ScanOptions, xi, weight_hh, bias_hh, state: tuple, params: tuple, keep: bool, hand: bool,
-            cut: int | Tensor | None = None):
+            cuts: tuple = (None, None)):
     """The forward loop: (seqs, final state, saved steps), seqs[j] (T, B, H) state component j after
-    each step. cut (truncation_cuts): k, to detach the state before every k-th step in processing order
-    (not the first), or (T, B, 1) rows to detach before step t."""
+    each step. cuts (truncation_cuts): where to detach the state."""
     cell, mask, zone, rec = opts.cell, opts.mask, opts.zone, opts.rec_mask
     T, n = xi.shape[0], len(state)
     Ut = weight_hh.t().contiguous()                           # (H, G*H) once, not per step
@@ -147,11 +147,12 @@ def _unroll(opts: ScanOptions, xi, weight_hh, bias_hh, state: tuple, params: tup
         xi = xi + bias_hh                                     # (T, B, G*H)
     seq = [[None] * T for _ in range(n)]                       # seq[j][t] = state component j after t
     saved = [None] * T
+    every, rows = cuts
     for i, t in enumerate(_steps(T, opts.reverse)):
-        if isinstance(cut, int) and i > 0 and i % cut == 0:
+        if every and i > 0 and i % every == 0:
             state = tuple(s.detach() for s in state)
-        elif isinstance(cut, Tensor):                          # the same values; no gradient on cut rows
-            state = tuple(torch.addcmul(s, cut[t], s.detach() - s) for s in state)
+        elif rows is not None:                                 # the same values; no gradient on cut rows
+            state = tuple(torch.addcmul(s, rows[t], s.detach() - s) for s in state)
         hr = state[0] if rec is None else state[0] * rec
         if fused:                                              # pre-activation in one product
             new, sv = cell.step(torch.addmm(xi[t], hr, Ut), None, state, params)
@@ -200,7 +201,8 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, d_out, *d_final):
         opts, n, hand = ctx.opts, ctx.n, ctx.hand
-        cell, mask, zone, rec, k = opts.cell, opts.mask, opts.zone, opts.rec_mask, truncation_cuts(opts)
+        cell, mask, zone, rec = opts.cell, opts.mask, opts.zone, opts.rec_mask
+        every, rows = truncation_cuts(opts)
         xi, weight_hh, bias_hh, *tensors = ctx.saved_tensors
         state0, params, seqs = tensors[:n], tuple(tensors[n:-n]), tensors[-n:]
         T, H = xi.shape[0], weight_hh.shape[1]
@@ -244,10 +246,10 @@ class _Scan(torch.autograd.Function):
                 d_hr = d_gh @ weight_hh
                 rest[0] = _add(rest[0], d_hr if rec is None else d_hr * rec)
             d_state = rest
-            if isinstance(k, int) and i % k == 0 and i > 0:
+            if every and i % every == 0 and i > 0:
                 d_state = [None] * n                           # truncation: the state was "detached" here
-            elif isinstance(k, Tensor):                        # per row (padding): its own k-th steps
-                d_state = [None if d is None else d - d * k[t] for d in d_state]
+            elif rows is not None:                             # per row (padding): its own k-th steps
+                d_state = [None if d is None else d - d * rows[t] for d in d_state]
         d_xi_all = torch.stack(dxi)                            # (T, B, G*H)
         d_gh_all = d_xi_all if cell.shared_preactivation else torch.stack(dgh)
         h_prev = _previous_h(seqs[0], state0[0], opts.reverse)   # (T, B, H)

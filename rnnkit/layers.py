@@ -17,16 +17,26 @@ needs it).
 """
 from __future__ import annotations
 
-import contextlib
-import operator
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import _fused
+from .boundary import (
+    PADDING,
+    alone_with_packed,
+    autocast_input,
+    check_input,
+    check_lengths,
+    check_state,
+    check_truncate,
+    length_mask,
+    repack_like,
+    untraced,
+)
 from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
 from .engine import ScanOptions, project_scan
 
@@ -36,7 +46,6 @@ _BACKENDS = ("auto", "engine", "native")
 def param_suffix(layer: int, direction: int) -> str:
     """torch.nn's parameter-name suffix: _l{layer}, plus _reverse for the backward direction."""
     return f"_l{layer}" + ("_reverse" if direction else "")
-_PADDING = ("right", "left")
 
 
 class _Recurrent:
@@ -115,10 +124,11 @@ class _Recurrent:
         truncate: k for truncated BPTT inside the sequence (gradient cut every k steps, counted
             over each sequence's own steps: padding neither cuts nor shifts the cuts).
         """
-        truncate = _check_truncate(type(self).__name__, truncate)
+        truncate = check_truncate(type(self).__name__, truncate)
         if isinstance(input, PackedSequence):
-            padded, lens = unpack(type(self).__name__, input, lengths, padding, self.batch_first)
+            alone_with_packed(type(self).__name__, lengths, padding)
             if self._needs_engine(padding, truncate):
+                padded, lens = pad_packed_sequence(input, batch_first=self.batch_first)
                 out, state = self.forward(padded, hx, lens, truncate=truncate)
                 return repack_like(out, lens, input, self.batch_first), state
             return super().forward(input, self._packed_state(hx, int(input.batch_sizes[0]), input.data))
@@ -158,7 +168,7 @@ class _Recurrent:
         if self.batch_first:
             x = x.transpose(0, 1)
         T, B = x.shape[:2]
-        mask = None if lengths is None else _length_mask(lengths.to(x.device), T, padding, x.dtype)
+        mask = None if lengths is None else length_mask(lengths.to(x.device), T, padding, x.dtype)
         D = self._directions()
         cell = LayerNormCell(self._cell, normalize_input=True) if self.layer_norm else self._cell
         sink = self._trace_sink.new_call() if self._trace_sink is not None else None
@@ -202,14 +212,14 @@ class _Recurrent:
     def _check(self, input, hx, lengths, padding):
         name = type(self).__name__
         check_input(self, input)
-        if padding not in _PADDING:
+        if padding not in PADDING:
             raise ValueError(f"{name}: padding must be 'right' or 'left', got {padding!r}")
         unbatched = input.dim() == 2
         x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
         T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
         hx = self._check_state(hx, B, unbatched, x)
         if lengths is not None:
-            lengths = _check_lengths(name, lengths, B, T)
+            lengths = check_lengths(name, lengths, B, T)
         return x, hx, lengths, unbatched
 
     def _check_state(self, hx, B, unbatched, x):
@@ -234,115 +244,6 @@ class _Recurrent:
             return hx
         state = self._default_state(B, x)
         return state if self._cell.num_states == 2 else state[0]
-
-
-def check_input(layer, input) -> None:
-    """The input checks every rnnkit layer shares: a tensor, 2-D or 3-D, input_size features, weights' dtype."""
-    name = type(layer).__name__
-    if not isinstance(input, Tensor):
-        raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
-    layout = "(B, T, input_size)" if layer.batch_first else "(T, B, input_size)"
-    if input.dim() not in (2, 3):
-        raise ValueError(f"{name}: input must be 3-D {layout} or 2-D (T, input_size) for one "
-                         f"unbatched sequence; got {input.dim()}-D shape {tuple(input.shape)}")
-    if input.shape[-1] != layer.input_size:
-        raise ValueError(f"{name}: input has {input.shape[-1]} features in its last dimension "
-                         f"(shape {tuple(input.shape)}), but the layer was built with "
-                         f"input_size={layer.input_size}")
-    steps = input.shape[1 if layer.batch_first and input.dim() == 3 else 0]
-    if steps == 0:
-        raise ValueError(f"{name}: input has no time steps (T = 0 in shape {tuple(input.shape)}); "
-                         f"give each sequence at least one step")
-    if input.dtype != layer.weight_ih_l0.dtype:
-        raise TypeError(f"{name}: input dtype {input.dtype} does not match the weights' "
-                        f"{layer.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")
-
-
-def check_state(name: str, hx, num_states: int, want: tuple, dtype: torch.dtype,
-                labels: tuple = ("h_0", "c_0"), layout: str = "num_layers*num_directions") -> tuple:
-    """A given state -> tuple of tensors, each checked for shape `want` and `dtype`: a tensor, or for
-    two-state cells (LSTM) a tuple of two. The checks every rnnkit layer and the stream share."""
-    if num_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
-        got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
-        raise ValueError(f"{name}: hx must be a tuple ({', '.join(labels)}) of two tensors, got {got}")
-    parts = tuple(hx) if num_states == 2 else (hx,)
-    dims = f"({layout}, hidden_size)" if len(want) == 2 else f"({layout}, batch, hidden_size)"
-    for label, s in zip(labels, parts):
-        if not isinstance(s, Tensor) or tuple(s.shape) != want:
-            got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise ValueError(f"{name}: initial state {label} must have shape {want} {dims}, got {got}")
-        if s.dtype != dtype:
-            raise TypeError(f"{name}: initial state {label} has dtype {s.dtype} but the input and weights "
-                            f"have {dtype}; give them the same dtype")
-    return parts
-
-
-def _check_truncate(name: str, truncate) -> int | None:
-    """truncate as an int (numpy and 0-d tensor ints too), or None; anything else refused."""
-    if truncate is None:
-        return None
-    try:
-        k = None if isinstance(truncate, bool) else operator.index(truncate)
-    except TypeError:
-        k = None
-    if k is None or k < 1:
-        raise ValueError(f"{name}: truncate must be a positive int (steps of BPTT), got {truncate!r}")
-    return k
-
-
-def untraced(state: dict) -> dict:
-    """A layer's pickled or deep-copied state: the copy is not inside its original's trace."""
-    return {**state, "_trace_sink": None}
-
-
-def autocast_input(layer, input):
-    """Under autocast, rnnkit's own scans compute in the weights' dtype (the fused kernels have no
-    lower-precision path, and every route must give the same numbers): returns the input cast to the
-    weights' dtype and a context that turns autocast off for the scan. Otherwise (input, a no-op)."""
-    if not (isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type)):
-        return input, contextlib.nullcontext()
-    if input.is_floating_point():
-        input = input.to(layer.weight_ih_l0.dtype)
-    return input, torch.autocast(input.device.type, enabled=False)
-
-
-def unpack(name: str, packed: PackedSequence, lengths, padding: str, batch_first: bool):
-    """A PackedSequence input -> (padded, lengths); lengths= or padding= given beside it are refused."""
-    if lengths is not None or padding != "right":
-        raise ValueError(f"{name}: a PackedSequence carries its own lengths (right padding); "
-                         "pass it without lengths= and padding=")
-    return pad_packed_sequence(packed, batch_first=batch_first)
-
-
-def repack_like(out: Tensor, lens: Tensor, like: PackedSequence, batch_first: bool) -> PackedSequence:
-    """out (padded, the batch in the caller's order) packed as `like` is: the same batch_sizes,
-    sorted_indices and unsorted_indices, so out.data's rows line up with like.data's (torch.nn's way)."""
-    order = like.sorted_indices
-    if order is not None:
-        out, lens = out.index_select(0 if batch_first else 1, order), lens[order.cpu()]
-    data = pack_padded_sequence(out, lens, batch_first).data
-    return PackedSequence(data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
-
-
-def _check_lengths(name, lengths, B, T) -> Tensor:
-    lengths = torch.as_tensor(lengths)
-    if lengths.dim() != 1 or lengths.shape[0] != B:
-        raise ValueError(f"{name}: lengths must be 1-D with one entry per sequence (batch size {B}), "
-                         f"got shape {tuple(lengths.shape)}")
-    if lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
-        raise TypeError(f"{name}: lengths must be integers, got dtype {lengths.dtype}")
-    if B and (int(lengths.min()) < 1 or int(lengths.max()) > T):
-        raise ValueError(f"{name}: lengths must lie in [1, T={T}], got min {int(lengths.min())} "
-                         f"and max {int(lengths.max())}")
-    return lengths
-
-
-def _length_mask(lengths: Tensor, T: int, padding: str, dtype) -> Tensor:
-    """(T, B, 1) float mask, 1 on real steps."""
-    t = torch.arange(T, device=lengths.device).unsqueeze(1)                    # (T, 1)
-    L = lengths.unsqueeze(0)
-    real = t < L if padding == "right" else t >= T - L
-    return real.to(dtype).unsqueeze(2)
 
 
 class RNN(_Recurrent, nn.RNN):

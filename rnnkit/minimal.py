@@ -24,22 +24,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
-from .cells.base import uniform_init_
-from .engine import TraceSlot
-from .layers import (
-    _check_lengths,
-    _length_mask,
-    _Recurrent,
+from .boundary import (
+    alone_with_packed,
     autocast_input,
     check_input,
+    check_lengths,
     check_state,
-    param_suffix,
+    length_mask,
     repack_like,
-    unpack,
     untraced,
 )
+from .cells.base import uniform_init_
+from .engine import TraceSlot
+from .layers import _Recurrent, param_suffix
 from .parallel import FUSED_KINDS, blocked_scan, log_scan, reverse_total
 
 SCANS = ("auto", "blocked", "log")
@@ -223,7 +222,8 @@ class _MinRecurrent(nn.Module):
         lengths (B,) in [1, T], right padding: padded steps keep the state (a = 1, b = 0) and output 0.
         Returns out (T, B, D*H) and h_n (L*D, B, H), as rk.GRU."""
         if isinstance(input, PackedSequence):
-            padded, lens = unpack(type(self).__name__, input, lengths, "right", self.batch_first)
+            alone_with_packed(type(self).__name__, lengths)
+            padded, lens = pad_packed_sequence(input, batch_first=self.batch_first)
             out, h_n = self.forward(padded, hx, lens)
             return repack_like(out, lens, input, self.batch_first), h_n
         input, amp = autocast_input(self, input)
@@ -234,7 +234,7 @@ class _MinRecurrent(nn.Module):
         x, hx, lengths, unbatched = self._check(input, hx, lengths)
         if self.batch_first:
             x = x.transpose(0, 1)                                        # (T, B, I)
-        mask = None if lengths is None else _length_mask(lengths.to(x.device), x.shape[0], "right", x.dtype)
+        mask = None if lengths is None else length_mask(lengths.to(x.device), x.shape[0], "right", x.dtype)
         sink = self._trace_sink.new_call() if self._trace_sink is not None else None
         D, finals = self._directions(), []
         for layer in range(self.num_layers):
@@ -287,7 +287,7 @@ class _MinRecurrent(nn.Module):
 
     def step(self, x_t, state=None):
         """One time step for streaming, sequentially (see rnnkit.stream.step): (y_t, h)."""
-        from .stream import step                               # stream imports this module
+        from .stream import step  # stream imports this module
         return step(self, x_t, state)
 
     # -- validation at the boundary -------------------------------------------------------------------
@@ -304,7 +304,7 @@ class _MinRecurrent(nn.Module):
             hx = check_state(name, hx, 1, (LD, H) if unbatched else (LD, B, H), x.dtype)[0]
             hx = hx.unsqueeze(1) if unbatched else hx
         if lengths is not None:
-            lengths = _check_lengths(name, lengths, B, T)
+            lengths = check_lengths(name, lengths, B, T)
         return x, hx, lengths, unbatched
 
 

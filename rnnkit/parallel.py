@@ -70,14 +70,12 @@ def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None, chunk: int 
     pieces = [(la[:full].unflatten(0, (-1, chunk)), lb[:full].unflatten(0, (-1, chunk)))] if full else []
     if full < T:
         pieces.append((la[full:].unsqueeze(0), lb[full:].unsqueeze(0)))
-    parts, decays = [], []                                            # (n, C, B, H) each
-    for a, b in pieces:
-        a_star = torch.cumsum(a, 1)                                   # log A within a chunk
-        parts.append(torch.exp(a_star + torch.logcumsumexp(b - a_star, 1)))   # from a zero start
-        decays.append(torch.exp(a_star))
     carry = la.new_zeros(la.shape[1:]) if h0 is None else h0.to(work)   # (B, H) entering chunk k
     h = []
-    for part, A in zip(parts, decays):
+    for a, b in pieces:                                               # (n, C, B, H) each
+        a_star = torch.cumsum(a, 1)                                   # log A within a chunk
+        part = torch.exp(a_star + torch.logcumsumexp(b - a_star, 1))  # from a zero start
+        A = torch.exp(a_star)
         starts = []
         for p_end, a_end in zip(part[:, -1].unbind(0), A[:, -1].unbind(0)):   # each chunk's last step
             starts.append(carry)

@@ -30,17 +30,15 @@ Shapes: B batch, I input size, H hidden size, L layers, G gate blocks.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .boundary import check_state, positive_int
 from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from .cells.base import has_hand_backward
-from .layers import _Recurrent, check_state
+from .layers import _Recurrent
 from .minimal import _MinRecurrent
-
 
 # -- what one stacked layer computes --------------------------------------------------------------------
 
@@ -88,15 +86,21 @@ def _describe(layer) -> list[_Sub]:
     if layer.bidirectional:
         raise ValueError(f"stream: {name} is bidirectional; its backward direction starts at the end "
                          "of the sequence, which a stream never sees. Stream a unidirectional layer.")
+    random = _random_extras(layer)
+    if layer.training and random:
+        raise ValueError(f"stream: {name} is in training mode with {', '.join(random)}; streaming runs "
+                         "the layer's inference function: call layer.eval() first")
+    return [_Sub(layer, k) for k in range(layer.num_layers)]
+
+
+def _random_extras(layer) -> list[str]:
+    """The extras that draw random masks in training mode (streaming runs their eval behaviour)."""
     random = [f"dropout={layer.dropout}"] if layer.dropout and layer.num_layers > 1 else []
     if getattr(layer, "recurrent_dropout", 0.0):
         random.append(f"recurrent_dropout={layer.recurrent_dropout}")
     if any(getattr(layer, "zoneout", ())):
         random.append(f"zoneout={layer.zoneout}")
-    if layer.training and random:
-        raise ValueError(f"stream: {name} is in training mode with {', '.join(random)}; streaming runs "
-                         "the layer's inference function: call layer.eval() first")
-    return [_Sub(layer, k) for k in range(layer.num_layers)]
+    return random
 
 
 def _default_state(layer, B: int, like: Tensor) -> tuple:
@@ -160,18 +164,13 @@ class Stream:
     state; buffers are rebuilt). Inputs are assumed finite (a GRU stream turns ±inf into NaN)."""
 
     def __init__(self, layer, batch_size: int = 1, state=None):
-        try:
-            size = 0 if isinstance(batch_size, bool) else operator.index(batch_size)   # numpy ints too
-        except TypeError:
-            size = 0
-        if size < 1:
+        size = positive_int(batch_size)                                         # numpy ints too
+        if size is None:
             raise ValueError(f"Stream: batch_size must be a positive int, got {batch_size!r}")
-        batch_size = size
-        self.layer, self.batch_size = layer, batch_size
+        self.layer, self.batch_size = layer, size
         self._subs = _describe(layer)
         self._fast = _fast_kind(layer)
-        self._random = bool(layer.dropout and layer.num_layers > 1 or getattr(layer, "recurrent_dropout", 0.0)
-                            or any(getattr(layer, "zoneout", ())))
+        self._random = bool(_random_extras(layer))                             # refused in training mode
         self._alloc(layer.weight_ih_l0, None)
         self._key = None
         self._inference = torch.inference_mode()                                # reused: cheaper to enter

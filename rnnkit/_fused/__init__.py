@@ -382,11 +382,11 @@ class _FusedScan(torch.autograd.Function):
         has_xb = w_ih is not None and bias_ih is not None      # the kernel added b_ih (forward's xb)
         need_w, need_b, need_xb, need_h0 = need[5], need[6] and b is not None, need[4] and has_xb, need[7]
         from ..engine import truncation_cuts  # engine imports this module
-        cut = truncation_cuts(opts)                            # None, every k steps, or per row
-        per_row = None if not isinstance(cut, torch.Tensor) else cut.to(hs.dtype).reshape(mask.shape).contiguous()
+        every, rows = truncation_cuts(opts)                    # every k steps, or per row (padding)
+        rows = None if rows is None else rows.to(hs.dtype).reshape(mask.shape).contiguous()
         d_xi, d_w, d_b, d_h0, d_c0, *d_ln, d_xb = _ops().backward(
-            ctx.code, ctx.ln, opts.reverse, cut if isinstance(cut, int) else 0, w, b, h0, c0, gamma, gamma_x,
-            mask, rec, zh, zc, per_row, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, _grad_out(d_out), d_hT,
+            ctx.code, ctx.ln, opts.reverse, every or 0, w, b, h0, c0, gamma, gamma_x,
+            mask, rec, zh, zc, rows, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, _grad_out(d_out), d_hT,
             d_cT, gn, need_w, need_b, need_xb, need_h0)
         states = (d_h0,) if n == 1 else (d_h0, d_c0)
         params = tuple(d_ln[:_num_params(opts.cell, ctx.ln)])
