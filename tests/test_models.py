@@ -81,6 +81,34 @@ def test_sampling_greedy_limits_and_seed():
         lm.sample([], 5)
 
 
+def _sample_by_layer_calls(lm, prompt, n, temperature, generator):
+    """What sample did before it streamed: the whole model called on each new token."""
+    with torch.no_grad():
+        logits, state = lm.eval()(torch.tensor([prompt]))
+        out = []
+        for _ in range(n):
+            probs = next_token_probs(logits[0, -1], temperature)
+            nxt = int(probs.argmax()) if temperature == 0 else int(torch.multinomial(probs, 1, generator=generator))
+            out.append(nxt)
+            logits, state = lm(torch.tensor([[nxt]]), state)
+    return out
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_sampling_streams_the_same_tokens_as_calling_the_layer(cell):
+    torch.manual_seed(2)
+    lm = LanguageModel(LanguageModelConfig(vocab_size=12, embed_dim=8, hidden_size=16, num_layers=2, cell=cell,
+                                           dropout=0.3))
+    lm.train()                                                 # sample switches dropout off and back on
+    for temperature, seed in [(0, 0), (1.0, 3), (0.7, 4)]:
+        got = lm.sample([3, 4], 30, temperature, generator=torch.Generator().manual_seed(seed))
+        assert lm.training
+        ref = _sample_by_layer_calls(lm, [3, 4], 30, temperature, torch.Generator().manual_seed(seed))
+        lm.train()
+        assert got == ref
+        assert temperature == 0 or len(set(got)) > 3           # draws, not one token over and over
+
+
 def test_unseen_prompt_characters_are_an_error_for_a_char_model():
     vocab = Vocabulary.build([list("to be or not to be")])
     lm = LanguageModel(LanguageModelConfig(vocab_size=len(vocab), embed_dim=4, hidden_size=8, num_layers=1))

@@ -6,7 +6,10 @@
 
 `forward(tokens, state)` takes and returns the recurrent state, so stateful truncated-BPTT training
 carries it from one window to the next (`detach_state` between windows). `sample` continues a prompt
-with temperature and top-k; it never emits the special tokens passed in `suppress_ids`.
+with temperature and top-k; it never emits the special tokens passed in `suppress_ids`. It reads the
+prompt in one call of the layer, then feeds its draws back through `rk.Stream` (one step, no per-call
+layer overhead: 1000 characters of the Shakespeare 2x256 LSTM in 0.22 s, against 0.69 s calling the
+layer per token, 2 threads).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..layers import GRU, LSTM, RNN
+from ..stream import Stream
 
 CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
 
@@ -95,14 +99,15 @@ class LanguageModel(nn.Module):
         was_training = self.training
         self.eval()
         device = self.head.weight.device
-        logits, state = self(torch.tensor([prompt], device=device))        # (1, P, V)
+        logits, state = self(torch.tensor([prompt], device=device))        # (1, P, V): the prompt in one call
+        stream = Stream(self.rnn, batch_size=1, state=state)               # then one token at a time
         last, out = logits[0, -1], []                                      # (V,)
         for _ in range(n):
             probs = next_token_probs(last, temperature, top_k, suppress_ids)
             nxt = int(probs.argmax()) if temperature == 0 else int(torch.multinomial(probs.cpu(), 1, generator=generator))
             out.append(nxt)
-            logits, state = self(torch.tensor([[nxt]], device=device), state)
-            last = logits[0, -1]
+            h = stream(self.embedding(torch.tensor([nxt], device=device)))   # (1, H), as forward's last step
+            last = self.head(h)[0]
         self.train(was_training)
         return out
 
