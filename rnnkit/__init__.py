@@ -8,10 +8,11 @@
 """
 from .engine import ScanOptions, TraceSlot, scan
 from . import stream
-from .layers import GRU, LSTM, RNN, Recurrent
+from .layers import GRU, LSTM, RNN, Recurrent, set_default_backend
 from .tracing import Trace, trace
 from .minimal import MinGRU, MinLSTM
 from .stream import Stream
 
 __version__ = "0.1.0"
-__all__ = ["RNN", "LSTM", "GRU", "Recurrent", "MinGRU", "MinLSTM", "Stream", "stream", "trace", "Trace", "scan", "ScanOptions", "TraceSlot"]
+__all__ = ["RNN", "LSTM", "GRU", "Recurrent", "MinGRU", "MinLSTM", "Stream", "stream", "trace", "Trace", "scan", "ScanOptions", "TraceSlot",
+           "set_default_backend"]

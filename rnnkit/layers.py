@@ -13,7 +13,9 @@ the trace, and the extras (all off by default):
     layer_norm         layer normalisation of V x_t + b_ih and of U h_{t-1} + b_hh (Ba et al.)
     learn_initial_state  h_0 (and c_0) are parameters, used when no hx is given
 `backend="engine"` forces the engine, `backend="native"` forbids it (an error if the configuration
-needs it).
+needs it). `set_default_backend("engine")` makes every backend="auto" layer run the engine, process-wide
+(on CPU with the fused kernel the engine's training step is faster than torch's: docs/benchmarks.md);
+the CLI's `--backend engine` sets it for a training run.
 """
 from __future__ import annotations
 
@@ -41,6 +43,24 @@ from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
 from .engine import ScanOptions, project_scan
 
 _BACKENDS = ("auto", "engine", "native")
+_AUTO = {"runs": "auto"}                 # what backend="auto" layers do: "auto" as above, or "engine"
+
+
+def set_default_backend(name: str) -> str:
+    """What layers built with backend="auto" (the default) run, process-wide, from their next call:
+    "engine" (rnnkit's engine for every configuration) or "auto" (torch's fused kernel for a plain
+    configuration, the engine otherwise; the default). Layers built with "engine" or "native" keep
+    theirs. Returns the previous setting, to restore it:
+
+        before = rk.set_default_backend("engine")
+        try: ...
+        finally: rk.set_default_backend(before)
+    """
+    if name not in ("auto", "engine"):
+        raise ValueError(f"default backend must be 'auto' or 'engine', got {name!r} ('native' is a "
+                         "per-layer choice: backend='native')")
+    before, _AUTO["runs"] = _AUTO["runs"], name
+    return before
 
 
 def param_suffix(layer: int, direction: int) -> str:
@@ -151,7 +171,7 @@ class _Recurrent:
         if self.backend == "native" and needs:
             raise ValueError("backend='native' cannot run this configuration (trace, left padding, "
                              "truncate or an extra is on); use backend='auto' or 'engine'")
-        return needs or self.backend == "engine"
+        return needs or self.backend == "engine" or (self.backend == "auto" and _AUTO["runs"] == "engine")
 
     def _native_forward(self, x, hx, lengths):
         hx = hx if self._cell.num_states == 2 else hx[0]

@@ -37,6 +37,8 @@ FLAGS = [  # (flag, field, type, help)
     ("--recurrent-init", "recurrent_init", str, "U init: default (torch.nn) | identity (IRNN) | orthogonal"),
     ("--recurrent-scale", "recurrent_scale", float, "multiply U by this after its init (default 1)"),
     ("--test-size", "test_size", int, "held-out sequences for synthetic tasks (default 1000)"),
+    ("--backend", "backend", str, "auto (torch's fused kernel for the plain layer) | engine (rnnkit's engine: "
+                                  "on CPU its training step is faster, docs/benchmarks.md) (default auto)"),
 ]
 
 

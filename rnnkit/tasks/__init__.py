@@ -3,6 +3,6 @@
 Tasks are the glue from data to model to trainer to report; the CLI reaches training only through
 the names re-exported here.
 """
-from ..train import SCHEDULES, TrainConfig, TrainingError, TrainingInterrupted
+from ..train import BACKENDS, SCHEDULES, TrainConfig, TrainingError, TrainingInterrupted
 
-__all__ = ["TrainConfig", "TrainingError", "TrainingInterrupted", "SCHEDULES"]
+__all__ = ["TrainConfig", "TrainingError", "TrainingInterrupted", "SCHEDULES", "BACKENDS"]

@@ -50,6 +50,7 @@ class MemoryConfig:
     seed: int = 0
     test_size: int = 1000               # synthetic tasks only
     diverge_factor: float = 1e4         # stop when the loss exceeds this x the first loss
+    backend: str = "auto"               # the layer's: auto (torch's kernel when plain) | engine (rnnkit's)
 
     def __post_init__(self):
         checks = [
@@ -57,6 +58,7 @@ class MemoryConfig:
             (self.cell in CELLS, f"--cell must be among {', '.join(CELLS)}, got {self.cell!r}"),
             (self.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {self.nonlinearity!r}"),
             (self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}"),
+            (self.backend in ("auto", "engine"), f"--backend must be auto or engine, got {self.backend!r}"),
             (self.recurrent_init in ("default", "identity", "orthogonal"),
              f"--recurrent-init must be default, identity or orthogonal, got {self.recurrent_init!r}"),
             (self.length >= 1 and self.hidden_size >= 1 and self.num_layers >= 1,
@@ -105,7 +107,8 @@ class SequenceModel(nn.Module):
     def __init__(self, cfg: MemoryConfig, spec: TaskSpec):
         super().__init__()
         kw = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
-        self.rnn = CELLS[cfg.cell](spec.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True, **kw)
+        self.rnn = CELLS[cfg.cell](spec.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
+                                   backend=cfg.backend, **kw)
         self.head = nn.Linear(cfg.hidden_size, spec.output_size)
         self.every_step = spec.kind == "classify_all"
         init_recurrent_(self.rnn, cfg.recurrent_init, cfg.recurrent_scale)

@@ -5,7 +5,7 @@
 """
 from .batches import BatchSource, TensorBatches, to_device
 from .checkpoint import Checkpoint, atomic_write, load_checkpoint, load_weights, read_manifest, save_checkpoint
-from .config import SCHEDULES, TrainConfig, build_optimizer, build_scheduler, resolve_device
+from .config import BACKENDS, SCHEDULES, TrainConfig, build_optimizer, build_scheduler, resolve_device
 from .tbptt import StreamBatches, Window, detach_state, reset_state, run_segments
 from .trainer import (FitResult, History, NonFiniteLossError, Trainer, TrainingError, TrainingInterrupted,
                       seed_everything)
@@ -13,5 +13,5 @@ from .trainer import (FitResult, History, NonFiniteLossError, Trainer, TrainingE
 __all__ = ["Trainer", "TrainConfig", "FitResult", "History", "TrainingError", "NonFiniteLossError",
            "TrainingInterrupted", "seed_everything", "BatchSource", "TensorBatches", "StreamBatches", "Window",
            "detach_state", "reset_state", "run_segments", "to_device", "Checkpoint", "save_checkpoint",
-           "load_checkpoint", "load_weights", "read_manifest", "atomic_write", "build_optimizer",
+           "load_checkpoint", "load_weights", "read_manifest", "atomic_write", "build_optimizer", "BACKENDS",
            "build_scheduler", "resolve_device", "SCHEDULES"]

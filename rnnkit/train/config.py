@@ -14,6 +14,7 @@ from ..errors import UserError
 
 SCHEDULES = ("none", "cosine", "step", "plateau")
 MODES = ("min", "max")
+BACKENDS = ("auto", "engine")
 # Fields that may differ between a run and its resumption without breaking exact resume.
 RESUMABLE_CHANGES = frozenset({"epochs", "progress", "out", "device", "checkpoint_every"})
 
@@ -38,6 +39,10 @@ class TrainConfig:
         Small models train many times faster on one thread than on threads competing for busy cores,
         and the thread count can change the last bits of a result (reduction order), so exact resume
         refuses a different count.
+    backend: what the model's backend="auto" recurrent layers run during `fit` ("auto": torch's fused
+        kernel for plain configurations; "engine": rnnkit's engine, faster on CPU for training,
+        docs/benchmarks.md). Set process-wide for the run (`rnnkit.set_default_backend`) and restored
+        after; like threads it can change the last bits of a result, so exact resume refuses a change.
     """
     epochs: int = 10
     lr: float = 1e-3
@@ -59,6 +64,7 @@ class TrainConfig:
     progress: bool = True
     tbptt: int | None = None
     threads: int | None = None
+    backend: str = "auto"
 
     def __post_init__(self):
         _positive(self, "epochs", "batch_size", "step_size")
@@ -72,6 +78,8 @@ class TrainConfig:
             raise UserError(f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.backend not in BACKENDS:
+            raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.mode not in MODES:
             raise UserError(f"mode must be 'min' or 'max', got {self.mode!r}")
         if isinstance(self.optimizer, str):

@@ -19,6 +19,7 @@ mid-epoch included, and ends bitwise-identical to a run that was never stopped.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..layers import set_default_backend
 from .batches import TensorBatches, to_device
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig, build_optimizer, build_scheduler, resolve_device
@@ -95,6 +97,13 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, train, resume: bool = False) -> FitResult:
+        before = set_default_backend(self.cfg.backend)
+        try:
+            return self._fit(train, resume)
+        finally:
+            set_default_backend(before)
+
+    def _fit(self, train, resume: bool) -> FitResult:
         source = self._source(train)
         if self.cfg.threads is not None:
             torch.set_num_threads(self.cfg.threads)
@@ -336,6 +345,7 @@ class Trainer:
 
     def _check_compatible(self, manifest: dict) -> None:
         saved, now = manifest["train_config"], self.cfg.to_json()
+        saved = {**_FIELD_DEFAULTS, **saved}               # a field added since: its default then
         changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
@@ -344,6 +354,10 @@ class Trainer:
         if manifest.get("meta", {}) != _json_roundtrip(self.meta):
             raise UserError(f"the checkpoint in {self.cfg.out} was written for a different model or data "
                             "setup; use the original settings or a new --out directory")
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
+                   if f.default is not dataclasses.MISSING}
 
 
 def _new_acc() -> dict:
