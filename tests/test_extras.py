@@ -1,5 +1,7 @@
 """The extras beyond torch.nn, each against a reference loop written from its equation:
 recurrent (variational) dropout, zoneout, layer normalisation, learnable initial state, left padding."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -214,3 +216,18 @@ def test_left_padding_equals_each_sequence_alone(kind):
         assert_close(x.grad[pad:, b], xb.grad[:, 0], TOL, f"input grad of sequence {b}")
     for name, p in ref.named_parameters():
         assert_close(dict(mine.named_parameters())[name].grad, p.grad, TOL, f"grad of {name}")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("cls", [rk.RNN, rk.LSTM, rk.GRU])
+def test_layer_norm_on_an_empty_batch_is_silent(cls, fused, monkeypatch):
+    """B = 0: empty outputs and zero gradients, and no warning (torch's var warned on 0 rows)."""
+    if not fused:
+        monkeypatch.setenv("RNNKIT_NO_FUSED", "1")
+    layer = cls(3, 4, layer_norm=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out, _ = layer(torch.randn(5, 0, 3))
+        out.sum().backward()
+    assert out.shape == (5, 0, 4)
+    assert all(p.grad is not None and not p.grad.any() for p in layer.parameters())

@@ -37,9 +37,9 @@ class LayerNormCell:
 
     def step(self, xi, gh, state, params):
         gamma, beta = params
-        mu = gh.mean(1, keepdim=True)
-        inv = torch.rsqrt(gh.var(1, unbiased=False, keepdim=True) + EPS)
-        xhat = (gh - mu) * inv
+        dev = gh - gh.mean(1, keepdim=True)
+        inv = torch.rsqrt((dev * dev).mean(1, keepdim=True) + EPS)    # (not .var: it warns on a batch of 0)
+        xhat = dev * inv
         y = xhat * gamma + beta
         new, saved = self.inner.step(xi, y, state, ())
         return new, (saved if self._hand else (xi, y, state), xhat, inv)
