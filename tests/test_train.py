@@ -95,6 +95,28 @@ def test_exact_resume_after_epoch_e_with_more_epochs(tmp_path):
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
 
 
+def _scripted(out, epochs, losses):
+    """A trainer with early stopping on (patience 5: it never stops) and these validation losses."""
+    script = iter(losses)
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=epochs, lr=1e-2, batch_size=16, patience=5, progress=False, out=str(out))
+    return Trainer(Tiny(), cfg, mse, lambda model: {"val_loss": next(script)})
+
+
+def test_more_epochs_after_early_stopping_restored_older_weights_is_refused(tmp_path):
+    _scripted(tmp_path / "a", 2, [3.0, 5.0]).fit(data())              # best epoch 1: its weights put back
+    with pytest.raises(ValueError, match=r"finished its 2 epochs and early stopping then put back the weights "
+                                         r"of its best epoch \(1\).* --epochs 3 in a new --out"):
+        _scripted(tmp_path / "a", 3, [4.0]).fit(data(), resume=True)
+    assert _scripted(tmp_path / "a", 2, []).fit(data(), resume=True).epochs_run == 2   # same epochs: its result
+    _scripted(tmp_path / "b", 2, [5.0, 3.0]).fit(data())              # best = last: nothing was replaced
+    full = _scripted(tmp_path / "c", 3, [5.0, 3.0, 1.0])             # epoch 3 best: its weights are kept
+    full.fit(data())
+    more = _scripted(tmp_path / "b", 3, [1.0])
+    assert more.fit(data(), resume=True).epochs_run == 3
+    assert_bitwise(weights(full.model), weights(more.model))           # continued exactly
+
+
 def test_resume_with_other_settings_is_refused(tmp_path):
     trainer(tmp_path / "a", epochs=1).fit(data())
     with pytest.raises(ValueError, match="lr"):

@@ -113,7 +113,12 @@ class Trainer:
             self._restore()
         else:
             seed_everything(self.cfg.seed)
-        if self.finished and self.best_weights is None and not self.stopped_early and self.epoch < self.cfg.epochs:
+        if self.finished and not self.stopped_early and self.epoch < self.cfg.epochs:
+            if self.best_weights is not None and self.best_epoch != self.epoch:   # last weights replaced
+                raise UserError(
+                    f"the run in {self.cfg.out} finished its {self.epoch} epochs and early stopping then put "
+                    f"back the weights of its best epoch ({self.best_epoch}), so it cannot continue exactly to "
+                    f"epoch {self.cfg.epochs}; train again with --epochs {self.cfg.epochs} in a new --out directory")
             self.finished = False                         # resuming a finished run with more epochs
         if self.finished:
             return self._result()
