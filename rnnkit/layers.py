@@ -15,10 +15,12 @@ the trace, and the extras (all off by default):
 `backend="engine"` forces the engine, `backend="native"` forbids it (an error if the configuration
 needs it). `set_default_backend("engine")` makes every backend="auto" layer run the engine, process-wide
 (on CPU with the fused kernel the engine's training step is faster than torch's: docs/benchmarks.md);
-the CLI's `--backend engine` sets it for a training run.
+the CLI's `--backend engine` sets it for one command (backend_scope: in its thread).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +46,7 @@ from .engine import ScanOptions, project_scan
 
 _BACKENDS = ("auto", "engine", "native")
 _AUTO = {"runs": "auto"}                 # what backend="auto" layers do: "auto" as above, or "engine"
+_SCOPED = threading.local()              # backend_scope's setting, this thread only (None: _AUTO's)
 
 
 def set_default_backend(name: str) -> str:
@@ -56,11 +59,33 @@ def set_default_backend(name: str) -> str:
         try: ...
         finally: rk.set_default_backend(before)
     """
+    before, _AUTO["runs"] = _AUTO["runs"], _checked_backend(name)
+    return before
+
+
+@contextlib.contextmanager
+def backend_scope(name: str | None):
+    """Inside the block and in this thread only, backend="auto" layers run `name` ("auto" or "engine";
+    None: the process-wide setting). Trainer.fit runs in one, so fits in two threads cannot undo each
+    other's choice or leave theirs behind."""
+    before = getattr(_SCOPED, "runs", None)
+    _SCOPED.runs = None if name is None else _checked_backend(name)
+    try:
+        yield
+    finally:
+        _SCOPED.runs = before
+
+
+def _checked_backend(name) -> str:
     if name not in ("auto", "engine"):
         raise ValueError(f"default backend must be 'auto' or 'engine', got {name!r} ('native' is a "
                          "per-layer choice: backend='native')")
-    before, _AUTO["runs"] = _AUTO["runs"], name
-    return before
+    return name
+
+
+def auto_backend() -> str:
+    """What backend="auto" layers run now, in this thread: "auto" or "engine"."""
+    return getattr(_SCOPED, "runs", None) or _AUTO["runs"]
 
 
 def param_suffix(layer: int, direction: int) -> str:
@@ -171,7 +196,7 @@ class _Recurrent:
         if self.backend == "native" and needs:
             raise ValueError("backend='native' cannot run this configuration (trace, left padding, "
                              "truncate or an extra is on); use backend='auto' or 'engine'")
-        return needs or self.backend == "engine" or (self.backend == "auto" and _AUTO["runs"] == "engine")
+        return needs or self.backend == "engine" or (self.backend == "auto" and auto_backend() == "engine")
 
     def _native_forward(self, x, hx, lengths):
         hx = hx if self._cell.num_states == 2 else hx[0]

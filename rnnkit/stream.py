@@ -159,7 +159,8 @@ class Stream:
     Inference only: calls run under torch.inference_mode, so y_t carries no gradient (for online
     learning use `rk.stream.step`, plain differentiable torch code). x_t must have the weights' dtype.
     Parameter changes are picked up on the next call (an optimizer step, load_state_dict, a new
-    Parameter, layer.to(dtype or device) — the state is moved along); writes through `p.data` bypass
+    Parameter, layer.to(dtype or device) — the state is moved along); writes through `p.data`, and
+    in-place writes to weights that are inference tensors (made under torch.inference_mode), bypass
     torch's version counter and need `s.refresh()`. A stream pickles and deep-copies (its layer and
     state; buffers are rebuilt). Inputs are assumed finite (a GRU stream turns ±inf into NaN)."""
 
@@ -231,14 +232,11 @@ class Stream:
         return y[0] if unbatched else y
 
     def _version_key(self):
-        """What changes when a parameter does: its version counter and storage, per parameter."""
+        """What changes when a parameter does: its version counter and storage, per parameter. Inference
+        tensors (built or loaded under inference_mode) keep no version counter: their storage only."""
         layer = self.layer
-        try:
-            if layer._modules:                                                 # e.g. parametrizations
-                return [(p._version, p.data_ptr()) for p in layer.parameters()]
-            return [(p._version, p.data_ptr()) for p in layer._parameters.values() if p is not None]
-        except RuntimeError:            # inference tensors (built under inference_mode) keep no version
-            return object()                                                    # rebuild on every call
+        params = layer.parameters() if layer._modules else layer._parameters.values()   # parametrizations
+        return [(None if p.is_inference() else p._version, p.data_ptr()) for p in params if p is not None]
 
     def _check_x(self, x_t) -> tuple[Tensor, bool]:
         if not isinstance(x_t, Tensor):

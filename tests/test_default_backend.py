@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -66,6 +67,53 @@ def _fit(out, backend, epochs=2, resume=False):
     def loss(m, b):
         return nn.functional.mse_loss(m.head(m.rnn(b[0])[0][:, -1]), b[1])
     Trainer(model, cfg, loss).fit((x, x.sum((1, 2))[:, None]), resume=resume)
+
+
+def test_a_fit_without_a_backend_keeps_the_process_default(tmp_path, paths):
+    rk.set_default_backend("engine")
+    _fit(tmp_path / "a", None)
+    assert paths == ["engine"] * 4
+    assert rk.layers.auto_backend() == "engine"
+
+
+def test_a_fit_restores_the_default_after_an_error(tmp_path):
+    def boom(m, b):
+        raise RuntimeError("boom")
+    cfg = TrainConfig(epochs=1, batch_size=8, progress=False, backend="engine")
+    with pytest.raises(RuntimeError, match="boom"):
+        Trainer(nn.Linear(2, 1), cfg, boom).fit((torch.randn(8, 2), torch.randn(8, 1)))
+    assert rk.layers.auto_backend() == "auto"
+
+
+def test_the_scope_of_a_fit_is_its_own_thread(paths):
+    """A fit's backend holds in its thread only: another thread's layers are not switched, and
+    overlapping fits cannot leave one's choice behind for the whole process."""
+    inside, done = threading.Event(), threading.Event()
+
+    def worker():
+        with rk.layers.backend_scope("engine"):
+            inside.set()
+            done.wait(10)
+
+    t = threading.Thread(target=worker)
+    t.start()
+    inside.wait(10)
+    try:
+        assert ran(rk.GRU(2, 3), torch.randn(4, 1, 2), paths) == "native"
+    finally:
+        done.set()
+        t.join()
+    assert rk.layers.auto_backend() == "auto"
+
+
+def test_the_cli_flag_reaches_training(tmp_path, paths):
+    from rnnkit.cli import main
+    argv = ["forecast", "--epochs", "2", "--no-sarima", "--no-progress", "--out"]
+    assert main([*argv, str(tmp_path / "e"), "--backend", "engine"]) == 0
+    assert set(paths) == {"engine"}
+    del paths[:]
+    assert main([*argv, str(tmp_path / "a")]) == 0
+    assert set(paths) == {"native"}
 
 
 def test_trainer_runs_its_backend_and_restores_the_default(tmp_path, paths):

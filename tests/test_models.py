@@ -70,7 +70,9 @@ def test_sampling_greedy_limits_and_seed():
         assert lm.sample([3], 20, top_k=1, generator=torch.Generator().manual_seed(seed)) == greedy
     a = lm.sample([3], 20, generator=torch.Generator().manual_seed(5))
     assert a == lm.sample([3], 20, generator=torch.Generator().manual_seed(5))
-    for kwargs, msg in [(dict(temperature=-1.0), "temperature must be >= 0"), (dict(top_k=0), "top_k must be"),
+    for kwargs, msg in [(dict(temperature=-1.0), "temperature must be finite and >= 0"),
+                        (dict(temperature=float("inf")), "temperature must be finite"),
+                        (dict(temperature=float("nan")), "temperature must be finite"), (dict(top_k=0), "top_k must be"),
                         (dict(suppress_ids=range(12)), "every token is suppressed"),
                         (dict(suppress_ids=[12]), r"suppress_ids must lie in \[0, 12\)")]:
         with pytest.raises(UserError, match=msg):
@@ -81,12 +83,29 @@ def test_sampling_greedy_limits_and_seed():
         lm.sample([], 5)
 
 
-def _sample_by_layer_calls(lm, prompt, n, temperature, generator):
+def test_extreme_temperatures_give_probabilities_not_nan():
+    logits = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    for t in (1e-39, 1e-300, 1e308):                           # 1/t overflows float32, or t rounds to 0
+        p = next_token_probs(logits, t, top_k=3, suppress_ids=[3])
+        assert torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-6 and p[3] == 0
+    assert next_token_probs(logits, 1e-39).argmax() == 1 and next_token_probs(logits, 1e-39)[1] == 1
+    assert torch.allclose(next_token_probs(logits, 1e308, suppress_ids=[3]), torch.tensor([1 / 3] * 3 + [0.0]))
+
+
+def test_sampling_restores_training_mode_after_an_error():
+    lm = _tiny_lm().train()
+    with pytest.raises(TypeError):
+        lm.sample([3], 5, generator="not a generator")
+    assert lm.training
+
+
+def _sample_by_layer_calls(lm, prompt, n, temperature, generator, seen):
     """What sample did before it streamed: the whole model called on each new token."""
     with torch.no_grad():
         logits, state = lm.eval()(torch.tensor([prompt]))
         out = []
         for _ in range(n):
+            seen.append(logits[0, -1].clone())
             probs = next_token_probs(logits[0, -1], temperature)
             nxt = int(probs.argmax()) if temperature == 0 else int(torch.multinomial(probs, 1, generator=generator))
             out.append(nxt)
@@ -95,17 +114,24 @@ def _sample_by_layer_calls(lm, prompt, n, temperature, generator):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_sampling_streams_the_same_tokens_as_calling_the_layer(cell):
+def test_sampling_streams_the_same_tokens_as_calling_the_layer(cell, monkeypatch):
+    """Same tokens, and each drawn from the same logits (to float32 rounding) as the per-call path."""
+    from rnnkit.models import language
+    seen = []
+    monkeypatch.setattr(language, "next_token_probs", lambda z, *a: seen.append(z.clone()) or next_token_probs(z, *a))
     torch.manual_seed(2)
     lm = LanguageModel(LanguageModelConfig(vocab_size=12, embed_dim=8, hidden_size=16, num_layers=2, cell=cell,
                                            dropout=0.3))
     lm.train()                                                 # sample switches dropout off and back on
     for temperature, seed in [(0, 0), (1.0, 3), (0.7, 4)]:
+        del seen[:]
         got = lm.sample([3, 4], 30, temperature, generator=torch.Generator().manual_seed(seed))
         assert lm.training
-        ref = _sample_by_layer_calls(lm, [3, 4], 30, temperature, torch.Generator().manual_seed(seed))
+        streamed, ref_seen = list(seen), []
+        ref = _sample_by_layer_calls(lm, [3, 4], 30, temperature, torch.Generator().manual_seed(seed), ref_seen)
         lm.train()
         assert got == ref
+        torch.testing.assert_close(torch.stack(streamed), torch.stack(ref_seen), rtol=1e-5, atol=1e-6)
         assert temperature == 0 or len(set(got)) > 3           # draws, not one token over and over
 
 

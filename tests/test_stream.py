@@ -245,11 +245,21 @@ def test_parametrized_and_data_written_weights_are_picked_up():
     assert stream_matches_step(plain, s, 3)[0] < 1e-6
 
 
-def test_unusual_layers():
+def test_unusual_layers(monkeypatch):
     with torch.inference_mode():                                 # parameters without version counters
         built = rk.LSTM(3, 4)
     s = Stream(built)
     assert stream_matches_step(built, s, 3)[0] < 1e-6
+    builds = []
+    monkeypatch.setattr(Stream, "_build", lambda self, key, _b=Stream._build: builds.append(key) or _b(self, key))
+    for _ in range(5):
+        s(torch.randn(3))
+    assert builds == []                                          # built once, not once per call (8x slower)
+    with torch.inference_mode():
+        built.weight_hh_l0.mul_(3)                               # no version counter: refresh() is the way
+    s.refresh()
+    s.reset()
+    assert stream_matches_step(built, s, 3)[0] < 1e-6 and len(builds) == 1
     m = MinGRU(3, 4)
     m.bias_ih_l0 = None                                          # a parameter set to None
     s = Stream(m)

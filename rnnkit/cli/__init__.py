@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from ..errors import UserError
-from ..tasks import TrainingError, TrainingInterrupted
+from ..tasks import BACKENDS, TrainingError, TrainingInterrupted, backend_scope
 from .common import RawTextParser
 
 COMMANDS = ("forecast", "textgen", "classify", "seq2seq", "memory", "gradflow")
@@ -39,8 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
+    backend = getattr(args, "backend", None)                # --backend: the whole command, evaluation too
     try:
-        return int(args.run(args) or 0)
+        with backend_scope(backend if backend in BACKENDS else None):   # a bad name: the task's own message
+            return int(args.run(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"rnnkit {args.command}: error: {e}", file=sys.stderr)
         return 2

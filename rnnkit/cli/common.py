@@ -76,7 +76,7 @@ def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: i
                    help="write a checkpoint every N epochs; 0: only at the end (default 10)")
     g.add_argument("--threads", type=positive_int, default=threads,
                    help="torch CPU threads" + (f" (default {threads})" if threads else " (default: torch's choice)"))
-    g.add_argument("--backend", choices=BACKENDS, default="auto",
+    g.add_argument("--backend", choices=BACKENDS, default=None,
                    help="what the recurrent layers run: auto (torch's fused kernel for plain layers, rnnkit's "
                         "engine when an extra needs it) or engine (rnnkit's engine throughout: on CPU its "
                         "training step is faster, docs/benchmarks.md) (default auto)")

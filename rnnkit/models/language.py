@@ -98,6 +98,12 @@ class LanguageModel(nn.Module):
         check_sampling(temperature, top_k, suppress_ids, V)
         was_training = self.training
         self.eval()
+        try:
+            return self._sample(prompt, n, temperature, top_k, suppress_ids, generator)
+        finally:
+            self.train(was_training)
+
+    def _sample(self, prompt, n, temperature, top_k, suppress_ids, generator) -> list[int]:
         device = self.head.weight.device
         logits, state = self(torch.tensor([prompt], device=device))        # (1, P, V): the prompt in one call
         stream = Stream(self.rnn, batch_size=1, state=state)               # then one token at a time
@@ -108,13 +114,12 @@ class LanguageModel(nn.Module):
             out.append(nxt)
             h = stream(self.embedding(torch.tensor([nxt], device=device)))   # (1, H), as forward's last step
             last = self.head(h)[0]
-        self.train(was_training)
         return out
 
 
 def check_sampling(temperature: float, top_k: int | None, suppress_ids: Sequence[int], vocab_size: int) -> None:
-    if not temperature >= 0:                                 # also refuses NaN
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0 <= temperature < float("inf"):                  # also refuses NaN
+        raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
         raise UserError(f"top_k must be a positive integer or None, got {top_k!r}")
     bad = [i for i in suppress_ids if not 0 <= i < vocab_size]
@@ -136,4 +141,8 @@ def next_token_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None
         z = z.masked_fill(z < kth, float("-inf"))
     if temperature == 0:
         return F.one_hot(z.argmax(-1), z.shape[-1]).to(z.dtype)
-    return torch.softmax(z / temperature, dim=-1)
+    # From the row's maximum (<= 0, so a tiny temperature sends the rest to -inf, never inf - inf), with the
+    # temperature kept where its reciprocal is a normal float32: beyond 1e±30 nothing changes that float32
+    # probabilities can show (one-hot on the maximum / uniform over the tokens left), and no NaN appears.
+    z = z - z.amax(-1, keepdim=True)
+    return torch.softmax(z / min(max(temperature, 1e-30), 1e30), dim=-1)

@@ -3,6 +3,7 @@
 Tasks are the glue from data to model to trainer to report; the CLI reaches training only through
 the names re-exported here.
 """
+from ..layers import backend_scope
 from ..train import BACKENDS, SCHEDULES, TrainConfig, TrainingError, TrainingInterrupted
 
-__all__ = ["TrainConfig", "TrainingError", "TrainingInterrupted", "SCHEDULES", "BACKENDS"]
+__all__ = ["TrainConfig", "TrainingError", "TrainingInterrupted", "SCHEDULES", "BACKENDS", "backend_scope"]

@@ -41,8 +41,8 @@ class TrainConfig:
         refuses a different count.
     backend: what the model's backend="auto" recurrent layers run during `fit` ("auto": torch's fused
         kernel for plain configurations; "engine": rnnkit's engine, faster on CPU for training,
-        docs/benchmarks.md). Set process-wide for the run (`rnnkit.set_default_backend`) and restored
-        after; like threads it can change the last bits of a result, so exact resume refuses a change.
+        docs/benchmarks.md); None: whatever `rnnkit.set_default_backend` chose. For this fit, in its
+        thread; like threads it can change the last bits of a result, so exact resume refuses a change.
     """
     epochs: int = 10
     lr: float = 1e-3
@@ -64,7 +64,7 @@ class TrainConfig:
     progress: bool = True
     tbptt: int | None = None
     threads: int | None = None
-    backend: str = "auto"
+    backend: str | None = None
 
     def __post_init__(self):
         _positive(self, "epochs", "batch_size", "step_size")
@@ -78,7 +78,7 @@ class TrainConfig:
             raise UserError(f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}")
         if self.schedule not in SCHEDULES:
             raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-        if self.backend not in BACKENDS:
+        if self.backend is not None and self.backend not in BACKENDS:
             raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.mode not in MODES:
             raise UserError(f"mode must be 'min' or 'max', got {self.mode!r}")

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..layers import set_default_backend
+from ..layers import auto_backend, backend_scope
 from .batches import TensorBatches, to_device
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig, build_optimizer, build_scheduler, resolve_device
@@ -97,11 +97,8 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def fit(self, train, resume: bool = False) -> FitResult:
-        before = set_default_backend(self.cfg.backend)
-        try:
+        with backend_scope(self.cfg.backend):             # this thread, this fit; None: as set outside
             return self._fit(train, resume)
-        finally:
-            set_default_backend(before)
 
     def _fit(self, train, resume: bool) -> FitResult:
         source = self._source(train)
@@ -300,7 +297,7 @@ class Trainer:
         """Write a checkpoint of the whole training state into `cfg.out`."""
         manifest = {"epoch": self.epoch, "step": self.step, "finished": self.finished,
                     "best_epoch": self.best_epoch, "best": self.best,
-                    "train_config": self.cfg.to_json(), "meta": self.meta}
+                    "train_config": self._config_json(), "meta": self.meta}
         save_checkpoint(self.cfg.out, self.model.state_dict(), self._state(), manifest)
 
     def _state(self) -> dict:
@@ -348,9 +345,13 @@ class Trainer:
         h = s["history"]
         self.history = History(list(h["epochs"]), h["loss"].tolist(), h["grad_norm"].tolist())
 
+    def _config_json(self) -> dict:
+        """The config as a checkpoint records it, with the backend that ran (None resolved)."""
+        return {**self.cfg.to_json(), "backend": auto_backend()}
+
     def _check_compatible(self, manifest: dict) -> None:
-        saved, now = manifest["train_config"], self.cfg.to_json()
-        saved = {**_FIELD_DEFAULTS, **saved}               # a field added since: its default then
+        saved, now = manifest["train_config"], self._config_json()
+        saved = {**_FIELD_DEFAULTS, "backend": "auto", **saved}   # a field added since: what ran then
         changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
