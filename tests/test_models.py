@@ -92,6 +92,15 @@ def test_extreme_temperatures_give_probabilities_not_nan():
     assert torch.allclose(next_token_probs(logits, 1e308, suppress_ids=[3]), torch.tensor([1 / 3] * 3 + [0.0]))
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_sampling_inside_autocast_runs_in_the_weights_dtype(cell):
+    torch.manual_seed(0)
+    lm = LanguageModel(LanguageModelConfig(vocab_size=12, embed_dim=8, hidden_size=16, num_layers=2, cell=cell))
+    plain = lm.sample([3, 4], 20, generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lm.sample([3, 4], 20, generator=torch.Generator().manual_seed(1)) == plain
+
+
 def test_sampling_restores_training_mode_after_an_error():
     lm = _tiny_lm().train()
     with pytest.raises(TypeError):

@@ -98,8 +98,9 @@ class LanguageModel(nn.Module):
         check_sampling(temperature, top_k, suppress_ids, V)
         was_training = self.training
         self.eval()
-        try:
-            return self._sample(prompt, n, temperature, top_k, suppress_ids, generator)
+        try:                        # in the weights' dtype: an autocast around the call would hand the
+            with torch.autocast(self.head.weight.device.type, enabled=False):   # stream a state it refuses
+                return self._sample(prompt, n, temperature, top_k, suppress_ids, generator)
         finally:
             self.train(was_training)
 
