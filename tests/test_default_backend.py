@@ -148,6 +148,7 @@ def test_memory_task_builds_its_layer_with_the_backend():
 @pytest.mark.parametrize("argv, message", [
     (["classify", "train", "--backend", "fast"], "invalid choice: 'fast'"),
     (["memory", "--backend", "fast"], "--backend must be auto or engine"),
+    (["gradflow", "--backend", "native"], "invalid choice: 'native'"),
 ])
 def test_cli_refuses_an_unknown_backend(argv, message):
     r = subprocess.run([sys.executable, "-m", "rnnkit", *argv], capture_output=True, text=True, check=False)

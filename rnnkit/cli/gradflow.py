@@ -30,6 +30,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-seeds", type=int, default=3, help="seeds to average the horizon over (default 3)")
     p.add_argument("--checkpoints", type=int, default=8, help="profiles recorded during training (default 8)")
     p.add_argument("--threshold", type=float, default=1e-3, help="horizon threshold (default 1e-3)")
+    p.add_argument("--backend", choices=("auto", "engine"), default=None,
+                   help="what the --trained-steps training runs: auto (torch's fused kernel) or engine (rnnkit's; "
+                        "faster on CPU); the traced measurements always run the engine (default auto)")
     p.add_argument("--out", default="runs/gradflow", help="output folder (default runs/gradflow)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
