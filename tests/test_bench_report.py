@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import adding_minimal  # noqa: E402
+import bench_backend  # noqa: E402
 import bench_fused  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_minimal  # noqa: E402
@@ -71,6 +72,9 @@ def test_fused_kernel_benchmark_runs_every_contender():
     (adding_minimal.main, ["--cells", "minlstm,gru"], "unknown name(s) ['gru']; choose from MinGRU, MinLSTM"),
     (adding_minimal.main, ["--lr", "nan"], "argument --lr: expected a number > 0, got 'nan'"),
     (bench_fused.main, ["--threads", "1,0"], "argument --threads: expected integers >= 1, got '1,0'"),
+    (bench_backend.main, ["--rounds", "0"], "argument --rounds: expected an integer >= 1, got 0"),
+    (bench_backend.main, ["--only", "forecast,fast"], "--only: unknown ['fast']; choose among adding, dates"),
+    (bench_backend.main, ["--only", ","], "--only: unknown empty list"),
 ])
 def test_bad_arguments_exit_2_before_measuring(main, argv, message, tmp_path, capsys):
     """Every benchmark script refuses a bad value with one line and exit status 2, before it measures or
@@ -81,3 +85,13 @@ def test_bad_arguments_exit_2_before_measuring(main, argv, message, tmp_path, ca
         main([a.format(tmp=tmp_path) for a in argv])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message.format(tmp=tmp_path) in err and "Traceback" not in err
+
+
+def test_bench_backend_reads_each_commands_own_seconds_and_tabulates_medians(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "metrics.json").write_text('{"seconds": 2.5, "mape": 3.0}')
+    (tmp_path / "r").mkdir()                                   # rnnkit memory: one entry per cell
+    (tmp_path / "r" / "results.json").write_text('{"runs": [{"seconds": 1.25}, {"seconds": 2.0}]}')
+    assert bench_backend.seconds(tmp_path / "m") == 2.5 and bench_backend.seconds(tmp_path / "r") == 3.25
+    text = bench_backend.table({"forecast": {"auto": [3.0, 2.0, 9.0], "engine": [1.0, 1.5, 2.5]}}, 3)
+    assert "| `forecast --no-sarima --threads 2` |" in text and "| 3.00 | 1.50 | 2.00× |" in text
