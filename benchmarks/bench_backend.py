@@ -69,7 +69,7 @@ def measure(names: list[str], rounds: int) -> dict:
 
 
 def table(times: dict, rounds: int) -> str:
-    lines = [f"| command (`rnnkit …`, plus `--backend B`) | model | auto (s) | engine (s) | ratio |",
+    lines = ["| command (`rnnkit …`, plus `--backend B`) | model | auto (s) | engine (s) | ratio |",
              "|---|---|---|---|---|"]
     for name, t in times.items():
         args, model = COMMANDS[name]
