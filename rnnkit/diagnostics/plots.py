@@ -10,16 +10,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .gradflow import steps_back  # noqa: E402
-from .saturation import Saturation  # noqa: E402
+from .gradflow import steps_back
+from .saturation import Saturation
 
 _TINY = 1e-300
+
+
+def subplots(*args, figsize, dpi=None, **kwargs):
+    """(figure, axes) like pyplot.subplots, without pyplot: no backend switched and no window, nothing
+    kept open (savefig renders PNG with Agg). matplotlib is imported here, on first use: at module level
+    it cost every rnnkit command ~0.3 s of start-up, plots or not."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize, dpi=dpi)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig, path) -> Path:
@@ -27,7 +32,6 @@ def _save(fig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
@@ -37,7 +41,7 @@ def grad_vs_steps_back(curves: dict[str, np.ndarray], path, title: str,
                        ylabel: str = "||dL/dh_t|| / ||dL/dh_T||  (mean over batch)") -> Path:
     """curves: label -> profile (T,) indexed by t. Plotted relative to the last step; values
     below `floor` (down to float32 underflow, exact 0) are drawn on the floor."""
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = subplots(figsize=(7, 4.2))
     for label, profile in curves.items():
         back = steps_back(profile)
         ax.semilogy(np.arange(len(back)), np.maximum(back / back[0], floor), (styles or {}).get(label, "-"),
@@ -57,7 +61,7 @@ def grad_heatmap(profiles: np.ndarray, steps: list[int], path, title: str) -> Pa
     """profiles (E, T): one gradient profile per training checkpoint; steps: its training step."""
     P = np.asarray(profiles, dtype=float)
     rel = np.log10(np.maximum(P / P[:, -1:], _TINY))                          # (E, T)
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = subplots(figsize=(7, 3.8))
     im = ax.imshow(np.clip(rel, -12, 2), aspect="auto", origin="lower", cmap="viridis",
                    extent=(-0.5, P.shape[1] - 0.5, -0.5, len(steps) - 0.5))
     ax.set_yticks(range(len(steps)), [str(s) for s in steps])
@@ -71,7 +75,7 @@ def grad_heatmap(profiles: np.ndarray, steps: list[int], path, title: str) -> Pa
 def hidden_heatmap(hidden: np.ndarray, path, title: str, max_units: int = 64) -> Path:
     """hidden (T, H) for one sequence."""
     h = np.asarray(hidden, dtype=float)[:, :max_units]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = subplots(figsize=(7, 3.8))
     lim = max(float(np.abs(h).max()), 1e-12)
     im = ax.imshow(h.T, aspect="auto", origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim)
     ax.set_xlabel("time step t")
@@ -83,7 +87,7 @@ def hidden_heatmap(hidden: np.ndarray, path, title: str, max_units: int = 64) ->
 
 def saturation_bars(sats: dict[str, Saturation], path, title: str) -> Path:
     """sats: label (e.g. "lstm, init") -> Saturation. One group of bars per label, one bar per gate."""
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    fig, ax = subplots(figsize=(7, 3.8))
     labels = list(sats)
     width = 0.8 / max(len(s.saturated) for s in sats.values())
     for i, label in enumerate(labels):
@@ -100,7 +104,7 @@ def saturation_bars(sats: dict[str, Saturation], path, title: str) -> Path:
 
 def training_curves(runs: dict[str, dict], path, title: str) -> Path:
     """runs: label -> {"loss": [...], "grad_norm": [...]} per training step (NaN where diverged)."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a1, a2) = subplots(1, 2, figsize=(10, 3.8))
     for label, run in runs.items():
         loss = np.asarray(run["loss"], dtype=float)
         gn = np.asarray(run["grad_norm"], dtype=float)

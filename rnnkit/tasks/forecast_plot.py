@@ -3,11 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")                                   # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from ..diagnostics.plots import subplots
 
 STYLE = {"model": dict(color="tab:red", lw=1.8, alpha=0.9),
          "seasonal_naive": dict(color="tab:gray", ls="--", lw=1.2),
@@ -19,7 +17,7 @@ def plot_forecast(result, path) -> Path:
     """Draw a ForecastResult into `path` (PNG)."""
     series, folds = result.series, result.folds
     t = series.times if series.times is not None else np.arange(len(series))
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    fig, ax = subplots(figsize=(10, 4.5), dpi=110)
     ax.plot(t, series.values, color="black", lw=1.2, label="actual", zorder=4)
     for k, fold in enumerate(folds):
         span = t[fold.origin:fold.origin + len(fold.truth)]
@@ -38,7 +36,6 @@ def plot_forecast(result, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
