@@ -45,6 +45,7 @@ from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
 from .engine import ScanOptions, project_scan
 
 _BACKENDS = ("auto", "engine", "native")
+AUTO_CHOICES = ("auto", "engine")        # what backend="auto" may be set to run (set_default_backend, scopes)
 _AUTO = {"runs": "auto"}                 # what backend="auto" layers do: "auto" as above, or "engine"
 _SCOPED = threading.local()              # backend_scope's setting, this thread only (None: _AUTO's)
 
@@ -77,7 +78,7 @@ def backend_scope(name: str | None):
 
 
 def _checked_backend(name) -> str:
-    if name not in ("auto", "engine"):
+    if name not in AUTO_CHOICES:
         raise ValueError(f"default backend must be 'auto' or 'engine', got {name!r} ('native' is a "
                          "per-layer choice: backend='native')")
     return name

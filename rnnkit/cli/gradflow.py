@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 from ..errors import UserError
-from ..tasks import gradflow
+from ..tasks import BACKENDS, gradflow
 
 EPILOG = """examples:
   rnnkit gradflow --cell rnn,lstm,gru --length 100                      # at initialisation
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--num-seeds", type=int, default=3, help="seeds to average the horizon over (default 3)")
     p.add_argument("--checkpoints", type=int, default=8, help="profiles recorded during training (default 8)")
     p.add_argument("--threshold", type=float, default=1e-3, help="horizon threshold (default 1e-3)")
-    p.add_argument("--backend", choices=("auto", "engine"), default=None,
+    p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="what the --trained-steps training runs: auto (torch's fused kernel) or engine (rnnkit's; "
                         "faster on CPU); the traced measurements always run the engine (default auto)")
     p.add_argument("--out", default="runs/gradflow", help="output folder (default runs/gradflow)")

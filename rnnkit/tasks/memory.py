@@ -58,7 +58,7 @@ class MemoryConfig:
             (self.cell in CELLS, f"--cell must be among {', '.join(CELLS)}, got {self.cell!r}"),
             (self.nonlinearity in ("tanh", "relu"), f"--nonlinearity must be tanh or relu, got {self.nonlinearity!r}"),
             (self.optimizer in ("adam", "sgd"), f"--optimizer must be adam or sgd, got {self.optimizer!r}"),
-            (self.backend in ("auto", "engine"), f"--backend must be auto or engine, got {self.backend!r}"),
+            (self.backend in rk.AUTO_CHOICES, f"--backend must be auto or engine, got {self.backend!r}"),
             (self.recurrent_init in ("default", "identity", "orthogonal"),
              f"--recurrent-init must be default, identity or orthogonal, got {self.recurrent_init!r}"),
             (self.length >= 1 and self.hidden_size >= 1 and self.num_layers >= 1,

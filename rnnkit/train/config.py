@@ -11,10 +11,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import UserError
+from ..layers import AUTO_CHOICES
 
 SCHEDULES = ("none", "cosine", "step", "plateau")
 MODES = ("min", "max")
-BACKENDS = ("auto", "engine")
+BACKENDS = AUTO_CHOICES                            # TrainConfig.backend: "auto" or "engine" (or None)
 # Fields that may differ between a run and its resumption without breaking exact resume.
 RESUMABLE_CHANGES = frozenset({"epochs", "progress", "out", "device", "checkpoint_every"})
 
