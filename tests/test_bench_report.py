@@ -95,3 +95,4 @@ def test_bench_backend_reads_each_commands_own_seconds_and_tabulates_medians(tmp
     assert bench_backend.seconds(tmp_path / "m") == 2.5 and bench_backend.seconds(tmp_path / "r") == 3.25
     text = bench_backend.table({"forecast": {"auto": [3.0, 2.0, 9.0], "engine": [1.0, 1.5, 2.5]}}, 3)
     assert "| `forecast --no-sarima --threads 2` |" in text and "| 3.00 | 1.50 | 2.00× |" in text
+    assert bench_backend.parse_args(["--only", "forecast, adding,forecast"]).names == ["forecast", "adding"]

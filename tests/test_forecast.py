@@ -118,3 +118,14 @@ def test_backtest_folds_and_saved_model_reloads(tmp_path):
     assert saved_cfg == cfg
     np.testing.assert_allclose(predict(model, transform, s.values[:132], saved_cfg),
                                r.folds[-1].forecasts["model"], rtol=1e-6)
+
+
+def test_series_type_hints_resolve_though_pandas_is_imported_lazily():
+    import typing
+
+    import pandas as pd
+
+    from rnnkit.data import registry, series
+    assert typing.get_type_hints(series.Series)["times"] == pd.DatetimeIndex | None
+    assert typing.get_type_hints(registry.read_reviews)["return"] is pd.DataFrame
+    assert series.pd.DatetimeIndex is pd.DatetimeIndex and "pandas" in repr(series.pd)

@@ -17,16 +17,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..errors import UserError
+from .lazy import LazyModule
 
-# pandas is imported in the functions that use it: at start-up it cost every rnnkit command 0.24 s.
-if TYPE_CHECKING:
-    import pandas as pd
+pd = LazyModule("pandas")                          # imported on first use (start-up cost: lazy.py)
 
 
 @dataclass(frozen=True)
@@ -54,7 +52,6 @@ class LabelledTexts:
 
 def read_labelled_csv(path: str | Path, columns: CsvColumns = CsvColumns(), min_per_class: int = 2) -> LabelledTexts:
     """Texts and labels (labels as strings) from a CSV with a header row."""
-    import pandas as pd
     p = Path(path)
     if not p.is_file():
         raise UserError(f"CSV file {p} not found")

@@ -34,15 +34,13 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import UserError
+from .lazy import LazyModule
 
-# pandas is imported in the functions that use it: at start-up it cost every rnnkit command 0.24 s.
-if TYPE_CHECKING:
-    import pandas as pd
+pd = LazyModule("pandas")                          # imported on first use (start-up cost: lazy.py)
 
 
 # -- readers: from the extracted file to Python data -----------------------------------------------
@@ -69,7 +67,6 @@ def read_plays(path: Path) -> str:
 
 
 def read_reviews(path: Path) -> pd.DataFrame:
-    import pandas as pd
     df = pd.read_csv(path, compression="bz2")
     df = df[df["category"].isin(["fresh", "rotten"])]
     return df.rename(columns={"category": "label"})[["text", "label"]].reset_index(drop=True)

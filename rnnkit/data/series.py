@@ -10,15 +10,13 @@ import re
 import warnings
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import UserError
+from .lazy import LazyModule
 
-# pandas is imported in the functions that use it: at start-up it cost every rnnkit command 0.24 s.
-if TYPE_CHECKING:
-    import pandas as pd
+pd = LazyModule("pandas")                          # imported on first use (start-up cost: lazy.py)
 
 # Seasonal period for a pandas frequency's base code (the letters of "MS", "QS-OCT", "W-SUN", "h").
 _SEASON = {"M": 12, "MS": 12, "ME": 12, "Q": 4, "QS": 4, "QE": 4, "W": 52, "D": 7, "B": 5, "H": 24, "h": 24}
@@ -64,7 +62,6 @@ def load_csv(path, column: str | None = None, time_column: str | None = None) ->
 
 
 def _read(path) -> pd.DataFrame:
-    import pandas as pd
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except FileNotFoundError:
@@ -78,7 +75,6 @@ def _read(path) -> pd.DataFrame:
 
 
 def _pick_column(frame: pd.DataFrame, column, time_column, path) -> str:
-    import pandas as pd
     names = ", ".join(map(repr, frame.columns))
     if time_column is not None and time_column not in frame.columns:
         raise UserError(f"time column {time_column!r} is not in {path}; its columns are {names}")
@@ -94,7 +90,6 @@ def _pick_column(frame: pd.DataFrame, column, time_column, path) -> str:
 
 
 def _numbers(cells: pd.Series, column: str, path) -> np.ndarray:
-    import pandas as pd
     text = cells.str.strip()
     missing = text.str.lower().isin(_MISSING)
     values = pd.to_numeric(text.where(~missing), errors="coerce")
@@ -119,7 +114,6 @@ def _where(text: pd.Series, mask) -> str:
 
 
 def _dates(cells: pd.Series, column: str, path) -> tuple[pd.DatetimeIndex, str | None]:
-    import pandas as pd
     text = cells.str.strip()
     times = pd.to_datetime(text, errors="coerce", format="mixed")
     if times.isna().any():
@@ -136,7 +130,6 @@ def _dates(cells: pd.Series, column: str, path) -> tuple[pd.DatetimeIndex, str |
 
 
 def _regular_freq(times: pd.DatetimeIndex, text: pd.Series, column: str, path) -> str | None:
-    import pandas as pd
     if len(times) < 3:
         return None
     freq = _infer_freq(times)
@@ -154,7 +147,6 @@ def _regular_freq(times: pd.DatetimeIndex, text: pd.Series, column: str, path) -
 
 
 def _infer_freq(times: pd.DatetimeIndex) -> str | None:
-    import pandas as pd
     with warnings.catch_warnings():                 # pandas 3 warns it will return an offset object
         warnings.simplefilter("ignore")
         freq = pd.infer_freq(times)

@@ -18,7 +18,7 @@ from .saturation import Saturation
 _TINY = 1e-300
 
 
-def subplots(*args, figsize, dpi=None, **kwargs):
+def subplots(*args, figsize=None, dpi=None, **kwargs):
     """(figure, axes) like pyplot.subplots, without pyplot: no backend switched and no window, nothing
     kept open (savefig renders PNG with Agg). matplotlib is imported here, on first use: at module level
     it cost every rnnkit command ~0.3 s of start-up, plots or not."""
