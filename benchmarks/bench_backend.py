@@ -22,6 +22,8 @@ from pathlib import Path
 
 from common import check_writable, int_at_least, write_text
 
+from rnnkit import _fused
+
 # name -> (the command's arguments, the model in words, how to read its seconds from the output folder)
 COMMANDS = {
     "adding": (["memory", "--task", "adding", "--length", "100", "--cell", "lstm,gru", "--steps", "300"],
@@ -35,7 +37,6 @@ COMMANDS = {
     "classify": (["classify", "train", "--epochs", "2", "--threads", "2"], "LSTM on the bundled reviews, 2 epochs"),
 }
 BACKENDS = ("auto", "engine")
-FALLBACK_WARNING = "the fused CPU kernel is unavailable"      # rnnkit/_fused's warning when its build fails
 
 
 def seconds(out: Path) -> float:
@@ -54,7 +55,7 @@ def run_once(name: str, backend: str, folder: Path) -> float:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"bench_backend: {' '.join(cmd[1:])} failed (exit {done.returncode}):\n{done.stderr[-2000:]}")
-    if FALLBACK_WARNING in done.stderr:
+    if _fused.UNAVAILABLE in done.stderr:                            # its warning: the pure-torch path ran
         raise SystemExit(f"bench_backend: {' '.join(cmd[1:])} ran the engine's pure-torch path, not the fused "
                          f"kernel; nothing to compare:\n{done.stderr[-2000:]}")
     return seconds(out)
@@ -64,7 +65,6 @@ def kernel_ready(parser: argparse.ArgumentParser) -> None:
     """Build (or load) the fused kernel here, before anything is timed: a first-use build inside a timed
     command would count ~20 s of compiling as training, and without the kernel "engine" would mean the
     pure-torch fallback."""
-    from rnnkit import _fused
     try:
         _fused.build()
     except Exception as e:  # noqa: BLE001  (compiler missing, build error, ...)

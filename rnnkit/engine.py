@@ -102,7 +102,8 @@ def pure_scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, b
     return res[0], tuple(res[1:])
 
 
-def _steps(T: int, reverse: bool):
+def processing_order(T: int, reverse: bool) -> range:
+    """Time steps in the order a scan runs them: T-1 down to 0 when reverse."""
     return range(T - 1, -1, -1) if reverse else range(T)
 
 
@@ -148,7 +149,7 @@ def _unroll(opts: ScanOptions, xi, weight_hh, bias_hh, state: tuple, params: tup
     seq = [[None] * T for _ in range(n)]                       # seq[j][t] = state component j after t
     saved = [None] * T
     every, rows = cuts
-    for i, t in enumerate(_steps(T, opts.reverse)):
+    for i, t in enumerate(processing_order(T, opts.reverse)):
         if every and i > 0 and i % every == 0:
             state = tuple(s.detach() for s in state)
         elif rows is not None:                                 # the same values; no gradient on cut rows
@@ -212,7 +213,7 @@ class _Scan(torch.autograd.Function):
         d_state = [d if d is not None else None for d in d_final]
         dxi, dgh = [None] * T, [None] * T
         d_params = [torch.zeros_like(p) for p in params]
-        order = list(_steps(T, opts.reverse))
+        order = list(processing_order(T, opts.reverse))
         for i in range(T - 1, -1, -1):
             t = order[i]
             dh = d_state[0]

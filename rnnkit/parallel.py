@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 
 from . import _fused
+from .engine import processing_order
 from .numerics import hand_backward, opaque_to_compile, under_torch_func
 
 # Pre-activations per block (float32: 4 bytes each), measured best on the 2-core box at T = 4096:
@@ -121,7 +122,7 @@ def unrolled(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tensor, m
     if mask is not None:
         a, b = torch.addcmul(1 - mask, a, mask), b * mask
     h, prev = [None] * x.shape[0], h0
-    for t in _order(x.shape[0], reverse):
+    for t in processing_order(x.shape[0], reverse):
         h[t] = prev = torch.addcmul(b[t], a[t], prev)
     return torch.stack(h)
 
@@ -251,15 +252,10 @@ def fused_kind(cell, x: Tensor) -> int | None:
     return kind if _fused.available() else None
 
 
-def _order(T: int, reverse: bool) -> range:
-    """Time steps in processing order."""
-    return range(T - 1, -1, -1) if reverse else range(T)
-
-
 def _recur(a, b, prev, out, reverse: bool):
     """out_t = a_t prev + b_t, step by step in processing order, written in place. Returns the last."""
     a_t, b_t, h_t = a.unbind(0), b.unbind(0), out.unbind(0)
-    for t in _order(len(h_t), reverse):
+    for t in processing_order(len(h_t), reverse):
         torch.addcmul(b_t[t], a_t[t], prev, out=h_t[t])                # (B, H)
         prev = h_t[t]
     return prev

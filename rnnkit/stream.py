@@ -169,7 +169,7 @@ class Stream:
         if size is None:
             raise ValueError(f"Stream: batch_size must be a positive int, got {batch_size!r}")
         self.layer, self.batch_size = layer, size
-        self._subs = _describe(layer)
+        _describe(layer)                                                        # refuses what cannot stream
         self._fast = _fast_kind(layer)
         self._random = bool(_random_extras(layer))                             # refused in training mode
         self._alloc(layer.weight_ih_l0, None)
@@ -211,7 +211,8 @@ class Stream:
                 r.copy_(p)
 
     def refresh(self) -> None:
-        """Rebuild from the layer's parameters now (needed only after writes through `p.data`)."""
+        """Rebuild from the layer's parameters now (needed only after writes that bypass the version
+        counter: through `p.data`, or in place to weights that are inference tensors)."""
         self._key = None
 
     # -- the hot call -----------------------------------------------------------------------------------
@@ -235,8 +236,12 @@ class Stream:
         """What changes when a parameter does: its version counter and storage, per parameter. Inference
         tensors (built or loaded under inference_mode) keep no version counter: their storage only."""
         layer = self.layer
-        params = layer.parameters() if layer._modules else layer._parameters.values()   # parametrizations
-        return [(None if p.is_inference() else p._version, p.data_ptr()) for p in params if p is not None]
+        params = [p for p in (layer.parameters() if layer._modules else layer._parameters.values())  # parametrizations
+                  if p is not None]
+        try:
+            return [(p._version, p.data_ptr()) for p in params]                # the hot path: no per-tensor test
+        except RuntimeError:                                                   # an inference tensor's _version
+            return [(None if p.is_inference() else p._version, p.data_ptr()) for p in params]
 
     def _check_x(self, x_t) -> tuple[Tensor, bool]:
         if not isinstance(x_t, Tensor):
@@ -256,11 +261,11 @@ class Stream:
         like = self.layer.weight_ih_l0
         if like.dtype != self._buf.dtype or like.device != self._buf.device:  # layer.to(...) since
             self._alloc(like, (self._buf, *self._rest))
-        self._subs = [_Sub(self.layer, k) for k in range(self.layer.num_layers)]
+        subs = [_Sub(self.layer, k) for k in range(self.layer.num_layers)]
         make = {"lstm": _LSTMKernel, "gru": _GRUKernel, "rnn": _ElmanKernel}.get(self._fast, _GenericKernel)
         I, H = self.layer.input_size, self.layer.hidden_size
         self._kernels = []
-        for k, sub in enumerate(self._subs):
+        for k, sub in enumerate(subs):
             lo = 0 if k == 0 else I + (k - 1) * H
             window = self._buf[:, lo:I + (k + 1) * H]                          # (B, I_k + H) [x_k | h_k]
             self._kernels.append(make(sub, window, self._h[k], [r[k] for r in self._rest]))

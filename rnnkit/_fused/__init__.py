@@ -56,6 +56,7 @@ _LDFLAGS = ["-fopenmp"]
 _DTYPES = (torch.float32, torch.float64)
 _CELL_CODES = {"tanh": 0, "relu": 1, "lstm": 2, "gru": 3}      # scan.h's CellKind
 
+UNAVAILABLE = "the fused CPU kernel is unavailable"     # the warning when it does not build (benchmarks look for it)
 _lock = threading.Lock()
 _loaded: dict = {"ops": None, "error": None}
 
@@ -140,7 +141,7 @@ def _ops():
         return build()
     except Exception as e:  # noqa: BLE001  (any build failure: compiler missing, build error, ...)
         _loaded["error"] = e
-        warnings.warn(f"rnnkit: the fused CPU kernel is unavailable ({type(e).__name__}: "
+        warnings.warn(f"rnnkit: {UNAVAILABLE} ({type(e).__name__}: "
                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else e!r}); the engine runs "
                       "its pure-torch path. Set RNNKIT_NO_FUSED=1 to silence this.", RuntimeWarning,
                       stacklevel=3)
