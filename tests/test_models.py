@@ -236,3 +236,59 @@ def test_tiny_seq2seq_overfits_reversal():
     assert lengths.tolist() == [len(t) for _, t in pairs]
     assert ["".join(vocab.decode(ids[i, : lengths[i]].tolist())) for i in range(8)] == [t for _, t in pairs]
     assert (ids[0, lengths[0]:] == vocab.pad_id).all()
+
+
+def _greedy_by_decode_calls(model, src, src_lengths, max_len, seen):
+    """What greedy_decode did before it streamed: decode() called on each new token."""
+    c, B = model.config, src.shape[0]
+    with torch.no_grad():
+        memory, state, mask = model.eval().encode(src, src_lengths)
+        prev = torch.full((B, 1), c.bos_id, dtype=torch.long)
+        ids = torch.full((B, max_len), c.pad_id, dtype=torch.long)
+        lengths = torch.full((B,), max_len, dtype=torch.long)
+        done = torch.zeros(B, dtype=torch.bool)
+        for t in range(max_len):
+            logits, state = model.decode(prev, state, memory, mask)
+            seen.append(logits[:, 0].clone())
+            prev = logits.argmax(-1)
+            ended = ~done & (prev[:, 0] == c.eos_id)
+            lengths[ended] = t
+            done |= ended
+            ids[:, t] = prev[:, 0].masked_fill(done, c.pad_id)
+            if bool(done.all()):
+                break
+    return ids, lengths
+
+
+@pytest.mark.parametrize("cell,attention,eos_bias", [("gru", True, 1.0), ("lstm", False, 0.0), ("rnn", True, 1.0)])
+def test_greedy_decode_streams_the_same_tokens_as_calling_decode(cell, attention, eos_bias):
+    """Streamed decoding: same ids and lengths as decode() per step, each argmax over the same logits
+    (to float32 rounding); sequences end at different steps, so the <eos> bookkeeping is exercised."""
+    pairs = reversal_pairs(16, seed=1)
+    vocab = build_vocab(pairs)
+    torch.manual_seed(5)
+    model = Seq2Seq(Seq2SeqConfig(len(vocab), len(vocab), vocab.bos_id, vocab.eos_id, vocab.pad_id, embed_dim=8,
+                                  hidden_size=16, num_layers=2, cell=cell, attention=attention, dropout=0.3))
+    with torch.no_grad():                          # larger weights: varied tokens instead of one repeated
+        for p in model.parameters():
+            p.mul_(3)
+        model.head.bias[vocab.eos_id] += eos_bias
+    b = collate(pairs, vocab)
+    seen = []
+    readout = model._readout
+    model._readout = lambda *a: seen.append(readout(*a)[:, 0].clone()) or seen[-1][:, None]
+    model.train()                                  # greedy_decode switches dropout off and back on
+    ids, lengths = model.greedy_decode(b.src, b.src_lengths, 10)
+    assert model.training
+    del model._readout
+    ref_seen = []
+    ref_ids, ref_lengths = _greedy_by_decode_calls(model, b.src, b.src_lengths, 10, ref_seen)
+    assert torch.equal(ids, ref_ids) and torch.equal(lengths, ref_lengths)
+    assert 0 < int((lengths < 10).sum()) < 16 and len(set(lengths.tolist())) >= 3
+    torch.testing.assert_close(torch.stack(seen), torch.stack(ref_seen), rtol=1e-5, atol=1e-5)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # decoding runs in the weights' dtype
+        assert torch.equal(model.greedy_decode(b.src, b.src_lengths, 10)[0], ids)
+    with pytest.raises(ValueError, match="lengths must lie in"):
+        model.greedy_decode(b.src, b.src_lengths + 100, 10)
+    assert model.training                          # also after an error

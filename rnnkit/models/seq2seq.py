@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UserError
+from ..stream import Stream
 from .language import CELLS, State
 
 
@@ -77,12 +78,20 @@ class Seq2Seq(nn.Module):
         """tgt_in (B, T) long, from state -> logits (B, T, V) and the state after step T. One call
         for all T steps (training) or for one step at a time (decoding) gives the same numbers."""
         out, state = self.decoder(self.drop(self.tgt_embedding(tgt_in)), state)   # (B, T, H)
-        if self.config.attention:
-            scores = out @ self.score(memory).transpose(1, 2)              # (B, T, S)
+        return self._readout(out, memory, self._keys(memory), src_mask), state
+
+    def _keys(self, memory: Tensor) -> Tensor | None:
+        """W_a e_s for every source step (B, S, H): what each decoder state is scored against."""
+        return self.score(memory) if self.config.attention else None
+
+    def _readout(self, out: Tensor, memory: Tensor, keys: Tensor | None, src_mask: Tensor) -> Tensor:
+        """Decoder outputs (B, T, H) -> logits (B, T, V), through attention when the model has it."""
+        if keys is not None:
+            scores = out @ keys.transpose(1, 2)                            # (B, T, S)
             weights = torch.softmax(scores.masked_fill(~src_mask[:, None, :], float("-inf")), dim=-1)
             context = weights @ memory                                     # (B, T, H)
             out = torch.tanh(self.combine(torch.cat([context, out], dim=-1)))   # (B, T, H)
-        return self.head(self.drop(out)), state                            # (B, T, V)
+        return self.head(self.drop(out))                                   # (B, T, V)
 
     def forward(self, src: Tensor, src_lengths: Tensor, tgt_in: Tensor) -> Tensor:
         """Teacher forcing: logits (B, T, V) for tgt_in = <bos> y_1 .. y_{T-1}; train them against
@@ -93,25 +102,37 @@ class Seq2Seq(nn.Module):
     @torch.no_grad()
     def greedy_decode(self, src: Tensor, src_lengths: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
         """Feed back the argmax token until <eos> or max_len steps. Returns ids (B, max_len) long,
-        <pad> after each sequence's end and <eos> itself left out, and lengths (B,)."""
+        <pad> after each sequence's end and <eos> itself left out, and lengths (B,).
+
+        The source is read in one encoder call; the decoder then runs one step per token through
+        `rk.Stream` (its state kept between steps, no per-call set-up of a whole layer) and the
+        attention keys W_a e_s are computed once: the same tokens as calling `decode` per step."""
         if max_len < 1:
             raise UserError(f"max_len must be >= 1, got {max_len}")
-        c, B = self.config, src.shape[0]
         was_training = self.training
         self.eval()
+        try:                        # in the weights' dtype: an autocast around the call would hand the
+            with torch.autocast(src.device.type, enabled=False):           # stream a state it refuses
+                return self._greedy(src, src_lengths, max_len)
+        finally:
+            self.train(was_training)
+
+    def _greedy(self, src: Tensor, src_lengths: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
+        c, B, device = self.config, src.shape[0], src.device
         memory, state, src_mask = self.encode(src, src_lengths)
-        prev = torch.full((B, 1), c.bos_id, dtype=torch.long, device=src.device)   # (B, 1)
-        ids = torch.full((B, max_len), c.pad_id, dtype=torch.long, device=src.device)
-        lengths = torch.full((B,), max_len, dtype=torch.long, device=src.device)
-        done = torch.zeros(B, dtype=torch.bool, device=src.device)
+        keys = self._keys(memory)
+        stream = Stream(self.decoder, batch_size=B, state=state)
+        prev = torch.full((B,), c.bos_id, dtype=torch.long, device=device)          # (B,)
+        ids = torch.full((B, max_len), c.pad_id, dtype=torch.long, device=device)
+        lengths = torch.full((B,), max_len, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
         for t in range(max_len):
-            logits, state = self.decode(prev, state, memory, src_mask)     # (B, 1, V)
-            prev = logits.argmax(-1)                                       # (B, 1)
-            ended = ~done & (prev[:, 0] == c.eos_id)
+            out = stream(self.tgt_embedding(prev))[:, None]                # (B, 1, H): decode's step
+            prev = self._readout(out, memory, keys, src_mask)[:, 0].argmax(-1)   # (B,)
+            ended = ~done & (prev == c.eos_id)
             lengths[ended] = t
             done |= ended
-            ids[:, t] = prev[:, 0].masked_fill(done, c.pad_id)
+            ids[:, t] = prev.masked_fill(done, c.pad_id)
             if bool(done.all()):
                 break
-        self.train(was_training)
         return ids, lengths
