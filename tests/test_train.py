@@ -272,6 +272,49 @@ def test_metrics_csv_and_loadable_weights(tmp_path):
     assert_bitwise(weights(model), weights(t.model))
 
 
+def test_metrics_csv_appends_each_epoch_and_rewrites_when_it_must(tmp_path, monkeypatch):
+    """After the first write a new epoch's row is appended (no rewrite of the whole file); the file is
+    rewritten whole, equal to what one write of all rows gives, when a writer starts (a resume: rows of
+    rolled-back epochs go), when the columns change, or when the file is not as the writer left it."""
+    from rnnkit.train import report
+    rewrites = []
+    def atomic_write(path, data):
+        if path.parent == tmp_path:                            # not whole()'s
+            rewrites.append(len(rows))
+        path.write_bytes(data)
+    monkeypatch.setattr(report, "atomic_write", atomic_write)
+
+    def whole(rows):                                           # one write of all the rows, by a fresh writer
+        other = tmp_path / "whole"
+        other.mkdir(exist_ok=True)
+        report.MetricsCSV(other).write(rows)
+        return (other / "metrics.csv").read_text()
+
+    path, rows = tmp_path / "metrics.csv", []
+    table = report.MetricsCSV(tmp_path)
+    for epoch in range(1, 6):
+        rows.append({"epoch": epoch, "loss": 1 / epoch, "note": "a,b" if epoch == 2 else ""})
+        table.write(rows)
+    assert rewrites == [1] and path.read_text() == whole(rows)
+    assert [r["epoch"] for r in csv.DictReader(path.read_text().splitlines())] == ["1", "2", "3", "4", "5"]
+    rows.append({"epoch": 6, "loss": 0.1, "note": "", "val_loss": 0.2})   # a new column
+    table.write(rows)
+    rows.append({"epoch": 7, "loss": 0.1, "note": "", "val_loss": 0.3})
+    table.write(rows)
+    assert rewrites == [1, 6] and path.read_text() == whole(rows)
+    with open(path, "a") as f:                                 # changed behind the writer's back
+        f.write("junk\n")
+    rows.append({"epoch": 8, "loss": 0.1, "note": "", "val_loss": 0.3})
+    table.write(rows)
+    path.unlink()
+    rows.append({"epoch": 9, "loss": 0.1, "note": "", "val_loss": 0.3})
+    table.write(rows)
+    assert rewrites == [1, 6, 8, 9] and path.read_text() == whole(rows)
+    report.MetricsCSV(tmp_path).write(rows[:4])                # a resumed run from epoch 4's checkpoint
+    assert [r["epoch"] for r in csv.DictReader(path.read_text().splitlines())] == ["1", "2", "3", "4"]
+    report.MetricsCSV(None).write(rows)                        # no directory: nothing written
+
+
 def test_tensor_batches_cover_every_example_once():
     x = torch.arange(10)
     got = torch.cat([b[0] for b in TensorBatches(x, batch_size=3).batches(torch.Generator().manual_seed(0))])

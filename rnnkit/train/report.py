@@ -15,17 +15,53 @@ from .checkpoint import atomic_write
 METRICS_CSV = "metrics.csv"
 
 
-def write_metrics_csv(directory, rows: list[dict]) -> None:
-    """Rewrite `metrics.csv` with one row per epoch so far (atomically: a resumed run rewrites it
-    from the checkpoint's history, so it never holds rows from epochs that were rolled back)."""
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
+class MetricsCSV:
+    """`metrics.csv` in `directory` (None: nothing is written), one row per epoch so far.
+
+    The first write of a fit rewrites the file atomically from the rows it is given (the history: a
+    resumed run's comes from its checkpoint, so the file never keeps rows of epochs that were rolled
+    back); after that each epoch's row is appended, unless the rows, their columns or the file's size
+    are not what this writer left, which rewrites it whole again. Rewriting every epoch cost 1.4 ms an
+    epoch at 200 epochs (formatting all rows, two fsyncs): a tenth of `rnnkit forecast`. The appended
+    rows are not fsynced: the checkpoint is what a resume trusts, and it rewrites this file."""
+
+    def __init__(self, directory):
+        self.path = None if directory is None else Path(directory) / METRICS_CSV
+        self._columns: list[str] | None = None
+        self._rows = self._size = -1
+
+    def write(self, rows: list[dict]) -> None:
+        if self.path is None:
+            return
+        columns: list[str] = []
+        for row in rows:
+            columns += [k for k in row if k not in columns]
+        if columns == self._columns and len(rows) == self._rows + 1 and self._size == _size(self.path):
+            line = _csv_text(columns, rows[-1:], header=False)
+            with open(self.path, "ab") as f:
+                f.write(line)
+            self._size += len(line)
+        else:
+            data = _csv_text(columns, rows, header=True)
+            atomic_write(self.path, data)
+            self._size = len(data)
+        self._columns, self._rows = columns, len(rows)
+
+
+def _csv_text(columns: list[str], rows: list[dict], header: bool) -> bytes:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows(rows)
-    atomic_write(Path(directory) / METRICS_CSV, buf.getvalue().encode())
+    return buf.getvalue().encode()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return -2                                             # gone: never what the writer left
 
 
 class TensorBoard:

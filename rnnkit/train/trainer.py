@@ -36,7 +36,7 @@ from ..layers import auto_backend, backend_scope
 from .batches import TensorBatches, to_device
 from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig, build_optimizer, build_scheduler, resolve_device
-from .report import TensorBoard, deferred_sigint, progress_bar, write_metrics_csv
+from .report import MetricsCSV, TensorBoard, deferred_sigint, progress_bar
 from .tbptt import StreamBatches, detach_state
 
 
@@ -121,12 +121,12 @@ class Trainer:
             return self._result()
         n_batches = len(source) if hasattr(source, "__len__") else len(source.batches(_replay(self)))
         bar = progress_bar(self.cfg.epochs * n_batches, self.epoch * n_batches + self.batch, self.cfg.progress)
-        board = TensorBoard(self.cfg.out)
+        board, table = TensorBoard(self.cfg.out), MetricsCSV(self.cfg.out)
         try:
             with deferred_sigint() as interrupted:
                 while self.epoch < self.cfg.epochs and not (self.finished or self.stopped_early):
                     self._run_epoch(source, bar, interrupted)
-                    self._end_epoch(board)
+                    self._end_epoch(board, table)
                     if interrupted.is_set():
                         raise KeyboardInterrupt
         except KeyboardInterrupt as e:
@@ -216,7 +216,7 @@ class Trainer:
             return None
 
     # -- end of epoch -------------------------------------------------------------------------------
-    def _end_epoch(self, board: TensorBoard) -> None:
+    def _end_epoch(self, board: TensorBoard, table: MetricsCSV) -> None:
         t0 = self.acc["t0"]
         metrics = self._run_evaluate()
         n = max(self.acc["n"], 1)
@@ -229,8 +229,8 @@ class Trainer:
         self._early_stop(metrics)
         self.epoch, self.batch = self.epoch + 1, 0
         board.log(row)
+        table.write(self.history.epochs)
         if self.cfg.out is not None:
-            write_metrics_csv(self.cfg.out, self.history.epochs)
             every = self.cfg.checkpoint_every
             if every and self.epoch % every == 0 and self.epoch < self.cfg.epochs and not self.stopped_early:
                 self.save()
