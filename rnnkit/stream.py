@@ -23,8 +23,11 @@ on preallocated buffers, under torch.inference_mode, with no validation beyond a
   - GRU: columns [r, -z, x_n, h_n] (the z block negated, so its sigmoid is 1 - z; x and h parts of n
     kept apart, as torch.nn.GRU needs r * (U_n h + b_hn)); n = tanh(x_n + r * h_n); h.lerp_(n, 1 - z);
   - Elman: tanh or relu of the product, into the buffer.
-The stacked weights are rebuilt when any parameter changes (its version counter or storage), so an
-optimizer step or load_state_dict between calls is picked up. Other cells (layer_norm, zoneout, a
+The stacked weights are rebuilt when any parameter or buffer changes (its version counter or storage)
+or any torch.optim step was taken (fused optimizer steps write without counting a version), so an
+optimizer step or load_state_dict between calls is picked up; weights that a forward pre-hook computes
+(torch.nn.utils.prune, the hook-based weight_norm and spectral_norm) are computed as forward would.
+The kernels are in rnnkit/stream_kernels.py. Other cells (layer_norm, zoneout, a
 user's cell, the min cells) run `step`'s per-layer code on the same buffers.
 Shapes: B batch, I input size, H hidden size, L layers, G gate blocks.
 """
@@ -33,12 +36,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils import prune
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .boundary import check_state, positive_int
-from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
+from .cells import LayerNormCell
 from .cells.base import has_hand_backward
 from .layers import _Recurrent
 from .minimal import _MinRecurrent
+from .stream_kernels import KERNELS, GenericKernel, fast_kind
 
 # -- what one stacked layer computes --------------------------------------------------------------------
 
@@ -90,7 +98,21 @@ def _describe(layer) -> list[_Sub]:
     if layer.training and random:
         raise ValueError(f"stream: {name} is in training mode with {', '.join(random)}; streaming runs "
                          "the layer's inference function: call layer.eval() first")
+    _reparametrize(layer)
     return [_Sub(layer, k) for k in range(layer.num_layers)]
+
+
+_REPARAMETRIZATIONS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
+
+
+def _reparametrize(layer) -> None:
+    """Run the forward pre-hooks that compute a weight from others (torch.nn.utils.prune's masks, the
+    hook-based weight_norm and spectral_norm), as the layer's forward would before reading it: a stream
+    reads the weights without calling forward. (torch.nn.utils.parametrize needs nothing: its weights are
+    computed when read.)"""
+    for hook in layer._forward_pre_hooks.values():
+        if isinstance(hook, _REPARAMETRIZATIONS):
+            hook(layer, ())
 
 
 def _random_extras(layer) -> list[str]:
@@ -152,14 +174,24 @@ def step(layer, x_t: Tensor, state=None):
 
 # -- the fast stateful stream ---------------------------------------------------------------------------
 
+_OPTIMIZER_STEPS = [0]                 # optimizer steps taken in this process, once a Stream was built
+_HOOKED = []
+
+
+def _count_optimizer_steps() -> None:
+    """Count every torch.optim step (a global post-hook, registered by the first Stream)."""
+    if not _HOOKED:
+        _HOOKED.append(register_optimizer_step_post_hook(
+            lambda *_: _OPTIMIZER_STEPS.__setitem__(0, _OPTIMIZER_STEPS[0] + 1)))
+
 class Stream:
     """Keeps `layer`'s state between calls: `y_t = s(x_t)` with x_t (B, I) or, for batch_size 1, (I,).
     `s.state` reads the state in torch.nn's layout, `s.reset(state=None)` sets it (None: initial).
 
     Inference only: calls run under torch.inference_mode, so y_t carries no gradient (for online
     learning use `rk.stream.step`, plain differentiable torch code). x_t must have the weights' dtype.
-    Parameter changes are picked up on the next call (an optimizer step, load_state_dict, a new
-    Parameter, layer.to(dtype or device) — the state is moved along); writes through `p.data`, and
+    Parameter changes are picked up on the next call (an optimizer step, fused or not, load_state_dict,
+    a new Parameter, pruning, layer.to(dtype or device) — the state is moved along); writes through `p.data`, and
     in-place writes to weights that are inference tensors (made under torch.inference_mode), bypass
     torch's version counter and need `s.refresh()`. A stream pickles and deep-copies (its layer and
     state; buffers are rebuilt). Inputs are assumed finite (a GRU stream turns ±inf into NaN)."""
@@ -168,13 +200,17 @@ class Stream:
         size = positive_int(batch_size)                                         # numpy ints too
         if size is None:
             raise ValueError(f"Stream: batch_size must be a positive int, got {batch_size!r}")
-        self.layer, self.batch_size = layer, size
         _describe(layer)                                                        # refuses what cannot stream
-        self._fast = _fast_kind(layer)
+        self._setup(layer, size, state)
+
+    def _setup(self, layer, size: int, state) -> None:
+        self.layer, self.batch_size = layer, size
+        self._fast = fast_kind(layer)
         self._random = bool(_random_extras(layer))                             # refused in training mode
         self._alloc(layer.weight_ih_l0, None)
         self._key = None
         self._inference = torch.inference_mode()                                # reused: cheaper to enter
+        _count_optimizer_steps()
         self.reset(state)
 
     def _alloc(self, like: Tensor, keep: tuple | None) -> None:
@@ -195,12 +231,14 @@ class Stream:
     @property
     def state(self):
         """A copy of the state in torch.nn's layout: (L, B, H), or (h, c) for the LSTM."""
+        self._sync()                                                           # layer.to(...) since
         parts = (torch.stack(self._h), *(r.clone() for r in self._rest))
         return parts if len(parts) == 2 else parts[0]
 
     def reset(self, state=None) -> None:
         """Set the state: None for the layer's initial state, or a state in torch.nn's layout
         ((L, B, H) each; (L, H) also at batch_size 1)."""
+        self._sync()                                                           # layer.to(...) since
         first = state[0] if isinstance(state, (tuple, list)) and state else state
         unbatched = self.batch_size == 1 and isinstance(first, Tensor) and first.dim() == 2
         parts = _check_state(self.layer, state, self.batch_size, unbatched, self._buf)
@@ -232,16 +270,29 @@ class Stream:
         y = self._h[-1].clone()                                                # (B, H), a normal tensor
         return y[0] if unbatched else y
 
+    def _sync(self) -> None:
+        """Rebuild now if the layer changed since the last build (as a call would)."""
+        with self._inference:
+            key = self._version_key()
+            if key != self._key:
+                self._build(key)
+
     def _version_key(self):
-        """What changes when a parameter does: its version counter and storage, per parameter. Inference
-        tensors (built or loaded under inference_mode) keep no version counter: their storage only."""
+        """What changes when a parameter or buffer (a pruning mask) does: its version counter and storage;
+        and the count of optimizer steps, since torch's fused optimizer steps (fused=True) write the
+        parameters without counting a version. Inference tensors (built or loaded under inference_mode)
+        keep no version counter: their storage only."""
         layer = self.layer
         params = [p for p in (layer.parameters() if layer._modules else layer._parameters.values())  # parametrizations
                   if p is not None]
+        if layer._buffers:
+            params += [b for b in layer._buffers.values() if b is not None]
         try:
-            return [(p._version, p.data_ptr()) for p in params]                # the hot path: no per-tensor test
+            key = [(p._version, p.data_ptr()) for p in params]                 # the hot path: no per-tensor test
         except RuntimeError:                                                   # an inference tensor's _version
-            return [(None if p.is_inference() else p._version, p.data_ptr()) for p in params]
+            key = [(None if p.is_inference() else p._version, p.data_ptr()) for p in params]
+        key.append(_OPTIMIZER_STEPS[0])
+        return key
 
     def _check_x(self, x_t) -> tuple[Tensor, bool]:
         if not isinstance(x_t, Tensor):
@@ -258,11 +309,13 @@ class Stream:
 
     def _build(self, key) -> None:
         """Stacked weights and the per-layer kernels, from the layer's current parameters."""
+        with torch.inference_mode(False), torch.no_grad():                      # weights it sets stay normal tensors
+            _reparametrize(self.layer)
         like = self.layer.weight_ih_l0
         if like.dtype != self._buf.dtype or like.device != self._buf.device:  # layer.to(...) since
             self._alloc(like, (self._buf, *self._rest))
         subs = [_Sub(self.layer, k) for k in range(self.layer.num_layers)]
-        make = {"lstm": _LSTMKernel, "gru": _GRUKernel, "rnn": _ElmanKernel}.get(self._fast, _GenericKernel)
+        make = KERNELS.get(self._fast, GenericKernel)
         I, H = self.layer.input_size, self.layer.hidden_size
         self._kernels = []
         for k, sub in enumerate(subs):
@@ -276,108 +329,7 @@ class Stream:
         return {"layer": self.layer, "batch_size": self.batch_size, "state": self.state}
 
     def __setstate__(self, saved):
-        self.__init__(saved["layer"], saved["batch_size"], saved["state"])
+        self._setup(saved["layer"], saved["batch_size"], saved["state"])        # the call checks training mode
 
     def __repr__(self) -> str:
         return f"Stream({self.layer!r}, batch_size={self.batch_size})"
-
-
-def _fast_kind(layer) -> str | None:
-    """Which hand-fused kernel fits: only torch.nn's exact cells with no extras."""
-    if not isinstance(layer, _Recurrent) or layer.layer_norm or any(layer.zoneout):
-        return None
-    return {LSTMCell: "lstm", GRUCell: "gru", ElmanCell: "rnn"}.get(type(layer._cell))
-
-
-def _stacked(sub, rows: list[tuple[Tensor | None, Tensor | None]], bias: list[Tensor]):
-    """[V U] row blocks -> (I_k + H, N) transposed weight and (N,) bias; None blocks are zeros."""
-    I, H = sub.V.shape[1], sub.U.shape[1]
-    blocks = []
-    for v, u in rows:
-        n = (v if v is not None else u).shape[0]
-        v = v if v is not None else sub.V.new_zeros(n, I)
-        u = u if u is not None else sub.U.new_zeros(n, H)
-        blocks.append(torch.cat((v, u), 1))
-    return torch.cat(blocks, 0).t().contiguous(), torch.cat(bias, 0)
-
-
-def _bias(b: Tensor | None, n: int, like: Tensor) -> Tensor:
-    return like.new_zeros(n) if b is None else b
-
-
-class _LSTMKernel:
-    """One addmm into (i, f, o, g); sigmoid_ on i, f, o; tanh_ on g; c = f c + i g; h = o tanh(c)."""
-
-    def __init__(self, sub, window, h, rest):
-        H = sub.U.shape[1]
-        V, U = sub.V.chunk(4, 0), sub.U.chunk(4, 0)                           # i, f, g, o blocks
-        b = (_bias(sub.b_ih, 4 * H, sub.V) + _bias(sub.b_hh, 4 * H, sub.V)).chunk(4)
-        order = (0, 1, 3, 2)
-        self.W, self.b = _stacked(sub, [(V[j], U[j]) for j in order], [b[j] for j in order])
-        self.window, self.h, self.c = window, h, rest[0]
-        self.P = window.new_empty(window.shape[0], 4 * H)                      # (B, 4H)
-        self.sig, self.tanh = self.P[:, :3 * H], self.P[:, 3 * H:]
-        self.i, self.f, self.o = self.P[:, :H], self.P[:, H:2 * H], self.P[:, 2 * H:3 * H]
-        self.tc = window.new_empty(window.shape[0], H)
-
-    def __call__(self):
-        torch.addmm(self.b, self.window, self.W, out=self.P)
-        self.sig.sigmoid_()
-        self.tanh.tanh_()
-        self.c.mul_(self.f).addcmul_(self.i, self.tanh)
-        torch.tanh(self.c, out=self.tc)
-        torch.mul(self.o, self.tc, out=self.h)
-
-
-class _GRUKernel:
-    """One addmm into [r, -z, x_n, h_n]; sigmoid_ gives r and 1 - z; n = tanh(x_n + r h_n);
-    h.lerp_(n, 1 - z) = z h + (1 - z) n."""
-
-    def __init__(self, sub, window, h, rest):
-        H = sub.U.shape[1]
-        V, U = sub.V.chunk(3, 0), sub.U.chunk(3, 0)                           # r, z, n blocks
-        bi, bh = _bias(sub.b_ih, 3 * H, sub.V).chunk(3), _bias(sub.b_hh, 3 * H, sub.V).chunk(3)
-        rows = [(V[0], U[0]), (-V[1], -U[1]), (V[2], None), (None, U[2])]
-        self.W, self.b = _stacked(sub, rows, [bi[0] + bh[0], -(bi[1] + bh[1]), bi[2], bh[2]])
-        self.window, self.h = window, h
-        self.P = window.new_empty(window.shape[0], 4 * H)                      # (B, 4H)
-        self.rz = self.P[:, :2 * H]
-        self.r, self.w, self.xn, self.hn = (self.P[:, j * H:(j + 1) * H] for j in range(4))
-        self.n = window.new_empty(window.shape[0], H)
-
-    def __call__(self):
-        torch.addmm(self.b, self.window, self.W, out=self.P)
-        self.rz.sigmoid_()
-        torch.addcmul(self.xn, self.r, self.hn, out=self.n).tanh_()
-        self.h.lerp_(self.n, self.w)
-
-
-class _ElmanKernel:
-    """h = tanh or relu of one addmm."""
-
-    def __init__(self, sub, window, h, rest):
-        H = sub.U.shape[1]
-        self.W, self.b = _stacked(sub, [(sub.V, sub.U)], [_bias(sub.b_ih, H, sub.V) + _bias(sub.b_hh, H, sub.V)])
-        self.window, self.h = window, h
-        self.P = window.new_empty(window.shape[0], H)
-        self.relu = sub.cell.nonlinearity == "relu"
-
-    def __call__(self):
-        torch.addmm(self.b, self.window, self.W, out=self.P)
-        if self.relu:
-            torch.clamp(self.P, min=0, out=self.h)
-        else:
-            torch.tanh(self.P, out=self.h)
-
-
-class _GenericKernel:
-    """Any other cell: `step`'s per-layer code, reading from and writing to the stream's buffers."""
-
-    def __init__(self, sub, window, h, rest):
-        self.sub, self.h, self.rest = sub, h, rest
-        self.x = window[:, :window.shape[1] - h.shape[1]]
-
-    def __call__(self):
-        new = self.sub(self.x, (self.h, *self.rest))
-        for dst, src in zip((self.h, *self.rest), new):
-            dst.copy_(src)

@@ -7,9 +7,13 @@ from rnnkit.data.seq2seq import build_vocab, collate, reversal_pairs
 from rnnkit.data.text import TokenStream, Vocabulary, encode_prompt
 from rnnkit.errors import UserError
 from rnnkit.models.classifier import ClassifierConfig, SequenceClassifier
-from rnnkit.models.language import LanguageModel, LanguageModelConfig, detach_state, next_token_probs
+from rnnkit.models.language import (
+    LanguageModel,
+    LanguageModelConfig,
+    detach_state,
+    next_token_probs,
+)
 from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
-
 
 # -- language model ----------------------------------------------------------------------------------
 
@@ -292,3 +296,47 @@ def test_greedy_decode_streams_the_same_tokens_as_calling_decode(cell, attention
     with pytest.raises(ValueError, match="lengths must lie in"):
         model.greedy_decode(b.src, b.src_lengths + 100, 10)
     assert model.training                          # also after an error
+
+
+def test_decoding_calls_on_one_model_from_two_threads_take_turns():
+    """sample()/greedy_decode() switch the model to eval and back: a second thread's call waits for the
+    first (they had raced: a model left in eval for the rest of training, or a stream refusing train mode)."""
+    import threading
+
+    from rnnkit.models.language import decoding
+    lm = _tiny_lm().train()
+    inside, release, entered = threading.Event(), threading.Event(), []
+
+    def first():
+        with decoding(lm, "cpu"):
+            inside.set()
+            release.wait(10)
+            entered.append(("first", lm.training))
+
+    def second():
+        with decoding(lm, "cpu"):
+            entered.append(("second", lm.training))
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert inside.wait(10)
+    b = threading.Thread(target=second)
+    b.start()
+    b.join(0.2)
+    assert b.is_alive() and entered == []                      # waits while the first is inside
+    release.set()
+    a.join(10)
+    b.join(10)
+    assert entered == [("first", False), ("second", False)] and lm.training
+    with decoding(_tiny_lm(), "cpu"):                          # another model does not wait for this one
+        pass
+
+
+def test_sampling_arguments_must_be_ints_not_bools():
+    lm = _tiny_lm()
+    with pytest.raises(UserError, match="top_k must be a positive integer"):
+        lm.sample([3], 5, top_k=True)
+    with pytest.raises(UserError, match=r"suppress_ids must be token ids \(ints\)"):
+        lm.sample([3], 5, suppress_ids=[True])
+    got = lm.sample([3], 5, temperature=0, suppress_ids=torch.tensor([0, 1]), top_k=torch.tensor(3))
+    assert len(got) == 5 and not {0, 1} & set(got)

@@ -3,11 +3,11 @@ output and final state, for every cell, stacked layers, given states and the ext
 between calls are picked up; bad use is refused with a clear message."""
 import pytest
 import torch
+from helpers import KINDS, as_tuple, build
 from torch import nn
 from torch.autograd import gradcheck
 
 import rnnkit as rk
-from helpers import KINDS, as_tuple, build
 from rnnkit.minimal import MinGRU, MinLSTM
 from rnnkit.stream import Stream, step
 
@@ -309,3 +309,77 @@ def test_reset_takes_an_unbatched_state_and_batch_size_any_int():
         step(layer, x, (h[:1], c))
     with pytest.raises(TypeError, match="no projected LSTM"):
         Stream(nn.LSTM(3, 4, proj_size=2))
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.Adam(p, lr=0.1, fused=True),
+                                  lambda p: torch.optim.SGD(p, lr=0.1, fused=True),
+                                  lambda p: torch.optim.AdamW(p, lr=0.1, foreach=True)])
+def test_fused_optimizer_steps_are_picked_up(make):
+    """torch's fused optimizer steps write the parameters without counting a version: the stream counts
+    optimizer steps too (it kept the old weights, off by ~0.1)."""
+    layer = rk.LSTM(3, 4, 2).eval()
+    s = Stream(layer)
+    s(torch.randn(3))
+    opt = make(layer.parameters())
+    layer(torch.randn(5, 3))[0].sum().backward()
+    opt.step()
+    s.reset()
+    assert stream_matches_step(layer, s, 3)[0] < 1e-6
+
+
+@pytest.mark.parametrize("how", ["prune", "weight_norm", "spectral_norm"])
+def test_hook_reparametrized_weights_are_picked_up(how):
+    """prune and the hook-based weight_norm / spectral_norm compute the weight in a forward pre-hook:
+    the stream and step run it (they read the weight a forward had left, from before the last step)."""
+    import warnings
+
+    from torch.nn.utils import prune
+    torch.manual_seed(0)
+    layer = rk.GRU(3, 4).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)            # torch.nn.utils.weight_norm is deprecated
+        {"prune": lambda: prune.l1_unstructured(layer, "weight_hh_l0", amount=0.5),
+         "weight_norm": lambda: torch.nn.utils.weight_norm(layer, "weight_hh_l0"),
+         "spectral_norm": lambda: torch.nn.utils.spectral_norm(layer, "weight_hh_l0")}[how]()
+    s = Stream(layer)
+    x = torch.randn(6, 1, 3)
+    opt = torch.optim.SGD(layer.parameters(), lr=1.0)
+    layer.train()
+    layer(torch.randn(5, 1, 3))[0].sum().backward()
+    opt.step()                                                    # changes weight_hh_l0_orig / _v / _g
+    layer.eval()
+    s.reset()
+    ys = torch.stack([s(x[t]) for t in range(6)])
+    steps, _ = run_step(layer, x)
+    with torch.no_grad():
+        ref, _ = layer(x)                                         # forward runs the hook itself
+    assert (ys - ref).abs().max() < 1e-6 and (steps - ref).abs().max() < 1e-6
+    if how == "prune":
+        prune.l1_unstructured(layer, "weight_hh_l0", amount=0.5)   # a new mask: a buffer changed
+        s.reset()
+        ys = torch.stack([s(x[t]) for t in range(6)])
+        with torch.no_grad():
+            ref, _ = layer(x)
+        assert (ys - ref).abs().max() < 1e-6
+
+
+def test_state_reset_and_copies_follow_a_layer_moved_before_the_next_call():
+    import copy
+    import pickle
+    layer = rk.LSTM(3, 4).eval()
+    s = Stream(layer)
+    s(torch.randn(3))
+    layer.double()
+    assert s.state[0].dtype == D64                                # no call since the move
+    s.reset((torch.zeros(1, 1, 4, dtype=D64),) * 2)
+    for twin in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert twin.state[0].dtype == D64
+    gru = rk.GRU(3, 4, 2, dropout=0.3).eval()
+    s = Stream(gru)
+    s(torch.randn(3))
+    gru.train()
+    twin = pickle.loads(pickle.dumps(s))                          # saved in training mode: loads
+    with pytest.raises(ValueError, match="call layer.eval"):      # and refuses to run until eval()
+        twin(torch.randn(3))
+    twin.layer.eval()
+    assert twin(torch.randn(3)).shape == (4,)

@@ -25,6 +25,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+SEEDS = (-2**63, 2**64)                # what torch.manual_seed takes: [low, high)
+
+
+def seed_int(text: str) -> int:
+    value = int(text)
+    if not SEEDS[0] <= value < SEEDS[1]:
+        raise argparse.ArgumentTypeError(f"must be an integer in [-2**63, 2**64) (torch's seed range), got {value}")
+    return value
+
+
 def nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -43,7 +53,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, epochs: int, hidden_siz
                      num_layers: int = 1, clip_norm: float | None = None) -> None:
     """--seed --device --epochs --hidden-size --num-layers --clip-norm --out (DESIGN §4)."""
     g = parser.add_argument_group("common")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    g.add_argument("--seed", type=seed_int, default=0, help="random seed (default 0)")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     g.add_argument("--epochs", type=positive_int, default=epochs, help=f"training epochs (default {epochs})")
     g.add_argument("--hidden-size", type=positive_int, default=hidden_size,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from ..tasks import BACKENDS, gradflow
+from .common import seed_int
 
 EPILOG = """examples:
   rnnkit gradflow --cell rnn,lstm,gru --length 100                      # at initialisation
@@ -26,7 +27,7 @@ def add_parser(subparsers) -> None:
                    help="also train this many Adam steps on the adding problem and measure again (default 0)")
     p.add_argument("--lr", type=float, default=1e-3, help="learning rate for --trained-steps (default 1e-3)")
     p.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm while training (default off)")
-    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="first seed (default 0)")
     p.add_argument("--num-seeds", type=int, default=3, help="seeds to average the horizon over (default 3)")
     p.add_argument("--checkpoints", type=int, default=8, help="profiles recorded during training (default 8)")
     p.add_argument("--threshold", type=float, default=1e-3, help="horizon threshold (default 1e-3)")

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..tasks import memory
+from .common import SEEDS
 
 EPILOG = """examples:
   rnnkit memory --task adding --length 50,100 --cell rnn,lstm,gru --steps 2000 --seed 0,1,2
@@ -64,6 +65,8 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise UserError(f"{flag} takes comma-separated integers, e.g. {flag} 50,100; got {text!r}") from None
     if not values:
         raise UserError(f"{flag} is empty")
+    if flag == "--seed" and not all(SEEDS[0] <= v < SEEDS[1] for v in values):
+        raise UserError(f"--seed values must lie in [-2**63, 2**64) (torch's seed range), got {text!r}")
     return values
 
 

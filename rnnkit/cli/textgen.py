@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..tasks.textgen import DATASETS, TextgenConfig, generate, load_corpus, load_model, run_textgen, write_outputs
-from .common import (add_common_flags, add_task, add_train_flags, config_from, nonnegative_int,
+from .common import (add_common_flags, add_task, add_train_flags, config_from, nonnegative_int, seed_int,
                      positive_float, positive_int, train_config)
 
 TRAIN_EXAMPLES = """\
@@ -83,7 +83,7 @@ def _add_sample(sub) -> None:
                    help="below 1 sharper, above 1 wilder, 0 greedy (default 1)")
     p.add_argument("--top-k", type=positive_int, default=None, metavar="K", help="draw from the K most likely tokens only")
     p.add_argument("--length", type=nonnegative_int, default=300, metavar="N", help="tokens to add (default 300)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the draw (default 0)")
+    p.add_argument("--seed", type=seed_int, default=0, help="random seed of the draw (default 0)")
     p.set_defaults(run=run_sample)
 
 

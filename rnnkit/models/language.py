@@ -13,9 +13,14 @@ layer per token, 2 threads).
 """
 from __future__ import annotations
 
+import contextlib
+import operator
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -95,14 +100,9 @@ class LanguageModel(nn.Module):
             raise UserError(f"prompt ids must lie in [0, {V}), got {[i for i in prompt if not 0 <= i < V][:5]}")
         if n < 0:
             raise UserError(f"number of tokens to sample must be >= 0, got {n}")
-        check_sampling(temperature, top_k, suppress_ids, V)
-        was_training = self.training
-        self.eval()
-        try:                        # in the weights' dtype: an autocast around the call would hand the
-            with torch.autocast(self.head.weight.device.type, enabled=False):   # stream a state it refuses
-                return self._sample(prompt, n, temperature, top_k, suppress_ids, generator)
-        finally:
-            self.train(was_training)
+        top_k, suppress_ids = check_sampling(temperature, top_k, suppress_ids, V)
+        with decoding(self, self.head.weight.device.type):
+            return self._sample(prompt, n, temperature, top_k, suppress_ids, generator)
 
     def _sample(self, prompt, n, temperature, top_k, suppress_ids, generator) -> list[int]:
         device = self.head.weight.device
@@ -118,16 +118,55 @@ class LanguageModel(nn.Module):
         return out
 
 
-def check_sampling(temperature: float, top_k: int | None, suppress_ids: Sequence[int], vocab_size: int) -> None:
+_MODE_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_MODE_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def decoding(model: nn.Module, device_type: str):
+    """For a decoding loop (sample, greedy_decode): the model in eval mode (dropout off) and its training
+    mode put back after, also on error; autocast off inside (a stream runs in the weights' dtype and
+    refuses a state autocast made in another). Calls on one model from several threads take turns, so
+    none sees another's mode switch (which left the model in eval, or a stream refusing training mode)."""
+    with _MODE_GUARD:
+        lock = _MODE_LOCKS.setdefault(model, threading.RLock())
+    with lock:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.autocast(device_type, enabled=False):
+                yield
+        finally:
+            model.train(was_training)
+
+
+def _is_int(value) -> bool:
+    """An integer (Python, numpy, a one-element integer tensor), not a bool (True would index as 1)."""
+    if isinstance(value, bool) or getattr(value, "dtype", None) in (torch.bool, np.bool_):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def check_sampling(temperature: float, top_k: int | None, suppress_ids: Sequence[int],
+                   vocab_size: int) -> tuple[int | None, list[int]]:
+    """Refuse bad sampling arguments with a UserError; top_k and suppress_ids as Python ints."""
     if not 0 <= temperature < float("inf"):                  # also refuses NaN
         raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and not (isinstance(top_k, int) and top_k >= 1):
+    if top_k is not None and not (_is_int(top_k) and top_k >= 1):
         raise UserError(f"top_k must be a positive integer or None, got {top_k!r}")
-    bad = [i for i in suppress_ids if not 0 <= i < vocab_size]
+    if not all(_is_int(i) for i in suppress_ids):
+        raise UserError(f"suppress_ids must be token ids (ints), got {list(suppress_ids)[:5]!r}")
+    ids = [operator.index(i) for i in suppress_ids]
+    bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
         raise UserError(f"suppress_ids must lie in [0, {vocab_size}), got {bad[:5]}")
-    if len(set(suppress_ids)) >= vocab_size:
+    if len(set(ids)) >= vocab_size:
         raise UserError("every token is suppressed; nothing is left to sample")
+    return (None if top_k is None else operator.index(top_k)), ids
 
 
 def next_token_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ..errors import UserError
 from ..stream import Stream
-from .language import CELLS, State
+from .language import CELLS, State, decoding
 
 
 @dataclass(frozen=True)
@@ -109,13 +109,8 @@ class Seq2Seq(nn.Module):
         attention keys W_a e_s are computed once: the same tokens as calling `decode` per step."""
         if max_len < 1:
             raise UserError(f"max_len must be >= 1, got {max_len}")
-        was_training = self.training
-        self.eval()
-        try:                        # in the weights' dtype: an autocast around the call would hand the
-            with torch.autocast(src.device.type, enabled=False):           # stream a state it refuses
-                return self._greedy(src, src_lengths, max_len)
-        finally:
-            self.train(was_training)
+        with decoding(self, src.device.type):
+            return self._greedy(src, src_lengths, max_len)
 
     def _greedy(self, src: Tensor, src_lengths: Tensor, max_len: int) -> tuple[Tensor, Tensor]:
         c, B, device = self.config, src.shape[0], src.device
