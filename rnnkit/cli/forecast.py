@@ -18,7 +18,8 @@ examples:
 
 writes to --out: metrics.json (mae, rmse, mape %, smape %, mase for the model; the same for naive,
 seasonal_naive and sarima), forecast.csv, forecast.png, model/ (checkpoint + metrics.csv; load it with
-rnnkit.tasks.forecast.load_model). Ctrl-C saves a checkpoint; --resume continues it.
+rnnkit.tasks.forecast.load_model). Ctrl-C saves a checkpoint (with --backtest N, in the last fold's
+training); --resume continues it.
 """
 
 

@@ -24,7 +24,7 @@ from ..data.scaling import SCALES
 from ..errors import UserError, check_at_least_one, check_choice
 from ..metrics import forecast_metrics
 from ..models import Forecaster, ForecasterConfig
-from ..train import (FitResult, TensorBatches, TrainConfig, Trainer, atomic_write, load_weights,
+from ..train import (FitResult, TensorBatches, TrainConfig, Trainer, TrainingInterrupted, atomic_write, load_weights,
                      read_manifest, seed_everything)
 from . import baselines
 from .forecast_plot import plot_forecast
@@ -107,7 +107,14 @@ def run_forecast(series: Series, cfg: ForecastConfig, train: TrainConfig, resume
     for k, origin in enumerate(origins):
         final = k == len(origins) - 1
         fold_train = train if final else dataclasses.replace(train, out=None)
-        model, transform, fit = fit_fold(x[:origin], cfg, fold_train, lags, resume and final)
+        try:
+            model, transform, fit = fit_fold(x[:origin], cfg, fold_train, lags, resume and final)
+        except TrainingInterrupted as e:
+            if final:
+                raise
+            raise TrainingInterrupted(f"interrupted in back-test fold {k + 1} of {len(origins)}; only the last "
+                                      "fold's training is checkpointed, so nothing was saved: run the command "
+                                      "again") from e
         truth = x[origin:origin + cfg.horizon]
         folds.append(_evaluate_fold(x[:origin], truth, origin, predict(model, transform, x[:origin], cfg), cfg, season))
         last = (model, transform, fit)

@@ -122,12 +122,16 @@ class Deadline:
 
 
 def fit_within(trainer: Trainer, source, deadline: Deadline, resume: bool = False) -> tuple[FitResult, bool]:
-    """`trainer.fit(source)`, stopped cleanly at the deadline. Returns (result, stopped_by_time)."""
+    """`trainer.fit(source)`, stopped cleanly at the deadline (the checkpoint resumes from the last step).
+    With early stopping on, the model is then the best epoch's, as at the end of a run, so the scores
+    that follow are of the weights a predict command loads. Returns (result, stopped_by_time)."""
     try:
         return trainer.fit(source, resume=resume), False
     except TrainingInterrupted:
         if not deadline.hit:
             raise
+    if trainer.best_weights is not None:
+        trainer.model.load_state_dict(trainer.best_weights)
     return FitResult(trainer.history, trainer.epoch, trainer.best_epoch, trainer.best, False), True
 
 

@@ -42,10 +42,22 @@ class MetricsCSV:
                 f.write(line)
             self._size += len(line)
         else:
-            data = _csv_text(columns, rows, header=True)
-            atomic_write(self.path, data)
-            self._size = len(data)
+            self._size = write_metrics_csv(self.path.parent, rows)
         self._columns, self._rows = columns, len(rows)
+
+
+def write_metrics_csv(directory, rows: list[dict]) -> int:
+    """Rewrite `metrics.csv` with `rows`, atomically (no rows: no file). Returns its size in bytes."""
+    path = Path(directory) / METRICS_CSV
+    if not rows:
+        path.unlink(missing_ok=True)
+        return -2
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    data = _csv_text(columns, rows, header=True)
+    atomic_write(path, data)
+    return len(data)
 
 
 def _csv_text(columns: list[str], rows: list[dict], header: bool) -> bytes:
@@ -97,6 +109,10 @@ def progress_bar(total: int, initial: int, enabled: bool, desc: str = "train") -
                 dynamic_ncols=True, leave=False)
 
 
+class InterruptedTwice(KeyboardInterrupt):
+    """A second Ctrl-C: raised wherever the program is, so nothing it leaves behind is saved."""
+
+
 @contextlib.contextmanager
 def deferred_sigint():
     """Turn the first Ctrl-C into a flag the loop checks between steps (so the checkpoint it then
@@ -108,7 +124,7 @@ def deferred_sigint():
 
     def handler(signum, frame):
         if flag.is_set():
-            raise KeyboardInterrupt
+            raise InterruptedTwice
         flag.set()
 
     previous = signal.signal(signal.SIGINT, handler)

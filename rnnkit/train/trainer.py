@@ -14,13 +14,14 @@ Each step: forward, a non-finite loss stops the run (`NonFiniteLossError`; the l
 is the last good one), backward, the global gradient norm before clipping goes into the history,
 clipping (by value, then by norm), the optimizer step. Each epoch: evaluation, a metrics.csv row, the
 schedule, early stopping, a checkpoint every `checkpoint_every` epochs. Ctrl-C finishes the current
-step, writes a checkpoint and raises `TrainingInterrupted`; `fit(..., resume=True)` continues from it,
-mid-epoch included, and ends bitwise-identical to a run that was never stopped.
+step, writes a checkpoint and raises `TrainingInterrupted` (a second Ctrl-C stops at once and saves
+nothing); `fit(..., resume=True)` continues from it, mid-epoch included, and ends bitwise-identical to
+a run that was never stopped. With early stopping on (`patience`), a checkpoint's model file holds the
+best epoch's weights so far (what `load_weights` and the tasks' predict commands read); the last
+step's weights travel in its state, for resume.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import random
 import time
@@ -34,9 +35,10 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..layers import auto_backend, backend_scope
 from .batches import TensorBatches, to_device
-from .checkpoint import load_checkpoint, read_manifest, save_checkpoint
-from .config import RESUMABLE_CHANGES, TrainConfig, build_optimizer, build_scheduler, resolve_device
-from .report import MetricsCSV, TensorBoard, deferred_sigint, progress_bar
+from .checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
+from .config import TrainConfig, build_optimizer, build_scheduler, resolve_device
+from .report import InterruptedTwice, MetricsCSV, TensorBoard, deferred_sigint, progress_bar, write_metrics_csv
+from .resume import check_epochs_left, check_resumable
 from .tbptt import StreamBatches, detach_state
 
 
@@ -106,9 +108,12 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         if self.cfg.out is not None:
             Path(self.cfg.out).mkdir(parents=True, exist_ok=True)
+        self._saved = resume                              # a checkpoint of this run is on disk
         if resume:
             self._restore()
+            check_epochs_left(self.cfg.out, self.epoch, self.batch, self.cfg.epochs)
         else:
+            self._check_replaceable()
             seed_everything(self.cfg.seed)
         if self.finished and not self.stopped_early and self.epoch < self.cfg.epochs:
             if self.best_weights is not None and self.best_epoch != self.epoch:   # last weights replaced
@@ -127,10 +132,10 @@ class Trainer:
                 while self.epoch < self.cfg.epochs and not (self.finished or self.stopped_early):
                     self._run_epoch(source, bar, interrupted)
                     self._end_epoch(board, table)
-                    if interrupted.is_set():
-                        raise KeyboardInterrupt
+                    if interrupted.is_set() and self.epoch < self.cfg.epochs and not self.stopped_early:
+                        raise KeyboardInterrupt           # (after the last epoch: the run is done, finish it)
         except KeyboardInterrupt as e:
-            raise self._interrupted() from e
+            raise self._interrupted(save=not isinstance(e, InterruptedTwice)) from e
         finally:
             bar.close()
             board.close()
@@ -157,7 +162,7 @@ class Trainer:
             self.batch = i + 1
             bar.update(1)
             bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss:.4g}", refresh=False)
-            if interrupted.is_set():
+            if interrupted.is_set() and self.batch < len(batches):   # at the last: after the epoch's end
                 raise KeyboardInterrupt
 
     def _train_step(self, batch, stateful: bool) -> float:
@@ -285,12 +290,17 @@ class Trainer:
     def _result(self) -> FitResult:
         return FitResult(self.history, self.epoch, self.best_epoch, self.best, self.stopped_early)
 
-    def _interrupted(self) -> TrainingInterrupted:
+    def _interrupted(self, save: bool) -> TrainingInterrupted:
+        where = (f"after epoch {self.epoch}" if self.batch == 0 else f"in epoch {self.epoch + 1}") + f", step {self.step}"
         if self.cfg.out is None:
-            return TrainingInterrupted("interrupted; no --out directory, so nothing was saved")
+            return TrainingInterrupted(f"interrupted {where}; this run has no output directory, so nothing was saved")
+        if not save:                                      # a second Ctrl-C: the state may be half-updated
+            kept = (f"its last checkpoint (epoch {self._saved_epoch()}) in {self.cfg.out} is kept: run the same "
+                    "command with --resume to continue from there" if self._saved else "nothing of it was saved")
+            return TrainingInterrupted(f"interrupted twice, {where}: stopped at once without saving; {kept}")
         self.save()
-        return TrainingInterrupted(f"interrupted at epoch {self.epoch + 1}, step {self.step}; checkpoint "
-                                   f"saved in {self.cfg.out}: run the same command with --resume to continue")
+        return TrainingInterrupted(f"interrupted {where}; checkpoint saved in {self.cfg.out}: run the same "
+                                   "command with --resume to continue")
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self) -> None:
@@ -298,7 +308,22 @@ class Trainer:
         manifest = {"epoch": self.epoch, "step": self.step, "finished": self.finished,
                     "best_epoch": self.best_epoch, "best": self.best,
                     "train_config": self._config_json(), "meta": self.meta}
-        save_checkpoint(self.cfg.out, self.model.state_dict(), self._state(), manifest)
+        weights, state = self.model.state_dict(), self._state()
+        if self.best_weights is not None and not self.finished:   # early stopping: the model file is the
+            weights, state["resume_weights"] = self.best_weights, weights   # best epoch's; resume takes the last step's
+        save_checkpoint(self.cfg.out, weights, state, manifest)
+        write_metrics_csv(self.cfg.out, self.history.epochs)   # the checkpoint's rows, whatever was there
+        self._saved = True
+
+    def _check_replaceable(self) -> None:
+        """A new run in a directory holding a checkpoint replaces it when it saves: one that cannot be
+        read must be dealt with now, not after the training (its save would fail)."""
+        if self.cfg.out is not None and (Path(self.cfg.out) / MANIFEST).exists():
+            try:
+                read_manifest(self.cfg.out)
+            except UserError as e:
+                raise UserError(f"{e}; a new run in {self.cfg.out} would replace it: remove it or choose "
+                                "another --out directory") from None
 
     def _state(self) -> dict:
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
@@ -320,9 +345,9 @@ class Trainer:
         if self.cfg.out is None:
             raise UserError("resume needs the output directory of the run to continue (--out)")
         ckpt = load_checkpoint(self.cfg.out)
-        self._check_compatible(ckpt.manifest)
-        self.model.load_state_dict(ckpt.weights)
+        check_resumable(self.cfg.out, ckpt.manifest, self._config_json(), self.meta)
         s = ckpt.state
+        self.model.load_state_dict(ckpt.weights if s.get("resume_weights") is None else s["resume_weights"])
         self.optimizer.load_state_dict(s["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(s["scheduler"])
@@ -349,29 +374,8 @@ class Trainer:
         """The config as a checkpoint records it, with the backend that ran (None resolved)."""
         return {**self.cfg.to_json(), "backend": auto_backend()}
 
-    def _check_compatible(self, manifest: dict) -> None:
-        saved, now = manifest["train_config"], self._config_json()
-        saved = {**_FIELD_DEFAULTS, "backend": "auto", **saved}   # a field added since: what ran then
-        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-            raise UserError(f"cannot resume {self.cfg.out} with different settings ({diffs}); "
-                            "use the settings of the original run or a new --out directory")
-        if manifest.get("meta", {}) != _json_roundtrip(self.meta):
-            raise UserError(f"the checkpoint in {self.cfg.out} was written for a different model or data "
-                            "setup; use the original settings or a new --out directory")
-
-
-_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)
-                   if f.default is not dataclasses.MISSING}
-
-
 def _new_acc() -> dict:
     return {"loss": 0.0, "n": 0, "norm_sum": 0.0, "norm_max": 0.0, "clipped": 0, "t0": time.perf_counter()}
-
-
-def _json_roundtrip(x):
-    return json.loads(json.dumps(x))
 
 
 def _replay(trainer: Trainer) -> torch.Generator:

@@ -1,0 +1,52 @@
+"""What may differ when a run is resumed, and the errors that say what did (Trainer._restore's checks).
+
+Exact resume needs the same training settings (TrainConfig, less RESUMABLE_CHANGES), the same model
+and data setup (the task's `meta`), and: the cosine schedule spans the run's epoch count (its T_max
+is restored from the checkpoint, so a new --epochs would restart the cycle mid-run), and a run cannot
+be resumed to fewer epochs than it has already trained.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from ..errors import UserError
+from .config import RESUMABLE_CHANGES, TrainConfig
+
+FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+
+
+def check_resumable(out, manifest: dict, now: dict, meta: dict) -> None:
+    """manifest: the checkpoint's; now: the config as a checkpoint records it; meta: the task's."""
+    saved = {**FIELD_DEFAULTS, "backend": "auto", **manifest["train_config"]}   # a field added since: what ran then
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
+        raise UserError(f"cannot resume {out} with different settings ({diffs}); "
+                        "use the settings of the original run or a new --out directory")
+    diffs = _differences(manifest.get("meta", {}), json.loads(json.dumps(meta)))
+    if diffs:
+        raise UserError(f"the checkpoint in {out} was written for a different model or data setup "
+                        f"({'; '.join(diffs[:5])}); use the original settings or a new --out directory")
+    if now["schedule"] == "cosine" and saved["epochs"] != now["epochs"]:
+        raise UserError(f"the run in {out} follows the cosine schedule over its {saved['epochs']} epochs; "
+                        f"resuming with --epochs {now['epochs']} would restart the cycle mid-run. Resume with "
+                        f"--epochs {saved['epochs']}, or train again with the new count in a new --out directory")
+
+
+def check_epochs_left(out, epoch: int, batch: int, epochs: int) -> None:
+    """epoch: epochs completed; batch: steps into the next one; epochs: what the resumed run asks for."""
+    if epoch > epochs or (epoch == epochs and batch > 0):
+        done = f"{epoch} epoch(s)" + (f" and {batch} step(s) of the next" if batch else "")
+        raise UserError(f"the run in {out} has already trained {done}, more than --epochs {epochs}; resume "
+                        f"with --epochs {epoch + (1 if batch else 0)} or more, or train again in a new --out directory")
+
+
+def _differences(saved, now, path: str = "") -> list[str]:
+    """'key.sub: old -> new' for each leaf where two JSON documents differ."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        out = []
+        for k in sorted(set(saved) | set(now), key=str):
+            out += _differences(saved.get(k), now.get(k), f"{path}.{k}" if path else str(k))
+        return out
+    return [] if saved == now else [f"{path or 'setup'}: {saved!r} -> {now!r}"]
