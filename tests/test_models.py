@@ -340,3 +340,12 @@ def test_sampling_arguments_must_be_ints_not_bools():
         lm.sample([3], 5, suppress_ids=[True])
     got = lm.sample([3], 5, temperature=0, suppress_ids=torch.tensor([0, 1]), top_k=torch.tensor(3))
     assert len(got) == 5 and not {0, 1} & set(got)
+
+
+def test_suppress_ids_may_be_an_iterator():
+    """An iterator was read up by the checks, so nothing was suppressed."""
+    lm = _tiny_lm()
+    free = lm.sample([3], 12, temperature=0)
+    banned = set(free[:2])
+    got = lm.sample([3], 12, temperature=0, suppress_ids=iter(sorted(banned)))
+    assert not banned & set(got)

@@ -28,16 +28,17 @@ def _epochs(out):
 def test_a_second_ctrl_c_saves_nothing_and_resume_from_the_last_checkpoint_is_exact(tmp_path, where):
     """A second Ctrl-C lands wherever the program is (here: between the optimizer step and the step count,
     or between an epoch's history row and its epoch count); saving that state made a checkpoint whose
-    counters and weights disagree (resume then redid a step, or listed an epoch twice)."""
-    full = trainer(tmp_path / "full", checkpoint_every=1)
+    counters and weights disagree (resume then redid a step, or listed an epoch twice). metrics.csv goes
+    back to the checkpoint's rows (epoch 3's row had been appended after the epoch-2 checkpoint)."""
+    full = trainer(tmp_path / "full", checkpoint_every=2)
     full.fit(data())
-    cut = trainer(tmp_path / "cut", checkpoint_every=1)
+    cut = trainer(tmp_path / "cut", checkpoint_every=2)
     if where == "optimizer step":
         steps = [0]
 
         def hook(opt, args, kwargs):
             steps[0] += 1
-            if steps[0] == 8:                                     # inside epoch 3 (3 steps an epoch)
+            if steps[0] == 11:                                    # inside epoch 4 (3 steps an epoch)
                 _kill_twice()
         cut.optimizer.register_step_post_hook(hook)
     else:
@@ -52,10 +53,37 @@ def test_a_second_ctrl_c_saves_nothing_and_resume_from_the_last_checkpoint_is_ex
     with pytest.raises(TrainingInterrupted, match=r"interrupted twice.*without saving.*epoch 2\)"):
         cut.fit(data())
     assert load_checkpoint(tmp_path / "cut").manifest["step"] == 6          # epoch 2's, untouched
-    resumed = trainer(tmp_path / "cut", checkpoint_every=1)
+    assert _epochs(tmp_path / "cut") == [1, 2]
+    resumed = trainer(tmp_path / "cut", checkpoint_every=2)
     resumed.fit(data(), resume=True)
     assert_bitwise(weights(full.model), weights(resumed.model))
     assert [r["epoch"] for r in resumed.history.epochs] == [1, 2, 3, 4, 5, 6] == _epochs(tmp_path / "cut")
+
+
+def test_ctrl_c_while_the_checkpoint_is_written_waits_for_it(tmp_path):
+    """A second press during the first press's save raised a bare KeyboardInterrupt out of the save."""
+    t, calls = trainer(tmp_path, checkpoint_every=0), [0]
+    t.optimizer.register_step_post_hook(lambda *a: calls.__setitem__(0, calls[0] + 1) or
+                                        (calls[0] == 5 and os.kill(os.getpid(), signal.SIGINT)))
+    save = t.save
+    t.save = lambda: os.kill(os.getpid(), signal.SIGINT) or save()
+    with pytest.raises(TrainingInterrupted, match="in epoch 2, step 5; checkpoint saved"):
+        t.fit(data())
+    assert load_checkpoint(tmp_path).manifest["step"] == 5
+
+
+def test_a_failed_run_leaves_metrics_csv_as_the_checkpoint_it_leaves(tmp_path):
+    """A new run over an old one that stops on a NaN loss before its first checkpoint: the old checkpoint
+    stays, so do its metrics rows (the new run's had replaced them), and the message does not call the
+    old run's checkpoint this run's."""
+    from rnnkit.train import NonFiniteLossError
+    trainer(tmp_path, epochs=3).fit(data())
+    t, calls = trainer(tmp_path, epochs=6, lr=0.02, checkpoint_every=0), [0]
+    loss_fn = t.loss_fn
+    t.loss_fn = lambda m, b: loss_fn(m, b) * (float("nan") if calls.__setitem__(0, calls[0] + 1) or calls[0] == 8 else 1)
+    with pytest.raises(NonFiniteLossError, match="no checkpoint of this run had been written yet"):
+        t.fit(data())
+    assert _epochs(tmp_path) == [1, 2, 3] and load_checkpoint(tmp_path).manifest["epoch"] == 3
 
 
 def test_ctrl_c_at_an_epochs_last_step_and_in_the_last_epoch(tmp_path):
@@ -137,6 +165,14 @@ def test_resume_names_what_differs_in_the_setup(tmp_path):
     again.meta = {"task": "x", "model": {"hidden": 16, "layers": 1}}
     with pytest.raises(UserError, match=r"different model or data setup \(model.hidden: 8 -> 16\)"):
         again.fit(data(), resume=True)
+    vocab = trainer(tmp_path / "v", epochs=1)
+    vocab.meta = {"tokens": [f"word{i}" for i in range(3000)]}
+    vocab.fit(data())
+    other = trainer(tmp_path / "v", epochs=1)
+    other.meta = {"tokens": [f"word{i}" for i in range(7)] + ["new"] + [f"word{i}" for i in range(8, 2000)]}
+    with pytest.raises(UserError, match=r"\(tokens: 3000 items -> 2000 items, first difference at \[7\]\)") as e:
+        other.fit(data(), resume=True)
+    assert len(str(e.value)) < 300                               # not both vocabularies in full
 
 
 def test_forecast_backtest_interrupted_in_an_early_fold_says_so(monkeypatch, tmp_path):
@@ -180,3 +216,20 @@ def test_with_early_stopping_the_checkpoint_model_is_the_best_epochs_and_resume_
     assert stopped and result.best_epoch == 2
     assert_bitwise(weights(timed.model), timed.best_weights)
     assert_bitwise(load_weights(tmp_path / "timed"), timed.best_weights)
+
+
+def test_a_damaged_checkpoint_file_is_named(tmp_path):
+    """A damaged weights or state file raised safetensors' own error (a traceback on the CLI)."""
+    from rnnkit.train import load_weights
+    trainer(tmp_path, epochs=1).fit(data())
+    manifest = load_checkpoint(tmp_path).manifest
+    for key in ("weights", "state"):
+        path = tmp_path / manifest[key]
+        good = path.read_bytes()
+        path.write_bytes(b"garbage")
+        with pytest.raises(UserError, match=rf"checkpoint file .*{manifest[key]} is damaged"):
+            trainer(tmp_path, epochs=2).fit(data(), resume=True)
+        if key == "weights":
+            with pytest.raises(UserError, match="is damaged"):
+                load_weights(tmp_path)
+        path.write_bytes(good)

@@ -25,13 +25,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-SEEDS = (-2**63, 2**64)                # what torch.manual_seed takes: [low, high)
+SEEDS = (0, 2**32)                     # [low, high): numpy's range; within torch's with room for the
+                                       # offsets tasks add (gradflow seed + 20000 + i, memory seed + 10000)
 
 
 def seed_int(text: str) -> int:
     value = int(text)
     if not SEEDS[0] <= value < SEEDS[1]:
-        raise argparse.ArgumentTypeError(f"must be an integer in [-2**63, 2**64) (torch's seed range), got {value}")
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**32), got {value}")
     return value
 
 

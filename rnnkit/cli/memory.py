@@ -66,7 +66,7 @@ def _int_list(text: str, flag: str) -> list[int]:
     if not values:
         raise UserError(f"{flag} is empty")
     if flag == "--seed" and not all(SEEDS[0] <= v < SEEDS[1] for v in values):
-        raise UserError(f"--seed values must lie in [-2**63, 2**64) (torch's seed range), got {text!r}")
+        raise UserError(f"--seed values must lie in [0, 2**32), got {text!r}")
     return values
 
 

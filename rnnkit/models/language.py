@@ -154,6 +154,7 @@ def _is_int(value) -> bool:
 def check_sampling(temperature: float, top_k: int | None, suppress_ids: Sequence[int],
                    vocab_size: int) -> tuple[int | None, list[int]]:
     """Refuse bad sampling arguments with a UserError; top_k and suppress_ids as Python ints."""
+    suppress_ids = list(suppress_ids)                         # an iterator is read once, here
     if not 0 <= temperature < float("inf"):                  # also refuses NaN
         raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and not (_is_int(top_k) and top_k >= 1):

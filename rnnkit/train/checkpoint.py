@@ -119,15 +119,25 @@ def read_manifest(directory) -> dict:
 def load_weights(directory) -> dict[str, torch.Tensor]:
     """The model's state_dict from the current checkpoint in `directory`."""
     manifest = read_manifest(directory)
-    return st_load(_read(Path(directory) / manifest["weights"]))
+    return _decode(Path(directory) / manifest["weights"], st_load)
 
 
 def load_checkpoint(directory) -> Checkpoint:
     directory = Path(directory)
     manifest = read_manifest(directory)
-    weights = st_load(_read(directory / manifest["weights"]))
-    state = serialize.loads(_read(directory / manifest["state"]))
+    weights = _decode(directory / manifest["weights"], st_load)
+    state = _decode(directory / manifest["state"], serialize.loads)
     return Checkpoint(manifest, weights, state)
+
+
+def _decode(path: Path, decode):
+    """A checkpoint file's contents; a damaged file is a UserError naming it (not the decoder's own error)."""
+    data = _read(path)
+    try:
+        return decode(data)
+    except Exception as e:  # noqa: BLE001 -- safetensors and json raise their own types; all mean "damaged"
+        raise UserError(f"checkpoint file {path} is damaged ({type(e).__name__}: {e}); train again in a new "
+                        "--out directory, or restore the file") from None
 
 
 def _read(path: Path) -> bytes:

@@ -113,22 +113,42 @@ class InterruptedTwice(KeyboardInterrupt):
     """A second Ctrl-C: raised wherever the program is, so nothing it leaves behind is saved."""
 
 
+class Presses:
+    """Ctrl-C presses during a fit: `is_set()` once there was one; inside `held()` (a checkpoint being
+    written) further presses only count, so the write finishes."""
+
+    def __init__(self):
+        self.first, self.holding = threading.Event(), False
+
+    def is_set(self) -> bool:
+        return self.first.is_set()
+
+    @contextlib.contextmanager
+    def held(self):
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+
+
 @contextlib.contextmanager
 def deferred_sigint():
     """Turn the first Ctrl-C into a flag the loop checks between steps (so the checkpoint it then
-    writes is a consistent step boundary); a second Ctrl-C interrupts at once."""
-    flag = threading.Event()
+    writes is a consistent step boundary); a second Ctrl-C interrupts at once (InterruptedTwice),
+    except while a checkpoint is being written (`held`)."""
+    presses = Presses()
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield presses
         return
 
     def handler(signum, frame):
-        if flag.is_set():
+        if presses.first.is_set() and not presses.holding:
             raise InterruptedTwice
-        flag.set()
+        presses.first.set()
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
-        yield flag
+        yield presses
     finally:
         signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
+
+import numpy as np
+import torch
 
 from ..errors import UserError
 from .config import RESUMABLE_CHANGES, TrainConfig
@@ -42,11 +46,47 @@ def check_epochs_left(out, epoch: int, batch: int, epochs: int) -> None:
                         f"with --epochs {epoch + (1 if batch else 0)} or more, or train again in a new --out directory")
 
 
+def check_continuable(out, epoch: int, epochs: int, best_epoch, best_weights) -> None:
+    """A finished run resumed with more epochs: refused when early stopping put back an older epoch's
+    weights at its end (the last epoch's are gone, so it cannot continue exactly)."""
+    if best_weights is not None and best_epoch != epoch:
+        raise UserError(f"the run in {out} finished its {epoch} epochs and early stopping then put back the weights "
+                        f"of its best epoch ({best_epoch}), so it cannot continue exactly to epoch {epochs}; "
+                        f"train again with --epochs {epochs} in a new --out directory")
+
+
+def rng_states(generator: torch.Generator) -> dict:
+    """Every random state a run draws from: torch's (CPU, CUDA), numpy's, Python's, the shuffle's."""
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "shuffle": generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
+
+
+def set_rng_states(rng: dict, generator: torch.Generator) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    generator.set_state(rng["shuffle"])
+
+
 def _differences(saved, now, path: str = "") -> list[str]:
-    """'key.sub: old -> new' for each leaf where two JSON documents differ."""
+    """'key.sub: old -> new' for each leaf where two JSON documents differ (lists and long values shortened)."""
     if isinstance(saved, dict) and isinstance(now, dict):
         out = []
         for k in sorted(set(saved) | set(now), key=str):
             out += _differences(saved.get(k), now.get(k), f"{path}.{k}" if path else str(k))
         return out
-    return [] if saved == now else [f"{path or 'setup'}: {saved!r} -> {now!r}"]
+    if saved == now:
+        return []
+    where = path or "setup"
+    if isinstance(saved, list) and isinstance(now, list):
+        first = next((i for i, (a, b) in enumerate(zip(saved, now)) if a != b), min(len(saved), len(now)))
+        return [f"{where}: {len(saved)} items -> {len(now)} items, first difference at [{first}]"]
+    return [f"{where}: {_short(saved)} -> {_short(now)}"]
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

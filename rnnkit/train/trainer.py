@@ -38,7 +38,7 @@ from .batches import TensorBatches, to_device
 from .checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
 from .config import TrainConfig, build_optimizer, build_scheduler, resolve_device
 from .report import InterruptedTwice, MetricsCSV, TensorBoard, deferred_sigint, progress_bar, write_metrics_csv
-from .resume import check_epochs_left, check_resumable
+from .resume import check_continuable, check_epochs_left, check_resumable, rng_states, set_rng_states
 from .tbptt import StreamBatches, detach_state
 
 
@@ -111,16 +111,13 @@ class Trainer:
         self._saved = resume                              # a checkpoint of this run is on disk
         if resume:
             self._restore()
+            self._saved_rows = len(self.history.epochs)
             check_epochs_left(self.cfg.out, self.epoch, self.batch, self.cfg.epochs)
         else:
             self._check_replaceable()
             seed_everything(self.cfg.seed)
         if self.finished and not self.stopped_early and self.epoch < self.cfg.epochs:
-            if self.best_weights is not None and self.best_epoch != self.epoch:   # last weights replaced
-                raise UserError(
-                    f"the run in {self.cfg.out} finished its {self.epoch} epochs and early stopping then put "
-                    f"back the weights of its best epoch ({self.best_epoch}), so it cannot continue exactly to "
-                    f"epoch {self.cfg.epochs}; train again with --epochs {self.cfg.epochs} in a new --out directory")
+            check_continuable(self.cfg.out, self.epoch, self.cfg.epochs, self.best_epoch, self.best_weights)
             self.finished = False                         # resuming a finished run with more epochs
         if self.finished:
             return self._result()
@@ -129,17 +126,23 @@ class Trainer:
         board, table = TensorBoard(self.cfg.out), MetricsCSV(self.cfg.out)
         try:
             with deferred_sigint() as interrupted:
-                while self.epoch < self.cfg.epochs and not (self.finished or self.stopped_early):
-                    self._run_epoch(source, bar, interrupted)
-                    self._end_epoch(board, table)
-                    if interrupted.is_set() and self.epoch < self.cfg.epochs and not self.stopped_early:
-                        raise KeyboardInterrupt           # (after the last epoch: the run is done, finish it)
-        except KeyboardInterrupt as e:
-            raise self._interrupted(save=not isinstance(e, InterruptedTwice)) from e
+                try:
+                    while self.epoch < self.cfg.epochs and not (self.finished or self.stopped_early):
+                        self._run_epoch(source, bar, interrupted)
+                        self._end_epoch(board, table)
+                        if interrupted.is_set() and self.epoch < self.cfg.epochs and not self.stopped_early:
+                            raise KeyboardInterrupt       # (after the last epoch: the run is done, finish it)
+                except KeyboardInterrupt as e:
+                    with interrupted.held():              # more presses wait for the checkpoint
+                        raise self._interrupted(save=not isinstance(e, InterruptedTwice)) from e
+                except TrainingError:
+                    self._metrics_as_checkpoint()
+                    raise
+                with interrupted.held():
+                    return self._finish()
         finally:
             bar.close()
             board.close()
-        return self._finish()
 
     def _source(self, train):
         if hasattr(train, "batches"):
@@ -208,7 +211,7 @@ class Trainer:
     def _fail(self, what: str) -> None:
         where = f"at epoch {self.epoch + 1}, step {self.step + 1}"
         kept = (f"the last good checkpoint (epoch {self._saved_epoch()}) is kept in {self.cfg.out}"
-                if self._saved_epoch() is not None else "no checkpoint had been written yet")
+                if self._saved else "no checkpoint of this run had been written yet")
         raise NonFiniteLossError(f"training stopped: {what} {where}; {kept}. Lower the learning rate "
                                  "(--lr) or clip the gradient (--clip-norm), then train again.")
 
@@ -295,6 +298,7 @@ class Trainer:
         if self.cfg.out is None:
             return TrainingInterrupted(f"interrupted {where}; this run has no output directory, so nothing was saved")
         if not save:                                      # a second Ctrl-C: the state may be half-updated
+            self._metrics_as_checkpoint()
             kept = (f"its last checkpoint (epoch {self._saved_epoch()}) in {self.cfg.out} is kept: run the same "
                     "command with --resume to continue from there" if self._saved else "nothing of it was saved")
             return TrainingInterrupted(f"interrupted twice, {where}: stopped at once without saving; {kept}")
@@ -313,7 +317,21 @@ class Trainer:
             weights, state["resume_weights"] = self.best_weights, weights   # best epoch's; resume takes the last step's
         save_checkpoint(self.cfg.out, weights, state, manifest)
         write_metrics_csv(self.cfg.out, self.history.epochs)   # the checkpoint's rows, whatever was there
-        self._saved = True
+        self._saved, self._saved_rows = True, len(self.history.epochs)
+
+    def _metrics_as_checkpoint(self) -> None:
+        """A stop that saves nothing: metrics.csv back to the rows of the checkpoint on disk (this run's
+        last, or the one it was about to replace), not the epochs appended since."""
+        if self.cfg.out is None:
+            return
+        if self._saved:
+            rows = self.history.epochs[:self._saved_rows]
+        else:
+            try:
+                rows = load_checkpoint(self.cfg.out).state["history"]["epochs"]
+            except UserError:                             # none there, or unreadable: no rows
+                rows = []
+        write_metrics_csv(self.cfg.out, rows)
 
     def _check_replaceable(self) -> None:
         """A new run in a directory holding a checkpoint replaces it when it saves: one that cannot be
@@ -326,12 +344,9 @@ class Trainer:
                                 "another --out directory") from None
 
     def _state(self) -> dict:
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-               "shuffle": self.generator.get_state(), "epoch_shuffle": self.epoch_shuffle,
-               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None}
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                "rng": rng, "carried": self.carried,
+                "rng": {**rng_states(self.generator), "epoch_shuffle": self.epoch_shuffle}, "carried": self.carried,
                 "counters": {"epoch": self.epoch, "step": self.step, "batch": self.batch,
                              "finished": self.finished, "stopped_early": self.stopped_early,
                              "acc": {k: v for k, v in self.acc.items() if k != "t0"}},
@@ -351,14 +366,8 @@ class Trainer:
         self.optimizer.load_state_dict(s["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(s["scheduler"])
-        rng = s["rng"]
-        torch.set_rng_state(rng["torch"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.generator.set_state(rng["shuffle"])
-        self.epoch_shuffle = rng["epoch_shuffle"]
+        set_rng_states(s["rng"], self.generator)
+        self.epoch_shuffle = s["rng"]["epoch_shuffle"]
         self.carried = to_device(s["carried"], self.device)
         c = s["counters"]
         self.epoch, self.step, self.batch = c["epoch"], c["step"], c["batch"]
