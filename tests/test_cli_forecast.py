@@ -132,3 +132,14 @@ def test_a_seed_torch_cannot_take_is_refused_by_name(argv, tmp_path, capsys, mon
         code = e.code
     err = capsys.readouterr().err
     assert code == 2 and "--seed" in err and "[0, 2**32)" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["forecast", "--no-sarima", "--epochs", "1"],
+                                  ["gradflow", "--length", "10", "--hidden-size", "4", "--num-seeds", "1"]])
+def test_out_that_is_a_file_exits_2(argv, tmp_path, capsys):
+    """--out naming an existing file gave NotADirectoryError / FileExistsError tracebacks (exit 1)."""
+    f = tmp_path / "afile"
+    f.write_text("hi")
+    code = main([*argv, "--out", str(f)])
+    err = capsys.readouterr().err
+    assert code == 2 and "not an existing file" in err and "Traceback" not in err and f.read_text() == "hi"

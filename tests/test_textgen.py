@@ -5,12 +5,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import run_cli
+
 from rnnkit.models.language import LanguageModel, LanguageModelConfig
 from rnnkit.tasks import TrainConfig
 from rnnkit.tasks.text_metrics import bits, lm_scores, perplexity
-from rnnkit.tasks.textgen import TextgenConfig, generate, load_model, prepare, run_textgen, validation_loss
+from rnnkit.tasks.textgen import (
+    TextgenConfig,
+    generate,
+    load_model,
+    prepare,
+    run_textgen,
+    validation_loss,
+)
 
 VERSE = "the cat sat on the mat.\nthe dog sat on the log.\n" * 60
 
@@ -99,3 +106,20 @@ def test_cli_bad_data_exits_2(tmp_path, capsys):
     assert code == 2 and "no checkpoint" in err
     code, _, err = run(capsys, "train", "--anneal")
     assert code == 2 and "--time-limit" in err
+
+
+def test_text_without_newlines_and_a_min_freq_nothing_reaches(tmp_path, capsys):
+    """A char model's sample prompt (the first line + a newline) used a newline the training part lacked:
+    the run trained to the end, then failed with no metrics.json. A --min-freq no word reaches trained a
+    model of <unk> alone, then failed."""
+    f = tmp_path / "one_line.txt"
+    f.write_text(" ".join(["the cat sat on the mat."] * 80))
+    out = tmp_path / "run"
+    small = ["--hidden-size", "8", "--num-layers", "1", "--batch-size", "4", "--bptt", "8", "--no-progress"]
+    code, stdout, _ = run(capsys, "train", "--data", str(f), "--epochs", "1", *small, "--out", str(out))
+    assert code == 0 and (out / "metrics.json").exists()
+    assert json.loads((out / "metrics.json").read_text())["sample"].startswith("the cat sat")
+    code, _, err = run(capsys, "train", "--data", str(f), "--level", "word", "--min-freq", "1000", "--epochs", "1",
+                       *small, "--out", str(tmp_path / "w"))
+    assert code == 2 and "no word of the training text occurs --min-freq 1000 times" in err
+    assert not (tmp_path / "w" / "model").exists()                           # refused before training

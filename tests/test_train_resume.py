@@ -2,6 +2,7 @@
 last epoch, resuming with another epoch count (cosine schedule, fewer epochs than done), a new run in a
 directory that holds an old or unreadable checkpoint, and the messages that name what differs."""
 import csv
+import dataclasses
 import os
 import signal
 import warnings
@@ -233,3 +234,40 @@ def test_a_damaged_checkpoint_file_is_named(tmp_path):
             with pytest.raises(UserError, match="is damaged"):
                 load_weights(tmp_path)
         path.write_bytes(good)
+
+
+def test_a_new_run_over_an_unfinished_one_is_refused(tmp_path):
+    """Re-running without --resume silently replaced a run that had stopped and could have gone on."""
+    t, calls = trainer(tmp_path, epochs=4), [0]
+    t.optimizer.register_step_post_hook(lambda *a: calls.__setitem__(0, calls[0] + 1) or
+                                        (calls[0] == 4 and os.kill(os.getpid(), signal.SIGINT)))
+    with pytest.raises(TrainingInterrupted):
+        t.fit(data())
+    fresh = trainer(tmp_path, epochs=1)
+    with pytest.raises(UserError, match=r"holds an unfinished run \(stopped at epoch 1, step 4\): continue it with --resume"):
+        fresh.fit(data())
+    assert fresh.step == 0 and load_checkpoint(tmp_path).manifest["step"] == 4
+    trainer(tmp_path, epochs=4).fit(data(), resume=True)          # finished: a new run may replace it
+    trainer(tmp_path, epochs=1).fit(data())
+
+
+def test_the_optimizers_offered_are_the_ones_the_trainer_can_drive():
+    from rnnkit.train.config import optimizer_class
+    with pytest.raises(UserError) as e:
+        optimizer_class("bogus")
+    offered = str(e.value).split("choose one of ")[1].split(", ")
+    assert {"adam", "sgd", "adamw"} <= set(offered) and not {"lbfgs", "rprop", "sparseadam", "muon"} & set(offered)
+    for name in offered:                                          # each trains the test model a step
+        t = trainer(None, epochs=1, optimizer=name)
+        t.cfg = dataclasses.replace(t.cfg, out=None)
+        t.fit(data(16))
+
+
+@pytest.mark.parametrize("name,match", [("mps", "not available in this torch build"), ("meta", "cannot train a model")])
+def test_devices_this_torch_cannot_train_on_are_refused(name, match):
+    """--device mps (on a torch without it) and meta ended in torch's RuntimeError tracebacks."""
+    from rnnkit.train import resolve_device
+    if name == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has mps")
+    with pytest.raises(UserError, match=match):
+        resolve_device(name)

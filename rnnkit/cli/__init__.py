@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as e:
         print(f"rnnkit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except (NotADirectoryError, FileExistsError, IsADirectoryError, PermissionError) as e:   # --out and the like
+        print(f"rnnkit {args.command}: error: {e.strerror}: {e.filename}; give a directory this user can write "
+              "(for --out: one that is not an existing file)", file=sys.stderr)
+        return 2
     except TrainingError as e:                             # e.g. the loss turned NaN: last good checkpoint kept
         print(f"rnnkit {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -101,6 +101,9 @@ def prepare(text: str, cfg: TextgenConfig) -> tuple[Vocabulary, torch.Tensor, to
     """The vocabulary of the training part and the (train, validation) id streams."""
     head, tail = split_tail(tokenize(text, cfg.level, cfg.lower), cfg.val_fraction)
     vocab = Vocabulary.build([head], min_freq=cfg.min_freq if cfg.level == "word" else 1)
+    if len(vocab) == len(vocab.specials):
+        raise UserError(f"no word of the training text occurs --min-freq {cfg.min_freq} times, so every word "
+                        "would be <unk>; lower --min-freq or give more text")
     ids = [torch.tensor(vocab.encode(part), dtype=torch.long) for part in (head, tail)]
     return vocab, ids[0], ids[1]
 
@@ -131,7 +134,7 @@ def run_textgen(text: str, cfg: TextgenConfig, train: TrainConfig, source: str =
     scores = lm_scores(validation_loss(model, val_ids, train.tbptt))
     if cfg.level == "char":
         scores["bits_per_character"] = scores["bits_per_token"]
-    sample = generate(model.cpu(), vocab, meta, _first_line(text), 300, temperature=0.8,
+    sample = generate(model.cpu(), vocab, meta, _first_line(text, vocab, cfg.level), 300, temperature=0.8,
                       generator=torch.Generator().manual_seed(train.seed))
     sizes = {"train_tokens": len(train_ids), "val_tokens": len(val_ids), "vocab": len(vocab)}
     return TextgenResult(cfg, train, scores, sizes, fit, timed_out, train_seconds, sample, source,
@@ -170,9 +173,15 @@ def validation_loss(model: LanguageModel, ids: torch.Tensor, k: int) -> float:
     return total / stream.num_tokens
 
 
-def _first_line(text: str) -> str:
-    line = next((ln for ln in text.splitlines() if ln.strip()), text)
-    return line.strip()[:40] + "\n"
+def _first_line(text: str, vocab: Vocabulary, level: str) -> str:
+    """The run's sample prompt: the text's first line (40 characters), then a newline. A character model
+    keeps only characters it has (the training part may lack the newline, or a character of the line)."""
+    line = next((ln for ln in text.splitlines() if ln.strip()), text).strip()[:40] + "\n"
+    if level != "char":
+        return line
+    kept = "".join(c for c in line if c in vocab)
+    return kept if kept.strip() else next((t for t in vocab.tokens[len(vocab.specials):] if t.strip()),
+                                          vocab.tokens[-1])
 
 
 # -- a trained model -------------------------------------------------------------------------------

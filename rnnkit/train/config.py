@@ -5,6 +5,7 @@ Validated once, here, at construction: a bad value raises `UserError` naming the
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,8 +106,11 @@ def _positive(cfg: TrainConfig, *names: str) -> None:
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """torch.optim's optimizers the trainer can drive: built with (params, lr, weight_decay), stepped without
+    a closure, on dense gradients of any shape (so not LBFGS, Rprop, SparseAdam, Muon: 2-D weights only)."""
     table = {n.lower(): c for n, c in vars(torch.optim).items()
-             if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer}
+             if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+             and "weight_decay" in inspect.signature(c.__init__).parameters and c.__name__ not in ("SparseAdam", "Muon")}
     try:
         return table[name.lower()]
     except KeyError:
@@ -141,4 +145,9 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise UserError(f"device {name!r} cannot train a model; use cpu, cuda, cuda:N, mps or auto")
+    backend = getattr(torch.backends, "mps", None) if device.type == "mps" else getattr(torch, "xpu", None)
+    if device.type in ("mps", "xpu") and not (backend is not None and backend.is_available()):
+        raise UserError(f"device {name!r} is not available in this torch build or machine; use --device cpu")
     return device

@@ -212,8 +212,9 @@ class Trainer:
         where = f"at epoch {self.epoch + 1}, step {self.step + 1}"
         kept = (f"the last good checkpoint (epoch {self._saved_epoch()}) is kept in {self.cfg.out}"
                 if self._saved else "no checkpoint of this run had been written yet")
+        again = f"in a new --out directory (or remove {self.cfg.out})" if self._saved else ""
         raise NonFiniteLossError(f"training stopped: {what} {where}; {kept}. Lower the learning rate "
-                                 "(--lr) or clip the gradient (--clip-norm), then train again.")
+                                 f"(--lr) or clip the gradient (--clip-norm), then train again {again}".rstrip() + ".")
 
     def _saved_epoch(self):
         if self.cfg.out is None:
@@ -334,14 +335,19 @@ class Trainer:
         write_metrics_csv(self.cfg.out, rows)
 
     def _check_replaceable(self) -> None:
-        """A new run in a directory holding a checkpoint replaces it when it saves: one that cannot be
-        read must be dealt with now, not after the training (its save would fail)."""
-        if self.cfg.out is not None and (Path(self.cfg.out) / MANIFEST).exists():
-            try:
-                read_manifest(self.cfg.out)
-            except UserError as e:
-                raise UserError(f"{e}; a new run in {self.cfg.out} would replace it: remove it or choose "
-                                "another --out directory") from None
+        """A new run in a directory holding a checkpoint replaces it when it saves: refused now (not after
+        the training) when that one cannot be read, or is an unfinished run --resume would continue."""
+        if self.cfg.out is None or not (Path(self.cfg.out) / MANIFEST).exists():
+            return
+        try:
+            old = read_manifest(self.cfg.out)
+        except UserError as e:
+            raise UserError(f"{e}; a new run in {self.cfg.out} would replace it: remove it or choose "
+                            "another --out directory") from None
+        if not old.get("finished", True):
+            raise UserError(f"{self.cfg.out} holds an unfinished run (stopped at epoch {old.get('epoch')}, step "
+                            f"{old.get('step')}): continue it with --resume, or remove the directory or choose "
+                            "another --out to start anew")
 
     def _state(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
