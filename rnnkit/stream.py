@@ -81,8 +81,8 @@ class _Sub:
         return tuple(new)
 
 
-def _describe(layer) -> list[_Sub]:
-    """Validate `layer` for streaming; its stacked layers as _Sub objects."""
+def _check_streamable(layer) -> None:
+    """Refuse, with what to do, a layer that cannot be streamed (or not in its current mode)."""
     name = type(layer).__name__
     if not isinstance(layer, (_Recurrent, _MinRecurrent)):
         kind = f"{type(layer).__module__}.{type(layer).__qualname__}"
@@ -98,6 +98,10 @@ def _describe(layer) -> list[_Sub]:
     if layer.training and random:
         raise ValueError(f"stream: {name} is in training mode with {', '.join(random)}; streaming runs "
                          "the layer's inference function: call layer.eval() first")
+
+
+def _subs(layer) -> list[_Sub]:
+    """Its stacked layers as _Sub objects, from the weights its forward would use now."""
     _reparametrize(layer)
     return [_Sub(layer, k) for k in range(layer.num_layers)]
 
@@ -156,7 +160,8 @@ def step(layer, x_t: Tensor, state=None):
     """One time step of `layer`: x_t (B, I) or (I,), state in torch.nn's layout ((L, B, H), or the
     tuple (h, c) for the LSTM; None for the layer's initial state). Returns (y_t (B, H), new state).
     Differentiable (it is plain torch code), so it also serves online learning."""
-    subs = _describe(layer)
+    _check_streamable(layer)
+    subs = _subs(layer)
     x, unbatched = _check_input(layer, x_t)
     if x.dtype != layer.weight_ih_l0.dtype:
         raise TypeError(f"stream: x_t dtype {x.dtype} does not match the weights' {layer.weight_ih_l0.dtype}")
@@ -200,7 +205,7 @@ class Stream:
         size = positive_int(batch_size)                                         # numpy ints too
         if size is None:
             raise ValueError(f"Stream: batch_size must be a positive int, got {batch_size!r}")
-        _describe(layer)                                                        # refuses what cannot stream
+        _check_streamable(layer)
         self._setup(layer, size, state)
 
     def _setup(self, layer, size: int, state) -> None:
@@ -260,7 +265,7 @@ class Stream:
             if key != self._key:
                 self._build(key)
             if self._random and self.layer.training:
-                _describe(self.layer)                                          # raises: training mode
+                _check_streamable(self.layer)                                  # raises: training mode
             unbatched = False
             if type(x_t) is not Tensor or x_t.shape != self._shape or x_t.dtype is not self._dtype:
                 x_t, unbatched = self._check_x(x_t)
@@ -310,11 +315,10 @@ class Stream:
     def _build(self, key) -> None:
         """Stacked weights and the per-layer kernels, from the layer's current parameters."""
         with torch.inference_mode(False), torch.no_grad():                      # weights it sets stay normal tensors
-            _reparametrize(self.layer)
+            subs = _subs(self.layer)
         like = self.layer.weight_ih_l0
         if like.dtype != self._buf.dtype or like.device != self._buf.device:  # layer.to(...) since
             self._alloc(like, (self._buf, *self._rest))
-        subs = [_Sub(self.layer, k) for k in range(self.layer.num_layers)]
         make = KERNELS.get(self._fast, GenericKernel)
         I, H = self.layer.input_size, self.layer.hidden_size
         self._kernels = []

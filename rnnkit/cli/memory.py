@@ -65,8 +65,6 @@ def _int_list(text: str, flag: str) -> list[int]:
         raise UserError(f"{flag} takes comma-separated integers, e.g. {flag} 50,100; got {text!r}") from None
     if not values:
         raise UserError(f"{flag} is empty")
-    if flag == "--seed" and not all(SEEDS[0] <= v < SEEDS[1] for v in values):
-        raise UserError(f"--seed values must lie in [0, 2**32), got {text!r}")
     return values
 
 
@@ -88,6 +86,8 @@ def run(args) -> int:
         raise UserError(f"--cell: unknown cell(s) {', '.join(bad)}; choose among rnn, lstm, gru")
     lengths = _int_list(args.length, "--length") if args.length else [base.length]
     seeds = _int_list(args.seed, "--seed")
+    if not all(SEEDS[0] <= s < SEEDS[1] for s in seeds):
+        raise UserError(f"--seed values must lie in [0, 2**32), got {args.seed!r}")
     for L in lengths:
         for c in cells:
             replace(base, length=L, cell=c)                        # validate every run before the first

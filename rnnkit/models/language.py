@@ -140,15 +140,15 @@ def decoding(model: nn.Module, device_type: str):
             model.train(was_training)
 
 
-def _is_int(value) -> bool:
-    """An integer (Python, numpy, a one-element integer tensor), not a bool (True would index as 1)."""
+def _as_int(value) -> int | None:
+    """An integer (Python, numpy, a one-element integer tensor) as a Python int; None for anything else,
+    bools included (True would index as 1)."""
     if isinstance(value, bool) or getattr(value, "dtype", None) in (torch.bool, np.bool_):
-        return False
+        return None
     try:
-        operator.index(value)
+        return operator.index(value)
     except TypeError:
-        return False
-    return True
+        return None
 
 
 def check_sampling(temperature: float, top_k: int | None, suppress_ids: Sequence[int],
@@ -157,17 +157,18 @@ def check_sampling(temperature: float, top_k: int | None, suppress_ids: Sequence
     suppress_ids = list(suppress_ids)                         # an iterator is read once, here
     if not 0 <= temperature < float("inf"):                  # also refuses NaN
         raise UserError(f"temperature must be finite and >= 0 (0 = greedy), got {temperature}")
-    if top_k is not None and not (_is_int(top_k) and top_k >= 1):
+    k = None if top_k is None else _as_int(top_k)
+    if top_k is not None and not (k is not None and k >= 1):
         raise UserError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if not all(_is_int(i) for i in suppress_ids):
-        raise UserError(f"suppress_ids must be token ids (ints), got {list(suppress_ids)[:5]!r}")
-    ids = [operator.index(i) for i in suppress_ids]
+    ids = [_as_int(i) for i in suppress_ids]
+    if None in ids:
+        raise UserError(f"suppress_ids must be token ids (ints), got {suppress_ids[:5]!r}")
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
         raise UserError(f"suppress_ids must lie in [0, {vocab_size}), got {bad[:5]}")
     if len(set(ids)) >= vocab_size:
         raise UserError("every token is suppressed; nothing is left to sample")
-    return (None if top_k is None else operator.index(top_k)), ids
+    return k, ids
 
 
 def next_token_probs(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,

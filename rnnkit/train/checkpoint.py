@@ -84,11 +84,8 @@ def save_checkpoint(directory, weights: dict[str, torch.Tensor], state: dict, ma
     """Write a new checkpoint into `directory`, replacing the previous one atomically."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    numbers = [int(f.stem.split("-")[1]) + 1 for pattern in ("model-*.safetensors", "state-*.safetensors")
-               for f in directory.glob(pattern) if f.stem.split("-")[1].isdigit()]
-    with contextlib.suppress(UserError, KeyError, TypeError, ValueError):   # unreadable: new names anyway
-        numbers.append(int(read_manifest(directory)["save"]) + 1)
-    n = max(numbers, default=0)
+    n = max((int(f.stem.split("-")[1]) + 1 for pattern in ("model-*.safetensors", "state-*.safetensors")
+             for f in directory.glob(pattern) if f.stem.split("-")[1].isdigit()), default=0)   # past every file there
     names = {"weights": f"model-{n:06d}.safetensors", "state": f"state-{n:06d}.safetensors"}
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in weights.items()}
     atomic_write(directory / names["weights"], st_save(tensors))

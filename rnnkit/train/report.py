@@ -33,31 +33,30 @@ class MetricsCSV:
     def write(self, rows: list[dict]) -> None:
         if self.path is None:
             return
-        columns: list[str] = []
-        for row in rows:
-            columns += [k for k in row if k not in columns]
+        columns = _columns(rows)
         if columns == self._columns and len(rows) == self._rows + 1 and self._size == _size(self.path):
             line = _csv_text(columns, rows[-1:], header=False)
             with open(self.path, "ab") as f:
                 f.write(line)
             self._size += len(line)
         else:
-            self._size = write_metrics_csv(self.path.parent, rows)
+            write_metrics_csv(self.path.parent, rows)
+            self._size = _size(self.path)
         self._columns, self._rows = columns, len(rows)
 
 
-def write_metrics_csv(directory, rows: list[dict]) -> int:
-    """Rewrite `metrics.csv` with `rows`, atomically (no rows: no file). Returns its size in bytes."""
+def write_metrics_csv(directory, rows: list[dict]) -> None:
+    """Rewrite `metrics.csv` with `rows`, atomically (no rows: no file)."""
     path = Path(directory) / METRICS_CSV
     if not rows:
         path.unlink(missing_ok=True)
-        return -2
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    data = _csv_text(columns, rows, header=True)
-    atomic_write(path, data)
-    return len(data)
+        return
+    atomic_write(path, _csv_text(_columns(rows), rows, header=True))
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    """Every key of the rows, in the order they first appear."""
+    return list(dict.fromkeys(k for row in rows for k in row))
 
 
 def _csv_text(columns: list[str], rows: list[dict], header: bool) -> bytes:

@@ -108,10 +108,10 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         if self.cfg.out is not None:
             Path(self.cfg.out).mkdir(parents=True, exist_ok=True)
-        self._saved = resume                              # a checkpoint of this run is on disk
+        self._checkpoint_epoch = None                     # epochs in this run's checkpoint on disk, if any
         if resume:
             self._restore()
-            self._saved_rows = len(self.history.epochs)
+            self._checkpoint_epoch = self.epoch
             check_epochs_left(self.cfg.out, self.epoch, self.batch, self.cfg.epochs)
         else:
             self._check_replaceable()
@@ -210,19 +210,13 @@ class Trainer:
 
     def _fail(self, what: str) -> None:
         where = f"at epoch {self.epoch + 1}, step {self.step + 1}"
-        kept = (f"the last good checkpoint (epoch {self._saved_epoch()}) is kept in {self.cfg.out}"
-                if self._saved else "no checkpoint of this run had been written yet")
-        again = f"in a new --out directory (or remove {self.cfg.out})" if self._saved else ""
+        if self._checkpoint_epoch is None:
+            kept, again = "no checkpoint of this run had been written yet", "train again"
+        else:
+            kept = f"the last good checkpoint (epoch {self._checkpoint_epoch}) is kept in {self.cfg.out}"
+            again = f"train again in a new --out directory (or remove {self.cfg.out})"
         raise NonFiniteLossError(f"training stopped: {what} {where}; {kept}. Lower the learning rate "
-                                 f"(--lr) or clip the gradient (--clip-norm), then train again {again}".rstrip() + ".")
-
-    def _saved_epoch(self):
-        if self.cfg.out is None:
-            return None
-        try:
-            return read_manifest(self.cfg.out)["epoch"]
-        except UserError:
-            return None
+                                 f"(--lr) or clip the gradient (--clip-norm), then {again}.")
 
     # -- end of epoch -------------------------------------------------------------------------------
     def _end_epoch(self, board: TensorBoard, table: MetricsCSV) -> None:
@@ -300,8 +294,9 @@ class Trainer:
             return TrainingInterrupted(f"interrupted {where}; this run has no output directory, so nothing was saved")
         if not save:                                      # a second Ctrl-C: the state may be half-updated
             self._metrics_as_checkpoint()
-            kept = (f"its last checkpoint (epoch {self._saved_epoch()}) in {self.cfg.out} is kept: run the same "
-                    "command with --resume to continue from there" if self._saved else "nothing of it was saved")
+            kept = (f"its last checkpoint (epoch {self._checkpoint_epoch}) in {self.cfg.out} is kept: run the same "
+                    "command with --resume to continue from there" if self._checkpoint_epoch is not None
+                    else "nothing of it was saved")
             return TrainingInterrupted(f"interrupted twice, {where}: stopped at once without saving; {kept}")
         self.save()
         return TrainingInterrupted(f"interrupted {where}; checkpoint saved in {self.cfg.out}: run the same "
@@ -318,15 +313,15 @@ class Trainer:
             weights, state["resume_weights"] = self.best_weights, weights   # best epoch's; resume takes the last step's
         save_checkpoint(self.cfg.out, weights, state, manifest)
         write_metrics_csv(self.cfg.out, self.history.epochs)   # the checkpoint's rows, whatever was there
-        self._saved, self._saved_rows = True, len(self.history.epochs)
+        self._checkpoint_epoch = self.epoch               # = its metrics rows: one per completed epoch
 
     def _metrics_as_checkpoint(self) -> None:
         """A stop that saves nothing: metrics.csv back to the rows of the checkpoint on disk (this run's
         last, or the one it was about to replace), not the epochs appended since."""
         if self.cfg.out is None:
             return
-        if self._saved:
-            rows = self.history.epochs[:self._saved_rows]
+        if self._checkpoint_epoch is not None:
+            rows = self.history.epochs[:self._checkpoint_epoch]
         else:
             try:
                 rows = load_checkpoint(self.cfg.out).state["history"]["epochs"]
