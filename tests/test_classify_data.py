@@ -41,7 +41,7 @@ def test_one_class_or_tiny_class_is_refused(tmp_path):
         read_labelled_csv(_csv(tmp_path, "text,label\na,pos\nb,pos\nc,pos\n"))
     with pytest.raises(UserError, match=r"fewer than 2 examples.*\{'neg': 1\}"):
         check_labelled(LabelledTexts(("a", "b", "c"), ("pos", "pos", "neg")))
-    with pytest.raises(UserError, match="no labelled rows"):
+    with pytest.raises(UserError, match="has a header but no data rows"):
         read_labelled_csv(_csv(tmp_path, "text,label\n"))
     with pytest.raises(UserError, match="not found"):
         read_labelled_csv(tmp_path / "nope.csv")

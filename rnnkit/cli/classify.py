@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..tasks.classify import (DATASETS, ClassifyConfig, load_model, load_texts, predict, run_classify,
                               write_outputs)
-from .common import (add_common_flags, add_task, add_train_flags, config_from, positive_float, positive_int,
-                     train_config)
+from .common import (add_common_flags, add_task, add_train_flags, config_from, finite_float, positive_float,
+                     positive_int, train_config)
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -51,8 +51,8 @@ def _add_train(sub) -> None:
     d.add_argument("--label-column", metavar="L", help="column holding the label (default 'label')")
     d.add_argument("--drop-empty", action="store_true", help="drop rows with an empty text or label")
     d.add_argument("--dataset", choices=DATASETS, help="a data set from the registry instead of --data")
-    d.add_argument("--test-fraction", type=float, default=D.test_fraction, help="held out for the test (default 0.2)")
-    d.add_argument("--val-fraction", type=float, default=D.val_fraction,
+    d.add_argument("--test-fraction", type=finite_float, default=D.test_fraction, help="held out for the test (default 0.2)")
+    d.add_argument("--val-fraction", type=finite_float, default=D.val_fraction,
                    help="of the rest, kept for early stopping (default 0.1)")
     d.add_argument("--data-seed", type=int, default=D.data_seed, help="seed of the splits (default 0)")
     m = p.add_argument_group("model")
@@ -65,7 +65,7 @@ def _add_train(sub) -> None:
                    help="read each text both ways (default off)")
     m.add_argument("--pooling", choices=("last", "mean", "max"), default=D.pooling,
                    help=f"how the steps become one vector (default {D.pooling})")
-    m.add_argument("--dropout", type=float, default=D.dropout, help=f"dropout (default {D.dropout})")
+    m.add_argument("--dropout", type=finite_float, default=D.dropout, help=f"dropout (default {D.dropout})")
     m.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
                    help="stop training cleanly after this many seconds (checkpoint kept)")
     add_common_flags(p, epochs=15, hidden_size=D.hidden_size, out="runs/classify", clip_norm=5.0)

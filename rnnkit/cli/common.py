@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import math
 import sys
 
 from tqdm.auto import tqdm
@@ -43,10 +44,25 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def finite_float(text: str) -> float:
+    """A number; inf and nan refused (they train NaNs or write bare Infinity into JSON)."""
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -72,7 +88,7 @@ def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: i
     g = parser.add_argument_group("training")
     g.add_argument("--lr", type=positive_float, default=lr, help=f"learning rate (default {lr})")
     g.add_argument("--optimizer", default="adam", help="any torch.optim name: adam, adamw, sgd, rmsprop, ...")
-    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay (default 0)")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.0, help="weight decay (default 0)")
     g.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"batch size (default {batch_size})")
     g.add_argument("--clip-value", type=positive_float, default=None, help="clamp each gradient entry to [-v, v]")
     g.add_argument("--schedule", choices=SCHEDULES, default=schedule, help=f"learning-rate schedule (default {schedule})")

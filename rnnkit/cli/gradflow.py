@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import UserError
 from ..tasks import BACKENDS, gradflow
-from .common import seed_int
+from .common import finite_float, seed_int
 
 EPILOG = """examples:
   rnnkit gradflow --cell rnn,lstm,gru --length 100                      # at initialisation
@@ -25,12 +25,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="sequences in the measuring batch (default 64)")
     p.add_argument("--trained-steps", type=int, default=0,
                    help="also train this many Adam steps on the adding problem and measure again (default 0)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate for --trained-steps (default 1e-3)")
-    p.add_argument("--clip-norm", type=float, default=None, help="clip the gradient norm while training (default off)")
+    p.add_argument("--lr", type=finite_float, default=1e-3, help="learning rate for --trained-steps (default 1e-3)")
+    p.add_argument("--clip-norm", type=finite_float, default=None, help="clip the gradient norm while training (default off)")
     p.add_argument("--seed", type=seed_int, default=0, help="first seed (default 0)")
     p.add_argument("--num-seeds", type=int, default=3, help="seeds to average the horizon over (default 3)")
     p.add_argument("--checkpoints", type=int, default=8, help="profiles recorded during training (default 8)")
-    p.add_argument("--threshold", type=float, default=1e-3, help="horizon threshold (default 1e-3)")
+    p.add_argument("--threshold", type=finite_float, default=1e-3, help="horizon threshold (default 1e-3)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="what the --trained-steps training runs: auto (torch's fused kernel) or engine (rnnkit's; "
                         "faster on CPU); the traced measurements always run the engine (default auto)")

@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..tasks import memory
-from .common import SEEDS
+from .common import SEEDS, finite_float
 
 EPILOG = """examples:
   rnnkit memory --task adding --length 50,100 --cell rnn,lstm,gru --steps 2000 --seed 0,1,2
@@ -32,11 +32,11 @@ FLAGS = [  # (flag, field, type, help)
     ("--nonlinearity", "nonlinearity", str, "Elman RNN activation: tanh | relu (default tanh)"),
     ("--steps", "steps", int, "training steps, one batch each (default 2000)"),
     ("--batch-size", "batch_size", int, "sequences per step (default 50)"),
-    ("--lr", "lr", float, "learning rate (default 1e-3)"),
+    ("--lr", "lr", finite_float, "learning rate (default 1e-3)"),
     ("--optimizer", "optimizer", str, "adam | sgd (SGD with momentum 0.9; default adam)"),
-    ("--clip-norm", "clip_norm", float, "clip the global gradient norm to this (default: no clipping)"),
+    ("--clip-norm", "clip_norm", finite_float, "clip the global gradient norm to this (default: no clipping)"),
     ("--recurrent-init", "recurrent_init", str, "U init: default (torch.nn) | identity (IRNN) | orthogonal"),
-    ("--recurrent-scale", "recurrent_scale", float, "multiply U by this after its init (default 1)"),
+    ("--recurrent-scale", "recurrent_scale", finite_float, "multiply U by this after its init (default 1)"),
     ("--test-size", "test_size", int, "held-out sequences for synthetic tasks (default 1000)"),
     ("--backend", "backend", str, "auto (torch's fused kernel for the plain layer) | engine (rnnkit's engine: "
                                   "on CPU its training step is faster, docs/benchmarks.md) (default auto)"),

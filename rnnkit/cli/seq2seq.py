@@ -5,8 +5,8 @@ import argparse
 from pathlib import Path
 
 from ..tasks.seq2seq import Seq2SeqTaskConfig, load_model, run_seq2seq, translate, write_outputs
-from .common import (add_common_flags, add_task, add_train_flags, config_from, positive_float, positive_int,
-                     train_config)
+from .common import (add_common_flags, add_task, add_train_flags, config_from, finite_float, positive_float,
+                     positive_int, train_config)
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -54,7 +54,7 @@ def _add_train(sub) -> None:
     g.add_argument("--embed-dim", type=positive_int, default=D.embed_dim, help=f"embedding size (default {D.embed_dim})")
     g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=D.attention,
                    help="Luong attention over the encoder states (default on)")
-    g.add_argument("--dropout", type=float, default=D.dropout, help="dropout (default 0)")
+    g.add_argument("--dropout", type=finite_float, default=D.dropout, help="dropout (default 0)")
     g.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
                    help="stop training cleanly after this many seconds (checkpoint kept)")
     add_common_flags(p, epochs=10, hidden_size=D.hidden_size, out="runs/seq2seq", clip_norm=1.0)

@@ -7,8 +7,8 @@ from pathlib import Path
 import torch
 
 from ..tasks.textgen import DATASETS, TextgenConfig, generate, load_corpus, load_model, run_textgen, write_outputs
-from .common import (add_common_flags, add_task, add_train_flags, config_from, nonnegative_int, seed_int,
-                     positive_float, positive_int, train_config)
+from .common import (add_common_flags, add_task, add_train_flags, config_from, finite_float, nonnegative_int,
+                     seed_int, positive_float, positive_int, train_config)
 
 TRAIN_EXAMPLES = """\
 examples:
@@ -59,11 +59,11 @@ def _add_train(sub) -> None:
     d.add_argument("--lower", action=argparse.BooleanOptionalAction, default=D.lower, help="fold case (default off)")
     d.add_argument("--min-freq", type=positive_int, default=D.min_freq,
                    help=f"word level: rarer words become <unk> (default {D.min_freq})")
-    d.add_argument("--val-fraction", type=float, default=D.val_fraction, help="held-out tail (default 0.1)")
+    d.add_argument("--val-fraction", type=finite_float, default=D.val_fraction, help="held-out tail (default 0.1)")
     m = p.add_argument_group("model")
     m.add_argument("--cell", choices=("rnn", "lstm", "gru"), default=D.cell, help=f"recurrent cell (default {D.cell})")
     m.add_argument("--embed-dim", type=positive_int, default=D.embed_dim, help=f"token embedding size (default {D.embed_dim})")
-    m.add_argument("--dropout", type=float, default=D.dropout, help="dropout (default 0)")
+    m.add_argument("--dropout", type=finite_float, default=D.dropout, help="dropout (default 0)")
     m.add_argument("--tbptt", "--bptt", dest="tbptt", type=positive_int, default=64, metavar="K",
                    help="truncated BPTT window: steps per update (default 64)")
     m.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
@@ -79,7 +79,7 @@ def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="continue a prompt with a trained model", epilog=SAMPLE_EXAMPLES)
     p.add_argument("--model", required=True, metavar="DIR", help="the model/ directory a train run wrote")
     p.add_argument("--prompt", required=True, metavar="P", help="text to continue")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T",
+    p.add_argument("--temperature", type=finite_float, default=1.0, metavar="T",
                    help="below 1 sharper, above 1 wilder, 0 greedy (default 1)")
     p.add_argument("--top-k", type=positive_int, default=None, metavar="K", help="draw from the K most likely tokens only")
     p.add_argument("--length", type=nonnegative_int, default=300, metavar="N", help="tokens to add (default 300)")

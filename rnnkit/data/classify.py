@@ -22,9 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
-from .lazy import LazyModule
-
-pd = LazyModule("pandas")                          # imported on first use (start-up cost: lazy.py)
+from .csvfile import read_csv
 
 
 @dataclass(frozen=True)
@@ -53,12 +51,10 @@ class LabelledTexts:
 def read_labelled_csv(path: str | Path, columns: CsvColumns = CsvColumns(), min_per_class: int = 2) -> LabelledTexts:
     """Texts and labels (labels as strings) from a CSV with a header row."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"CSV file {p} not found")
-    try:
-        df = pd.read_csv(p, dtype=str, keep_default_na=False, skip_blank_lines=True)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise UserError(f"{p} is not a readable CSV file: {str(e).strip()}") from None
+    if columns.text_column == columns.label_column:
+        raise UserError(f"the text and the label column are both {columns.text_column!r}; name the column "
+                        "holding the texts with --text-column and the one holding the labels with --label-column")
+    df = read_csv(p, "--data")
     missing = [c for c in (columns.text_column, columns.label_column) if c not in df.columns]
     if missing:
         flags = {columns.text_column: "--text-column", columns.label_column: "--label-column"}
@@ -99,9 +95,11 @@ def bundled_reviews() -> LabelledTexts:
         return read_labelled_csv(p)
 
 
-def stratified_split(labels: Sequence[str], test_fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
+def stratified_split(labels: Sequence[str], test_fraction: float, seed: int = 0,
+                     after: str = "") -> tuple[list[int], list[int]]:
     """(train, test) indices, each class split in the same proportion: round(n_c * test_fraction)
-    examples of a class of n_c go to test, at least one, and at least one stays in train."""
+    examples of a class of n_c go to test, at least one, and at least one stays in train. `after`:
+    for the message when a class is too small, what took examples away before (an earlier split)."""
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"test fraction must be in (0, 1), got {test_fraction}")
     by_class: dict[str, list[int]] = defaultdict(list)
@@ -111,8 +109,8 @@ def stratified_split(labels: Sequence[str], test_fraction: float, seed: int = 0)
     for y in sorted(by_class):
         idx = by_class[y]
         if len(idx) < 2:
-            raise UserError(f"class {y!r} has a single example; it cannot be in both the training "
-                            f"and the test split")
+            raise UserError(f"class {y!r} has a single example{after}; it cannot be on both sides of the split"
+                            + ("; lower the earlier split's fraction or add examples" if after else ""))
         rng.shuffle(idx)
         k = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1)
         test += idx[:k]

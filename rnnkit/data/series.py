@@ -14,6 +14,7 @@ from importlib import resources
 import numpy as np
 
 from ..errors import UserError
+from .csvfile import decimal_commas, read_csv
 from .lazy import LazyModule
 
 pd = LazyModule("pandas")                          # imported on first use (start-up cost: lazy.py)
@@ -53,25 +54,12 @@ def airline() -> Series:
 
 def load_csv(path, column: str | None = None, time_column: str | None = None) -> Series:
     """Read one numeric column (and optionally a date column) of a CSV file, validated."""
-    frame = _read(path)
+    frame = read_csv(path, "--data")
     column = _pick_column(frame, column, time_column, path)
-    values = _numbers(frame[column], column, path)
+    values = _numbers(decimal_commas(frame[column].str.strip(), frame.attrs["sep"]), column, path)
     times, freq = (None, None) if time_column is None else _dates(frame[time_column], time_column, path)
     season = _season(freq)
     return Series(values, column, times, freq, season, str(path))
-
-
-def _read(path) -> pd.DataFrame:
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
-    except FileNotFoundError:
-        raise UserError(f"cannot read {path}: no such file; check the path given to --data") from None
-    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {path} as CSV ({first}); give a text CSV file with a header row") from None
-    if frame.empty:
-        raise UserError(f"{path} has a header but no data rows")
-    return frame
 
 
 def _pick_column(frame: pd.DataFrame, column, time_column, path) -> str:
@@ -82,8 +70,8 @@ def _pick_column(frame: pd.DataFrame, column, time_column, path) -> str:
         if column not in frame.columns:
             raise UserError(f"column {column!r} is not in {path}; its columns are {names}; choose one with --column")
         return column
-    numeric = [c for c in frame.columns if c != time_column
-               and pd.to_numeric(frame[c].str.strip(), errors="coerce").notna().mean() > 0.5]
+    numeric = [c for c in frame.columns if c != time_column and pd.to_numeric(
+               decimal_commas(frame[c].str.strip(), frame.attrs["sep"]), errors="coerce").notna().mean() > 0.5]
     if len(numeric) != 1:
         raise UserError(f"{path} has columns {names}: say which holds the values with --column")
     return numeric[0]
@@ -115,18 +103,46 @@ def _where(text: pd.Series, mask) -> str:
 
 def _dates(cells: pd.Series, column: str, path) -> tuple[pd.DatetimeIndex, str | None]:
     text = cells.str.strip()
-    times = pd.to_datetime(text, errors="coerce", format="mixed")
+    readings = _readings(text)
+    times = readings[0][1]
     if times.isna().any():
         raise UserError(f"time column {column!r} of {path} has values that are not dates at "
                         f"{_where(text, times.isna())}; use a format such as 1949-01 or 1949-01-31")
-    times = pd.DatetimeIndex(times)
-    step = np.diff(times.asi8)
-    if (step <= 0).any():
+    forward = [(name, t) for name, t in readings if (np.diff(t.asi8) > 0).all()]
+    if not forward:
+        step = np.diff(times.asi8)
         i = int(np.flatnonzero(step <= 0)[0])
         kind = "repeats" if step[i] == 0 else "goes backwards"
+        read = (f" (read {' and also '.join(name for name, _ in readings)}: neither goes forward)"
+                if len(readings) > 1 else "")
         raise UserError(f"time column {column!r} of {path} {kind} at line {i + 3} ({text.iloc[i + 1]!r} after "
-                        f"{text.iloc[i]!r}); sort the rows by date and remove duplicates")
+                        f"{text.iloc[i]!r}){read}; sort the rows by date and remove duplicates")
+    regular = [(name, t) for name, t in forward if len(t) < 3 or _infer_freq(t) is not None]
+    times = (regular or forward)[0][1]
     return times, _regular_freq(times, text, column, path)
+
+
+def _readings(text: pd.Series) -> list[tuple[str, pd.DatetimeIndex]]:
+    """How the dates can be read: [("as dates", times)], or for numeric dates such as 03/04/2020 both
+    orders, the local convention's first (day first with dots, month first otherwise), each kept only
+    where every row parses that way. Read row by row, such dates would mix the two orders."""
+    match = text.str.extract(_NUMERIC_DATE)
+    if match.isna().any(axis=None):
+        return [("as dates", pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed")))]
+    first, second = match[0].astype(int).to_numpy(), match[2].astype(int).to_numpy()
+    orders = [("day first", True), ("month first", False)]
+    if (match[1] != ".").any():
+        orders.reverse()
+    readings = []
+    for name, dayfirst in orders:
+        times = pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed", dayfirst=dayfirst))
+        day, month = (first, second) if dayfirst else (second, first)
+        if not times.isna().any() and (times.day == day).all() and (times.month == month).all():
+            readings.append((name, times))
+    return readings or [("as dates", pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed")))]
+
+
+_NUMERIC_DATE = r"^(\d{1,2})([./-])(\d{1,2})\2\d{2,4}(?:[ T].*)?$"    # 31/01/2020, 01.31.2020 13:00
 
 
 def _regular_freq(times: pd.DatetimeIndex, text: pd.Series, column: str, path) -> str | None:

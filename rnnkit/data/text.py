@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import UserError
+from ..errors import UserError, not_utf8
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 LM_SPECIALS = (PAD, UNK)
@@ -194,6 +194,13 @@ def encode_prompt(vocab: Vocabulary, text: str, level: str, lower: bool = False)
     return vocab.encode(tokens, unknown="error" if level == "char" else "unk")
 
 
+def require_words(vocab: Vocabulary, min_freq: int, source: str) -> None:
+    """A word vocabulary built with `min_freq` must hold a word besides its specials."""
+    if len(vocab) == len(vocab.specials):
+        raise UserError(f"no word of {source} occurs --min-freq {min_freq} times, so every word would be "
+                        "<unk>; lower --min-freq or give more text")
+
+
 # -- text files ------------------------------------------------------------------------------------
 
 def read_text(path: str | Path, min_chars: int = 2) -> str:
@@ -202,10 +209,9 @@ def read_text(path: str | Path, min_chars: int = 2) -> str:
     if not p.is_file():
         raise UserError(f"text file {p} not found" + (" (it is a directory)" if p.is_dir() else ""))
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")   # -sig: a byte-order mark is not text (a BOM token)
     except UnicodeDecodeError as e:
-        raise UserError(f"{p} is not UTF-8 text ({e.reason} at byte {e.start}); convert it, e.g. "
-                        f"`iconv -f latin1 -t utf-8 {p.name}`") from None
+        raise not_utf8(p, e) from None
     if len(text.strip()) < min_chars:
         raise UserError(f"{p} holds {len(text.strip())} non-blank characters; a language model needs "
                         f"at least {min_chars}")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..data.classify import (CsvColumns, LabelledTexts, bundled_reviews, check_labelled, pad_batch,
                              read_labelled_csv, stratified_split)
 from ..data.registry import load as registry_load
-from ..data.text import Vocabulary, word_tokens
+from ..data.text import Vocabulary, require_words, word_tokens
 from ..errors import (UserError, check_at_least_one, check_choice, check_dropout, check_fraction,
                       check_time_limit)
 from ..models.classifier import POOLINGS, ClassifierConfig, SequenceClassifier
@@ -119,9 +119,11 @@ def run_classify(data: LabelledTexts, cfg: ClassifyConfig, train: TrainConfig, s
     classes = data.classes
     fit_idx, test_idx = stratified_split(data.labels, cfg.test_fraction, cfg.data_seed)
     fit_part, test = data.subset(fit_idx), data.subset(test_idx)
-    tr_idx, val_idx = stratified_split(fit_part.labels, cfg.val_fraction, cfg.data_seed)
+    tr_idx, val_idx = stratified_split(fit_part.labels, cfg.val_fraction, cfg.data_seed,
+                                       f" left for training and validation after --test-fraction {cfg.test_fraction}")
     tr, val = fit_part.subset(tr_idx), fit_part.subset(val_idx)
     vocab = Vocabulary.build((tokens_of(t, cfg.lower) for t in tr.texts), min_freq=cfg.min_freq)
+    require_words(vocab, cfg.min_freq, "the training texts")
     X = {name: _tensors(part, vocab, classes, cfg) for name, part in (("train", tr), ("val", val), ("test", test))}
     seed_everything(train.seed)
     model = SequenceClassifier(model_config(cfg, vocab, classes))

@@ -103,6 +103,7 @@ def run_forecast(series: Series, cfg: ForecastConfig, train: TrainConfig, resume
     lags = _lags(cfg, season)
     x = series.values
     origins = _check_length(len(x), cfg, lags)
+    _check_season(season, origins[0], cfg)
     folds, last = [], None
     for k, origin in enumerate(origins):
         final = k == len(origins) - 1
@@ -143,6 +144,16 @@ def _check_length(n: int, cfg: ForecastConfig, lags: tuple[int, ...]) -> list[in
             f"{cfg.backtest} back-test fold(s), differencing lags {list(lags)} and validation size {cfg.val_size}: "
             f"that needs at least {need}; lower --lookback, --horizon, --backtest or --val-size")
     return origins
+
+
+def _check_season(season: int, shortest: int, cfg: ForecastConfig) -> None:
+    """The seasonal-naive forecast and MASE's scale look one season back from the training part's end."""
+    if season < shortest:
+        return
+    given = "--season" if cfg.season else "the season the dates imply"
+    raise UserError(f"{given} is {season} steps, but the first fold's training part has only {shortest} values: "
+                    f"the seasonal-naive baseline and MASE need more than one season of it; give a smaller "
+                    f"--season (1: none), a shorter --horizon, fewer --backtest folds or a longer series")
 
 
 def _log(cfg: ForecastConfig, x: np.ndarray) -> bool:

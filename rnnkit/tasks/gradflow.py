@@ -19,7 +19,7 @@ import torch
 
 from .. import diagnostics as dg
 from ..diagnostics import plots
-from ..errors import UserError
+from ..errors import UserError, check_positive
 from ..tracing import trace
 from ..numerics import flushing_denormals
 from . import memory
@@ -49,8 +49,9 @@ class GradflowConfig:
             raise UserError("--length must be >= 2, --hidden-size and --batch-size >= 1")
         if self.trained_steps < 0 or self.num_seeds < 1 or self.checkpoints < 1:
             raise UserError("--trained-steps must be >= 0, --num-seeds and --checkpoints >= 1")
-        if self.clip_norm is not None and self.clip_norm <= 0:
-            raise UserError(f"--clip-norm must be > 0, got {self.clip_norm}")
+        check_positive("--lr", self.lr)
+        if self.clip_norm is not None:
+            check_positive("--clip-norm", self.clip_norm, "no clipping")
         if not 0 < self.threshold < 1:
             raise UserError(f"--threshold must lie in (0, 1), got {self.threshold}")
 

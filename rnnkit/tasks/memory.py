@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .. import layers as rk
 from ..data import synthetic
-from ..errors import UserError
+from ..errors import UserError, finite_positive
 from ..numerics import flushing_denormals
 
 TASKS = ("adding", "copy", "order", "digits", "mnist1d")
@@ -65,8 +65,10 @@ class MemoryConfig:
              "--length, --hidden-size and --num-layers must be positive"),
             (self.steps >= 1 and self.batch_size >= 1 and self.test_size >= 1,
              "--steps, --batch-size and --test-size must be positive"),
-            (self.lr > 0 and self.recurrent_scale > 0, "--lr and --recurrent-scale must be > 0"),
-            (self.clip_norm is None or self.clip_norm > 0, f"--clip-norm must be > 0, got {self.clip_norm}"),
+            (finite_positive(self.lr, self.recurrent_scale),
+             f"--lr and --recurrent-scale must be finite numbers > 0, got {self.lr} and {self.recurrent_scale}"),
+            (self.clip_norm is None or finite_positive(self.clip_norm),
+             f"--clip-norm must be a finite number > 0 (leave it out for no clipping), got {self.clip_norm}"),
             (self.task != "digits" or self.length in (8, 64),
              f"--task digits reads 8x8 images by rows (--length 8) or by pixels (--length 64), got {self.length}"),
             (self.task != "mnist1d" or self.length == 40, f"--task mnist1d has length 40, got {self.length}"),

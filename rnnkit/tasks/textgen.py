@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from ..data.registry import load as registry_load
 from ..data.text import (LEVELS, TokenStream, Vocabulary, bundled_text, detokenize, encode_prompt, read_text,
-                         split_tail, tokenize)
+                         require_words, split_tail, tokenize)
 from ..errors import (UserError, check_at_least_one, check_choice, check_dropout, check_fraction,
                       check_time_limit)
 from ..models.language import CELLS, LanguageModel, LanguageModelConfig
@@ -101,9 +101,7 @@ def prepare(text: str, cfg: TextgenConfig) -> tuple[Vocabulary, torch.Tensor, to
     """The vocabulary of the training part and the (train, validation) id streams."""
     head, tail = split_tail(tokenize(text, cfg.level, cfg.lower), cfg.val_fraction)
     vocab = Vocabulary.build([head], min_freq=cfg.min_freq if cfg.level == "word" else 1)
-    if len(vocab) == len(vocab.specials):
-        raise UserError(f"no word of the training text occurs --min-freq {cfg.min_freq} times, so every word "
-                        "would be <unk>; lower --min-freq or give more text")
+    require_words(vocab, cfg.min_freq, "the training text")
     ids = [torch.tensor(vocab.encode(part), dtype=torch.long) for part in (head, tail)]
     return vocab, ids[0], ids[1]
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, check_positive
 from ..layers import AUTO_CHOICES
 
 SCHEDULES = ("none", "cosine", "step", "plateau")
@@ -74,8 +75,8 @@ class TrainConfig:
         for name in ("clip_norm", "clip_value", "patience", "tbptt", "threads"):
             if getattr(self, name) is not None:
                 _positive(self, name)
-        if self.weight_decay < 0:
-            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UserError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if self.checkpoint_every < 0:
             raise UserError(f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}")
         if self.schedule not in SCHEDULES:
@@ -100,9 +101,10 @@ class TrainConfig:
 
 def _positive(cfg: TrainConfig, *names: str) -> None:
     for name in names:
-        value = getattr(cfg, name)
-        if not value > 0:
-            raise UserError(f"{name} must be > 0, got {value!r}")
+        check_positive(name, getattr(cfg, name), _UNSET.get(name, ""))
+
+
+_UNSET = {"clip_norm": "no clipping", "clip_value": "no clipping", "patience": "no early stopping"}
 
 
 def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
