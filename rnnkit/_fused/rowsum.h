@@ -3,7 +3,7 @@
 // gcc vectorises a `reduction` loop without -ffast-math, but then adds the vector's lanes one after
 // another through the stack: 16 dependent scalar adds per float sum. At H = 64 those chains were a third
 // of layernorm_forward's time (perf annotate), and a row's layer norm has two or four of them each way.
-// Here a sum runs in one 64-byte vector of partial sums (gcc's generic vector types: any x86 or ARM
+// Here a sum runs in one register-wide vector of partial sums (gcc's generic vector types: any x86 or ARM
 // target, lowered to what it has) and its lanes are folded by log2(lanes) shuffles at the end; the
 // elements that do not fill a vector are added after, one by one.
 #pragma once
@@ -16,15 +16,27 @@
 
 namespace rnnkit {
 
-// One 64-byte vector of T; fold adds lane k ^ s into lane k for s = lanes/2, ..., 1. Each mask is a
-// constant built at compile time (index_sequence), which gcc turns into a single permute (masks built in
-// a loop at run time measured 2x slower).
+// The widest vector register the build targets (-march=native). A generic vector wider than the
+// registers is not free: on an AVX2 machine (AMD EPYC, 32-byte registers) gcc carried the 64-byte
+// partial sums through the stack, and layernorm_rows took 29% of an LSTM+LN forward at H = 64 (perf),
+// more than the cell itself.
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;                  // SSE, NEON
+#endif
+
+// One register-wide vector of T; fold adds lane k ^ s into lane k for s = lanes/2, ..., 1. Each mask is
+// a constant built at compile time (index_sequence), which gcc turns into a single permute (masks built
+// in a loop at run time measured 2x slower).
 template <typename T>
 struct Simd {
-  static constexpr int kLanes = 64 / sizeof(T);
-  typedef T V __attribute__((vector_size(64)));
+  static constexpr int kLanes = kVectorBytes / sizeof(T);
+  typedef T V __attribute__((vector_size(kVectorBytes)));
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;   // a mask lane as wide as T
-  typedef I M __attribute__((vector_size(64)));
+  typedef I M __attribute__((vector_size(kVectorBytes)));
 
   template <int S, size_t... K>
   static V swapped(V v, std::index_sequence<K...>) { return __builtin_shuffle(v, M{I(K ^ S)...}); }
