@@ -164,3 +164,62 @@ def test_classify_split_message_names_the_earlier_split(tmp_path, capsys):
     exits_2(capsys, ["classify", "train", "--data", classify_csv(tmp_path), "--test-fraction", "0.99",
                      "--epochs", "1", "--out", str(tmp_path / "r"), "--no-progress"],
             "left for training and validation after --test-fraction 0.99")
+
+
+# -- second review: what the first round of these fixes got wrong or left ------------------------------
+
+def _load(tmp_path, name, content, *args):
+    f = tmp_path / name
+    (f.write_bytes if isinstance(content, bytes) else f.write_text)(content)
+    return load_csv(f, *args)
+
+
+def test_a_row_wider_than_the_header_is_refused_not_shifted(tmp_path):
+    """A one-column file of decimal commas: pandas took '-3' as the row's index and read 25 (silently)."""
+    with pytest.raises(UserError, match=r"more fields than its header \(line 2: '-3,25'\)"):
+        _load(tmp_path, "a.csv", "Wert\n-3,25\n4,5\n")
+
+
+def test_separator_seen_on_every_line_wins_over_a_comma_in_a_name(tmp_path):
+    s = _load(tmp_path, "a.csv", "Datum;Umsatz (Tsd., EUR)\n" + "".join(f"01.{m:02d}.2015;{100 + m},50\n"
+                                                                        for m in range(1, 13)), None, "Datum")
+    assert s.name == "Umsatz (Tsd., EUR)" and s.values.tolist() == [100.5 + m for m in range(1, 13)]
+    assert s.freq == "MS"
+    s = _load(tmp_path, "b.csv", "sep=;\nd;Wert\n2020-01;1,5\n2020-02;2,5\n2020-03;3\n", "Wert", "d")
+    assert s.values.tolist() == [1.5, 2.5, 3.0]                             # Excel's sep= line
+
+
+def test_thousands_separators_beside_decimal_commas_are_refused(tmp_path):
+    with pytest.raises(UserError, match=r"decimal commas \('999,5'\) but line 3 has '1.234'"):
+        _load(tmp_path, "a.csv", "d;v\n01.01.2020;999,5\n01.02.2020;1.234\n01.03.2020;1.500\n", "v", "d")
+
+
+def test_compressed_csv_loads_and_non_csv_files_are_named(tmp_path):
+    import gzip
+    from importlib import resources
+    raw = resources.files("rnnkit").joinpath("datasets/airline.csv").read_bytes()
+    s = _load(tmp_path, "air.csv.gz", gzip.compress(raw), "passengers", "month")   # worked before; broke
+    assert len(s) == 144 and s.season == 12
+    with pytest.raises(UserError, match="spreadsheet.*export the sheet as CSV"):
+        _load(tmp_path, "a.xlsx", b"PK\x03\x04" + bytes(100))
+    with pytest.raises(UserError, match="UTF-16 text: save it as UTF-8"):
+        _load(tmp_path, "u.csv", "a,b\n1,2\n".encode("utf-16"))
+
+
+def test_two_digit_years_month_year_dates_and_mixed_formats(tmp_path):
+    import pandas as pd
+    months = pd.date_range("1975-01-01", periods=48, freq="MS")
+    s = _load(tmp_path, "a.csv", "d;v\n" + "".join(f"{t.strftime('%d.%m.%y')};{i}\n" for i, t in enumerate(months)),
+              "v", "d")
+    assert (s.times == months).all() and s.freq == "MS"
+    s = _load(tmp_path, "b.csv", "d;v\n" + "".join(f"{m:02d}.2020;{m}\n" for m in range(1, 13)), "v", "d")
+    assert (s.times == pd.date_range("2020-01-01", periods=12, freq="MS")).all() and s.season == 12
+    with pytest.raises(UserError, match=r"mixes date formats: line 4 has '01/02/2020', line 2 '2020-01-30'"):
+        _load(tmp_path, "c.csv", "d,v\n2020-01-30,1\n2020-01-31,2\n01/02/2020,3\n", "v", "d")
+
+
+def test_classify_split_message_with_two_examples_a_class(tmp_path, capsys):
+    f = tmp_path / "a.csv"
+    f.write_text("text,label\nhello there,a\ngood day,a\nbye now,b\nsee you,b\n")
+    exits_2(capsys, ["classify", "train", "--data", str(f), "--test-fraction", "0.01", "--epochs", "1",
+                     "--out", str(tmp_path / "r"), "--no-progress"], "each class needs at least 3 examples")

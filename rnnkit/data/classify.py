@@ -110,7 +110,8 @@ def stratified_split(labels: Sequence[str], test_fraction: float, seed: int = 0,
         idx = by_class[y]
         if len(idx) < 2:
             raise UserError(f"class {y!r} has a single example{after}; it cannot be on both sides of the split"
-                            + ("; lower the earlier split's fraction or add examples" if after else ""))
+                            + ("; each class needs at least 3 examples (test, validation, training): add examples "
+                               "or lower the earlier split's fraction" if after else ""))
         rng.shuffle(idx)
         k = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1)
         test += idx[:k]

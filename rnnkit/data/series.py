@@ -71,7 +71,7 @@ def _pick_column(frame: pd.DataFrame, column, time_column, path) -> str:
             raise UserError(f"column {column!r} is not in {path}; its columns are {names}; choose one with --column")
         return column
     numeric = [c for c in frame.columns if c != time_column and pd.to_numeric(
-               decimal_commas(frame[c].str.strip(), frame.attrs["sep"]), errors="coerce").notna().mean() > 0.5]
+               decimal_commas(frame[c].str.strip(), frame.attrs["sep"], strict=False), errors="coerce").notna().mean() > 0.5]
     if len(numeric) != 1:
         raise UserError(f"{path} has columns {names}: say which holds the values with --column")
     return numeric[0]
@@ -84,7 +84,8 @@ def _numbers(cells: pd.Series, column: str, path) -> np.ndarray:
     bad = values.isna() & ~missing
     if bad.any():
         raise UserError(f"column {column!r} of {path} has non-numeric values at {_where(text, bad)}; "
-                        "fix or remove those rows (numbers use a dot as the decimal point, no thousands separator)")
+                        "fix or remove those rows (numbers have no thousands separator, and a dot as the decimal point; "
+                        "a comma only in a file separated by ';')")
     if missing.any():
         raise UserError(f"column {column!r} of {path} has {int(missing.sum())} missing (empty or NaN) values at "
                         f"{_where(text, missing)}; fill them in (e.g. interpolate) or drop those rows")
@@ -103,7 +104,7 @@ def _where(text: pd.Series, mask) -> str:
 
 def _dates(cells: pd.Series, column: str, path) -> tuple[pd.DatetimeIndex, str | None]:
     text = cells.str.strip()
-    readings = _readings(text)
+    readings = _readings(text, f"time column {column!r} of {path}")
     times = readings[0][1]
     if times.isna().any():
         raise UserError(f"time column {column!r} of {path} has values that are not dates at "
@@ -115,6 +116,9 @@ def _dates(cells: pd.Series, column: str, path) -> tuple[pd.DatetimeIndex, str |
         kind = "repeats" if step[i] == 0 else "goes backwards"
         read = (f" (read {' and also '.join(name for name, _ in readings)}: neither goes forward)"
                 if len(readings) > 1 else "")
+        if text.str.match(r"^\d{1,2}[./-]\d{1,2}[./-]\d{2}(?:\D|$)").any():
+            read += (f"; two-digit years are a guess ({text.iloc[i + 1]!r} was read as year {times[i + 1].year}, "
+                     f"{text.iloc[i]!r} as {times[i].year}): write four-digit years")
         raise UserError(f"time column {column!r} of {path} {kind} at line {i + 3} ({text.iloc[i + 1]!r} after "
                         f"{text.iloc[i]!r}){read}; sort the rows by date and remove duplicates")
     regular = [(name, t) for name, t in forward if len(t) < 3 or _infer_freq(t) is not None]
@@ -122,27 +126,46 @@ def _dates(cells: pd.Series, column: str, path) -> tuple[pd.DatetimeIndex, str |
     return times, _regular_freq(times, text, column, path)
 
 
-def _readings(text: pd.Series) -> list[tuple[str, pd.DatetimeIndex]]:
+def _readings(text: pd.Series, where: str) -> list[tuple[str, pd.DatetimeIndex]]:
     """How the dates can be read: [("as dates", times)], or for numeric dates such as 03/04/2020 both
     orders, the local convention's first (day first with dots, month first otherwise), each kept only
-    where every row parses that way. Read row by row, such dates would mix the two orders."""
+    where every row parses that way. Read row by row, such dates would mix the two orders. 01.2020
+    (month and year, as German exports write months) is a month."""
+    month_year = text.str.extract(_MONTH_YEAR)
+    if month_year.notna().all(axis=None) and month_year[0].nunique() == 1:
+        fmt = f"%m{month_year[0].iloc[0]}%Y"
+        return [("month and year", pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format=fmt)))]
     match = text.str.extract(_NUMERIC_DATE)
-    if match.isna().any(axis=None):
+    numeric = match[0].notna()
+    if numeric.any() and not numeric.all():
+        i, j = int(np.flatnonzero(numeric.to_numpy())[0]), int(np.flatnonzero(~numeric.to_numpy())[0])
+        raise UserError(f"{where} mixes date formats: line {i + 2} has {text.iloc[i]!r}, line {j + 2} {text.iloc[j]!r}; "
+                        "write every date the same way (best: 2020-01-31)")
+    if not numeric.any():
         return [("as dates", pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed")))]
     first, second = match[0].astype(int).to_numpy(), match[2].astype(int).to_numpy()
     orders = [("day first", True), ("month first", False)]
     if (match[1] != ".").any():
         orders.reverse()
+    clock = next((f for f, pat in _CLOCKS if match[4].fillna("").str.fullmatch(pat).all()), None)
+    plain = clock is not None and match[1].nunique() == 1 and match[3].str.len().nunique() == 1
     readings = []
     for name, dayfirst in orders:
-        times = pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed", dayfirst=dayfirst))
+        if plain:                                   # one exact format: ~40x faster than parsing row by row
+            sep, year = match[1].iloc[0], "%Y" if len(match[3].iloc[0]) == 4 else "%y"
+            fmt = (f"%d{sep}%m{sep}{year}" if dayfirst else f"%m{sep}%d{sep}{year}") + clock
+            times = pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format=fmt))
+        else:
+            times = pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed", dayfirst=dayfirst))
         day, month = (first, second) if dayfirst else (second, first)
         if not times.isna().any() and (times.day == day).all() and (times.month == month).all():
             readings.append((name, times))
     return readings or [("as dates", pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed")))]
 
 
-_NUMERIC_DATE = r"^(\d{1,2})([./-])(\d{1,2})\2\d{2,4}(?:[ T].*)?$"    # 31/01/2020, 01.31.2020 13:00
+_NUMERIC_DATE = r"^(\d{1,2})([./-])(\d{1,2})\2(\d{2}|\d{4})([ T].*)?$"    # 31/01/2020, 01.31.20 13:00
+_CLOCKS = (("", ""), (" %H:%M", r" \d{1,2}:\d{2}"), (" %H:%M:%S", r" \d{1,2}:\d{2}:\d{2}"))   # exact formats
+_MONTH_YEAR = r"^(?:0?[1-9]|1[0-2])([./-])\d{4}$"                      # 01.2020, 1/2020
 
 
 def _regular_freq(times: pd.DatetimeIndex, text: pd.Series, column: str, path) -> str | None:
