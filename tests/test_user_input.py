@@ -57,6 +57,12 @@ def test_library_configs_refuse_non_finite_numbers(make):
         make()
 
 
+def test_forecast_config_refuses_a_nan_dropout_when_made():
+    from rnnkit.tasks.forecast import ForecastConfig
+    with pytest.raises(UserError, match="dropout must be in"):
+        ForecastConfig(dropout=math.nan)
+
+
 # -- CSV files from other locales -------------------------------------------------------------------------
 
 def test_semicolon_csv_with_decimal_commas_reads_as_the_comma_file(tmp_path):

@@ -21,7 +21,7 @@ import torch
 
 from ..data import Series, SeriesTransform, airline, load_csv, make_windows, target_starts
 from ..data.scaling import SCALES
-from ..errors import UserError, check_at_least_one, check_choice
+from ..errors import UserError, check_at_least_one, check_choice, check_dropout
 from ..metrics import forecast_metrics
 from ..models import Forecaster, ForecasterConfig
 from ..train import (FitResult, TensorBatches, TrainConfig, Trainer, TrainingInterrupted, atomic_write, load_weights,
@@ -58,6 +58,7 @@ class ForecastConfig:
         check_choice("strategy", self.strategy, STRATEGIES)
         check_choice("scale", self.scale, SCALES)
         check_choice("log", self.log, LOG)
+        check_dropout(self.dropout)
         if self.val_size < 0 or (self.season is not None and self.season < 1):
             raise UserError("val_size must be >= 0 and season >= 1")
 
