@@ -3,10 +3,10 @@
     frame = read_csv(path, flag="--data")    # all cells as str; frame.attrs["sep"]: the separator used
 
 What it takes care of, so each task's loader only checks its own columns: a missing path or a directory,
-a file that is not UTF-8 (the iconv command to convert it), a UTF-8 byte-order mark (dropped), a file
-that is not CSV, a header with no rows, and the separator: a header line with more semicolons (or tabs)
-than commas is read with that separator, as spreadsheets in many locales write CSV with `;` (and decimal
-commas, which `decimal_commas` turns into points for a file so separated).
+a file that is not UTF-8 (the iconv command to convert it), a UTF-8 byte-order mark (dropped), a file that
+is not CSV or is compressed, a header with no rows, rows wider than the header, and the separator
+(`_separator`: spreadsheets in many locales write CSV with `;`, and decimal commas, which `decimal_commas`
+turns into points for a file so separated).
 """
 from __future__ import annotations
 
@@ -96,8 +96,7 @@ def _separator(lines: list[str]) -> tuple[str, int]:
     steady = [s for s in SEPARATORS if counts[0][s] > 0 and all(c[s] == counts[0][s] for c in counts)]
     if steady:
         return ([s for s in steady if s != ","] or steady)[0], 0
-    best = max(SEPARATORS, key=lambda s: counts[0][s])      # first (",") wins a tie
-    return (best if counts[0][best] > counts[0][","] else ","), 0
+    return max(SEPARATORS, key=lambda s: counts[0][s]), 0   # first (",") wins a tie, and a header without any
 
 
 def _wider_rows(p: Path, sep: str, skip: int) -> UserError:

@@ -56,7 +56,7 @@ def load_csv(path, column: str | None = None, time_column: str | None = None) ->
     """Read one numeric column (and optionally a date column) of a CSV file, validated."""
     frame = read_csv(path, "--data")
     column = _pick_column(frame, column, time_column, path)
-    values = _numbers(decimal_commas(frame[column].str.strip(), frame.attrs["sep"]), column, path)
+    values = _numbers(frame[column], column, path, frame.attrs["sep"])
     times, freq = (None, None) if time_column is None else _dates(frame[time_column], time_column, path)
     season = _season(freq)
     return Series(values, column, times, freq, season, str(path))
@@ -77,8 +77,8 @@ def _pick_column(frame: pd.DataFrame, column, time_column, path) -> str:
     return numeric[0]
 
 
-def _numbers(cells: pd.Series, column: str, path) -> np.ndarray:
-    text = cells.str.strip()
+def _numbers(cells: pd.Series, column: str, path, sep: str) -> np.ndarray:
+    text = decimal_commas(cells.str.strip(), sep)
     missing = text.str.lower().isin(_MISSING)
     values = pd.to_numeric(text.where(~missing), errors="coerce")
     bad = values.isna() & ~missing
@@ -116,7 +116,7 @@ def _dates(cells: pd.Series, column: str, path) -> tuple[pd.DatetimeIndex, str |
         kind = "repeats" if step[i] == 0 else "goes backwards"
         read = (f" (read {' and also '.join(name for name, _ in readings)}: neither goes forward)"
                 if len(readings) > 1 else "")
-        if text.str.match(r"^\d{1,2}[./-]\d{1,2}[./-]\d{2}(?:\D|$)").any():
+        if (text.str.extract(_NUMERIC_DATE)[3].str.len() == 2).any():
             read += (f"; two-digit years are a guess ({text.iloc[i + 1]!r} was read as year {times[i + 1].year}, "
                      f"{text.iloc[i]!r} as {times[i].year}): write four-digit years")
         raise UserError(f"time column {column!r} of {path} {kind} at line {i + 3} ({text.iloc[i + 1]!r} after "
@@ -134,7 +134,7 @@ def _readings(text: pd.Series, where: str) -> list[tuple[str, pd.DatetimeIndex]]
     month_year = text.str.extract(_MONTH_YEAR)
     if month_year.notna().all(axis=None) and month_year[0].nunique() == 1:
         fmt = f"%m{month_year[0].iloc[0]}%Y"
-        return [("month and year", pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format=fmt)))]
+        return [("month and year", _as_dates(text, format=fmt))]
     match = text.str.extract(_NUMERIC_DATE)
     numeric = match[0].notna()
     if numeric.any() and not numeric.all():
@@ -142,7 +142,7 @@ def _readings(text: pd.Series, where: str) -> list[tuple[str, pd.DatetimeIndex]]
         raise UserError(f"{where} mixes date formats: line {i + 2} has {text.iloc[i]!r}, line {j + 2} {text.iloc[j]!r}; "
                         "write every date the same way (best: 2020-01-31)")
     if not numeric.any():
-        return [("as dates", pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed")))]
+        return [("as dates", _as_dates(text))]
     first, second = match[0].astype(int).to_numpy(), match[2].astype(int).to_numpy()
     orders = [("day first", True), ("month first", False)]
     if (match[1] != ".").any():
@@ -154,13 +154,18 @@ def _readings(text: pd.Series, where: str) -> list[tuple[str, pd.DatetimeIndex]]
         if plain:                                   # one exact format: ~40x faster than parsing row by row
             sep, year = match[1].iloc[0], "%Y" if len(match[3].iloc[0]) == 4 else "%y"
             fmt = (f"%d{sep}%m{sep}{year}" if dayfirst else f"%m{sep}%d{sep}{year}") + clock
-            times = pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format=fmt))
+            times = _as_dates(text, format=fmt)
         else:
-            times = pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed", dayfirst=dayfirst))
+            times = _as_dates(text, dayfirst=dayfirst)
         day, month = (first, second) if dayfirst else (second, first)
         if not times.isna().any() and (times.day == day).all() and (times.month == month).all():
             readings.append((name, times))
-    return readings or [("as dates", pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format="mixed")))]
+    return readings or [("as dates", _as_dates(text))]
+
+
+def _as_dates(text: pd.Series, format: str = "mixed", dayfirst: bool = False) -> pd.DatetimeIndex:
+    """The cells as dates, NaT where one does not parse (`format="mixed"`: each cell on its own)."""
+    return pd.DatetimeIndex(pd.to_datetime(text, errors="coerce", format=format, dayfirst=dayfirst))
 
 
 _NUMERIC_DATE = r"^(\d{1,2})([./-])(\d{1,2})\2(\d{2}|\d{4})([ T].*)?$"    # 31/01/2020, 01.31.20 13:00
