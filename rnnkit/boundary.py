@@ -14,8 +14,18 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 PADDING = ("right", "left")
 
 
-def check_input(layer, input) -> None:
-    """The input checks every rnnkit layer shares: a tensor, 2-D or 3-D, input_size features, weights' dtype."""
+class LayerShapeError(ValueError, RuntimeError):
+    """An input or state of the wrong shape: a ValueError, and the RuntimeError torch.nn raises for it
+    (code written against torch.nn catching either keeps working)."""
+
+
+class LayerDtypeError(TypeError, ValueError, RuntimeError):
+    """An input or state of the wrong dtype: a TypeError, and the ValueError / RuntimeError torch.nn raises."""
+
+
+def check_input(layer, input, exact_dtype: bool = True) -> None:
+    """The input checks every rnnkit layer shares: a tensor, 2-D or 3-D, input_size features, weights' dtype
+    (exact_dtype=False: any dtype, for torch.nn's own kernels under autocast)."""
     name = type(layer).__name__
     if not isinstance(input, Tensor):
         raise TypeError(f"{name}: input must be a torch.Tensor, got {type(input).__name__}")
@@ -24,22 +34,22 @@ def check_input(layer, input) -> None:
         raise ValueError(f"{name}: input must be 3-D {layout} or 2-D (T, input_size) for one "
                          f"unbatched sequence; got {input.dim()}-D shape {tuple(input.shape)}")
     if input.shape[-1] != layer.input_size:
-        raise ValueError(f"{name}: input has {input.shape[-1]} features in its last dimension "
+        raise LayerShapeError(f"{name}: input has {input.shape[-1]} features in its last dimension "
                          f"(shape {tuple(input.shape)}), but the layer was built with "
                          f"input_size={layer.input_size}")
     steps = input.shape[1 if layer.batch_first and input.dim() == 3 else 0]
     if steps == 0:
         raise ValueError(f"{name}: input has no time steps (T = 0 in shape {tuple(input.shape)}); "
                          f"give each sequence at least one step")
-    if input.dtype != layer.weight_ih_l0.dtype:
-        raise TypeError(f"{name}: input dtype {input.dtype} does not match the weights' "
+    if exact_dtype and input.dtype != layer.weight_ih_l0.dtype:
+        raise LayerDtypeError(f"{name}: input dtype {input.dtype} does not match the weights' "
                         f"{layer.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")
 
 
-def check_state(name: str, hx, num_states: int, want: tuple, dtype: torch.dtype,
+def check_state(name: str, hx, num_states: int, want: tuple, dtype: torch.dtype | None,
                 labels: tuple = ("h_0", "c_0"), layout: str = "num_layers*num_directions") -> tuple:
-    """A given state -> tuple of tensors, each checked for shape `want` and `dtype`: a tensor, or for
-    two-state cells (LSTM) a tuple of two. The checks every rnnkit layer and the stream share."""
+    """A given state -> tuple of tensors, each checked for shape `want` and `dtype` (None: any): a tensor,
+    or for two-state cells (LSTM) a tuple of two. The checks every rnnkit layer and the stream share."""
     if num_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
         got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
         raise ValueError(f"{name}: hx must be a tuple ({', '.join(labels)}) of two tensors, got {got}")
@@ -48,9 +58,9 @@ def check_state(name: str, hx, num_states: int, want: tuple, dtype: torch.dtype,
     for label, s in zip(labels, parts):
         if not isinstance(s, Tensor) or tuple(s.shape) != want:
             got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise ValueError(f"{name}: initial state {label} must have shape {want} {dims}, got {got}")
-        if s.dtype != dtype:
-            raise TypeError(f"{name}: initial state {label} has dtype {s.dtype} but the input and weights "
+            raise LayerShapeError(f"{name}: initial state {label} must have shape {want} {dims}, got {got}")
+        if dtype is not None and s.dtype != dtype:
+            raise LayerDtypeError(f"{name}: initial state {label} has dtype {s.dtype} but the input and weights "
                             f"have {dtype}; give them the same dtype")
     return parts
 
@@ -79,15 +89,31 @@ def untraced(state: dict) -> dict:
     return {**state, "_trace_sink": None}
 
 
-def autocast_input(layer, input):
+def autocasting(input) -> bool:
+    """Whether autocast is on for the input's device; off on a device autocast has no dispatch key for
+    (meta: torch.is_autocast_enabled raises there)."""
+    if not isinstance(input, Tensor):
+        return False
+    try:
+        return torch.is_autocast_enabled(input.device.type)
+    except RuntimeError:
+        return False
+
+
+def autocast_input(layer, input, hx=None):
     """Under autocast, rnnkit's own scans compute in the weights' dtype (the fused kernels have no
-    lower-precision path, and every route must give the same numbers): returns the input cast to the
-    weights' dtype and a context that turns autocast off for the scan. Otherwise (input, a no-op)."""
-    if not (isinstance(input, Tensor) and torch.is_autocast_enabled(input.device.type)):
-        return input, contextlib.nullcontext()
-    if input.is_floating_point():
-        input = input.to(layer.weight_ih_l0.dtype)
-    return input, torch.autocast(input.device.type, enabled=False)
+    lower-precision path, and every route must give the same numbers): returns the input and a given
+    state (a tensor or a tuple) cast to the weights' dtype, and a context that turns autocast off for the
+    scan. Otherwise (input, hx, a no-op). torch.nn's own kernels (backend "auto"'s native path) are not
+    given this: they autocast as torch.nn does."""
+    if not autocasting(input):
+        return input, hx, contextlib.nullcontext()
+    dtype = layer.weight_ih_l0.dtype
+
+    def cast(t):
+        return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+    hx = tuple(cast(s) for s in hx) if isinstance(hx, (tuple, list)) else cast(hx)
+    return cast(input), hx, torch.autocast(input.device.type, enabled=False)
 
 
 def alone_with_packed(name: str, lengths, padding: str = "right") -> None:

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from . import _fused
-from .cells.base import derived_backward, has_hand_backward
-from .numerics import hand_backward, opaque_to_compile, under_torch_func
+from .cells.base import check_step, derived_backward, has_hand_backward
+from .numerics import hand_backward, opaque_to_compile, trace_norm, under_torch_func
 
 
 @dataclass
@@ -156,10 +156,13 @@ def _unroll(opts: ScanOptions, xi, weight_hh, bias_hh, state: tuple, params: tup
             state = tuple(torch.addcmul(s, rows[t], s.detach() - s) for s in state)
         hr = state[0] if rec is None else state[0] * rec
         if fused:                                              # pre-activation in one product
-            new, sv = cell.step(torch.addmm(xi[t], hr, Ut), None, state, params)
+            res = cell.step(torch.addmm(xi[t], hr, Ut), None, state, params)
         else:
             gh = hr @ Ut if bias_hh is None else torch.addmm(bias_hh, hr, Ut)   # (B, G*H)
-            new, sv = cell.step(xi[t], gh, state, params)
+            res = cell.step(xi[t], gh, state, params)
+        if i == 0:
+            check_step(cell, res, state)
+        new, sv = res
         if zone is not None:
             new = tuple(s_ + _at(z, t) * (p - s_) for s_, p, z in zip(new, state, zone))
         if mask is not None:
@@ -222,7 +225,7 @@ class _Scan(torch.autograd.Function):
             if dh is None:
                 dh = torch.zeros_like(seqs[0][0])
             if gn is not None:
-                gn[t] = torch.linalg.vector_norm(dh, dim=1)
+                gn[t] = trace_norm(dh, 1)
             d_new = [dh, *d_state[1:]]
             d_pass = [None] * n                                # gradient reaching s_{t-1} around the cell
             if mask is not None:

@@ -33,6 +33,7 @@ from .boundary import (
     PADDING,
     alone_with_packed,
     autocast_input,
+    autocasting,
     check_input,
     check_lengths,
     check_state,
@@ -43,6 +44,7 @@ from .boundary import (
 )
 from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
 from .engine import ScanOptions, project_scan
+from .numerics import transformed
 
 _BACKENDS = ("auto", "engine", "native")
 AUTO_CHOICES = ("auto", "engine")        # what backend="auto" may be set to run (set_default_backend, scopes)
@@ -178,30 +180,33 @@ class _Recurrent:
                 out, state = self.forward(padded, hx, lens, truncate=truncate)
                 return repack_like(out, lens, input, self.batch_first), state
             return super().forward(input, self._packed_state(hx, int(input.batch_sizes[0]), input.data))
-        input, amp = autocast_input(self, input)
-        x, hx, lengths, unbatched = self._check(input, hx, lengths, padding)
-        if self._needs_engine(padding, truncate):
+        if self._needs_engine(padding, truncate, input):
+            input, hx, amp = autocast_input(self, input, hx)
+            x, hx, lengths, unbatched = self._check(input, hx, lengths, padding)
             with amp:
                 out, state = self._engine_forward(x, hx, lengths, padding, truncate)
-        else:
+        else:                                            # torch.nn's kernels: its own autocast rules
+            x, hx, lengths, unbatched = self._check(input, hx, lengths, padding, not autocasting(input))
             out, state = self._native_forward(x, hx, lengths)
         if unbatched:
             out = out.squeeze(0 if self.batch_first else 1)
             state = tuple(s.squeeze(1) for s in state)
         return out, (state if self._cell.num_states == 2 else state[0])
 
-    def _needs_engine(self, padding, truncate) -> bool:
+    def _needs_engine(self, padding, truncate, input=None) -> bool:
         rec = self.training and self.recurrent_dropout > 0
         needs = (self._trace_sink is not None or padding == "left" or truncate is not None
                  or self.layer_norm or any(self.zoneout) or rec)
         if self.backend == "native" and needs:
             raise ValueError("backend='native' cannot run this configuration (trace, left padding, "
                              "truncate or an extra is on); use backend='auto' or 'engine'")
+        if self.backend == "auto" and transformed(input, self.weight_hh_l0):   # torch.func: torch's GRU and
+            return True                                    # RNN kernels have no vmap rule; the engine's ops do
         return needs or self.backend == "engine" or (self.backend == "auto" and auto_backend() == "engine")
 
     def _native_forward(self, x, hx, lengths):
         hx = hx if self._cell.num_states == 2 else hx[0]
-        if lengths is None:
+        if lengths is None or lengths.numel() == 0:              # no sequence to pack in an empty batch
             out, state = super().forward(x, hx)
         else:
             T = x.shape[1 if self.batch_first else 0]
@@ -255,25 +260,25 @@ class _Recurrent:
         return tuple(torch.full((1, 1, 1), z, dtype=x.dtype, device=x.device) for z in self.zoneout)
 
     # -- validation at the boundary -------------------------------------------------------------------
-    def _check(self, input, hx, lengths, padding):
+    def _check(self, input, hx, lengths, padding, exact_dtype: bool = True):
         name = type(self).__name__
-        check_input(self, input)
+        check_input(self, input, exact_dtype)
         if padding not in PADDING:
             raise ValueError(f"{name}: padding must be 'right' or 'left', got {padding!r}")
         unbatched = input.dim() == 2
         x = input.unsqueeze(0 if self.batch_first else 1) if unbatched else input
         T, B = (x.shape[1], x.shape[0]) if self.batch_first else (x.shape[0], x.shape[1])
-        hx = self._check_state(hx, B, unbatched, x)
+        hx = self._check_state(hx, B, unbatched, x, exact_dtype)
         if lengths is not None:
             lengths = check_lengths(name, lengths, B, T)
         return x, hx, lengths, unbatched
 
-    def _check_state(self, hx, B, unbatched, x):
+    def _check_state(self, hx, B, unbatched, x, exact_dtype: bool = True):
         if hx is None:
             return self._default_state(B, x)
         LD = self.num_layers * self._directions()
         want = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
-        parts = check_state(type(self).__name__, hx, self._cell.num_states, want, x.dtype)
+        parts = check_state(type(self).__name__, hx, self._cell.num_states, want, x.dtype if exact_dtype else None)
         return tuple(s.unsqueeze(1) for s in parts) if unbatched else parts
 
     def _default_state(self, B, x) -> tuple:

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .boundary import (
+    PADDING,
     alone_with_packed,
     autocast_input,
     check_input,
@@ -39,6 +40,7 @@ from .boundary import (
 from .cells.base import uniform_init_
 from .engine import TraceSlot
 from .layers import _Recurrent, param_suffix
+from .numerics import trace_norm
 from .parallel import FUSED_KINDS, blocked_scan, log_scan, reverse_total
 
 SCANS = ("auto", "blocked", "log")
@@ -217,24 +219,27 @@ class _MinRecurrent(nn.Module):
         return s + ("" if self.scan == "auto" else f", scan={self.scan!r}")
 
     # -- forward ------------------------------------------------------------------------------------
-    def forward(self, input, hx=None, lengths=None):
+    def forward(self, input, hx=None, lengths=None, *, padding: str = "right"):
         """input (T, B, I) or (B, T, I) with batch_first, or (T, I) unbatched; hx (L*D, B, H) or None;
-        lengths (B,) in [1, T], right padding: padded steps keep the state (a = 1, b = 0) and output 0.
-        Returns out (T, B, D*H) and h_n (L*D, B, H), as rk.GRU."""
+        lengths (B,) in [1, T]: padded steps (at the end, or at the start with padding="left") keep the
+        state (a = 1, b = 0) and output 0. Returns out (T, B, D*H) and h_n (L*D, B, H), as rk.GRU. No
+        `truncate`: the scan runs over the whole sequence at once."""
         if isinstance(input, PackedSequence):
-            alone_with_packed(type(self).__name__, lengths)
+            alone_with_packed(type(self).__name__, lengths, padding)
             padded, lens = pad_packed_sequence(input, batch_first=self.batch_first)
             out, h_n = self.forward(padded, hx, lens)
             return repack_like(out, lens, input, self.batch_first), h_n
-        input, amp = autocast_input(self, input)
+        if padding not in PADDING:
+            raise ValueError(f"{type(self).__name__}: padding must be 'right' or 'left', got {padding!r}")
+        input, hx, amp = autocast_input(self, input, hx)
         with amp:
-            return self._forward(input, hx, lengths)
+            return self._forward(input, hx, lengths, padding)
 
-    def _forward(self, input, hx, lengths):
+    def _forward(self, input, hx, lengths, padding):
         x, hx, lengths, unbatched = self._check(input, hx, lengths)
         if self.batch_first:
             x = x.transpose(0, 1)                                        # (T, B, I)
-        mask = None if lengths is None else length_mask(lengths.to(x.device), x.shape[0], "right", x.dtype)
+        mask = None if lengths is None else length_mask(lengths.to(x.device), x.shape[0], padding, x.dtype)
         sink = self._trace_sink.new_call() if self._trace_sink is not None else None
         D, finals = self._directions(), []
         for layer in range(self.num_layers):
@@ -319,14 +324,15 @@ def _record_forward(slot: TraceSlot, cell, pre) -> None:
 def _hook_grad_norm(h, a, grad_norm, reverse: bool) -> None:
     """For the log scan: on backward, turn the gradient reaching h directly into the total one."""
     def record(d):                                                       # d (T, B, H), processing order
-        norms = torch.linalg.vector_norm(reverse_total(a, d), dim=2)     # (T, B)
+        norms = trace_norm(reverse_total(a, d), 2)                      # (T, B)
         grad_norm.copy_(norms.flip(0) if reverse else norms)
 
     h.register_hook(record)
 
 
 class MinGRU(_MinRecurrent):
-    """minGRU (Feng et al. 2024). Arguments and forward as rk.GRU: out, h_n = layer(x, hx, lengths).
+    """minGRU (Feng et al. 2024). Arguments and forward as rk.GRU: out, h_n = layer(x, hx, lengths,
+    padding=...) (not `truncate`: the scan is over the whole sequence).
     scan: "blocked" (`parallel.blocked_scan`, the fast path on CPU), "log" (Heinsen's log-space scan,
     the paper's form, for GPUs) or "auto" (log on CUDA, blocked elsewhere). Second derivatives
     (create_graph=True) through "log" are NaN wherever the gradient reaching some h_t is exactly zero
@@ -340,8 +346,8 @@ class MinGRU(_MinRecurrent):
 
 
 class MinLSTM(_MinRecurrent):
-    """minLSTM (Feng et al. 2024). Arguments and forward as rk.GRU: out, h_n = layer(x, hx, lengths)
-    (no separate cell state: h_n only). scan: "auto", "blocked" or "log", as MinGRU."""
+    """minLSTM (Feng et al. 2024). Arguments and forward as MinGRU: out, h_n = layer(x, hx, lengths,
+    padding=...) (no separate cell state: h_n only). scan: "auto", "blocked" or "log", as MinGRU."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None, *, scan="auto"):

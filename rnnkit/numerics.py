@@ -5,6 +5,7 @@ import contextlib
 import functools
 
 import torch
+from torch import Tensor
 from torch.autograd import forward_ad
 
 _DENORMAL = torch.tensor(1e-40)     # below float32's smallest normal number (1.2e-38)
@@ -26,18 +27,33 @@ def flushing_denormals(on: bool = True):
             torch.set_flush_denormal(False)
 
 
+def trace_norm(g: Tensor, dim: int) -> Tensor:
+    """||g|| along `dim` for a trace's grad_norm, summed in float64 (returned as such; the trace's buffer
+    casts it back): a float32 gradient's squares overflow past ~1.8e19 (torch's vector_norm does not
+    rescale), while an exploding gradient's norm itself still fits float32 up to ~3.4e38."""
+    wide = torch.float64 if g.dtype in (torch.float32, torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(g, dim=dim, dtype=wide)
+
+
 def under_torch_func(*tensors, traced: bool = False) -> bool:
     """True when torch.func (grad, vmap, jacrev, jvp, ...) is transforming any of these tensors, or any
     carries a forward-mode tangent (torch.autograd.forward_ad). Neither can enter an autograd Function
     written with ctx and no jvp (as rnnkit's hand backwards are), so the callers then run their loops as
-    plain autograd ops. traced: a trace is recording this call; refused there (its records would be the
-    transform's wrapped tensors)."""
-    if not _transformed(tensors):
-        return False
+    plain autograd ops. So do they under torch.jit.trace and torch.export, which record the ops a call runs
+    (an autograd Function's hand backward is not among them, and export's fake tensors have no data for
+    the fused kernel). traced: a trace is recording this call; refused under torch.func (its records would
+    be the transform's wrapped tensors)."""
+    if not transformed(*tensors):
+        return recording_graph()
     if traced:
         raise ValueError("rnnkit.trace cannot record inside torch.func transforms (grad, vmap, jacrev, ...): "
                          "trace the call outside the transform, or take the gradients with torch.autograd.grad")
     return True
+
+
+def recording_graph() -> bool:
+    """torch.jit.trace or torch.export is recording the ops of this call."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
 
 
 # functorch's wrapped tensors (torch.func) and the legacy batched ones (is_grads_batched=True); a torch
@@ -46,7 +62,8 @@ _WRAPPED = tuple(f for f in (getattr(getattr(torch._C, "_functorch", None), name
                              for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor")) if f)
 
 
-def _transformed(tensors) -> bool:
+def transformed(*tensors) -> bool:
+    """A torch.func transform wraps one of the tensors, or one carries a forward-mode tangent."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and any(wrapped(t) for wrapped in _WRAPPED):
             return True
@@ -74,7 +91,7 @@ def hand_backward(replay, records=None):
     def wrap(backward):
         @functools.wraps(backward)
         def run(ctx, *grads):
-            if not torch.is_grad_enabled() and not _transformed(grads):   # batched grads (vmap): replay
+            if not torch.is_grad_enabled() and not transformed(*grads):   # batched grads (vmap): replay
                 return _hand(backward, ctx, grads)
             if records is not None and records(ctx):
                 with torch.no_grad():
@@ -113,7 +130,7 @@ def opaque_to_compile(fn):
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and not torch.compiler.is_exporting():   # export records fn's ops
             if not disabled:
                 disabled.append(torch.compiler.disable(fn))
             return disabled[0](*args, **kwargs)

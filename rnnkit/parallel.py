@@ -49,7 +49,7 @@ from torch import Tensor
 
 from . import _fused
 from .engine import processing_order
-from .numerics import hand_backward, opaque_to_compile, under_torch_func
+from .numerics import hand_backward, opaque_to_compile, trace_norm, under_torch_func
 
 # Pre-activations per block (float32: 4 bytes each), measured best on the 2-core box at T = 4096:
 BLOCK_ELEMENTS = 1 << 17          # torch ops: ~a dozen passes over the block, so it must stay in L2
@@ -205,7 +205,7 @@ def _block_backward(cell, reverse, x, weight, bias, h, h0, m, dh, lo, hi, g_next
     a, _, saved = _coefficients(cell, x[lo:hi], weight, bias, m)      # recomputed, not kept
     g = _adjoint(a, dh[lo:hi], g_next, a_next, reverse)               # (Tc, B, H) total dL/dh_t
     if grad_norm is not None:
-        grad_norm[lo:hi] = torch.linalg.vector_norm(g, dim=2)
+        grad_norm[lo:hi] = trace_norm(g, 2)
     da = _times_previous(g, h, h0, lo, hi, reverse)                   # dL/da_t = g_t h_{t-1}
     db_ = g                                                           # dL/db_t = g_t
     if m is not None:
@@ -228,7 +228,7 @@ def _fused_block_backward(kind, reverse, x, weight, c, h, h0, m, dh, lo, hi, g_c
     _fused.build().min_backward(kind, reverse, P, c, h[lo:hi], before.contiguous(), m, dh[lo:hi],
                                 g_carry, a_carry, dP, db_rows, g)
     if grad_norm is not None:
-        grad_norm[lo:hi] = torch.linalg.vector_norm(g, dim=2)
+        grad_norm[lo:hi] = trace_norm(g, 2)
     return dP
 
 

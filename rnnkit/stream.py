@@ -43,7 +43,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .boundary import check_state, positive_int
 from .cells import LayerNormCell
-from .cells.base import has_hand_backward
+from .cells.base import check_step, has_hand_backward
 from .layers import _Recurrent
 from .minimal import _MinRecurrent
 from .stream_kernels import KERNELS, GenericKernel, fast_kind
@@ -69,13 +69,15 @@ class _Sub:
         if self.ln:
             xi = F.layer_norm(xi, xi.shape[-1:], *self.ln_ih)
         if self.U is None:                                                     # min cells: no U
-            new, _ = self.cell.step(xi, None, state, self.params)
+            res = self.cell.step(xi, None, state, self.params)
         else:
             gh = F.linear(state[0], self.U, self.b_hh)                         # (B, G*H)
             if has_hand_backward(self.cell) and self.cell.shared_preactivation:
-                new, _ = self.cell.step(xi + gh, None, state, self.params)     # as the engine fuses it
+                res = self.cell.step(xi + gh, None, state, self.params)        # as the engine fuses it
             else:
-                new, _ = self.cell.step(xi, gh, state, self.params)
+                res = self.cell.step(xi, gh, state, self.params)
+        check_step(self.cell, res, state)
+        new = res[0]
         if self.zone is not None:                                              # eval zoneout
             new = tuple(n + z * (p - n) for n, p, z in zip(new, state, self.zone))
         return tuple(new)

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "blas.h"
@@ -69,9 +70,15 @@ void gather_dh(int64_t H, const T* carry, const T* gw, const T* rec, const T* d_
   if (first) std::fill(dh, dh + H, T(0));
 }
 
+// ||d|| for the trace. A float row's squares overflow past ~1.8e19 though its norm fits float up to ~3.4e38:
+// a row whose sum is not finite is summed again in double (an exploding gradient's norm stays finite).
 template <typename T>
 T norm(int64_t H, const T* d) {
-  return std::sqrt(row_sum<T>(H, [](auto a) { return a * a; }, d));
+  const T r = std::sqrt(row_sum<T>(H, [](auto a) { return a * a; }, d));
+  if (r <= std::numeric_limits<T>::max()) return r;
+  double s = 0;
+  for (int64_t j = 0; j < H; ++j) s += double(d[j]) * double(d[j]);
+  return T(std::sqrt(s));
 }
 
 // Reverse of padding then zoneout: splits d (the gradient of s_t) into the part that enters the

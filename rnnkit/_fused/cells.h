@@ -33,12 +33,13 @@ void elman_forward(int64_t H, bool relu, const T* __restrict__ xi, const T* __re
   }
 }
 
-// da = dh * g'(a), with g' read off h: tanh' = 1 - h^2, relu' = [h > 0]
+// da = dh * g'(a), with g' read off h: tanh' = 1 - h^2; relu: da = 0 where h <= 0, else dh (a select, as
+// torch's threshold_backward: a NaN h passes dh on, and an infinite dh times 0 is not NaN)
 template <typename T>
 void elman_backward(int64_t H, bool relu, const T* __restrict__ dh, const T* __restrict__ h,
                     T* __restrict__ da) {
   if (relu) {
-    for (int64_t j = 0; j < H; ++j) da[j] = dh[j] * (h[j] > T(0) ? T(1) : T(0));
+    for (int64_t j = 0; j < H; ++j) da[j] = h[j] <= T(0) ? T(0) : dh[j];
   } else {
     for (int64_t j = 0; j < H; ++j) da[j] = dh[j] * (T(1) - h[j] * h[j]);
   }

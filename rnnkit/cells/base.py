@@ -69,3 +69,38 @@ def has_hand_backward(cell) -> bool:
 def saves_inputs(cell) -> bool:
     """Cells without a hand backward must save their inputs for `derived_backward`."""
     return not has_hand_backward(cell)
+
+
+def check_step(cell, result, state: State) -> None:
+    """Refuse, saying what the protocol wants, a `step` result that is not (new_state, saved) with
+    new_state a tuple of num_states tensors shaped as the state (the first step of each scan and every
+    stream step check it; a wrong one would otherwise fail deep in the loop, or go through unnoticed).
+    Not while torch.jit.trace records (shapes are traced values there)."""
+    if torch.jit.is_tracing():
+        return
+    problem = _step_problem(result, len(state), state[0].shape)
+    if problem:
+        raise TypeError(f"{type(cell).__name__}.step must return (new_state, saved), new_state a tuple of "
+                        f"num_states = {len(state)} tensors of shape {tuple(state[0].shape)}; {problem}")
+
+
+def _step_problem(result, n: int, shape) -> str | None:
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        return f"it returned {_described(result)}"
+    new = result[0]
+    if not isinstance(new, (tuple, list)):
+        return f"its new_state is {_described(new)} (wrap one state as (h,))"
+    if len(new) != n:
+        return f"its new_state holds {len(new)}"
+    for j, s_new in enumerate(new):
+        if not isinstance(s_new, Tensor) or s_new.shape != shape:
+            return f"its new_state[{j}] is {_described(s_new)}"
+    return None
+
+
+def _described(obj) -> str:
+    if isinstance(obj, Tensor):
+        return f"a tensor of shape {tuple(obj.shape)}"
+    if isinstance(obj, (tuple, list)):
+        return f"a {type(obj).__name__} of length {len(obj)}"
+    return f"a {type(obj).__name__}"

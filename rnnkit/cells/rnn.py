@@ -5,7 +5,8 @@
 
 torch.nn names: V = weight_ih_l{k}, U = weight_hh_l{k}, b = bias_ih_l{k} + bias_hh_l{k}.
 Backward: with a_t the pre-activation, dL/da_t = dL/dh_t * g'(a_t), and g' is read off h_t:
-tanh' = 1 - h_t^2, relu' = [h_t > 0]. The engine then adds U^T dL/da_t to dL/dh_{t-1}.
+tanh' = 1 - h_t^2; relu passes dL/dh_t where h_t > 0 (or NaN, as torch's relu backward does) and
+0 where h_t <= 0. The engine then adds U^T dL/da_t to dL/dh_{t-1}.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ class ElmanCell:
         if self.nonlinearity == "tanh":
             da = dh * (1 - h * h)
         else:
-            da = dh * (h > 0)
+            da = dh.masked_fill(h <= 0, 0)                    # a select, as torch's relu backward
         return da, da, (None,), ()
 
     def gates(self, saved):
