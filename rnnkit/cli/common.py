@@ -13,10 +13,13 @@ import dataclasses
 import functools
 import math
 import sys
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from ..tasks import BACKENDS, SCHEDULES, TrainConfig
+from ..tasks.memory import CELLS
 
 
 def positive_int(text: str) -> int:
@@ -143,3 +146,41 @@ def progress_bar(iterable=None, *, total: int | None = None, desc: str = "", ena
     """A tqdm bar on stderr with items/s; off when stderr is not a terminal unless enabled=True."""
     enabled = sys.stderr.isatty() if enabled is None else enabled
     return tqdm(iterable, total=total, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+# -- list and folder flags of `rnnkit memory` and `rnnkit gradflow` ------------------------------------
+
+def comma_list(text: str, flag: str, example: str, convert=str) -> list:
+    """A comma-separated flag value: blanks around entries ignored, empty or repeated entries refused."""
+    try:
+        values = [convert(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated integers, e.g. {flag} {example}; got {text!r}") from None
+    if not values:
+        raise UserError(f"{flag} is empty; pass e.g. {flag} {example}")
+    repeated = list(dict.fromkeys(v for v in values if values.count(v) > 1))
+    if repeated:
+        raise UserError(f"{flag} lists {', '.join(map(str, repeated))} more than once; give each value once")
+    return values
+
+
+def parse_cells(text: str) -> tuple[str, ...]:
+    """--cell of `rnnkit memory` and `rnnkit gradflow`: cells among rnn, lstm, gru."""
+    cells = tuple(comma_list(text, "--cell", "rnn,lstm,gru"))
+    bad = [c for c in cells if c not in CELLS]
+    if bad:
+        raise UserError(f"--cell: unknown cell(s) {', '.join(bad)}; choose among rnn, lstm, gru")
+    return cells
+
+
+def output_folder(text: str) -> Path:
+    """--out of `rnnkit memory` and `rnnkit gradflow`, created: a folder this user can write."""
+    if not text.strip():
+        raise UserError("--out is empty; give an output folder, e.g. --out runs/mine")
+    try:
+        out = Path(text)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {text}: cannot create this folder ({e.strerror}); give a folder this user can "
+                        "write, not an existing file") from None
+    return out

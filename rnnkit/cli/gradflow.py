@@ -1,10 +1,8 @@
 """`rnnkit gradflow`: measure ||dL/dh_t|| over t per cell, its memory horizon, at init and after training."""
 from __future__ import annotations
 
-
-from ..errors import UserError
 from ..tasks import BACKENDS, gradflow
-from .common import finite_float, seed_int
+from .common import finite_float, output_folder, parse_cells, seed_int
 
 EPILOG = """examples:
   rnnkit gradflow --cell rnn,lstm,gru --length 100                      # at initialisation
@@ -29,7 +27,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--clip-norm", type=finite_float, default=None, help="clip the gradient norm while training (default off)")
     p.add_argument("--seed", type=seed_int, default=0, help="first seed (default 0)")
     p.add_argument("--num-seeds", type=int, default=3, help="seeds to average the horizon over (default 3)")
-    p.add_argument("--checkpoints", type=int, default=8, help="profiles recorded during training (default 8)")
+    p.add_argument("--checkpoints", type=int, default=8,
+                   help="profiles recorded during training, at steps evenly spaced from 0 to the last (both "
+                        "included; at most --trained-steps + 1) (default 8)")
     p.add_argument("--threshold", type=finite_float, default=1e-3, help="horizon threshold (default 1e-3)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="what the --trained-steps training runs: auto (torch's fused kernel) or engine (rnnkit's; "
@@ -40,16 +40,15 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    cells = tuple(c.strip() for c in args.cell.split(",") if c.strip())
-    if not cells:
-        raise UserError("--cell is empty; pass e.g. --cell rnn,lstm,gru")
-    cfg = gradflow.GradflowConfig(cells=cells, length=args.length, hidden_size=args.hidden_size,
+    cfg = gradflow.GradflowConfig(cells=parse_cells(args.cell), length=args.length, hidden_size=args.hidden_size,
                                   batch_size=args.batch_size, trained_steps=args.trained_steps, lr=args.lr,
                                   clip_norm=args.clip_norm,
                                   seed=args.seed, num_seeds=args.num_seeds, checkpoints=args.checkpoints,
                                   threshold=args.threshold)
-    summary = gradflow.run(cfg, args.out, progress=not args.no_progress)
+    out = output_folder(args.out)
+    summary = gradflow.run(cfg, out, progress=not args.no_progress)
     print(f"{'cell':<5} {'when':<8} {'horizon (mean)':>14}  per seed          {'median growth/step':>18}  exploding  test MSE")
+    gone = []                                                # (cell, when, seeds) whose gradient is 0 one step back
     for cell, s in summary["cells"].items():
         for when in ("init", "trained"):
             if when not in s:
@@ -60,6 +59,11 @@ def run(args) -> int:
             expl = any(e["exploding"] for e in d["explosion_per_seed"])
             mse = f"{s['training']['test_mse_mean']:.4f}" if when == "trained" else ""
             print(f"{cell:<5} {when:<8} {d['horizon_mean']:>14.1f}  {per:<17} {geo:>18.3f}  {str(expl):<9}  {mse}")
-    print(f"('+' = never fell below the threshold: horizon = T, censored). wrote {args.out}/gradflow.json, "
-          f"{', '.join(summary['figures'])}")
+            seeds = [str(cfg.seed + i) for i, e in enumerate(d["explosion_per_seed"]) if e["vanished_at"] == 1]
+            if seeds:
+                gone.append(f"{cell} {when}: the gradient is exactly 0 one step back on seed {','.join(seeds)} "
+                            "(saturated units or underflow): growth factor 0, vanished_at 1")
+    done = (f"('+' = never fell below the threshold: horizon = T, censored). wrote {out / 'gradflow.json'}, "
+            f"{', '.join(summary['figures'])}")
+    print("\n".join([*gone, done]))
     return 0

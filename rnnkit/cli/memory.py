@@ -10,7 +10,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..tasks import memory
-from .common import SEEDS, finite_float
+from .common import SEEDS, comma_list, finite_float, output_folder, parse_cells
 
 EPILOG = """examples:
   rnnkit memory --task adding --length 50,100 --cell rnn,lstm,gru --steps 2000 --seed 0,1,2
@@ -58,43 +58,49 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated integers, e.g. {flag} 50,100; got {text!r}") from None
-    if not values:
-        raise UserError(f"{flag} is empty")
-    return values
+def _cells(args) -> tuple[str, ...]:
+    return parse_cells(args.cell or ("rnn" if args.clip_study else "lstm"))
 
 
 def base_config(args) -> memory.MemoryConfig:
-    """MemoryConfig from the flags given (the clip preset under them in --clip-study mode)."""
+    """MemoryConfig from the flags given (the clip preset under them in --clip-study mode), for the first
+    rnn among --cell (else the first cell): the other cells get theirs from memory.for_cell."""
+    cells = _cells(args)
     given = {f.name: getattr(args, f.name) for f in fields(memory.MemoryConfig)
              if f.name not in ("length", "cell", "seed") and getattr(args, f.name, None) is not None}
     preset = dict(CLIP_PRESET, clip_norm=1.0) if args.clip_study else {}
     task = given.get("task", preset.get("task", "adding"))
-    cfg = {"length": memory.DEFAULT_LENGTH.get(task, 100), **preset, **given}
+    if task != preset.get("task", task):
+        del preset["length"]                                       # T = 30 is for the preset's task
+    if "rnn" not in cells:
+        if "nonlinearity" in given:
+            raise UserError(f"--nonlinearity applies to the Elman RNN (--cell rnn) only; --cell {','.join(cells)} "
+                            "has none: leave --nonlinearity out")
+        preset.pop("nonlinearity", None)
+    cell = "rnn" if "rnn" in cells else cells[0]
+    cfg = {"length": memory.DEFAULT_LENGTH.get(task, 100), **preset, **given, "cell": cell}
     return memory.MemoryConfig(**cfg)
 
 
 def run(args) -> int:
     base = base_config(args)
-    cells = (args.cell or ("rnn" if args.clip_study else "lstm")).split(",")
-    bad = [c for c in cells if c not in memory.CELLS]
-    if bad:
-        raise UserError(f"--cell: unknown cell(s) {', '.join(bad)}; choose among rnn, lstm, gru")
-    lengths = _int_list(args.length, "--length") if args.length else [base.length]
-    seeds = _int_list(args.seed, "--seed")
+    cells = _cells(args)
+    lengths = comma_list(args.length, "--length", "50,100", int) if args.length else [base.length]
+    seeds = comma_list(args.seed, "--seed", "0,1,2", int)
     if not all(SEEDS[0] <= s < SEEDS[1] for s in seeds):
         raise UserError(f"--seed values must lie in [0, 2**32), got {args.seed!r}")
+    if args.clip_study and max(len(cells), len(lengths), len(seeds)) > 1:
+        lists = [f"{flag} {text}" for flag, text, n in (("--cell", args.cell, len(cells)),
+                                                       ("--length", args.length, len(lengths)),
+                                                       ("--seed", args.seed, len(seeds))) if n > 1]
+        raise UserError(f"--clip-study trains one configuration: give one value each; got {', '.join(lists)}")
     for L in lengths:
         for c in cells:
-            replace(base, length=L, cell=c)                        # validate every run before the first
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+            memory.for_cell(base, c, length=L)                    # validate every run (and its size) before the first
+    out = output_folder(args.out)
     if args.clip_study:
-        return run_clip_study(replace(base, cell=cells[0], length=lengths[0], seed=seeds[0]), out, not args.no_progress)
+        cfg = memory.for_cell(base, cells[0], length=lengths[0], seed=seeds[0])
+        return run_clip_study(cfg, out, not args.no_progress)
     results = []
 
     def save(r):
@@ -152,7 +158,8 @@ def run_clip_study(cfg: memory.MemoryConfig, out: Path, progress: bool) -> int:
         print(_row(r) + ("   (diverged: loss NaN or blown up)" if r.diverged else ""))
     data = {label: r.to_dict() for label, r in runs.items()}
     (out / "clip_study.json").write_text(json.dumps(data, indent=1))
-    title = (f"{cfg.task} T={cfg.length}, {cfg.cell} {cfg.nonlinearity} H={cfg.hidden_size}, U init "
+    cell = f"{cfg.cell} {cfg.nonlinearity}" if cfg.cell == "rnn" else cfg.cell
+    title = (f"{cfg.task} T={cfg.length}, {cell} H={cfg.hidden_size}, U init "
              f"{cfg.recurrent_init} x{cfg.recurrent_scale:g}, {cfg.optimizer} lr {cfg.lr:g}")
     plots.training_curves(data, out / "clip_study.png", title)
     print(f"wrote {out / 'clip_study.json'}, {out / 'clip_study.png'}", file=sys.stderr)

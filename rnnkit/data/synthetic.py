@@ -51,7 +51,11 @@ def _gen(seed_or_gen) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed_or_gen))
 
 
-def _check(n: int, T: int, minimum: int, task: str) -> None:
+MIN_LENGTH = {"adding": 2, "copy": 1, "order": 20}          # the shortest sequence each generator makes
+
+
+def _check(n: int, T: int, task: str) -> None:
+    minimum = MIN_LENGTH[task]
     if n < 1:
         raise UserError(f"{task}: number of sequences must be >= 1, got {n}")
     if T < minimum:
@@ -60,7 +64,7 @@ def _check(n: int, T: int, minimum: int, task: str) -> None:
 
 def adding(n: int, T: int, gen=0) -> tuple[Tensor, Tensor]:
     """The adding problem. Returns x (n, T, 2), y (n, 1)."""
-    _check(n, T, 2, "adding")
+    _check(n, T, "adding")
     g = _gen(gen)
     values = torch.rand(n, T, generator=g)                                   # (n, T)
     half = T // 2
@@ -76,7 +80,7 @@ def adding(n: int, T: int, gen=0) -> tuple[Tensor, Tensor]:
 
 def copy_memory(n: int, T: int, gen=0) -> tuple[Tensor, Tensor]:
     """Copy memory with a blank of length T. Returns x (n, T+20, 10) one-hot, y (n, T+20) long."""
-    _check(n, T, 1, "copy")
+    _check(n, T, "copy")
     g = _gen(gen)
     total = T + 2 * COPY_LEN
     symbols = torch.randint(1, COPY_SYMBOLS + 1, (n, COPY_LEN), generator=g)
@@ -96,7 +100,7 @@ def copy_baseline(T: int) -> float:
 
 def temporal_order(n: int, T: int, gen=0) -> tuple[Tensor, Tensor]:
     """Hochreiter's temporal order problem (2 relevant symbols, 4 classes). x (n, T, 8), y (n,)."""
-    _check(n, T, 20, "order")
+    _check(n, T, "order")
     g = _gen(gen)
     seq = torch.randint(2, 6, (n, T), generator=g)                           # distractors a..d
     seq[:, 0], seq[:, -1] = 0, 1                                             # E ... B

@@ -31,11 +31,15 @@ class Horizon:
 @dataclass(frozen=True)
 class Explosion:
     """Step-to-step growth factor r_k = ||dL/dh_{T-1-k-1}|| / ||dL/dh_{T-1-k}|| going back in time.
-    exploding = both the geometric mean and the median of r exceed `min_factor` (sustained growth)."""
+    exploding = both the geometric mean and the median of r exceed `min_factor` (sustained growth).
+    vanished_at: steps back at which the norm is first exactly 0 (float32 underflow, or units saturated
+    so that no gradient passes), None if never; the factors stop there (further ratios are 0/0). At 1
+    the gradient is gone after a single step: the one factor is 0, and so are both statistics."""
     geometric_mean: float
     median: float
     exploding: bool
     min_factor: float
+    vanished_at: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,19 +89,30 @@ def growth_factors(profile: np.ndarray) -> np.ndarray:
     """r_k = norm one step further back / norm at k, for k = 0, 1, ... up to where the norm
     underflows to 0 (float32 gradients that vanish end as exact zeros; ratios past that are undefined)."""
     back = steps_back(profile)
-    zero = np.nonzero(~(back > 0))[0]
-    back = back[: zero[0]] if len(zero) else back
+    zero = _first_zero(back)
+    back = back[:zero] if zero is not None else back
     return back[1:] / back[:-1]
+
+
+def _first_zero(back: np.ndarray) -> int | None:
+    """Steps back at which the norm is first 0 (or NaN), None if never."""
+    zero = np.nonzero(~(back > 0))[0]
+    return int(zero[0]) if len(zero) else None
 
 
 def explosion(profile: np.ndarray, min_factor: float = 1.01) -> Explosion:
     """Detects a gradient that grows step after step going back in time."""
+    back = steps_back(profile)
+    if len(back) < 2 or not np.isfinite(back[0]) or back[0] <= 0:
+        raise ValueError(f"explosion: need T >= 2 and a positive finite gradient at the last step; got "
+                         f"T={len(back)}, last={back[0] if len(back) else None}")
     r = growth_factors(profile)
-    if len(r) == 0:
-        raise ValueError("explosion: need at least 2 steps with a positive gradient norm")
+    vanished_at = _first_zero(back)
+    if len(r) == 0:                               # 0 one step back: the gradient is gone, factor 0
+        return Explosion(0.0, 0.0, False, min_factor, vanished_at)
     geo = float(np.exp(np.mean(np.log(r))))
     med = float(np.median(r))
-    return Explosion(geo, med, bool(geo > min_factor and med > min_factor), min_factor)
+    return Explosion(geo, med, bool(geo > min_factor and med > min_factor), min_factor, vanished_at)
 
 
 def jacobian_norms(layer: nn.RNNBase, x: Tensor, hx=None) -> JacobianNorms:
@@ -105,13 +120,14 @@ def jacobian_norms(layer: nn.RNNBase, x: Tensor, hx=None) -> JacobianNorms:
     layer (rnnkit's or torch.nn's), by autograd. For the LSTM, h_t is perturbed with c_t held fixed
     (the path through c_t is counted through c_{t+1} onwards only via h). The sequence is copied H
     times so that one backward pass with the identity as output gradient gives every row of every
-    Jacobian at once. Returns norms for k = 0..T-1 steps back."""
+    Jacobian at once. Returns norms for k = 0..T-1 steps back. An LSTM with proj_size P feeds back the
+    projected h_t: its Jacobians are P x P."""
     if layer.num_layers != 1 or layer.bidirectional:
         raise ValueError("jacobian_norms: needs a layer with num_layers=1 and bidirectional=False")
     if x.dim() != 2 or x.shape[1] != layer.input_size:
         raise ValueError(f"jacobian_norms: x must be one sequence (T, {layer.input_size}), "
                          f"got shape {tuple(x.shape)}")
-    H = layer.hidden_size
+    H = getattr(layer, "proj_size", 0) or layer.hidden_size                   # units of h_t
     xb = x.unsqueeze(1).expand(-1, H, -1)                                      # (T, H copies, I)
     state = _initial_state(layer, hx, H, x)
     hs = []
@@ -128,7 +144,7 @@ def jacobian_norms(layer: nn.RNNBase, x: Tensor, hx=None) -> JacobianNorms:
     grads = torch.autograd.grad(hs[-1], hs, grad_outputs=eye, allow_unused=True)
     spec, frob = [], []
     for g in reversed(grads):                                                  # k = 0, 1, ...
-        J = torch.zeros(H, H) if g is None else g[0].detach()                  # (H, H) = dh_T/dh_t
+        J = torch.zeros(H, H, dtype=x.dtype) if g is None else g[0].detach()  # (H, H) = dh_T/dh_t
         spec.append(float(torch.linalg.matrix_norm(J, ord=2)))
         frob.append(float(torch.linalg.matrix_norm(J)))
     return JacobianNorms(tuple(spec), tuple(frob))
@@ -136,8 +152,10 @@ def jacobian_norms(layer: nn.RNNBase, x: Tensor, hx=None) -> JacobianNorms:
 
 def _initial_state(layer, hx, B, x):
     if hx is None:
-        z = torch.zeros(1, B, layer.hidden_size, dtype=x.dtype, device=x.device)
-        return (z, z.clone()) if isinstance(layer, nn.LSTM) else z
+        h = torch.zeros(1, B, getattr(layer, "proj_size", 0) or layer.hidden_size, dtype=x.dtype, device=x.device)
+        if isinstance(layer, nn.LSTM):
+            return h, torch.zeros(1, B, layer.hidden_size, dtype=x.dtype, device=x.device)
+        return h
     if isinstance(hx, tuple):
         return tuple(h.reshape(1, 1, -1).expand(1, B, -1).contiguous() for h in hx)
     return hx.reshape(1, 1, -1).expand(1, B, -1).contiguous()

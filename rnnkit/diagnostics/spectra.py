@@ -4,6 +4,8 @@ The Jacobian of one step is diag(g'(a_t)) U with |g'| <= 1 for tanh, so ||U||_2 
 vanishing gradient and a spectral radius > 1 is necessary for an exploding one (Pascanu et al.
 2013). For LSTM/GRU, U stacks one H x H block per gate (LSTM i, f, g, o; GRU r, z, n); each block
 is reported on its own, and the whole stack (G*H x H, not square) by its singular values only.
+An LSTM with proj_size P feeds back the projected h_t (P units): its U is G*H x P, and so are its
+gate blocks H x P, reported by their singular values only (no spectral radius: not square).
 """
 from __future__ import annotations
 
@@ -44,19 +46,26 @@ def matrix_spectrum(U: torch.Tensor, name: str = "U", gate: str = "all") -> Matr
 
 def recurrent_spectra(module: nn.Module) -> list[MatrixSpectrum]:
     """Every weight_hh* in `module` (any torch.nn or rnnkit RNN/LSTM/GRU inside it): the whole
-    matrix, then each gate block when there are several."""
+    matrix, then each gate block (hidden_size rows each) when there are several."""
     out = []
-    for pname, W in module.named_parameters():
-        if "weight_hh" not in pname.rsplit(".", 1)[-1]:
-            continue
-        H = W.shape[1]
-        G = W.shape[0] // H
-        if G == 1:
-            out.append(matrix_spectrum(W, pname, "h"))
-            continue
-        out.append(matrix_spectrum(W, pname, "all"))
-        for gate, block in zip(GATE_NAMES.get(G, tuple(str(j) for j in range(G))), W.split(H, 0)):
-            out.append(matrix_spectrum(block, pname, gate))
+    for mname, owner in module.named_modules():
+        for name, W in owner.named_parameters(prefix=mname, recurse=False):
+            if "weight_hh" in name.rsplit(".", 1)[-1]:
+                out += _spectra(W, name, getattr(owner, "hidden_size", W.shape[1]))
     if not out:
         raise ValueError(f"recurrent_spectra: {type(module).__name__} has no weight_hh parameter")
+    return out
+
+
+def _spectra(W: torch.Tensor, pname: str, H: int) -> list[MatrixSpectrum]:
+    """One U of G stacked gate blocks of H rows each (H x H; H x P for a projected LSTM)."""
+    G, rest = divmod(W.shape[0], H)
+    if rest:
+        raise ValueError(f"recurrent_spectra: {pname} has {W.shape[0]} rows, not a multiple of its module's "
+                         f"hidden_size {H}")
+    if G == 1:
+        return [matrix_spectrum(W, pname, "h")]
+    out = [matrix_spectrum(W, pname, "all")]
+    for gate, block in zip(GATE_NAMES.get(G, tuple(str(j) for j in range(G))), W.split(H, 0)):
+        out.append(matrix_spectrum(block, pname, gate))
     return out

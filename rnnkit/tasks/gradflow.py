@@ -38,27 +38,54 @@ class GradflowConfig:
     clip_norm: float | None = None    # clip the global gradient norm while training
     seed: int = 0
     num_seeds: int = 3                # seeds seed, seed+1, ...; horizons are averaged over them
-    checkpoints: int = 8              # gradient profiles recorded during training (heat map rows)
+    checkpoints: int = 8              # profiles recorded during training (heat map rows): checkpoint_steps
     threshold: float = 1e-3
 
     def __post_init__(self):
         bad = [c for c in self.cells if c not in memory.CELLS]
         if not self.cells or bad:
             raise UserError(f"--cell must list cells among rnn, lstm, gru; got {','.join(self.cells) or 'nothing'}")
-        if self.length < 2 or self.hidden_size < 1 or self.batch_size < 1:
-            raise UserError("--length must be >= 2, --hidden-size and --batch-size >= 1")
-        if self.trained_steps < 0 or self.num_seeds < 1 or self.checkpoints < 1:
-            raise UserError("--trained-steps must be >= 0, --num-seeds and --checkpoints >= 1")
+        if len(set(self.cells)) < len(self.cells):
+            raise UserError(f"--cell lists a cell more than once ({','.join(self.cells)}); give each cell once")
+        memory.check([memory.at_least("--length", self.length, 2),
+                      memory.at_least("--trained-steps", self.trained_steps, 0),
+                      *(memory.at_least(flag, value, 1) for flag, value in (
+                          ("--hidden-size", self.hidden_size), ("--batch-size", self.batch_size),
+                          ("--num-seeds", self.num_seeds), ("--checkpoints", self.checkpoints)))])
         check_positive("--lr", self.lr)
         if self.clip_norm is not None:
             check_positive("--clip-norm", self.clip_norm, "no clipping")
         if not 0 < self.threshold < 1:
             raise UserError(f"--threshold must lie in (0, 1), got {self.threshold}")
+        memory.check_fits(size_terms(self))
 
 
 def _train_config(cfg: GradflowConfig, cell: str, seed: int) -> memory.MemoryConfig:
     return memory.MemoryConfig(task="adding", length=cfg.length, cell=cell, hidden_size=cfg.hidden_size,
                                steps=max(cfg.trained_steps, 1), lr=cfg.lr, clip_norm=cfg.clip_norm, seed=seed)
+
+
+def size_flags(cfg: GradflowConfig) -> dict[str, int]:
+    return {"--length": cfg.length, "--batch-size": cfg.batch_size, "--hidden-size": cfg.hidden_size}
+
+
+def size_terms(cfg: GradflowConfig) -> list[tuple[float, dict[str, int]]]:
+    """Floats one cell's study certainly holds at once (a lower bound), by the flags that scale them."""
+    T, H = cfg.length, cfg.hidden_size
+    GH = max(memory.GATES[c] for c in cfg.cells) * H
+    terms = [(GH * (H + 2), {"--hidden-size": H}),                                  # the weights U, W
+             (cfg.batch_size * T * GH, size_flags(cfg)),                            # the traced gates
+             (H * T * GH, {"--hidden-size": H, "--length": T})]                     # Jacobians: H copies of x
+    if cfg.trained_steps:                                                           # its training batches
+        terms.append((memory.MemoryConfig.batch_size * T * GH, {"--hidden-size": H, "--length": T}))
+    return terms
+
+
+def checkpoint_steps(trained_steps: int, checkpoints: int) -> list[int]:
+    """The training steps whose profile is recorded: `checkpoints` evenly spaced from step 0 to the last,
+    both included (one checkpoint: the last step; never more than trained_steps + 1)."""
+    first = 0 if checkpoints > 1 else trained_steps
+    return sorted({int(s) for s in np.linspace(first, trained_steps, checkpoints).round()})
 
 
 def measure(model: memory.SequenceModel, x, y, cell: str, threshold: float = 1e-3,
@@ -91,13 +118,19 @@ def study_cell(cfg: GradflowConfig, cell: str, seed: int, progress: bool = True)
     out = {"init": measure(model, x, y, cell, cfg.threshold)}
     if cfg.trained_steps:
         history = {"steps": [], "profiles": [], "model": None}
+        wanted = set(checkpoint_steps(cfg.trained_steps, cfg.checkpoints))
 
-        def probe(m, step):
+        def record(m, step):
             history["profiles"].append(measure(m, x, y, cell, cfg.threshold, jacobian=False)["profile"])
             history["steps"].append(step)
+
+        def probe(m, step):                                           # called before every step, and after the last
             history["model"] = m
-        every = max(1, cfg.trained_steps // cfg.checkpoints)
-        run = memory.train(mcfg, progress, probe=probe, probe_every=every)
+            if step in wanted:
+                record(m, step)
+        run = memory.train(mcfg, progress, probe=probe, probe_every=1)
+        if history["steps"][-1:] != [run.steps_done]:                 # stopped early (diverged): its last state too
+            record(history["model"], run.steps_done)
         out["trained"] = measure(history["model"], x, y, cell, cfg.threshold)
         out["history"] = {"steps": history["steps"], "profiles": np.stack(history["profiles"])}
         out["run"] = run
@@ -112,7 +145,7 @@ def _geo_mean(profiles: list[np.ndarray]) -> np.ndarray:
 
 def summarise(cfg: GradflowConfig, cell: str, per_seed: list[dict]) -> dict:
     """JSON-ready summary of one cell over its seeds."""
-    d = {"cell": cell}
+    d, seed = {"cell": cell}, cfg.seed                               # details of the first seed
     for when in ("init", "trained"):
         if when not in per_seed[0]:
             continue
@@ -123,9 +156,9 @@ def summarise(cfg: GradflowConfig, cell: str, per_seed: list[dict]) -> dict:
             "horizon_per_seed": [h.to_dict() for h in hs],
             "explosion_per_seed": [m["explosion"].to_dict() for m in ms],
             "grad_profile_rel": _geo_mean([m["profile"] for m in ms]).tolist(),
-            "jacobian_seed0": ms[0]["jacobian"].to_dict() if ms[0]["jacobian"] else None,
-            "saturation_seed0": ms[0]["saturation"].to_dict(),
-            "spectra_seed0": [s.to_dict() for s in ms[0]["spectra"]],
+            f"jacobian_seed{seed}": ms[0]["jacobian"].to_dict() if ms[0]["jacobian"] else None,
+            f"saturation_seed{seed}": ms[0]["saturation"].to_dict(),
+            f"spectra_seed{seed}": [s.to_dict() for s in ms[0]["spectra"]],
         }
     if "run" in per_seed[0]:
         runs = [s["run"] for s in per_seed]
@@ -138,7 +171,8 @@ def summarise(cfg: GradflowConfig, cell: str, per_seed: list[dict]) -> dict:
 
 def run(cfg: GradflowConfig, out_dir, progress: bool = True) -> dict:
     """The whole study; writes gradflow.json, gradflow.png and the companion figures into out_dir."""
-    with flushing_denormals():         # vanished gradients in denormal floats slow CPU BPTT ~10x
+    # flushing: vanished gradients in denormal floats slow CPU BPTT ~10x
+    with flushing_denormals(), memory.out_of_memory_as_user_error(size_flags(cfg)):
         return _run(cfg, out_dir, progress)
 
 
@@ -161,7 +195,7 @@ def write_figures(cfg: GradflowConfig, raw: dict, summary: dict, out_dir: Path) 
         for when, style in (("init", "-"), ("trained", "--")):
             if when in s:
                 label = f"{CELL_LABEL[cell]}, {'init' if when == 'init' else f'after {cfg.trained_steps} steps'}"
-                label += f" (horizon {s[when]['horizon_mean']:.0f})"
+                label += f" ({horizon_label(s[when])})"
                 curves[label] = np.asarray(s[when]["grad_profile_rel"])
                 styles[label] = style
                 sats[f"{cell} {when}"] = raw[cell][0][when]["saturation"]
@@ -170,12 +204,13 @@ def write_figures(cfg: GradflowConfig, raw: dict, summary: dict, out_dir: Path) 
                                           f"Gradient reaching h_t, loss on the last step\n(adding problem, T={T}, H={H}; {seeds})",
                                           cfg.threshold, styles))
     paths.append(plots.saturation_bars(sats, out_dir / "gradflow_saturation.png",
-                                       "Gate saturation (seed 0; rnn: tanh of h_t)"))
+                                       f"Gate saturation (seed {cfg.seed}; rnn: tanh of h_t)"))
     jac = {f"{CELL_LABEL[c]}, {w}": np.asarray(raw[c][0][w]["jacobian"].spectral[::-1])
            for c in raw for w in ("init", "trained") if w in raw[c][0] and raw[c][0][w]["jacobian"]}
     if jac:
         paths.append(plots.grad_vs_steps_back(jac, out_dir / "gradflow_jacobian.png",
-                                              f"Spectral norm of dh_T/dh_t (one sequence, seed 0, T={T})", None,
+                                              f"Spectral norm of dh_T/dh_t (one sequence, seed {cfg.seed}, T={T})",
+                                              None,
                                               ylabel="||dh_T/dh_t||_2 (largest singular value)"))
     for cell in raw:
         last = "trained" if "trained" in raw[cell][0] else "init"
@@ -184,6 +219,13 @@ def write_figures(cfg: GradflowConfig, raw: dict, summary: dict, out_dir: Path) 
         if "history" in raw[cell][0]:
             hist = raw[cell][0]["history"]
             paths.append(plots.grad_heatmap(hist["profiles"], hist["steps"], out_dir / f"gradflow_heatmap_{cell}.png",
-                                            f"{CELL_LABEL[cell]}: ||dL/dh_t|| during training (seed 0)"))
+                                            f"{CELL_LABEL[cell]}: ||dL/dh_t|| during training (seed {cfg.seed})"))
     return paths
 
+
+def horizon_label(d: dict) -> str:
+    """A summary's horizon: the mean over seeds to one decimal, '+' when censored (a lower bound)."""
+    hs = d["horizon_per_seed"]
+    if all(h["censored"] for h in hs):
+        return f"horizon {hs[0]['steps']}+"
+    return f"horizon {d['horizon_mean']:.1f}{'+' if any(h['censored'] for h in hs) else ''}"

@@ -13,7 +13,9 @@ progress bar, and a stop as soon as the loss is NaN or has blown up (divergence 
 from __future__ import annotations
 
 import math
+import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -29,6 +31,20 @@ from ..numerics import flushing_denormals
 TASKS = ("adding", "copy", "order", "digits", "mnist1d")
 CELLS = {"rnn": rk.RNN, "lstm": rk.LSTM, "gru": rk.GRU}
 DEFAULT_LENGTH = {"adding": 100, "copy": 50, "order": 100, "digits": 8, "mnist1d": 40}
+MIN_LENGTH = synthetic.MIN_LENGTH
+GATES = {"rnn": 1, "lstm": 4, "gru": 3}                   # blocks of H in U
+
+
+def at_least(flag: str, value: int, low: int) -> tuple[bool, str]:
+    """A size check: (ok, the message naming the flag and the value given)."""
+    return value >= low, f"{flag} must be >= {low}, got {value}"
+
+
+def check(checks) -> None:
+    """Raise the first failed (ok, message) check as a UserError."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
 
 
 @dataclass(frozen=True)
@@ -61,10 +77,13 @@ class MemoryConfig:
             (self.backend in rk.AUTO_CHOICES, f"--backend must be auto or engine, got {self.backend!r}"),
             (self.recurrent_init in ("default", "identity", "orthogonal"),
              f"--recurrent-init must be default, identity or orthogonal, got {self.recurrent_init!r}"),
-            (self.length >= 1 and self.hidden_size >= 1 and self.num_layers >= 1,
-             "--length, --hidden-size and --num-layers must be positive"),
-            (self.steps >= 1 and self.batch_size >= 1 and self.test_size >= 1,
-             "--steps, --batch-size and --test-size must be positive"),
+            (self.cell == "rnn" or self.nonlinearity == "tanh",
+             f"--nonlinearity {self.nonlinearity} applies to the Elman RNN (--cell rnn) only; the {self.cell} has none"),
+            (self.length >= MIN_LENGTH.get(self.task, 1),
+             f"--task {self.task} needs --length >= {MIN_LENGTH.get(self.task, 1)}, got {self.length}"),
+            *(at_least(flag, value, 1) for flag, value in (
+                ("--hidden-size", self.hidden_size), ("--num-layers", self.num_layers), ("--steps", self.steps),
+                ("--batch-size", self.batch_size), ("--test-size", self.test_size))),
             (finite_positive(self.lr, self.recurrent_scale),
              f"--lr and --recurrent-scale must be finite numbers > 0, got {self.lr} and {self.recurrent_scale}"),
             (self.clip_norm is None or finite_positive(self.clip_norm),
@@ -72,11 +91,9 @@ class MemoryConfig:
             (self.task != "digits" or self.length in (8, 64),
              f"--task digits reads 8x8 images by rows (--length 8) or by pixels (--length 64), got {self.length}"),
             (self.task != "mnist1d" or self.length == 40, f"--task mnist1d has length 40, got {self.length}"),
-            (self.task != "order" or self.length >= 20, f"--task order needs --length >= 20, got {self.length}"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
+        check(checks)
+        check_fits(size_terms(self))
 
 
 @dataclass(frozen=True)
@@ -101,6 +118,67 @@ def task_spec(task: str, length: int) -> TaskSpec:
     if task == "digits":
         return TaskSpec(8 if length == 8 else 1, 10, "classify", "accuracy", 0.1, "chance", True)
     return TaskSpec(1, 10, "classify", "accuracy", 0.1, "chance", True)
+
+
+def for_cell(base: MemoryConfig, cell: str, **changes) -> MemoryConfig:
+    """`base` for one cell of a list: its nonlinearity kept for the Elman RNN only (gated cells have none)."""
+    return replace(base, cell=cell, nonlinearity=base.nonlinearity if cell == "rnn" else "tanh", **changes)
+
+
+# -- will a run fit in memory? ------------------------------------------------------------------------------
+
+def size_flags(cfg: MemoryConfig) -> dict[str, int]:
+    """The flags that scale a run's memory, with their values."""
+    flags = {"--length": cfg.length, "--batch-size": cfg.batch_size, "--hidden-size": cfg.hidden_size}
+    return flags | ({"--num-layers": cfg.num_layers} if cfg.num_layers > 1 else {})
+
+
+def size_terms(cfg: MemoryConfig) -> list[tuple[float, dict[str, int]]]:
+    """Floats one training run certainly holds at once (a lower bound), by what scales them."""
+    spec = task_spec(cfg.task, cfg.length)
+    T = cfg.length + (2 * synthetic.COPY_LEN if cfg.task == "copy" else 0)
+    GH, L = GATES[cfg.cell] * cfg.hidden_size, cfg.num_layers
+    flags = size_flags(cfg)
+    terms = [(L * GH * (cfg.hidden_size + spec.input_size),                                  # the weights U, W
+              {f: v for f, v in flags.items() if f in ("--hidden-size", "--num-layers")}),
+             (L * cfg.batch_size * T * GH, flags)]                                            # gates kept for BPTT
+    if cfg.task in MIN_LENGTH:                                                                # a synthetic test set
+        terms.append((cfg.test_size * T * spec.input_size, {"--test-size": cfg.test_size, "--length": cfg.length}))
+    return terms
+
+
+def flag_text(flags: dict[str, int]) -> str:
+    """'--length 1000, --batch-size 50 or --hidden-size 8', the largest value first."""
+    items = [f"{f} {v}" for f, v in sorted(flags.items(), key=lambda fv: -fv[1])]
+    return " or ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
+
+
+def _ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):                     # not a POSIX system: no check
+        return None
+
+
+def check_fits(terms: list[tuple[float, dict[str, int]]]) -> None:
+    """Refuse up front a run whose float32 tensors alone exceed this machine's memory (rather than a
+    failed allocation, or the OOM killer, later), naming the flags of the largest term."""
+    need, ram = 4 * sum(n for n, _ in terms), _ram_bytes()
+    if ram and need > ram:
+        flags = max(terms, key=lambda t: t[0])[1]
+        raise UserError(f"this run needs at least {need / 1e9:,.0f} GB of memory, more than this machine's "
+                        f"{ram / 1e9:,.0f} GB; lower {flag_text(flags)}")
+
+
+@contextmanager
+def out_of_memory_as_user_error(flags: dict[str, int]):
+    """A failed allocation (torch's CPU allocator, CUDA, Python) as a UserError naming the size flags."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as e:
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(e)):
+            raise
+        raise UserError(f"ran out of memory; lower {flag_text(flags)}") from None
 
 
 class SequenceModel(nn.Module):
@@ -266,7 +344,7 @@ def run_grid(base: MemoryConfig, cells: list[str], lengths: list[int], progress:
     results = []
     for length in lengths:
         for cell in cells:
-            r = train(replace(base, cell=cell, length=length), progress)
+            r = train_sized(for_cell(base, cell, length=length), progress)
             results.append(r)
             if on_result is not None:
                 on_result(r)
@@ -277,5 +355,11 @@ def clip_study(base: MemoryConfig, clip_norm: float, progress: bool = True) -> d
     """The same configuration trained without and with clipping by global norm."""
     if clip_norm is None or clip_norm <= 0:
         raise UserError("the clip study needs --clip-norm > 0 (the threshold for the clipped run)")
-    return {"no clipping": train(replace(base, clip_norm=None), progress),
-            f"clip-norm {clip_norm:g}": train(replace(base, clip_norm=clip_norm), progress)}
+    return {"no clipping": train_sized(replace(base, clip_norm=None), progress),
+            f"clip-norm {clip_norm:g}": train_sized(replace(base, clip_norm=clip_norm), progress)}
+
+
+def train_sized(cfg: MemoryConfig, progress: bool) -> RunResult:
+    """train(), a failed allocation reported as the flags to lower (the runs `rnnkit memory` makes)."""
+    with out_of_memory_as_user_error(size_flags(cfg)):
+        return train(cfg, progress)
