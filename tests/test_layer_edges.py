@@ -245,3 +245,26 @@ def test_min_layers_take_left_padding(cls, scan):
         assert out[:T - L, b].abs().max() == 0 if L < T else True
     with pytest.raises(ValueError, match="padding must be 'right' or 'left'"):
         m(x, None, lens, padding="middle")
+
+
+def test_trace_norm_of_a_vanishing_gradient_is_not_flushed(path):
+    # the backward flushes denormals; the squares of entries below ~1e-19 are denormal, so a float norm of
+    # a still-normal gradient of ~1e-20 came out 0 (the trace's curve fell off a false cliff)
+    torch.manual_seed(0)
+    T, B, H = 100, 16, 64
+    rnn = rk.RNN(2, H, batch_first=True, backend="engine")
+    x = torch.rand(B, T, 2)
+    with rk.trace(rnn) as tr:
+        out, _ = rnn(x)
+        out[:, -1].sum().backward()
+    cell = torch.nn.RNNCell(2, H)
+    cell.load_state_dict({k.replace("_l0", ""): v for k, v in rnn.state_dict().items()})
+    h, hs = torch.zeros(B, H), []
+    for t in range(T):                                     # an independent float32 unroll
+        h = cell(x[:, t], h)
+        h.retain_grad()
+        hs.append(h)
+    hs[-1].sum().backward()
+    want = torch.stack([q.grad.double().norm(dim=1) for q in hs])     # its norms summed in float64
+    assert 0 < want[0].max() < 1e-19                                  # normal floats, denormal squares
+    torch.testing.assert_close(tr.grad_norm[0].double(), want, rtol=1e-3, atol=0)

@@ -81,5 +81,5 @@ def test_help_shows_the_tasks_own_early_stopping_defaults(capsys):
         main(["seq2seq", "train", "--help"])
     assert done.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default val_exact_match)" in text and "default 5, None: off" in text
+    assert "(default val_exact_match)" in text and "default 5; --patience none: off" in text
     assert "(default val_loss)" not in text

@@ -70,12 +70,14 @@ void gather_dh(int64_t H, const T* carry, const T* gw, const T* rec, const T* d_
   if (first) std::fill(dh, dh + H, T(0));
 }
 
-// ||d|| for the trace. A float row's squares overflow past ~1.8e19 though its norm fits float up to ~3.4e38:
-// a row whose sum is not finite is summed again in double (an exploding gradient's norm stays finite).
+// ||d|| for the trace. A float row's squares overflow past ~1.8e19 though its norm fits float up to ~3.4e38,
+// and below ~1e-19 they are denormal, which the backward flushes to zero (numerics.py): a row whose sum
+// falls outside [1e-30, max] (the norm outside [1e-15, ...]) is summed again in double, where neither
+// happens (an exploding or a vanishing gradient's norm stays exact). A gradient of exact zeros costs one more pass.
 template <typename T>
 T norm(int64_t H, const T* d) {
   const T r = std::sqrt(row_sum<T>(H, [](auto a) { return a * a; }, d));
-  if (r <= std::numeric_limits<T>::max()) return r;
+  if (r >= T(1e-15) && r <= std::numeric_limits<T>::max()) return r;
   double s = 0;
   for (int64_t j = 0; j < H; ++j) s += double(d[j]) * double(d[j]);
   return T(std::sqrt(s));

@@ -29,6 +29,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_int_or_none(text: str) -> int | None:
+    """A positive int, or None for 'none' / 'off'."""
+    return None if text.strip().lower() in ("none", "off") else positive_int(text)
+
+
 SEEDS = (0, 2**32)                     # [low, high): numpy's range; within torch's with room for the
                                        # offsets tasks add (gradflow seed + 20000 + i, memory seed + 10000)
 
@@ -97,9 +102,9 @@ def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: i
     g.add_argument("--schedule", choices=SCHEDULES, default=schedule, help=f"learning-rate schedule (default {schedule})")
     g.add_argument("--step-size", type=positive_int, default=10, help="epochs per step of the step/plateau schedule")
     g.add_argument("--gamma", type=positive_float, default=0.5, help="factor of the step/plateau schedule")
-    g.add_argument("--patience", type=positive_int, default=None,
+    g.add_argument("--patience", type=positive_int_or_none, default=None,
                    help="early stopping: epochs without improvement of --monitor before stopping (needs "
-                        "validation; default %(default)s, None: off)")
+                        "validation; default %(default)s; --patience none: off)")
     # %(default)s: a task's set_defaults (seq2seq watches val_exact_match) shows in its own --help
     g.add_argument("--monitor", default="val_loss", help="metric early stopping watches (default %(default)s)")
     g.add_argument("--checkpoint-every", type=nonnegative_int, default=10,

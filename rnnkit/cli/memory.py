@@ -153,9 +153,10 @@ def _mean_or_none(rs: list[memory.RunResult]):
 def run_clip_study(cfg: memory.MemoryConfig, out: Path, progress: bool) -> int:
     from ..diagnostics import plots
     runs = memory.clip_study(cfg, cfg.clip_norm, progress)
-    print(_header())
-    for r in runs.values():
-        print(_row(r) + ("   (diverged: loss NaN or blown up)" if r.diverged else ""))
+    width = max(len(label) for label in runs)
+    print(f"{'run':<{width}} {_header()}")
+    for label, r in runs.items():
+        print(f"{label:<{width}} {_row(r)}" + ("   (diverged: loss NaN or blown up)" if r.diverged else ""))
     data = {label: r.to_dict() for label, r in runs.items()}
     (out / "clip_study.json").write_text(json.dumps(data, indent=1))
     cell = f"{cfg.cell} {cfg.nonlinearity}" if cfg.cell == "rnn" else cfg.cell

@@ -97,11 +97,13 @@ def run_train(args: argparse.Namespace) -> int:
     print("-" * 40)
     m, unit = r.metrics, "char" if cfg.level == "char" else "word"
     steps = len(r.fit.history.loss)
+    session = f" ({r.session_steps} in this session)" if r.session_steps != steps else ""
     stop = ", stopped at the time limit" if r.stopped_by_time else ""
     print(f"textgen: {cfg.num_layers}x{cfg.hidden_size} {cfg.cell.upper()} {cfg.level} model on {source} "
           f"({r.sizes['train_tokens']:,} train / {r.sizes['val_tokens']:,} held-out tokens): validation loss "
           f"{m['loss']:.4f} nats/{unit}, {m['bits_per_token']:.3f} bits/{unit}, perplexity {m['perplexity']:.2f}; "
-          f"{steps} steps in {r.train_seconds:.0f}s ({steps / max(r.train_seconds, 1e-9):.2f} steps/s{stop}), "
+          f"{steps} steps{session} in {r.train_seconds:.0f}s ({r.session_steps / max(r.train_seconds, 1e-9):.2f} "
+          f"steps/s{stop}), "
           f"{r.seconds:.1f}s in all -> {args.out}")
     return 0
 

@@ -103,10 +103,11 @@ class TimeUp(KeyboardInterrupt):
 
 
 class Deadline:
-    """`check()` raises TimeUp once `seconds` have passed since construction (never when None)."""
+    """`check()` raises TimeUp once `seconds` have passed since construction (never when None); `steps`
+    counts the steps a wrapped loss ran in this session (a resumed run's history holds earlier ones too)."""
 
     def __init__(self, seconds: float | None):
-        self.seconds, self.start, self.hit = seconds, time.perf_counter(), False
+        self.seconds, self.start, self.hit, self.steps = seconds, time.perf_counter(), False, 0
 
     def check(self) -> None:
         if self.seconds is not None and time.perf_counter() - self.start >= self.seconds:
@@ -117,6 +118,7 @@ class Deadline:
         """`loss_fn` with a deadline check before each step."""
         def timed(*args):
             self.check()
+            self.steps += 1
             return loss_fn(*args)
         return timed
 

@@ -78,7 +78,8 @@ class TextgenResult:
     sizes: dict[str, int]
     fit: FitResult
     stopped_by_time: bool
-    train_seconds: float
+    train_seconds: float             # this session's (a resumed run's earlier sessions are not counted)
+    session_steps: int               # steps trained in this session
     sample: str
     source: str
     seconds: float
@@ -111,6 +112,10 @@ def run_textgen(text: str, cfg: TextgenConfig, train: TrainConfig, source: str =
     t0 = time.perf_counter()
     if train.tbptt is None:
         raise UserError("a language model trains with truncated BPTT: set TrainConfig.tbptt (--bptt)")
+    if resume and cfg.anneal:
+        raise UserError("--anneal ties the learning rate to one session's clock (a cosine over --time-limit from "
+                        "its start), so a run trained with it cannot be resumed exactly; start a new run, or "
+                        "train without --anneal to be able to --resume")
     vocab, train_ids, val_ids = prepare(text, cfg)
     if len(train_ids) < train.batch_size * train.tbptt + 1:
         raise UserError(f"the training part has {len(train_ids)} tokens, fewer than one window of "
@@ -135,7 +140,7 @@ def run_textgen(text: str, cfg: TextgenConfig, train: TrainConfig, source: str =
     sample = generate(model.cpu(), vocab, meta, _first_line(text, vocab, cfg.level), 300, temperature=0.8,
                       generator=torch.Generator().manual_seed(train.seed))
     sizes = {"train_tokens": len(train_ids), "val_tokens": len(val_ids), "vocab": len(vocab)}
-    return TextgenResult(cfg, train, scores, sizes, fit, timed_out, train_seconds, sample, source,
+    return TextgenResult(cfg, train, scores, sizes, fit, timed_out, train_seconds, deadline.steps, sample, source,
                          time.perf_counter() - t0)
 
 
@@ -211,7 +216,8 @@ def metrics_document(r: TextgenResult) -> dict:
             "sizes": r.sizes, "data": r.source,
             "model": {**dataclasses.asdict(r.config), "epochs_run": fit.epochs_run, "steps": len(fit.history.loss),
                       "stopped_by_time_limit": r.stopped_by_time, "train_seconds": round(r.train_seconds, 1),
-                      "steps_per_second": round(len(fit.history.loss) / max(r.train_seconds, 1e-9), 3),
+                      "steps_this_session": r.session_steps,
+                      "steps_per_second": round(r.session_steps / max(r.train_seconds, 1e-9), 3),
                       "final_train_loss": fit.history.loss[-1] if fit.history.loss else None},
             "sample": r.sample, "train": r.train.to_json(), "seconds": round(r.seconds, 2)}
 
