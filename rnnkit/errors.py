@@ -19,11 +19,21 @@ def check_choice(name: str, value, options) -> None:
         raise UserError(f"{name} must be one of {', '.join(map(str, options))}; got {value!r}")
 
 
+def at_least(name: str, value: int, low: int) -> tuple[bool, str]:
+    """A check for `check_all`: (value >= low, the message naming `name` and the value given)."""
+    return value >= low, f"{name} must be >= {low}, got {value}"
+
+
+def check_all(checks) -> None:
+    """Raise the first failed (ok, message) check as a UserError."""
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
 def check_at_least_one(obj, *names: str) -> None:
     """Each named attribute of `obj` must be an integer >= 1."""
-    for name in names:
-        if getattr(obj, name) < 1:
-            raise UserError(f"{name} must be >= 1, got {getattr(obj, name)}")
+    check_all(at_least(name, getattr(obj, name), 1) for name in names)
 
 
 def finite_positive(*values) -> bool:

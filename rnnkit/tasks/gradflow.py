@@ -19,7 +19,7 @@ import torch
 
 from .. import diagnostics as dg
 from ..diagnostics import plots
-from ..errors import UserError, check_positive
+from ..errors import UserError, at_least, check_all, check_positive
 from ..tracing import trace
 from ..numerics import flushing_denormals
 from . import memory
@@ -47,11 +47,10 @@ class GradflowConfig:
             raise UserError(f"--cell must list cells among rnn, lstm, gru; got {','.join(self.cells) or 'nothing'}")
         if len(set(self.cells)) < len(self.cells):
             raise UserError(f"--cell lists a cell more than once ({','.join(self.cells)}); give each cell once")
-        memory.check([memory.at_least("--length", self.length, 2),
-                      memory.at_least("--trained-steps", self.trained_steps, 0),
-                      *(memory.at_least(flag, value, 1) for flag, value in (
-                          ("--hidden-size", self.hidden_size), ("--batch-size", self.batch_size),
-                          ("--num-seeds", self.num_seeds), ("--checkpoints", self.checkpoints)))])
+        check_all([at_least("--length", self.length, 2), at_least("--trained-steps", self.trained_steps, 0),
+                   *(at_least(flag, value, 1) for flag, value in (
+                       ("--hidden-size", self.hidden_size), ("--batch-size", self.batch_size),
+                       ("--num-seeds", self.num_seeds), ("--checkpoints", self.checkpoints)))])
         check_positive("--lr", self.lr)
         if self.clip_norm is not None:
             check_positive("--clip-norm", self.clip_norm, "no clipping")
@@ -118,19 +117,13 @@ def study_cell(cfg: GradflowConfig, cell: str, seed: int, progress: bool = True)
     out = {"init": measure(model, x, y, cell, cfg.threshold)}
     if cfg.trained_steps:
         history = {"steps": [], "profiles": [], "model": None}
-        wanted = set(checkpoint_steps(cfg.trained_steps, cfg.checkpoints))
 
-        def record(m, step):
+        def probe(m, step):               # at the checkpoints before the last, and where training stopped
             history["profiles"].append(measure(m, x, y, cell, cfg.threshold, jacobian=False)["profile"])
             history["steps"].append(step)
-
-        def probe(m, step):                                           # called before every step, and after the last
             history["model"] = m
-            if step in wanted:
-                record(m, step)
-        run = memory.train(mcfg, progress, probe=probe, probe_every=1)
-        if history["steps"][-1:] != [run.steps_done]:                 # stopped early (diverged): its last state too
-            record(history["model"], run.steps_done)
+        run = memory.train(mcfg, progress, probe=probe,
+                           probe_at=frozenset(checkpoint_steps(cfg.trained_steps, cfg.checkpoints)))
         out["trained"] = measure(history["model"], x, y, cell, cfg.threshold)
         out["history"] = {"steps": history["steps"], "profiles": np.stack(history["profiles"])}
         out["run"] = run

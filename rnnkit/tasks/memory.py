@@ -24,27 +24,16 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import layers as rk
+from ..cells import ElmanCell, GRUCell, LSTMCell
 from ..data import synthetic
-from ..errors import UserError, finite_positive
+from ..errors import UserError, at_least, check_all, finite_positive
 from ..numerics import flushing_denormals
 
 TASKS = ("adding", "copy", "order", "digits", "mnist1d")
 CELLS = {"rnn": rk.RNN, "lstm": rk.LSTM, "gru": rk.GRU}
 DEFAULT_LENGTH = {"adding": 100, "copy": 50, "order": 100, "digits": 8, "mnist1d": 40}
 MIN_LENGTH = synthetic.MIN_LENGTH
-GATES = {"rnn": 1, "lstm": 4, "gru": 3}                   # blocks of H in U
-
-
-def at_least(flag: str, value: int, low: int) -> tuple[bool, str]:
-    """A size check: (ok, the message naming the flag and the value given)."""
-    return value >= low, f"{flag} must be >= {low}, got {value}"
-
-
-def check(checks) -> None:
-    """Raise the first failed (ok, message) check as a UserError."""
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+GATES = {"rnn": ElmanCell.num_gates, "lstm": LSTMCell.num_gates, "gru": GRUCell.num_gates}   # blocks of H in U
 
 
 @dataclass(frozen=True)
@@ -92,7 +81,7 @@ class MemoryConfig:
              f"--task digits reads 8x8 images by rows (--length 8) or by pixels (--length 64), got {self.length}"),
             (self.task != "mnist1d" or self.length == 40, f"--task mnist1d has length 40, got {self.length}"),
         ]
-        check(checks)
+        check_all(checks)
         check_fits(size_terms(self))
 
 
@@ -295,14 +284,14 @@ def _finite_or_none(v: float):
     return float(v) if math.isfinite(v) else None
 
 
-def train(cfg: MemoryConfig, progress: bool = True, probe=None, probe_every: int = 0) -> RunResult:
-    """Train one model. probe(model, step) is called before step 0, every `probe_every` steps, and
-    after the last step (the gradient-flow study records its traces there)."""
+def train(cfg: MemoryConfig, progress: bool = True, probe=None, probe_at=frozenset()) -> RunResult:
+    """Train one model. probe(model, step) is called before each step in `probe_at` and after the last
+    step, the one where training stopped (the gradient-flow study records its traces there)."""
     with flushing_denormals():         # a vanished gradient in denormal floats slows CPU BPTT ~10x
-        return _train(cfg, progress, probe, probe_every)
+        return _train(cfg, progress, probe, probe_at)
 
 
-def _train(cfg: MemoryConfig, progress: bool, probe, probe_every: int) -> RunResult:
+def _train(cfg: MemoryConfig, progress: bool, probe, probe_at) -> RunResult:
     torch.manual_seed(cfg.seed)
     spec = task_spec(cfg.task, cfg.length)
     model, source = SequenceModel(cfg, spec), Source(cfg)
@@ -314,7 +303,7 @@ def _train(cfg: MemoryConfig, progress: bool, probe, probe_every: int) -> RunRes
     bar = tqdm(range(cfg.steps), disable=not progress, leave=False, mininterval=1.0,
                desc=f"{cfg.task} T={cfg.length} {cfg.cell}")
     for step in bar:
-        if probe is not None and probe_every and step % probe_every == 0:
+        if probe is not None and step in probe_at:
             probe(model, step)
         x, y = source.batch()
         loss = loss_fn(model(x), y, spec.kind)
