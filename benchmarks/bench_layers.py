@@ -239,13 +239,14 @@ def main(argv=None) -> int:
     facts = machine_facts()
     facts["allocator"] = steady_allocator()
     facts["peak_matmul_n"], facts["peak_matmul_reps"] = peak_n, 5
-    facts["peak_gflops"] = matmul_peak_gflops(peak_n, reps=facts["peak_matmul_reps"])
-    print(f"{facts['cpu']}, {facts['threads']} threads, matmul peak {facts['peak_gflops']:.1f} GFLOP/s",
-          file=sys.stderr)
+    before = matmul_peak_gflops(peak_n, reps=facts["peak_matmul_reps"])
+    print(f"{facts['cpu']}, {facts['threads']} threads, matmul peak {before:.1f} GFLOP/s", file=sys.stderr)
     start = time.perf_counter()
     points = run_grid(args.cells, grid, budget, not args.no_memory, args.seed)
     prof = profile_point(*PROFILE_POINT, args.seed) if PROFILE_POINT[0] in args.cells else None
     facts["wall_seconds"] = time.perf_counter() - start
+    facts["peak_gflops_runs"] = [before, matmul_peak_gflops(peak_n, reps=facts["peak_matmul_reps"])]
+    facts["peak_gflops"] = max(facts["peak_gflops_runs"])
     run = {"machine": facts, "grid": asdict(grid), "budget": asdict(budget), "quick": args.quick,
            "cells": list(args.cells), "points": points, "profile": prof}
     doc, summary = render(run)

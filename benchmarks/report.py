@@ -211,7 +211,7 @@ def machine_section(run: dict) -> list[str]:
             f"| CPU | {m['cpu']} |",
             f"| cores / torch threads | {m['cores']} / {m['threads']} (`torch.set_num_threads`) |",
             f"| matmul peak | **{m['peak_gflops']:.1f} GFLOP/s** (float32 {m['peak_matmul_n']}×"
-            f"{m['peak_matmul_n']} matmul, median of {m['peak_matmul_reps']}) |",
+            f"{m['peak_matmul_n']} matmul, median of {m['peak_matmul_reps']}{peak_runs(m)}) |",
             f"| torch / Python | {m['torch']} / {m['python']} |",
             f"| platform | {m['platform']} |",
             f"| rnnkit commit | {m['rnnkit_commit']} |",
@@ -219,6 +219,26 @@ def machine_section(run: dict) -> list[str]:
             f"| memory allocator | {m.get('allocator', 'glibc default (not recorded)')} |",
             f"| load average at start | {' / '.join(str(x) for x in m['load_average'])} (1 / 5 / 15 min) |",
             f"| wall time of this run | {m['wall_seconds'] / 60:.1f} min |", ""]
+
+
+def peak_runs(machine: dict) -> str:
+    """How the peak was chosen, for runs that measured it before and after the grid (older JSON: one)."""
+    runs = machine.get("peak_gflops_runs")
+    if not runs:
+        return ""
+    return f"; the better of before the grid {runs[0]:.1f} and after it {runs[-1]:.1f}"
+
+
+def above_peak(points: list[dict], peak: float) -> list[str]:
+    """A warning line when an engine row claims more than the measured peak: then the machine's speed
+    moved during the run (or the peak was measured cold), and the shares cannot be read as such."""
+    over = [(p, mode) for p in points for mode in MODES if engine_gflops(p, mode) > peak]
+    if not over:
+        return []
+    p, mode = max(over, key=lambda pm: engine_gflops(*pm))
+    return [(f"- **Warning:** {len(over)} engine row(s) run above the measured matmul peak (highest "
+             f"{engine_gflops(p, mode):.1f} GFLOP/s, {p['cell']} B={p['B']} T={p['T']} H={p['H']} {mode}): "
+             "the machine's speed moved during the run, so read the shares of peak with care.")]
 
 
 def noise(points: list[dict]) -> tuple[float, float]:
@@ -279,6 +299,7 @@ def method_section(run: dict) -> list[str]:
             "gate blocks for RNN, LSTM, GRU; the training step counts 2.5× that: "
             "the backward's dh·U, dU and dV, no dx (the input does not require grad). "
             "**% of peak** divides by the matmul peak above.",
+            *above_peak(points, run["machine"]["peak_gflops"]),
             memory_note(points),
             f"- Every rnnkit output was checked against torch.nn's before timing: largest |difference| over "
             f"the grid {max(p['max_abs_diff'] for p in points):.1e}.",
