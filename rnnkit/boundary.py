@@ -47,18 +47,22 @@ def check_input(layer, input, exact_dtype: bool = True) -> None:
 
 
 def check_state(name: str, hx, num_states: int, want: tuple, dtype: torch.dtype | None,
-                labels: tuple = ("h_0", "c_0"), layout: str = "num_layers*num_directions") -> tuple:
+                labels: tuple = ("h_0", "c_0"), layout: str = "num_layers*num_directions",
+                units: tuple = ("hidden_size", "hidden_size")) -> tuple:
     """A given state -> tuple of tensors, each checked for shape `want` and `dtype` (None: any): a tensor,
-    or for two-state cells (LSTM) a tuple of two. The checks every rnnkit layer and the stream share."""
+    or for two-state cells (LSTM) a tuple of two. The checks every rnnkit layer and the stream share.
+    want: one shape for every part, or a tuple of shapes, one per part (a projected LSTM's h has
+    proj_size units, its c hidden_size); units: what each part's last dimension is called."""
     if num_states == 2 and (not isinstance(hx, (tuple, list)) or len(hx) != 2):
         got = f"a {type(hx).__name__} of length {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
         raise ValueError(f"{name}: hx must be a tuple ({', '.join(labels)}) of two tensors, got {got}")
     parts = tuple(hx) if num_states == 2 else (hx,)
-    dims = f"({layout}, hidden_size)" if len(want) == 2 else f"({layout}, batch, hidden_size)"
-    for label, s in zip(labels, parts):
-        if not isinstance(s, Tensor) or tuple(s.shape) != want:
+    wants = tuple(want) if want and isinstance(want[0], tuple) else (tuple(want),) * len(parts)
+    for label, s, shape, unit in zip(labels, parts, wants, units):
+        dims = f"({layout}, {unit})" if len(shape) == 2 else f"({layout}, batch, {unit})"
+        if not isinstance(s, Tensor) or tuple(s.shape) != shape:
             got = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise LayerShapeError(f"{name}: initial state {label} must have shape {want} {dims}, got {got}")
+            raise LayerShapeError(f"{name}: initial state {label} must have shape {shape} {dims}, got {got}")
         if dtype is not None and s.dtype != dtype:
             raise LayerDtypeError(f"{name}: initial state {label} has dtype {s.dtype} but the input and weights "
                             f"have {dtype}; give them the same dtype")

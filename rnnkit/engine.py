@@ -1,6 +1,7 @@
 """The engine: one cell scanned over time, with backpropagation through time as one autograd Function.
 
-Shapes: T time, B batch, H hidden size, G the cell's number of gate blocks.
+Shapes: T time, B batch, H hidden size, G the cell's number of gate blocks. (A projected LSTM's h has
+P < H units, its c H: U is then (G*H, P); its cell takes W_hr as a param, so this loop is unchanged.)
 
 Forward, for t in time order (or reversed):
     gh_t   = U (h_{t-1} * r) + b_hh            r: variational recurrent-dropout mask, or 1

@@ -19,8 +19,6 @@ the CLI's `--backend engine` sets it for one command (backend_scope: in its thre
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +27,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from . import _fused
+from .backends import AUTO_CHOICES, auto_backend, backend_scope, set_default_backend  # noqa: F401 (re-exported)
 from .boundary import (
     PADDING,
     alone_with_packed,
@@ -42,53 +41,18 @@ from .boundary import (
     repack_like,
     untraced,
 )
-from .cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell, uniform_init_
+from .cells import (
+    ElmanCell,
+    GRUCell,
+    LayerNormCell,
+    LSTMCell,
+    ProjectedLSTMCell,
+    uniform_init_,
+)
 from .engine import ScanOptions, project_scan
 from .numerics import transformed
 
 _BACKENDS = ("auto", "engine", "native")
-AUTO_CHOICES = ("auto", "engine")        # what backend="auto" may be set to run (set_default_backend, scopes)
-_AUTO = {"runs": "auto"}                 # what backend="auto" layers do: "auto" as above, or "engine"
-_SCOPED = threading.local()              # backend_scope's setting, this thread only (None: _AUTO's)
-
-
-def set_default_backend(name: str) -> str:
-    """What layers built with backend="auto" (the default) run, process-wide, from their next call:
-    "engine" (rnnkit's engine for every configuration) or "auto" (torch's fused kernel for a plain
-    configuration, the engine otherwise; the default). Layers built with "engine" or "native" keep
-    theirs. Returns the previous setting, to restore it:
-
-        before = rk.set_default_backend("engine")
-        try: ...
-        finally: rk.set_default_backend(before)
-    """
-    before, _AUTO["runs"] = _AUTO["runs"], _checked_backend(name)
-    return before
-
-
-@contextlib.contextmanager
-def backend_scope(name: str | None):
-    """Inside the block and in this thread only, backend="auto" layers run `name` ("auto" or "engine";
-    None: the process-wide setting). Trainer.fit runs in one, so fits in two threads cannot undo each
-    other's choice or leave theirs behind."""
-    before = getattr(_SCOPED, "runs", None)
-    _SCOPED.runs = None if name is None else _checked_backend(name)
-    try:
-        yield
-    finally:
-        _SCOPED.runs = before
-
-
-def _checked_backend(name) -> str:
-    if name not in AUTO_CHOICES:
-        raise ValueError(f"default backend must be 'auto' or 'engine', got {name!r} ('native' is a "
-                         "per-layer choice: backend='native')")
-    return name
-
-
-def auto_backend() -> str:
-    """What backend="auto" layers run now, in this thread: "auto" or "engine"."""
-    return getattr(_SCOPED, "runs", None) or _AUTO["runs"]
 
 
 def param_suffix(layer: int, direction: int) -> str:
@@ -125,14 +89,14 @@ class _Recurrent:
                             self.register_parameter(f"ln_{part}_{kind}{self._suffix(layer, d)}",
                                                     nn.Parameter(torch.empty(G * H, **kw)))
         if self.learn_initial_state:
-            for name in ("initial_h", "initial_c")[: self._cell.num_states]:
-                self.register_parameter(name, nn.Parameter(torch.empty(self.num_layers * D, H, **kw)))
+            for name, n in zip(("initial_h", "initial_c"), self._state_sizes()):
+                self.register_parameter(name, nn.Parameter(torch.empty(self.num_layers * D, n, **kw)))
         self._reset_extras()
 
     def step(self, x_t, state=None):
         """One time step for streaming inference: (y_t, state), state in torch.nn's layout.
         See `rnnkit.Stream` for an object that keeps the state between calls."""
-        from .stream import step                      # stream builds on this module
+        from .stream import step  # stream builds on this module
         return step(self, x_t, state)
 
     # -- parameters ---------------------------------------------------------------------------------
@@ -153,6 +117,11 @@ class _Recurrent:
 
     def _directions(self) -> int:
         return 2 if self.bidirectional else 1
+
+    def _state_sizes(self) -> tuple:
+        """Units of each state component: h_t has proj_size (a projected LSTM) or hidden_size, c_t hidden_size."""
+        H = self.hidden_size
+        return (getattr(self, "proj_size", 0) or H,) + (H,) * (self._cell.num_states - 1)
 
     _suffix = staticmethod(param_suffix)
 
@@ -232,6 +201,8 @@ class _Recurrent:
                 params = ()
                 if self.layer_norm:              # LN of xi too: in the fused loop, or before the pure one
                     params = (w("ln_hh_weight"), w("ln_hh_bias"), w("ln_ih_weight"), w("ln_ih_bias"))
+                if w("weight_hr") is not None:   # projected LSTM: W_hr is the cell's param (h_t = W_hr m_t)
+                    params += (w("weight_hr"),)
                 opts = ScanOptions(cell, reverse=d == 1, mask=mask, truncate=truncate,
                                    rec_mask=self._recurrent_mask(B, x), zone=self._zone_masks(T, B, x),
                                    trace=None if sink is None else sink.slot(k))
@@ -249,14 +220,14 @@ class _Recurrent:
         p = self.recurrent_dropout
         if not (self.training and p > 0):
             return None
-        return torch.empty(B, self.hidden_size, dtype=x.dtype, device=x.device).bernoulli_(1 - p) / (1 - p)
+        return torch.empty(B, self._state_sizes()[0], dtype=x.dtype, device=x.device).bernoulli_(1 - p) / (1 - p)
 
     def _zone_masks(self, T, B, x):
         if not any(self.zoneout):
             return None
         if self.training:                 # fresh 0/1 masks (on CPU from the kernel's fast generator)
-            return tuple(_fused.bernoulli((T, B, self.hidden_size), z, x.dtype, device=x.device)
-                         for z in self.zoneout)
+            return tuple(_fused.bernoulli((T, B, n), z, x.dtype, device=x.device)
+                         for z, n in zip(self.zoneout, self._state_sizes()))
         return tuple(torch.full((1, 1, 1), z, dtype=x.dtype, device=x.device) for z in self.zoneout)
 
     # -- validation at the boundary -------------------------------------------------------------------
@@ -277,18 +248,19 @@ class _Recurrent:
         if hx is None:
             return self._default_state(B, x)
         LD = self.num_layers * self._directions()
-        want = (LD, self.hidden_size) if unbatched else (LD, B, self.hidden_size)
-        parts = check_state(type(self).__name__, hx, self._cell.num_states, want, x.dtype if exact_dtype else None)
+        want = tuple((LD, n) if unbatched else (LD, B, n) for n in self._state_sizes())
+        units = ("proj_size", "hidden_size") if getattr(self, "proj_size", 0) else ("hidden_size",) * 2
+        parts = check_state(type(self).__name__, hx, self._cell.num_states, want, x.dtype if exact_dtype else None,
+                            units=units)
         return tuple(s.unsqueeze(1) for s in parts) if unbatched else parts
 
     def _default_state(self, B, x) -> tuple:
         """h_0 (and c_0) when none is given: zeros, or the learned initial state."""
-        LD, H = self.num_layers * self._directions(), self.hidden_size
+        LD = self.num_layers * self._directions()
         if self.learn_initial_state:
             names = ("initial_h", "initial_c")[: self._cell.num_states]
-            return tuple(getattr(self, n).unsqueeze(1).expand(LD, B, H) for n in names)
-        return tuple(torch.zeros(LD, B, H, dtype=x.dtype, device=x.device)
-                     for _ in range(self._cell.num_states))
+            return tuple(getattr(self, n).unsqueeze(1).expand(LD, B, -1) for n in names)
+        return tuple(torch.zeros(LD, B, n, dtype=x.dtype, device=x.device) for n in self._state_sizes())
 
     def _packed_state(self, hx, B, x):
         if hx is not None or not self.learn_initial_state:
@@ -314,18 +286,17 @@ class RNN(_Recurrent, nn.RNN):
 
 
 class LSTM(_Recurrent, nn.LSTM):
-    """LSTM, gate order i, f, g, o as torch.nn.LSTM. Returns out, (h_n, c_n)."""
+    """LSTM, gate order i, f, g, o as torch.nn.LSTM. Returns out, (h_n, c_n). proj_size=P > 0: torch.nn's
+    projected LSTM, h_t = W_hr (o * tanh(c_t)) with P units (weight_hr_l{k}, (P, H); U is then (4H, P))."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None, *,
                  recurrent_dropout=0.0, zoneout=0.0, layer_norm=False, learn_initial_state=False,
                  backend="auto"):
-        if proj_size:
-            raise ValueError(f"LSTM: proj_size={proj_size!r} is not supported by rnnkit yet; use proj_size=0 "
-                             "(or torch.nn.LSTM for projected LSTMs)")
         nn.LSTM.__init__(self, input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
-                         dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)
-        self._cell = LSTMCell()
+                         dropout=dropout, bidirectional=bidirectional, proj_size=proj_size, device=device,
+                         dtype=dtype)
+        self._cell = ProjectedLSTMCell() if self.proj_size else LSTMCell()
         self._setup_extras(recurrent_dropout, zoneout, layer_norm, learn_initial_state, backend)
 
 

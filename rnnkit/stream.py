@@ -29,7 +29,9 @@ optimizer step or load_state_dict between calls is picked up; weights that a for
 (torch.nn.utils.prune, the hook-based weight_norm and spectral_norm) are computed as forward would.
 The kernels are in rnnkit/stream_kernels.py. Other cells (layer_norm, zoneout, a
 user's cell, the min cells) run `step`'s per-layer code on the same buffers.
-Shapes: B batch, I input size, H hidden size, L layers, G gate blocks.
+A projected LSTM (proj_size P) streams too: its h_k in the buffer has P units (its c_k H), the LSTM
+kernel ends with h = W_hr (o * tanh(c)).
+Shapes: B batch, I input size, H hidden size (P for h when projected), L layers, G gate blocks.
 """
 from __future__ import annotations
 
@@ -58,7 +60,9 @@ class _Sub:
         self.V, self.b_ih, self.U, self.b_hh = w("weight_ih"), w("bias_ih"), w("weight_hh"), w("bias_hh")
         self.ln = bool(getattr(layer, "layer_norm", False))
         self.cell = LayerNormCell(layer._cell) if self.ln else layer._cell
-        self.params = (w("ln_hh_weight"), w("ln_hh_bias")) if self.ln else ()
+        self.W_hr = w("weight_hr")                                              # projected LSTM (P, H)
+        self.params = ((w("ln_hh_weight"), w("ln_hh_bias")) if self.ln else ()) + (
+            () if self.W_hr is None else (self.W_hr,))
         self.ln_ih = (w("ln_ih_weight"), w("ln_ih_bias")) if self.ln else None
         zone = getattr(layer, "zoneout", ())
         self.zone = tuple(zone) if any(zone) else None
@@ -94,7 +98,7 @@ def _check_streamable(layer) -> None:
         hint = "; build the rnnkit layer of the same name and copy the weights over with load_state_dict" \
             if isinstance(layer, torch.nn.RNNBase) else ""
         if getattr(layer, "proj_size", 0):
-            hint = "; rnnkit has no projected LSTM (proj_size), so this layer cannot be streamed"
+            hint += f" (rk.LSTM takes proj_size={layer.proj_size} too)"
         raise TypeError(f"stream: expected an rnnkit RNN, LSTM, GRU, MinGRU or MinLSTM layer, got {kind}{hint}")
     if layer.bidirectional:
         raise ValueError(f"stream: {name} is bidirectional; its backward direction starts at the end "
@@ -145,10 +149,17 @@ def _check_state(layer, state, B: int, unbatched: bool, like: Tensor) -> tuple:
     """state in torch.nn's layout -> tuple of (L, B, H) tensors (validated: shape, and like's dtype)."""
     if state is None:
         return _default_state(layer, B, like)
-    L, H = layer.num_layers, layer.hidden_size
+    L, P, H = layer.num_layers, h_size(layer), layer.hidden_size
+    want = tuple((L, n) if unbatched else (L, B, n) for n in (P, H)[:layer._cell.num_states])
+    units = ("proj_size" if P != H else "hidden_size", "hidden_size")
     parts = check_state(f"stream: {type(layer).__name__}", state, layer._cell.num_states,
-                        (L, H) if unbatched else (L, B, H), like.dtype, labels=("h", "c"), layout="num_layers")
+                        want, like.dtype, labels=("h", "c"), layout="num_layers", units=units)
     return tuple(s.unsqueeze(1) for s in parts) if unbatched else parts
+
+
+def h_size(layer) -> int:
+    """Units of h_t: proj_size for a projected LSTM, else hidden_size."""
+    return getattr(layer, "proj_size", 0) or layer.hidden_size
 
 
 def _check_input(layer, x_t) -> tuple[Tensor, bool]:
@@ -226,10 +237,11 @@ class Stream:
     def _alloc(self, like: Tensor, keep: tuple | None) -> None:
         """State buffers in like's dtype and device; keep: the old buffers' values, moved along."""
         L, I, H, B = self.layer.num_layers, self.layer.input_size, self.layer.hidden_size, self.batch_size
+        P = h_size(self.layer)                                                 # units of h (P < H: projected)
         with torch.inference_mode():
-            self._buf = like.new_zeros(B, I + L * H)                           # [x | h_1 | ... | h_L]
+            self._buf = like.new_zeros(B, I + L * P)                           # [x | h_1 | ... | h_L]
             self._x = self._buf[:, :I]
-            self._h = [self._buf[:, I + k * H:I + (k + 1) * H] for k in range(L)]   # (B, H) views
+            self._h = [self._buf[:, I + k * P:I + (k + 1) * P] for k in range(L)]   # (B, P) views
             self._rest = [like.new_zeros(L, B, H) for _ in range(self.layer._cell.num_states - 1)]
             if keep is not None:
                 self._buf.copy_(keep[0])
@@ -325,11 +337,11 @@ class Stream:
         if like.dtype != self._buf.dtype or like.device != self._buf.device:  # layer.to(...) since
             self._alloc(like, (self._buf, *self._rest))
         make = KERNELS.get(self._fast, GenericKernel)
-        I, H = self.layer.input_size, self.layer.hidden_size
+        I, P = self.layer.input_size, h_size(self.layer)
         self._kernels = []
         for k, sub in enumerate(subs):
-            lo = 0 if k == 0 else I + (k - 1) * H
-            window = self._buf[:, lo:I + (k + 1) * H]                          # (B, I_k + H) [x_k | h_k]
+            lo = 0 if k == 0 else I + (k - 1) * P
+            window = self._buf[:, lo:I + (k + 1) * P]                          # (B, I_k + P) [x_k | h_k]
             self._kernels.append(make(sub, window, self._h[k], [r[k] for r in self._rest]))
         self._key = key
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cells import ElmanCell, GRUCell, LSTMCell
+from .cells import ElmanCell, GRUCell, LSTMCell, ProjectedLSTMCell
 from .layers import _Recurrent
 
 
@@ -16,11 +16,12 @@ def fast_kind(layer) -> str | None:
     """Which hand-fused kernel fits: only torch.nn's exact cells with no extras."""
     if not isinstance(layer, _Recurrent) or layer.layer_norm or any(layer.zoneout):
         return None
-    return {LSTMCell: "lstm", GRUCell: "gru", ElmanCell: "rnn"}.get(type(layer._cell))
+    return {LSTMCell: "lstm", ProjectedLSTMCell: "lstm", GRUCell: "gru", ElmanCell: "rnn"}.get(type(layer._cell))
 
 
 def _stacked(sub, rows: list[tuple[Tensor | None, Tensor | None]], bias: list[Tensor]):
-    """[V U] row blocks -> (I_k + H, N) transposed weight and (N,) bias; None blocks are zeros."""
+    """[V U] row blocks -> (I_k + H, N) transposed weight and (N,) bias; None blocks are zeros (H: h's
+    units, P for a projected LSTM)."""
     I, H = sub.V.shape[1], sub.U.shape[1]
     blocks = []
     for v, u in rows:
@@ -36,10 +37,11 @@ def _bias(b: Tensor | None, n: int, like: Tensor) -> Tensor:
 
 
 class LSTMKernel:
-    """One addmm into (i, f, o, g); sigmoid_ on i, f, o; tanh_ on g; c = f c + i g; h = o tanh(c)."""
+    """One addmm into (i, f, o, g); sigmoid_ on i, f, o; tanh_ on g; c = f c + i g; h = o tanh(c);
+    projected (sub.W_hr, (P, H)): m = o tanh(c), h = m W_hr^T (one mm into a buffer, copied into h)."""
 
     def __init__(self, sub, window, h, rest):
-        H = sub.U.shape[1]
+        H = sub.U.shape[0] // 4
         V, U = sub.V.chunk(4, 0), sub.U.chunk(4, 0)                           # i, f, g, o blocks
         b = (_bias(sub.b_ih, 4 * H, sub.V) + _bias(sub.b_hh, 4 * H, sub.V)).chunk(4)
         order = (0, 1, 3, 2)
@@ -49,6 +51,9 @@ class LSTMKernel:
         self.sig, self.tanh = self.P[:, :3 * H], self.P[:, 3 * H:]
         self.i, self.f, self.o = self.P[:, :H], self.P[:, H:2 * H], self.P[:, 2 * H:3 * H]
         self.tc = window.new_empty(window.shape[0], H)
+        self.W_hr = None if sub.W_hr is None else sub.W_hr.t().contiguous()   # (H, P)
+        self.m = self.tc if self.W_hr is None else window.new_empty(window.shape[0], H)
+        self.hp = None if self.W_hr is None else window.new_empty(h.shape)
 
     def __call__(self):
         torch.addmm(self.b, self.window, self.W, out=self.P)
@@ -56,7 +61,11 @@ class LSTMKernel:
         self.tanh.tanh_()
         self.c.mul_(self.f).addcmul_(self.i, self.tanh)
         torch.tanh(self.c, out=self.tc)
-        torch.mul(self.o, self.tc, out=self.h)
+        if self.W_hr is None:
+            torch.mul(self.o, self.tc, out=self.h)
+        else:
+            torch.mm(torch.mul(self.o, self.tc, out=self.m), self.W_hr, out=self.hp)
+            self.h.copy_(self.hp)
 
 
 class GRUKernel:

@@ -88,7 +88,7 @@ BUILD_CASES = {
                             r"recurrent_dropout must be in \[0, 1\), got 1.0"),
     "recurrent_dropout negative": (lambda: lstm(recurrent_dropout=-0.2), ValueError,
                                    r"recurrent_dropout must be in \[0, 1\), got -0.2"),
-    "proj_size": (lambda: lstm(proj_size=3), ValueError, r"LSTM: proj_size=3 is not supported.*use proj_size=0"),
+    "proj_size": (lambda: lstm(proj_size=5), ValueError, r"proj_size has to be smaller than hidden_size"),
     "backend": (lambda: gru(backend="cuda"), ValueError, r"backend must be one of \('auto', 'engine', 'native'\), got 'cuda'"),
 }
 
@@ -115,9 +115,9 @@ def test_native_backend_refuses_what_needs_the_engine(what):
 
 # -- gaps found while writing these tests, now fixed: each guards against coming back ---------------
 
-def test_proj_size_message_shows_value():
-    with pytest.raises(ValueError, match=r"proj_size=3 is not supported"):
-        lstm(proj_size=3)
+def test_proj_size_builds_a_projected_lstm():            # it was refused before rk.LSTM took proj_size
+    out, (h, c) = lstm(proj_size=3)(X)
+    assert out.shape[-1] == 3 and h.shape[-1] == 3 and c.shape[-1] == 5
 
 
 def test_lstm_hx_not_iterable_names_hx():

@@ -307,7 +307,7 @@ def test_reset_takes_an_unbatched_state_and_batch_size_any_int():
     assert (s(x) - y).abs().max() < 1e-6
     with pytest.raises(ValueError, match=r"must have shape \(2, 4\) \(num_layers, hidden_size\)"):
         step(layer, x, (h[:1], c))
-    with pytest.raises(TypeError, match="no projected LSTM"):
+    with pytest.raises(TypeError, match="rk.LSTM takes proj_size=2 too"):
         Stream(nn.LSTM(3, 4, proj_size=2))
 
 

@@ -178,8 +178,8 @@ def release_pool() -> int:
 # -- which scans it runs -----------------------------------------------------------------------------
 
 def _cell_code(cell) -> tuple[int, bool] | None:
-    """(CellKind code, layer norm) for the built-in cells (exact types: a subclass may change the
-    math), None for anything else."""
+    """(CellKind code, layer norm) for the built-in cells (exact types: a subclass may change the math,
+    as ProjectedLSTMCell, proj_size > 0, does), None for anything else: the pure-torch path runs it."""
     ln = type(cell) is LayerNormCell
     inner = cell.inner if ln else cell
     if type(inner) is ElmanCell:

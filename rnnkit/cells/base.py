@@ -18,6 +18,7 @@ A cell is an object with
                                  per step, b_hh folded into the hoisted input), and d_xi == d_gh.
     step(xi, gh, state, params) -> (new_state, saved)
         xi, gh: (B, G*H); state: tuple of (B, H); params: tuple of extra tensors (usually ()).
+        (A projected LSTM's state is (h (B, P), c (B, H)) and its params (W_hr,): parts may differ.)
     step_backward(d_state, saved, params) -> (d_xi, d_gh, d_state_prev, d_params)      [optional]
         d_state: gradient w.r.t. new_state (tuple); returns gradients w.r.t. xi, gh, the direct
         part of the gradient w.r.t. the previous state (None entries mean zero; the part through gh
@@ -73,18 +74,21 @@ def saves_inputs(cell) -> bool:
 
 def check_step(cell, result, state: State) -> None:
     """Refuse, saying what the protocol wants, a `step` result that is not (new_state, saved) with
-    new_state a tuple of num_states tensors shaped as the state (the first step of each scan and every
+    new_state a tuple of num_states tensors shaped as the state's parts (the first step of each scan and every
     stream step check it; a wrong one would otherwise fail deep in the loop, or go through unnoticed).
     Not while torch.jit.trace records (shapes are traced values there)."""
     if torch.jit.is_tracing():
         return
-    problem = _step_problem(result, len(state), state[0].shape)
+    problem = _step_problem(result, len(state), [s.shape for s in state])
     if problem:
+        shapes = {tuple(s.shape) for s in state}
+        shape = (f"shape {tuple(state[0].shape)}" if len(shapes) == 1 else
+                 "the shapes of the state's parts " + ", ".join(str(tuple(s.shape)) for s in state))
         raise TypeError(f"{type(cell).__name__}.step must return (new_state, saved), new_state a tuple of "
-                        f"num_states = {len(state)} tensors of shape {tuple(state[0].shape)}; {problem}")
+                        f"num_states = {len(state)} tensors of {shape}; {problem}")
 
 
-def _step_problem(result, n: int, shape) -> str | None:
+def _step_problem(result, n: int, shapes) -> str | None:
     if not isinstance(result, (tuple, list)) or len(result) != 2:
         return f"it returned {_described(result)}"
     new = result[0]
@@ -92,7 +96,7 @@ def _step_problem(result, n: int, shape) -> str | None:
         return f"its new_state is {_described(new)} (wrap one state as (h,))"
     if len(new) != n:
         return f"its new_state holds {len(new)}"
-    for j, s_new in enumerate(new):
+    for j, (s_new, shape) in enumerate(zip(new, shapes)):
         if not isinstance(s_new, Tensor) or s_new.shape != shape:
             return f"its new_state[{j}] is {_described(s_new)}"
     return None
