@@ -2,7 +2,7 @@
 
 Each task is a module here exposing `add_parser(subparsers)` (which must `set_defaults(run=...)`);
 `main` wires up the ones present. Bad input (`UserError`, `ValueError`) exits 2 with its message; a training failure
-exits 1; Ctrl-C during training exits 130 after the trainer's message (where the checkpoint is, how to resume).
+exits 1; Ctrl-C during training exits 130 (SIGTERM: 143) after the trainer's message (where the checkpoint is, how to resume).
 """
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except TrainingInterrupted as e:                       # a checkpoint was written; e says how to resume
         print(f"rnnkit {args.command}: {e}", file=sys.stderr)
-        return 130
+        return 128 + e.signum                              # 130 after Ctrl-C, 143 after SIGTERM
     except KeyboardInterrupt:
         print(f"rnnkit {args.command}: interrupted", file=sys.stderr)
         return 130

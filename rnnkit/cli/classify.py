@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..tasks.classify import (DATASETS, ClassifyConfig, load_model, load_texts, predict, run_classify,
                               write_outputs)
-from .common import (add_common_flags, add_task, add_train_flags, config_from, finite_float, positive_float,
+from .common import (add_common_flags, add_task, add_train_flags, config_from, epochs_summary, finite_float, positive_float,
                      positive_int, train_config)
 
 TRAIN_EXAMPLES = """\
@@ -91,13 +91,11 @@ def run_train(args: argparse.Namespace) -> int:
     for label, m in ((name, r.metrics), ("bow_logistic", r.baselines["bow_logistic"]),
                      ("majority", r.baselines["majority"])):
         print(f"{label:<16}{100 * m['accuracy']:>12.2f}{m['macro_f1']:>10.3f}")
-    stop = ", stopped at the time limit" if r.stopped_by_time else (", early stop" if r.fit.best_epoch and
-                                                                     r.fit.best_epoch < r.fit.epochs_run else "")
     print(f"classify: {name} on {source} ({r.sizes['train']}+{r.sizes['val']} train/val, {r.sizes['test']} test, "
           f"{len(r.classes)} classes): accuracy {100 * r.metrics['accuracy']:.2f}%, macro F1 "
           f"{r.metrics['macro_f1']:.3f} (bag-of-words {100 * r.baselines['bow_logistic']['accuracy']:.2f}%, majority "
-          f"{100 * r.baselines['majority']['accuracy']:.2f}%); best epoch {r.fit.best_epoch} of {r.fit.epochs_run}"
-          f"{stop}, {r.seconds:.1f}s -> {args.out}")
+          f"{100 * r.baselines['majority']['accuracy']:.2f}%); {epochs_summary(r.fit, train.patience, r.stopped_by_time)}, "
+          f"{r.seconds:.1f}s -> {args.out}")
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..tasks import BACKENDS, SCHEDULES, TrainConfig
+from ..tasks import BACKENDS, MODES, SCHEDULES, TrainConfig
 from ..tasks.memory import CELLS
 
 
@@ -27,6 +27,13 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
+
+
+def folder_name(text: str) -> str:
+    """A --out value: not empty (an empty one wrote into the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty; give an output folder, e.g. --out runs/mine")
+    return text
 
 
 def positive_int_or_none(text: str) -> int | None:
@@ -87,7 +94,7 @@ def add_common_flags(parser: argparse.ArgumentParser, *, epochs: int, hidden_siz
                    help=f"stacked recurrent layers (default {num_layers})")
     g.add_argument("--clip-norm", type=positive_float, default=clip_norm,
                    help="clip the gradient to this global L2 norm" + (f" (default {clip_norm})" if clip_norm else ""))
-    g.add_argument("--out", default=out, metavar="DIR", help=f"output directory (default {out})")
+    g.add_argument("--out", type=folder_name, default=out, metavar="DIR", help=f"output directory (default {out})")
 
 
 def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: int,
@@ -107,6 +114,9 @@ def add_train_flags(parser: argparse.ArgumentParser, *, lr: float, batch_size: i
                         "validation; default %(default)s; --patience none: off)")
     # %(default)s: a task's set_defaults (seq2seq watches val_exact_match) shows in its own --help
     g.add_argument("--monitor", default="val_loss", help="metric early stopping watches (default %(default)s)")
+    g.add_argument("--mode", choices=MODES, default=None,
+                   help="whether a lower (min) or higher (max) --monitor is better (default: from its name: "
+                        "min for losses and errors, max for accuracy, F1 and exact match)")
     g.add_argument("--checkpoint-every", type=nonnegative_int, default=10,
                    help="write a checkpoint every N epochs; 0: only at the end (default 10)")
     g.add_argument("--threads", type=positive_int, default=threads,
@@ -145,6 +155,20 @@ def train_config(args: argparse.Namespace, **fixed) -> TrainConfig:
     if values.get("progress") is None:
         values["progress"] = sys.stderr.isatty()
     return TrainConfig(**{**values, **fixed})
+
+
+def epochs_summary(fit, patience: int | None, stopped_by_time: bool = False) -> str:
+    """How a run's training ended and whose weights the model holds, for a command's summary line:
+    with early stopping on (`patience`), the best epoch's weights are restored whether or not the run
+    stopped early; with it off, the model is the last epoch's."""
+    text = f"{fit.epochs_run} epoch{'s' if fit.epochs_run != 1 else ''}"
+    if fit.stopped_early:
+        text = f"stopped early after {text}"
+    elif stopped_by_time:
+        text += ", stopped at the time limit"
+    if patience is not None and fit.best_epoch is not None and fit.best_epoch != fit.epochs_run:
+        text += f" (best weights from epoch {fit.best_epoch})"
+    return text
 
 
 def progress_bar(iterable=None, *, total: int | None = None, desc: str = "", enabled: bool | None = None):

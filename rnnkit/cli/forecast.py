@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..tasks.forecast import LOG, SCALES, STRATEGIES, ForecastConfig, load_series, run_forecast, write_outputs
-from .common import (add_common_flags, add_train_flags, config_from, finite_float, nonnegative_int, positive_int,
+from .common import (add_common_flags, add_train_flags, config_from, epochs_summary, finite_float, nonnegative_int, positive_int,
                      train_config)
 
 EXAMPLES = """\
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_forecast(series, cfg, train, resume=args.resume)
     write_outputs(result, args.out)
     print(table(result))
-    print(summary(result, args.out))
+    print(summary(result, args.out, train.patience))
     return 0
 
 
@@ -89,17 +89,12 @@ def table(result) -> str:
     return "\n".join(rows)
 
 
-def summary(result, out) -> str:
+def summary(result, out, patience: int | None) -> str:
     m, s, cfg = result.metrics, result.series, result.config
     held = f"{len(result.folds)} fold(s) x {cfg.horizon} steps held out (from {s.label(result.folds[0].origin)})"
     base = f"seasonal naive {m['seasonal_naive']['mape']:.2f}%"
     if "sarima" in m:
         base += f", SARIMA {m['sarima']['mape']:.2f}%"
     return (f"forecast: {cfg.cell.upper()} {cfg.strategy} on {s.name!r} ({len(s)} values, season {result.season}), "
-            f"{held}: MAPE {m['model']['mape']:.2f}% ({base}); {_epochs(result.fit)}, {result.seconds:.1f}s -> {out}")
-
-
-def _epochs(fit) -> str:
-    if fit.stopped_early:
-        return f"stopped early after {fit.epochs_run} epochs (best weights from epoch {fit.best_epoch})"
-    return f"{fit.epochs_run} epochs"
+            f"{held}: MAPE {m['model']['mape']:.2f}% ({base}); {epochs_summary(result.fit, patience)}, "
+            f"{result.seconds:.1f}s -> {out}")

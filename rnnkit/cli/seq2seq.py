@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from ..tasks.seq2seq import Seq2SeqTaskConfig, load_model, run_seq2seq, translate, write_outputs
-from .common import (add_common_flags, add_task, add_train_flags, config_from, finite_float, positive_float,
+from ..tasks.seq2seq import Seq2SeqTaskConfig, load_model, output_caveats, run_seq2seq, translate, write_outputs
+from .common import (add_common_flags, add_task, add_train_flags, config_from, epochs_summary, finite_float, positive_float,
                      positive_int, train_config)
 
 TRAIN_EXAMPLES = """\
@@ -16,7 +17,9 @@ examples:
   rnnkit seq2seq train --task dates --epochs 8 --out runs/dates
       dates written 17 human ways ("the 5th of March, 2021", "Fri, 5 Mar 2021", "20210305")
       -> ISO 8601 "2021-03-05"
-  rnnkit seq2seq predict --model runs/dates/model "March 5, 2021" "2021/3/5"
+  rnnkit seq2seq predict --model runs/dates/model "March 5, 2021" "2021/03/05"
+      (the 17 formats are listed in rnnkit/data/seq2seq.py; others, such as "2021/3/5", are outside
+      what the model learned: a dates model's output that is no valid date is flagged on stderr)
 
 writes to --out: metrics.json (exact_match and token_accuracy on the test split; the same for the
 validation split under "val"), model/ (checkpoint + metrics.csv per epoch). The best epoch by
@@ -26,7 +29,8 @@ validation exact match is kept. Ctrl-C or --time-limit saves a checkpoint; --res
 PREDICT_EXAMPLES = """\
 example:
   rnnkit seq2seq predict --model runs/seq2seq/model abcdefg jjiihhg
-      prints one line per text: the text, a tab, the model's output
+      prints one line per text: the text, a tab, the model's output; on stderr, a warning for a text
+      longer than any training source and, for a dates model, for an output that is no valid date
 """
 
 D = Seq2SeqTaskConfig()
@@ -59,7 +63,7 @@ def _add_train(sub) -> None:
                    help="stop training cleanly after this many seconds (checkpoint kept)")
     add_common_flags(p, epochs=10, hidden_size=D.hidden_size, out="runs/seq2seq", clip_norm=1.0)
     add_train_flags(p, lr=3e-3, batch_size=64, schedule="cosine", threads=1)   # small models: one thread is fastest
-    p.set_defaults(run=run_train, patience=5, monitor="val_exact_match", mode="max")
+    p.set_defaults(run=run_train, patience=5, monitor="val_exact_match")
 
 
 def _add_predict(sub) -> None:
@@ -78,10 +82,10 @@ def run_train(args: argparse.Namespace) -> int:
         mark = "ok" if ex["prediction"] == ex["target"] else "WRONG"
         print(f"  {ex['source']!r} -> {ex['prediction']!r} ({mark})")
     m, f = result.metrics, result.fit
-    stop = ", stopped at the time limit" if result.stopped_by_time else ""
     print(f"seq2seq {cfg.task}: {cfg.cell.upper()} {cfg.hidden_size}{' + attention' if cfg.attention else ''}, "
           f"test exact match {100 * m['exact_match']:.2f}%, token accuracy {100 * m['token_accuracy']:.2f}% "
-          f"on {result.sizes['test']} unseen pairs; {f.epochs_run} epochs ({len(f.history.loss)} steps{stop}), "
+          f"on {result.sizes['test']} unseen pairs; {epochs_summary(f, train.patience, result.stopped_by_time)} "
+          f"({len(f.history.loss)} steps), "
           f"{result.seconds:.1f}s -> {args.out}")
     return 0
 
@@ -90,4 +94,6 @@ def run_predict(args: argparse.Namespace) -> int:
     model, vocab, meta = load_model(args.model)
     for text, out in zip(args.texts, translate(model, vocab, args.texts, meta["max_len"])):
         print(f"{text}\t{out}")
+        for caveat in output_caveats(meta, text, out):
+            print(f"rnnkit seq2seq: warning: {text!r} -> {out!r}: {caveat}", file=sys.stderr)
     return 0

@@ -23,8 +23,8 @@ examples:
 
 writes to --out: metrics.json (loss in nats per token, perplexity, bits per token on the held-out
 10%; at level char a token is a character, so bits_per_character too), model/ (checkpoint with the
-vocabulary and configuration + metrics.csv). Ctrl-C or --time-limit saves a checkpoint; --resume
-continues it.
+vocabulary and configuration + metrics.csv, a row per finished epoch). Ctrl-C or --time-limit saves
+a checkpoint of the last step; --resume continues it.
 """
 
 SAMPLE_EXAMPLES = """\

@@ -95,16 +95,22 @@ def bundled_reviews() -> LabelledTexts:
         return read_labelled_csv(p)
 
 
-def stratified_split(labels: Sequence[str], test_fraction: float, seed: int = 0,
-                     after: str = "") -> tuple[list[int], list[int]]:
+def stratified_split(labels: Sequence[str], test_fraction: float, seed: int = 0, after: str = "",
+                     groups: Sequence | None = None) -> tuple[list[int], list[int]]:
     """(train, test) indices, each class split in the same proportion: round(n_c * test_fraction)
     examples of a class of n_c go to test, at least one, and at least one stays in train. `after`:
-    for the message when a class is too small, what took examples away before (an earlier split)."""
+    for the message when a class is too small, what took examples away before (an earlier split).
+    `groups`: a key per row; rows with the same key go to the same side (a text that appears twice
+    must not be both trained on and tested on), counted as one example of its first row's class."""
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"test fraction must be in (0, 1), got {test_fraction}")
+    units: dict = {}                                       # group -> its rows, in order of first appearance
+    for i, g in enumerate(range(len(labels)) if groups is None else groups):
+        units.setdefault(g, []).append(i)
+    rows = list(units.values())
     by_class: dict[str, list[int]] = defaultdict(list)
-    for i, y in enumerate(labels):
-        by_class[y].append(i)
+    for u, members in enumerate(rows):
+        by_class[labels[members[0]]].append(u)
     rng, train, test = random.Random(seed), [], []
     for y in sorted(by_class):
         idx = by_class[y]
@@ -114,9 +120,14 @@ def stratified_split(labels: Sequence[str], test_fraction: float, seed: int = 0,
                                "or lower the earlier split's fraction" if after else ""))
         rng.shuffle(idx)
         k = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1)
-        test += idx[:k]
-        train += idx[k:]
+        test += [i for u in idx[:k] for i in rows[u]]
+        train += [i for u in idx[k:] for i in rows[u]]
     return sorted(train), sorted(test)
+
+
+def text_key(text: str) -> str:
+    """What makes two texts the same for splitting: case and runs of white space ignored."""
+    return " ".join(text.casefold().split())
 
 
 def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, max_len: int | None = None) -> tuple[Tensor, Tensor]:

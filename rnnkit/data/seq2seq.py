@@ -19,6 +19,7 @@ trained to emit `tgt_out` = y_1 .. y_n <eos>, the target shifted by one step.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -123,9 +124,25 @@ def make_splits(task: str, sizes: Sequence[int], seed: int = 0) -> list[list[Pai
     return [pool[a:b] for a, b in zip(cuts, cuts[1:])]
 
 
-def build_vocab(pairs: Sequence[Pair]) -> Vocabulary:
-    """One character vocabulary for both sides, with <pad>, <unk>, <bos>, <eos>."""
-    return Vocabulary.build((s + t for s, t in pairs), specials=SEQ2SEQ_SPECIALS)
+@functools.cache
+def task_alphabet(task: str) -> str:
+    """Every character a task's generator can write, on either side, sorted."""
+    if task == "reverse":
+        return REVERSE_ALPHABET
+    if task == "dates":                       # a leap year: every month, weekday, day number and digit
+        days = [dt.date(2000, 1, 1) + dt.timedelta(days=k) for k in range(366)]
+        return "".join(sorted({c for x in days for style in range(len(DATE_FORMATS))
+                               for c in format_date(x, style) + x.isoformat()}))
+    raise UserError(f"unknown seq2seq task {task!r}; choose one of {', '.join(TASKS)}")
+
+
+def build_vocab(pairs: Sequence[Pair], alphabet: str = "") -> Vocabulary:
+    """One character vocabulary for both sides, with <pad>, <unk>, <bos>, <eos>: the pairs' characters,
+    most frequent first, then any character of `alphabet` (the task's, `task_alphabet`) they lack: a
+    small training set can miss a letter (no 'B' in 200 dates) that validation and test pairs have."""
+    vocab = Vocabulary.build((s + t for s, t in pairs), specials=SEQ2SEQ_SPECIALS)
+    missing = sorted(set(alphabet) - set(vocab.tokens))
+    return Vocabulary(vocab.tokens + tuple(missing), vocab.specials) if missing else vocab
 
 
 @dataclass(frozen=True)

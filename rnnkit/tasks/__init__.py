@@ -4,6 +4,13 @@ Tasks are the glue from data to model to trainer to report; the CLI reaches trai
 the names re-exported here.
 """
 from ..layers import backend_scope
-from ..train import BACKENDS, SCHEDULES, TrainConfig, TrainingError, TrainingInterrupted
+from ..train import (
+    BACKENDS,
+    MODES,
+    SCHEDULES,
+    TrainConfig,
+    TrainingError,
+    TrainingInterrupted,
+)
 
-__all__ = ["TrainConfig", "TrainingError", "TrainingInterrupted", "SCHEDULES", "BACKENDS", "backend_scope"]
+__all__ = ["TrainConfig", "TrainingError", "TrainingInterrupted", "SCHEDULES", "MODES", "BACKENDS", "backend_scope"]

@@ -24,14 +24,14 @@ import torch
 import torch.nn.functional as F
 
 from ..data.classify import (CsvColumns, LabelledTexts, bundled_reviews, check_labelled, pad_batch,
-                             read_labelled_csv, stratified_split)
+                             read_labelled_csv, stratified_split, text_key)
 from ..data.registry import load as registry_load
 from ..data.text import Vocabulary, require_words, word_tokens
 from ..errors import (UserError, check_at_least_one, check_choice, check_dropout, check_fraction,
                       check_time_limit)
 from ..models.classifier import POOLINGS, ClassifierConfig, SequenceClassifier
 from ..models.language import CELLS
-from ..train import FitResult, TensorBatches, TrainConfig, Trainer, load_weights, seed_everything
+from ..train import FitResult, TensorBatches, TrainConfig, Trainer, load_weights_into, seed_everything
 from .text_metrics import Deadline, classification_scores, fit_within, model_dir, read_meta, write_json
 
 DATASETS = ("rotten_tomatoes",)
@@ -117,10 +117,12 @@ def run_classify(data: LabelledTexts, cfg: ClassifyConfig, train: TrainConfig, s
                  resume: bool = False) -> ClassifyResult:
     t0 = time.perf_counter()
     classes = data.classes
-    fit_idx, test_idx = stratified_split(data.labels, cfg.test_fraction, cfg.data_seed)
+    keys = [text_key(t) for t in data.texts]              # a repeated text stays on one side of each split
+    fit_idx, test_idx = stratified_split(data.labels, cfg.test_fraction, cfg.data_seed, groups=keys)
     fit_part, test = data.subset(fit_idx), data.subset(test_idx)
     tr_idx, val_idx = stratified_split(fit_part.labels, cfg.val_fraction, cfg.data_seed,
-                                       f" left for training and validation after --test-fraction {cfg.test_fraction}")
+                                       f" left for training and validation after --test-fraction {cfg.test_fraction}",
+                                       groups=[keys[i] for i in fit_idx])
     tr, val = fit_part.subset(tr_idx), fit_part.subset(val_idx)
     vocab = Vocabulary.build((tokens_of(t, cfg.lower) for t in tr.texts), min_freq=cfg.min_freq)
     require_words(vocab, cfg.min_freq, "the training texts")
@@ -136,7 +138,8 @@ def run_classify(data: LabelledTexts, cfg: ClassifyConfig, train: TrainConfig, s
     metrics = _evaluate(trainer.model.cpu().eval(), X["test"], len(classes))
     metrics.pop("loss")
     return ClassifyResult(cfg, train, classes, metrics, _baselines(X, len(classes)),
-                          {"train": len(tr.labels), "val": len(val.labels), "test": len(test.labels), "vocab": len(vocab)},
+                          {"train": len(tr.labels), "val": len(val.labels), "test": len(test.labels), "vocab": len(vocab),
+                           "repeated_texts": len(keys) - len(set(keys))},
                           fit, timed_out, source, time.perf_counter() - t0)
 
 
@@ -228,7 +231,7 @@ def load_model(directory) -> tuple[SequenceClassifier, Vocabulary, dict]:
     """The classifier a `rnnkit classify train` run saved in DIR (its model/ folder), its vocabulary, meta."""
     meta = read_meta(directory, "classify")
     model = SequenceClassifier(ClassifierConfig(**meta["classifier"]))
-    model.load_state_dict(load_weights(model_dir(directory)))
+    load_weights_into(model, model_dir(directory))
     return model.eval(), Vocabulary.from_dict(meta["vocab"]), meta
 
 

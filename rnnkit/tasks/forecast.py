@@ -24,7 +24,7 @@ from ..data.scaling import SCALES
 from ..errors import UserError, check_at_least_one, check_choice, check_dropout
 from ..metrics import forecast_metrics
 from ..models import Forecaster, ForecasterConfig
-from ..train import (FitResult, TensorBatches, TrainConfig, Trainer, TrainingInterrupted, atomic_write, load_weights,
+from ..train import (FitResult, TensorBatches, TrainConfig, Trainer, TrainingInterrupted, atomic_write, load_weights_into,
                      read_manifest, seed_everything)
 from . import baselines
 from .forecast_plot import plot_forecast
@@ -116,7 +116,7 @@ def run_forecast(series: Series, cfg: ForecastConfig, train: TrainConfig, resume
                 raise
             raise TrainingInterrupted(f"interrupted in back-test fold {k + 1} of {len(origins)}; only the last "
                                       "fold's training is checkpointed, so nothing was saved: run the command "
-                                      "again") from e
+                                      "again", e.signum) from e
         truth = x[origin:origin + cfg.horizon]
         folds.append(_evaluate_fold(x[:origin], truth, origin, predict(model, transform, x[:origin], cfg), cfg, season))
         last = (model, transform, fit)
@@ -221,7 +221,7 @@ def load_model(directory) -> tuple[Forecaster, SeriesTransform, ForecastConfig]:
     if meta.get("task") != "forecast":
         raise UserError(f"{directory} holds no forecasting model (task {meta.get('task')!r})")
     model = Forecaster(ForecasterConfig(**meta["forecaster"]))
-    model.load_state_dict(load_weights(directory))
+    load_weights_into(model, directory)
     return model.eval(), SeriesTransform.from_json(meta["transform"]), ForecastConfig(**meta["forecast"])
 
 

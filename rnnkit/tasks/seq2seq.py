@@ -3,7 +3,7 @@
     result = run_seq2seq(Seq2SeqTaskConfig(task="dates"), TrainConfig(epochs=10, out="out/model"))
     write_outputs(result, "out")                               # metrics.json
     model, vocab, meta = load_model("out/model")
-    predict(model, vocab, ["March 5, 2021"], meta["max_len"])  # ['2021-03-05']
+    translate(model, vocab, ["March 5, 2021"], meta["max_len"])  # ['2021-03-05']
 
 Training is teacher forcing: the decoder reads <bos> y_1 .. y_n and learns to emit y_1 .. y_n <eos>
 (the target shifted by one step). Validation and test decode greedily, feeding back the model's own
@@ -13,6 +13,7 @@ with `data_seed`, so every training seed is scored on the same test set.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,12 +22,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..data.seq2seq import TASKS, Pair, Seq2SeqBatch, build_vocab, collate, make_splits
+from ..data.seq2seq import TASKS, Pair, Seq2SeqBatch, build_vocab, collate, make_splits, task_alphabet
 from ..data.text import Vocabulary
 from ..errors import UserError, check_at_least_one, check_choice, check_dropout, check_time_limit
 from ..models.language import CELLS
 from ..models.seq2seq import Seq2Seq, Seq2SeqConfig
-from ..train import FitResult, TensorBatches, TrainConfig, Trainer, load_weights, seed_everything
+from ..train import FitResult, TensorBatches, TrainConfig, Trainer, load_weights_into, seed_everything
 from .text_metrics import Deadline, fit_within, model_dir, read_meta, sequence_scores, write_json
 
 EVAL_BATCH = 512
@@ -74,13 +75,13 @@ def run_seq2seq(cfg: Seq2SeqTaskConfig, train: TrainConfig, resume: bool = False
     t0 = time.perf_counter()
     train_pairs, val_pairs, test_pairs = make_splits(cfg.task, (cfg.train_size, cfg.val_size, cfg.test_size),
                                                      seed=cfg.data_seed)
-    vocab = build_vocab(train_pairs)
+    vocab = build_vocab(train_pairs, task_alphabet(cfg.task))
     max_len = max(len(t) for _, t in train_pairs) + 2
     seed_everything(train.seed)
     model = Seq2Seq(model_config(cfg, vocab))
     meta = {"task": "seq2seq", "seq2seq": dataclasses.asdict(model.config), "vocab": vocab.to_dict(),
             "task_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "time_limit"},
-            "max_len": max_len}
+            "max_len": max_len, "max_source_len": max(len(s) for s, _ in train_pairs)}
     deadline = Deadline(cfg.time_limit)
     evaluate = lambda m: {f"val_{k}": v for k, v in score(m, vocab, val_pairs, max_len).items()}
     trainer = Trainer(model, train, deadline.wrap(_loss), evaluate, meta)
@@ -146,11 +147,27 @@ def translate(model: Seq2Seq, vocab: Vocabulary, texts: Sequence[str], max_len: 
     return out
 
 
+def output_caveats(meta: dict, text: str, output: str) -> list[str]:
+    """What a prediction's reader should know: the source is longer than any the model trained on (a
+    model from before this was recorded is not checked), or a dates model's output is no valid date."""
+    caveats, longest = [], meta.get("max_source_len")
+    if longest is not None and len(text.strip()) > longest:
+        caveats.append(f"the text has {len(text.strip())} characters, more than any training source ({longest}): "
+                       "outside what the model learned")
+    if meta.get("task_config", {}).get("task") == "dates":
+        try:
+            datetime.date.fromisoformat(output)
+        except ValueError:
+            caveats.append("not a valid date, so wrong (the formats the model learned are listed in "
+                           "rnnkit/data/seq2seq.py)")
+    return caveats
+
+
 def load_model(directory) -> tuple[Seq2Seq, Vocabulary, dict]:
     """The model a `rnnkit seq2seq train` run saved in DIR (its model/ folder), its vocabulary and meta."""
     meta = read_meta(directory, "seq2seq")
     model = Seq2Seq(Seq2SeqConfig(**meta["seq2seq"]))
-    model.load_state_dict(load_weights(model_dir(directory)))
+    load_weights_into(model, model_dir(directory))
     return model.eval(), Vocabulary.from_dict(meta["vocab"]), meta
 
 

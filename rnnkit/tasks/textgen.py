@@ -38,7 +38,7 @@ from ..data.text import (LEVELS, TokenStream, Vocabulary, bundled_text, detokeni
 from ..errors import (UserError, check_at_least_one, check_choice, check_dropout, check_fraction,
                       check_time_limit)
 from ..models.language import CELLS, LanguageModel, LanguageModelConfig
-from ..train import FitResult, TrainConfig, Trainer, load_weights, seed_everything
+from ..train import FitResult, TrainConfig, Trainer, load_weights_into, seed_everything
 from .text_metrics import Deadline, fit_within, lm_scores, model_dir, read_meta, write_json
 
 DATASETS = ("shakespeare",)
@@ -193,7 +193,7 @@ def load_model(directory) -> tuple[LanguageModel, Vocabulary, dict]:
     """The model a `rnnkit textgen train` run saved in DIR (its model/ folder), its vocabulary and meta."""
     meta = read_meta(directory, "textgen")
     model = LanguageModel(LanguageModelConfig(**meta["language_model"]))
-    model.load_state_dict(load_weights(model_dir(directory)))
+    load_weights_into(model, model_dir(directory))
     return model.eval(), Vocabulary.from_dict(meta["vocab"]), meta
 
 

@@ -119,6 +119,19 @@ def load_weights(directory) -> dict[str, torch.Tensor]:
     return _decode(Path(directory) / manifest["weights"], st_load)
 
 
+def load_weights_into(model: torch.nn.Module, directory) -> torch.nn.Module:
+    """`model.load_state_dict` of the current checkpoint in `directory`; weights that do not fit the model
+    its manifest describes (files from another run copied in) are a UserError, not torch's traceback."""
+    try:
+        model.load_state_dict(load_weights(directory))
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise UserError(f"the weights in {directory} do not fit the model its checkpoint.json describes "
+                        f"({' '.join(line.strip() for line in first[:3])}); the folder mixes files of "
+                        "different runs: train again, or restore the folder") from None
+    return model
+
+
 def load_checkpoint(directory) -> Checkpoint:
     directory = Path(directory)
     manifest = read_manifest(directory)

@@ -17,6 +17,12 @@ from ..layers import AUTO_CHOICES
 
 SCHEDULES = ("none", "cosine", "step", "plateau")
 MODES = ("min", "max")
+# Whether a lower or a higher value of a metric is better, by its name without the val_/train_ prefix:
+# what `mode=None` (the default) reads. A name in neither set needs mode given.
+HIGHER_IS_BETTER = frozenset({"accuracy", "macro_f1", "f1", "exact_match", "token_accuracy", "precision",
+                              "recall", "auc", "r2"})
+LOWER_IS_BETTER = frozenset({"loss", "mse", "rmse", "mae", "mape", "smape", "mase", "perplexity",
+                             "bits_per_token", "bits_per_character", "error", "error_rate"})
 BACKENDS = AUTO_CHOICES                            # TrainConfig.backend: "auto" or "engine" (or None)
 # Fields that may differ between a run and its resumption without breaking exact resume.
 RESUMABLE_CHANGES = frozenset({"epochs", "progress", "out", "device", "checkpoint_every"})
@@ -34,7 +40,10 @@ class TrainConfig:
         every `step_size` epochs) or "plateau" (times `gamma` after `step_size` epochs without
         improvement of `monitor`).
     patience: early stopping: stop after this many epochs without improvement of `monitor` (a key
-        of the evaluation's metrics, `mode` min or max) and restore the best weights. None: off.
+        of the evaluation's metrics) and restore the best weights. None: off.
+    mode: "min" or "max": whether a lower or a higher `monitor` is better. None (the default): from the
+        metric's name (min for losses and errors, max for accuracy, F1, exact match; see
+        HIGHER_IS_BETTER); a name it does not know must say which.
     tbptt: k for truncated BPTT over a long stream (a 1-D tensor given to `fit`): windows of k steps,
         state carried across windows and detached at each boundary.
     checkpoint_every: save a checkpoint every this many epochs (and always at the end); 0: only at the end.
@@ -59,7 +68,7 @@ class TrainConfig:
     gamma: float = 0.5
     patience: int | None = None
     monitor: str = "val_loss"
-    mode: str = "min"
+    mode: str | None = None
     seed: int = 0
     device: str = "cpu"
     out: str | None = None
@@ -83,6 +92,8 @@ class TrainConfig:
             raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
         if self.backend is not None and self.backend not in BACKENDS:
             raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.mode is None:
+            object.__setattr__(self, "mode", monitor_mode(self.monitor))
         if self.mode not in MODES:
             raise UserError(f"mode must be 'min' or 'max', got {self.mode!r}")
         if isinstance(self.optimizer, str):
@@ -97,6 +108,19 @@ class TrainConfig:
         if not isinstance(self.optimizer, str):
             d["optimizer"] = getattr(self.optimizer, "__qualname__", repr(self.optimizer))
         return d
+
+
+def monitor_mode(monitor: str) -> str:
+    """"min" or "max" for a metric by its name (val_accuracy: max, val_loss: min), or a UserError."""
+    name = monitor.removeprefix("val_").removeprefix("train_")
+    if name in HIGHER_IS_BETTER:
+        return "max"
+    if name in LOWER_IS_BETTER or name.endswith("_loss"):
+        return "min"
+    raise UserError(f"monitor {monitor!r} is not a metric name rnnkit knows, so it cannot tell whether a lower "
+                    "or a higher value is better: check the spelling against the run's metrics.csv columns "
+                    "(e.g. val_loss, val_accuracy), or, for a metric of your own, say which with mode='min' "
+                    "or mode='max' (CLI: --mode)")
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:

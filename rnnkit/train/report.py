@@ -113,11 +113,11 @@ class InterruptedTwice(KeyboardInterrupt):
 
 
 class Presses:
-    """Ctrl-C presses during a fit: `is_set()` once there was one; inside `held()` (a checkpoint being
-    written) further presses only count, so the write finishes."""
+    """Ctrl-C presses (or SIGTERMs) during a fit: `is_set()` once there was one, `signum` the first one's
+    signal; inside `held()` (a checkpoint being written) further presses only count, so the write finishes."""
 
     def __init__(self):
-        self.first, self.holding = threading.Event(), False
+        self.first, self.holding, self.signum = threading.Event(), False, signal.SIGINT
 
     def is_set(self) -> bool:
         return self.first.is_set()
@@ -133,9 +133,9 @@ class Presses:
 
 @contextlib.contextmanager
 def deferred_sigint():
-    """Turn the first Ctrl-C into a flag the loop checks between steps (so the checkpoint it then
-    writes is a consistent step boundary); a second Ctrl-C interrupts at once (InterruptedTwice),
-    except while a checkpoint is being written (`held`)."""
+    """Turn the first Ctrl-C or SIGTERM (kill, timeout, a job scheduler) into a flag the loop checks
+    between steps (so the checkpoint it then writes is a consistent step boundary); a second one
+    interrupts at once (InterruptedTwice), except while a checkpoint is being written (`held`)."""
     presses = Presses()
     if threading.current_thread() is not threading.main_thread():
         yield presses
@@ -144,10 +144,12 @@ def deferred_sigint():
     def handler(signum, frame):
         if presses.first.is_set() and not presses.holding:
             raise InterruptedTwice
+        presses.signum = signal.Signals(signum)
         presses.first.set()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield presses
     finally:
-        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        for s, handler_before in previous.items():
+            signal.signal(s, handler_before if handler_before is not None else signal.SIG_DFL)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +52,11 @@ class NonFiniteLossError(TrainingError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C: a checkpoint was written; the message says where and how to resume."""
+    """Ctrl-C or SIGTERM (`signum`): a checkpoint was written; the message says where and how to resume."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signal.Signals(signum)
 
 
 @dataclass
@@ -134,7 +139,7 @@ class Trainer:
                             raise KeyboardInterrupt       # (after the last epoch: the run is done, finish it)
                 except KeyboardInterrupt as e:
                     with interrupted.held():              # more presses wait for the checkpoint
-                        raise self._interrupted(save=not isinstance(e, InterruptedTwice)) from e
+                        raise self._interrupted(not isinstance(e, InterruptedTwice), interrupted.signum) from e
                 except TrainingError:
                     self._metrics_as_checkpoint()
                     raise
@@ -288,19 +293,21 @@ class Trainer:
     def _result(self) -> FitResult:
         return FitResult(self.history, self.epoch, self.best_epoch, self.best, self.stopped_early)
 
-    def _interrupted(self, save: bool) -> TrainingInterrupted:
+    def _interrupted(self, save: bool, signum: int = signal.SIGINT) -> TrainingInterrupted:
+        how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
         where = (f"after epoch {self.epoch}" if self.batch == 0 else f"in epoch {self.epoch + 1}") + f", step {self.step}"
         if self.cfg.out is None:
-            return TrainingInterrupted(f"interrupted {where}; this run has no output directory, so nothing was saved")
+            return TrainingInterrupted(f"{how} {where}; this run has no output directory, so nothing was saved",
+                                       signum)
         if not save:                                      # a second Ctrl-C: the state may be half-updated
             self._metrics_as_checkpoint()
             kept = (f"its last checkpoint (epoch {self._checkpoint_epoch}) in {self.cfg.out} is kept: run the same "
                     "command with --resume to continue from there" if self._checkpoint_epoch is not None
                     else "nothing of it was saved")
-            return TrainingInterrupted(f"interrupted twice, {where}: stopped at once without saving; {kept}")
+            return TrainingInterrupted(f"{how} twice, {where}: stopped at once without saving; {kept}", signum)
         self.save()
-        return TrainingInterrupted(f"interrupted {where}; checkpoint saved in {self.cfg.out}: run the same "
-                                   "command with --resume to continue")
+        return TrainingInterrupted(f"{how} {where}; checkpoint saved in {self.cfg.out}: run the same "
+                                   "command with --resume to continue", signum)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def save(self) -> None:
