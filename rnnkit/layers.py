@@ -149,7 +149,7 @@ class _Recurrent:
                 out, state = self.forward(padded, hx, lens, truncate=truncate)
                 return repack_like(out, lens, input, self.batch_first), state
             return super().forward(input, self._packed_state(hx, int(input.batch_sizes[0]), input.data))
-        if self._needs_engine(padding, truncate, input):
+        if self._needs_engine(padding, truncate, (input, *(hx if isinstance(hx, (tuple, list)) else (hx,)))):
             input, hx, amp = autocast_input(self, input, hx)
             x, hx, lengths, unbatched = self._check(input, hx, lengths, padding)
             with amp:
@@ -162,15 +162,16 @@ class _Recurrent:
             state = tuple(s.squeeze(1) for s in state)
         return out, (state if self._cell.num_states == 2 else state[0])
 
-    def _needs_engine(self, padding, truncate, input=None) -> bool:
+    def _needs_engine(self, padding, truncate, inputs=()) -> bool:
         rec = self.training and self.recurrent_dropout > 0
         needs = (self._trace_sink is not None or padding == "left" or truncate is not None
                  or self.layer_norm or any(self.zoneout) or rec)
         if self.backend == "native" and needs:
             raise ValueError("backend='native' cannot run this configuration (trace, left padding, "
                              "truncate or an extra is on); use backend='auto' or 'engine'")
-        if self.backend == "auto" and transformed(input, self.weight_hh_l0):   # torch.func: torch's GRU and
-            return True                                    # RNN kernels have no vmap rule; the engine's ops do
+        weights = (getattr(self, n) for n in self._flat_weights_names)
+        if self.backend == "auto" and transformed(*inputs, *weights):   # torch.func on the input, state or any
+            return True                      # weight: torch's kernels have no vmap rule; the engine's ops do
         return needs or self.backend == "engine" or (self.backend == "auto" and auto_backend() == "engine")
 
     def _native_forward(self, x, hx, lengths):

@@ -269,3 +269,25 @@ def test_native_backend_still_refuses_engine_only_configurations():
 def test_plain_lstm_cell_is_unchanged_and_still_fused_eligible_by_type():
     assert type(LSTMCell()) is not ProjectedLSTMCell and isinstance(ProjectedLSTMCell(), LSTMCell)
     assert _fused._cell_code(LSTMCell()) is not None and _fused._cell_code(ProjectedLSTMCell()) is None
+
+
+# -- from a review of the change ----------------------------------------------------------------------
+
+def test_projected_cell_alone_says_how_to_build_it():
+    with pytest.raises(TypeError, match=r"ProjectedLSTMCell needs W_hr.*rk.LSTM\(input_size, hidden_size, proj_size=P\)"):
+        rk.Recurrent(rk.cells.ProjectedLSTMCell(), 3, 5)(torch.randn(4, 2, 3))
+
+
+@pytest.mark.parametrize("name", ["weight_hr_l0", "bias_ih_l0"])
+def test_vmap_over_any_weight_takes_the_engine_on_auto(name):
+    """backend="auto" looked at the input and weight_hh_l0 only: vmap over W_hr (or a bias) reached
+    torch's LSTM kernel, which has no batching rule."""
+    torch.manual_seed(0)
+    m, x = rk.LSTM(3, 5, proj_size=2), torch.randn(6, 2, 3)
+    params = dict(m.named_parameters())
+
+    def f(w):
+        return torch.func.functional_call(m, {**params, name: w}, (x,))[0]
+
+    ws = torch.randn(4, *params[name].shape)
+    assert torch.allclose(torch.func.vmap(f)(ws), torch.stack([f(w) for w in ws]), atol=1e-6)

@@ -65,6 +65,9 @@ class ProjectedLSTMCell(LSTMCell):
     name = "lstm_proj"
 
     def step(self, xi, gh, state, params=()):
+        if not params:
+            raise TypeError("ProjectedLSTMCell needs W_hr (P, H) as its one param; rk.Recurrent gives a cell "
+                            "none: build rk.LSTM(input_size, hidden_size, proj_size=P) instead")
         (m, c), saved = super().step(xi, gh, state)
         return (m @ params[0].t(), c), (*saved, m)          # h_t (B, P)
 
