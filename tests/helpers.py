@@ -184,3 +184,22 @@ def tied_packs(T=4, dtype=torch.float32):
         p = pack_padded_sequence(x[:, perm], lengths[perm])
         packs.append(PackedSequence(p.data, p.batch_sizes, perm, torch.argsort(perm)))
     return x, lengths, packs
+
+
+def cli_sigterm_in(method: str, when: str, argv: list[str]):
+    """Run `rnnkit argv` in a fresh interpreter whose Trainer.`method` sends the process a SIGTERM when
+    the Python expression `when` (over `self`) holds, before doing its work; the CompletedProcess."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = ("import os, signal, sys\n"
+              "from rnnkit.train import trainer as t\n"
+              f"original = t.Trainer.{method}\n"
+              "def killed(self, *a):\n"
+              f"    if {when}: os.kill(os.getpid(), signal.SIGTERM)\n"
+              "    return original(self, *a)\n"
+              f"t.Trainer.{method} = killed\n"
+              "from rnnkit.cli import main\n"
+              f"sys.exit(main({argv!r}))\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1], check=False)

@@ -7,12 +7,11 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_sigterm_in
 
 from rnnkit.cli import main
 from rnnkit.cli.common import epochs_summary
@@ -38,14 +37,14 @@ def run(capsys, *argv):
                                          ("val_exact_match", "max"), ("val_perplexity", "min"),
                                          ("train_loss", "min"), ("val_mape", "min")])
 def test_mode_follows_the_monitored_metric(monitor, mode):
-    assert TrainConfig(monitor=monitor).mode == mode
-    assert TrainConfig(monitor=monitor, mode="min").mode == "min"          # said explicitly: kept
+    assert TrainConfig(monitor=monitor).resolved_mode == mode
+    assert TrainConfig(monitor=monitor, mode="min").resolved_mode == "min"  # said explicitly: kept
 
 
 def test_unknown_metric_needs_a_mode():
     with pytest.raises(UserError, match=r"'val_acuracy' is not a metric name.*mode='min' or mode='max'"):
         TrainConfig(monitor="val_acuracy")
-    assert TrainConfig(monitor="val_mine", mode="max").mode == "max"
+    assert TrainConfig(monitor="val_mine", mode="max").resolved_mode == "max"
 
 
 def test_classify_monitoring_accuracy_keeps_the_best_epoch(tmp_path, capsys):
@@ -114,18 +113,8 @@ def test_trainer_saves_a_checkpoint_on_sigterm(tmp_path):
 
 def test_cli_exits_143_after_sigterm_and_resumes(tmp_path):
     out = tmp_path / "t"
-    script = ("import os, signal, sys\n"
-              "from rnnkit.train import trainer as t\n"
-              "run_epoch = t.Trainer._run_epoch\n"
-              "def killed(self, *a):\n"
-              "    if self.epoch == 1: os.kill(os.getpid(), signal.SIGTERM)\n"
-              "    return run_epoch(self, *a)\n"
-              "t.Trainer._run_epoch = killed\n"
-              "from rnnkit.cli import main\n"
-              f"sys.exit(main(['classify', 'train', '--epochs', '3', '--hidden-size', '8', '--embed-dim', '8', "
-              f"'--no-progress', '--out', {str(out)!r}]))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          check=False)
+    done = cli_sigterm_in("_run_epoch", "self.epoch == 1", ["classify", "train", "--epochs", "3", "--hidden-size",
+                                                             "8", "--embed-dim", "8", "--no-progress", "--out", str(out)])
     assert done.returncode == 143, done.stderr[-2000:]
     assert "terminated (SIGTERM)" in done.stderr and (out / "model" / "checkpoint.json").exists()
     code = main(["classify", "train", "--epochs", "3", "--hidden-size", "8", "--embed-dim", "8", "--no-progress",
@@ -187,6 +176,10 @@ def test_repeated_texts_are_not_split_across_train_and_test():
     train, test = stratified_split(labels, 0.25, seed=0, groups=keys)
     assert not {keys[i] for i in train} & {keys[i] for i in test}
     assert sorted(train + test) == list(range(120))
+    assert set(test) < set(plain_test)                   # the test side: the plain one less its repeats
+    same = ["same text"] * 10 + [f"t{i}" for i in range(10)]
+    with pytest.raises(UserError, match=r"class\(es\) \['a'\]: every text held out.*also appears among the training"):
+        stratified_split(["a"] * 10 + ["b"] * 10, 0.3, seed=0, groups=same)
     unique = [f"t{i}" for i in range(120)]                                       # no repeats: the split as before
     assert stratified_split(labels, 0.25, seed=0, groups=unique) == (plain_train, plain_test)
     assert text_key("  Great   FILM ") == text_key("great film")

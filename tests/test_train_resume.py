@@ -90,7 +90,8 @@ def test_a_failed_run_leaves_metrics_csv_as_the_checkpoint_it_leaves(tmp_path):
 def test_ctrl_c_at_an_epochs_last_step_and_in_the_last_epoch(tmp_path):
     """At an epoch's last step the epoch is ended first (evaluation, schedule) and the message says 'after
     epoch N' (resuming ran the schedule without an optimizer step: torch warned); in the last epoch the
-    run is simply finished (it was interrupted with nothing left to do, and its outputs were not written)."""
+    run is finished and saved, and then the interrupt is raised (it used to be dropped: a back-test went
+    on to its next fold)."""
     full = trainer(tmp_path / "full")
     full.fit(data())
     cut, calls = trainer(tmp_path / "cut"), [0]
@@ -110,8 +111,9 @@ def test_ctrl_c_at_an_epochs_last_step_and_in_the_last_epoch(tmp_path):
     last = trainer(tmp_path / "last")
     evaluate = last.evaluate
     last.evaluate = lambda m: (os.kill(os.getpid(), signal.SIGINT) if last.epoch == 5 else None) or evaluate(m)
-    result = last.fit(data())                                     # Ctrl-C during the 6th epoch's evaluation
-    assert result.epochs_run == 6 and load_checkpoint(tmp_path / "last").manifest["finished"]
+    with pytest.raises(TrainingInterrupted, match="interrupted in the last epoch; the run finished and is saved"):
+        last.fit(data())                                          # Ctrl-C during the 6th epoch's evaluation
+    assert last.epoch == 6 and load_checkpoint(tmp_path / "last").manifest["finished"]
     assert_bitwise(weights(full.model), weights(last.model))
 
 

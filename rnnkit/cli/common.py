@@ -157,14 +157,16 @@ def train_config(args: argparse.Namespace, **fixed) -> TrainConfig:
     return TrainConfig(**{**values, **fixed})
 
 
-def epochs_summary(fit, patience: int | None, stopped_by_time: bool = False) -> str:
+def epochs_summary(fit, patience: int | None, stopped_by_time: bool = False, steps: int | None = None) -> str:
     """How a run's training ended and whose weights the model holds, for a command's summary line:
     with early stopping on (`patience`), the best epoch's weights are restored whether or not the run
     stopped early; with it off, the model is the last epoch's."""
     text = f"{fit.epochs_run} epoch{'s' if fit.epochs_run != 1 else ''}"
     if fit.stopped_early:
         text = f"stopped early after {text}"
-    elif stopped_by_time:
+    if steps is not None:
+        text += f", {steps} steps"
+    if stopped_by_time:
         text += ", stopped at the time limit"
     if patience is not None and fit.best_epoch is not None and fit.best_epoch != fit.epochs_run:
         text += f" (best weights from epoch {fit.best_epoch})"

@@ -84,8 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     m, f = result.metrics, result.fit
     print(f"seq2seq {cfg.task}: {cfg.cell.upper()} {cfg.hidden_size}{' + attention' if cfg.attention else ''}, "
           f"test exact match {100 * m['exact_match']:.2f}%, token accuracy {100 * m['token_accuracy']:.2f}% "
-          f"on {result.sizes['test']} unseen pairs; {epochs_summary(f, train.patience, result.stopped_by_time)} "
-          f"({len(f.history.loss)} steps), "
+          f"on {result.sizes['test']} unseen pairs; "
+          f"{epochs_summary(f, train.patience, result.stopped_by_time, len(f.history.loss))}, "
           f"{result.seconds:.1f}s -> {args.out}")
     return 0
 

@@ -100,17 +100,14 @@ def stratified_split(labels: Sequence[str], test_fraction: float, seed: int = 0,
     """(train, test) indices, each class split in the same proportion: round(n_c * test_fraction)
     examples of a class of n_c go to test, at least one, and at least one stays in train. `after`:
     for the message when a class is too small, what took examples away before (an earlier split).
-    `groups`: a key per row; rows with the same key go to the same side (a text that appears twice
-    must not be both trained on and tested on), counted as one example of its first row's class."""
+    `groups`: a key per row; a key with rows on both sides (a text that appears twice) has its test
+    rows moved to train, so nothing tested was trained on, and the test side stays a subset of the
+    split without groups (the published splits keep their test sets, less the repeats)."""
     if not 0.0 < test_fraction < 1.0:
         raise UserError(f"test fraction must be in (0, 1), got {test_fraction}")
-    units: dict = {}                                       # group -> its rows, in order of first appearance
-    for i, g in enumerate(range(len(labels)) if groups is None else groups):
-        units.setdefault(g, []).append(i)
-    rows = list(units.values())
     by_class: dict[str, list[int]] = defaultdict(list)
-    for u, members in enumerate(rows):
-        by_class[labels[members[0]]].append(u)
+    for i, y in enumerate(labels):
+        by_class[y].append(i)
     rng, train, test = random.Random(seed), [], []
     for y in sorted(by_class):
         idx = by_class[y]
@@ -120,8 +117,17 @@ def stratified_split(labels: Sequence[str], test_fraction: float, seed: int = 0,
                                "or lower the earlier split's fraction" if after else ""))
         rng.shuffle(idx)
         k = min(max(1, round(len(idx) * test_fraction)), len(idx) - 1)
-        test += [i for u in idx[:k] for i in rows[u]]
-        train += [i for u in idx[k:] for i in rows[u]]
+        test += idx[:k]
+        train += idx[k:]
+    if groups is not None:
+        trained = {groups[i] for i in train}
+        moved = [i for i in test if groups[i] in trained]
+        test = [i for i in test if groups[i] not in trained]
+        train += moved
+        emptied = sorted(set(labels) - {labels[i] for i in test})
+        if emptied:
+            raise UserError(f"class(es) {emptied}: every text held out{after} also appears among the training "
+                            "texts, so nothing of them is left to test on; remove the repeated texts or add others")
     return sorted(train), sorted(test)
 
 

@@ -114,7 +114,7 @@ def run_forecast(series: Series, cfg: ForecastConfig, train: TrainConfig, resume
         except TrainingInterrupted as e:
             if final:
                 raise
-            raise TrainingInterrupted(f"interrupted in back-test fold {k + 1} of {len(origins)}; only the last "
+            raise TrainingInterrupted(f"{e.how} in back-test fold {k + 1} of {len(origins)}; only the last "
                                       "fold's training is checkpointed, so nothing was saved: run the command "
                                       "again", e.signum) from e
         truth = x[origin:origin + cfg.horizon]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,7 +84,9 @@ def run_seq2seq(cfg: Seq2SeqTaskConfig, train: TrainConfig, resume: bool = False
             "task_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "time_limit"},
             "max_len": max_len, "max_source_len": max(len(s) for s, _ in train_pairs)}
     deadline = Deadline(cfg.time_limit)
-    evaluate = lambda m: {f"val_{k}": v for k, v in score(m, vocab, val_pairs, max_len).items()}
+    val_batch = collate(val_pairs, vocab)
+    evaluate = lambda m: {**{f"val_{k}": v for k, v in score(m, vocab, val_pairs, max_len).items()},
+                          "val_loss": teacher_forced_loss(m, val_batch)}
     trainer = Trainer(model, train, deadline.wrap(_loss), evaluate, meta)
     b = collate(train_pairs, vocab)
     source = TensorBatches(b.src, b.src_lengths, b.tgt_in, b.tgt_out, b.tgt_lengths, batch_size=train.batch_size)
@@ -107,6 +110,18 @@ def _loss(model: Seq2Seq, batch) -> torch.Tensor:
     S, T = int(src_len.max()), int(tgt_len.max())             # trim the padding the whole set shares
     logits = model(src[:, :S], src_len, tgt_in[:, :T])       # (B, T, V)
     return F.cross_entropy(logits.flatten(0, 1), tgt_out[:, :T].flatten(), ignore_index=model.config.pad_id)
+
+
+@torch.no_grad()
+def teacher_forced_loss(model: Seq2Seq, b: Seq2SeqBatch) -> float:
+    """The training loss (cross-entropy per target token, teacher forcing) over a whole set: what
+    --monitor val_loss watches."""
+    device, total, count = next(model.parameters()).device, 0.0, 0.0
+    for i in range(0, len(b.src), EVAL_BATCH):
+        part = tuple(t[i:i + EVAL_BATCH].to(device) for t in (b.src, b.src_lengths, b.tgt_in, b.tgt_out, b.tgt_lengths))
+        n = float(part[4].sum())
+        total, count = total + float(_loss(model, part)) * n, count + n
+    return total / count
 
 
 @torch.no_grad()
@@ -156,6 +171,8 @@ def output_caveats(meta: dict, text: str, output: str) -> list[str]:
                        "outside what the model learned")
     if meta.get("task_config", {}).get("task") == "dates":
         try:
+            if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", output):   # (fromisoformat also takes 20210305)
+                raise ValueError(output)
             datetime.date.fromisoformat(output)
         except ValueError:
             caveats.append("not a valid date, so wrong (the formats the model learned are listed in "

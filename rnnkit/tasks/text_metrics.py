@@ -129,8 +129,8 @@ def fit_within(trainer: Trainer, source, deadline: Deadline, resume: bool = Fals
     that follow are of the weights a predict command loads. Returns (result, stopped_by_time)."""
     try:
         return trainer.fit(source, resume=resume), False
-    except TrainingInterrupted:
-        if not deadline.hit:
+    except TrainingInterrupted as e:
+        if not deadline.hit or e.pressed:                 # a Ctrl-C or SIGTERM as well: stop
             raise
     if trainer.best_weights is not None:
         trainer.model.load_state_dict(trainer.best_weights)

@@ -93,8 +93,8 @@ class TrainConfig:
         if self.backend is not None and self.backend not in BACKENDS:
             raise UserError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.mode is None:
-            object.__setattr__(self, "mode", monitor_mode(self.monitor))
-        if self.mode not in MODES:
+            monitor_mode(self.monitor)                             # an unknown name fails here, not later
+        elif self.mode not in MODES:
             raise UserError(f"mode must be 'min' or 'max', got {self.mode!r}")
         if isinstance(self.optimizer, str):
             optimizer_class(self.optimizer)                        # fails early on an unknown name
@@ -102,9 +102,17 @@ class TrainConfig:
             raise UserError(f"optimizer must be a torch.optim name or a factory, got {self.optimizer!r}")
         resolve_device(self.device)
 
+    @property
+    def resolved_mode(self) -> str:
+        """`mode`, or when None the one `monitor`'s name implies (resolved on use, so that
+        dataclasses.replace(cfg, monitor=...) reads the new metric's)."""
+        return self.mode if self.mode is not None else monitor_mode(self.monitor)
+
     def to_json(self) -> dict:
-        """The fields as JSON values (a factory optimizer is recorded by its name)."""
+        """The fields as JSON values (a factory optimizer is recorded by its name; mode as resolved, what
+        ran)."""
         d = dataclasses.asdict(self)
+        d["mode"] = self.resolved_mode
         if not isinstance(self.optimizer, str):
             d["optimizer"] = getattr(self.optimizer, "__qualname__", repr(self.optimizer))
         return d
@@ -118,9 +126,10 @@ def monitor_mode(monitor: str) -> str:
     if name in LOWER_IS_BETTER or name.endswith("_loss"):
         return "min"
     raise UserError(f"monitor {monitor!r} is not a metric name rnnkit knows, so it cannot tell whether a lower "
-                    "or a higher value is better: check the spelling against the run's metrics.csv columns "
-                    "(e.g. val_loss, val_accuracy), or, for a metric of your own, say which with mode='min' "
-                    "or mode='max' (CLI: --mode)")
+                    "or a higher value is better: check the spelling against the metrics the run evaluates "
+                    "(val_loss, val_accuracy, val_exact_match, ...: the val_ columns of its metrics.csv) or "
+                    "train_loss; for a metric of your own, say which is better: mode='min' or mode='max' "
+                    "(CLI: --mode min or --mode max)")
 
 
 def _positive(cfg: TrainConfig, *names: str) -> None:
@@ -157,7 +166,7 @@ def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer):
     if cfg.schedule == "step":
         return sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
     if cfg.schedule == "plateau":
-        return sched.ReduceLROnPlateau(optimizer, mode=cfg.mode, factor=cfg.gamma, patience=cfg.step_size)
+        return sched.ReduceLROnPlateau(optimizer, mode=cfg.resolved_mode, factor=cfg.gamma, patience=cfg.step_size)
     return None
 
 

@@ -17,18 +17,24 @@ import torch
 from ..errors import UserError
 from .config import RESUMABLE_CHANGES, TrainConfig
 
+# Entries of a task's meta that only inform its predict command, added since checkpoints were first
+# written: they may be absent from a checkpoint (and differ) without breaking exact resume.
+INFORMATIONAL_META = frozenset({"max_source_len"})
 FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
 
 def check_resumable(out, manifest: dict, now: dict, meta: dict) -> None:
     """manifest: the checkpoint's; now: the config as a checkpoint records it; meta: the task's."""
-    saved = {**FIELD_DEFAULTS, "backend": "auto", **manifest["train_config"]}   # a field added since: what ran then
+    saved = {**FIELD_DEFAULTS, "backend": "auto", "mode": "min", **manifest["train_config"]}   # added since: what ran
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k])
     if changed:
         diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed)
-        raise UserError(f"cannot resume {out} with different settings ({diffs}); "
+        hint = (f" (the run watched {saved['monitor']!r} with mode {saved['mode']!r}: to continue it as it ran, "
+                f"pass --mode {saved['mode']})" if changed == ["mode"] else "")
+        raise UserError(f"cannot resume {out} with different settings ({diffs}){hint}; "
                         "use the settings of the original run or a new --out directory")
-    diffs = _differences(manifest.get("meta", {}), json.loads(json.dumps(meta)))
+    old = {k: v for k, v in manifest.get("meta", {}).items() if k not in INFORMATIONAL_META}
+    diffs = _differences(old, {k: v for k, v in json.loads(json.dumps(meta)).items() if k not in INFORMATIONAL_META})
     if diffs:
         raise UserError(f"the checkpoint in {out} was written for a different model or data setup "
                         f"({'; '.join(diffs[:5])}); use the original settings or a new --out directory")

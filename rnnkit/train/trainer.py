@@ -8,14 +8,15 @@
 stream) `loss_fn(model, window, state) -> (loss, state)`, where `state` is the recurrent state the
 previous window ended with, detached (None at the start of each epoch). `evaluate(model) -> dict` of
 floats runs after each epoch in eval mode without gradients; early stopping and the plateau schedule
-watch its `monitor` key.
+watch its `monitor` key (or train_loss).
 
 Each step: forward, a non-finite loss stops the run (`NonFiniteLossError`; the last checkpoint on disk
 is the last good one), backward, the global gradient norm before clipping goes into the history,
 clipping (by value, then by norm), the optimizer step. Each epoch: evaluation, a metrics.csv row, the
-schedule, early stopping, a checkpoint every `checkpoint_every` epochs. Ctrl-C finishes the current
-step, writes a checkpoint and raises `TrainingInterrupted` (a second Ctrl-C stops at once and saves
-nothing); `fit(..., resume=True)` continues from it, mid-epoch included, and ends bitwise-identical to
+schedule, early stopping, a checkpoint every `checkpoint_every` epochs. Ctrl-C or SIGTERM finishes the
+current step, writes a checkpoint and raises `TrainingInterrupted` (a second one stops at once and saves
+nothing; one during the last epoch lets the run finish and save, then raises): in the main thread, fit
+owns both signals while it runs (the program's own handlers are put back after, not called); `fit(..., resume=True)` continues from it, mid-epoch included, and ends bitwise-identical to
 a run that was never stopped. With early stopping on (`patience`), a checkpoint's model file holds the
 best epoch's weights so far (what `load_weights` and the tasks' predict commands read); the last
 step's weights travel in its state, for resume.
@@ -52,11 +53,16 @@ class NonFiniteLossError(TrainingError):
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM (`signum`): a checkpoint was written; the message says where and how to resume."""
+    """Ctrl-C or SIGTERM (`signum`): a checkpoint was written; the message says where and how to resume.
+    `pressed`: a signal came (False when the stop was the task's own time limit, `TimeUp`)."""
 
-    def __init__(self, message: str, signum: int = signal.SIGINT):
+    def __init__(self, message: str, signum: int = signal.SIGINT, pressed: bool = True):
         super().__init__(message)
-        self.signum = signal.Signals(signum)
+        self.signum, self.pressed = signal.Signals(signum), pressed
+
+    @property
+    def how(self) -> str:
+        return "terminated (SIGTERM)" if self.signum == signal.SIGTERM else "interrupted"
 
 
 @dataclass
@@ -98,7 +104,8 @@ class Trainer:
         self.carried = None                               # recurrent state carried between TBPTT windows
         self.best = self.best_epoch = self.best_weights = None
         self.bad_epochs = 0
-        if (config.patience is not None or config.schedule == "plateau") and evaluate is None:
+        if (config.patience is not None or config.schedule == "plateau") and evaluate is None \
+                and config.monitor != "train_loss":
             raise UserError("early stopping (patience) and the plateau schedule need an evaluate function "
                             f"giving {config.monitor!r}; pass evaluate= or drop them")
 
@@ -139,12 +146,17 @@ class Trainer:
                             raise KeyboardInterrupt       # (after the last epoch: the run is done, finish it)
                 except KeyboardInterrupt as e:
                     with interrupted.held():              # more presses wait for the checkpoint
-                        raise self._interrupted(not isinstance(e, InterruptedTwice), interrupted.signum) from e
+                        stop = self._interrupted(not isinstance(e, InterruptedTwice), interrupted.signum)
+                    stop.pressed = interrupted.is_set()   # (not set: the task's time limit, TimeUp)
+                    raise stop from e
                 except TrainingError:
                     self._metrics_as_checkpoint()
                     raise
                 with interrupted.held():
-                    return self._finish()
+                    result = self._finish()
+                if interrupted.is_set():                  # a press in the last epoch: the run is complete and
+                    raise self._interrupted_at_end(interrupted.signum)   # saved, but whoever called must stop
+                return result
         finally:
             bar.close()
             board.close()
@@ -233,8 +245,9 @@ class Trainer:
                "grad_norm_max": self.acc["norm_max"], "clipped_frac": self.acc["clipped"] / n, **metrics,
                "seconds": round(time.perf_counter() - t0, 3)}
         self.history.epochs.append(row)
-        self._schedule(metrics)
-        self._early_stop(metrics)
+        watched = {"train_loss": row["train_loss"], **metrics}     # what monitor may name
+        self._schedule(watched)
+        self._early_stop(watched)
         self.epoch, self.batch = self.epoch + 1, 0
         board.log(row)
         table.write(self.history.epochs)
@@ -257,7 +270,7 @@ class Trainer:
             return metrics[self.cfg.monitor]
         if self.cfg.patience is not None or self.cfg.schedule == "plateau":
             raise UserError(f"the run monitors {self.cfg.monitor!r} but the evaluation gives only "
-                            f"{sorted(metrics)}; set monitor to one of them")
+                            f"{sorted(metrics)}; set monitor (--monitor) to one of them")
         return None
 
     def _schedule(self, metrics: dict) -> None:
@@ -272,7 +285,7 @@ class Trainer:
         value = self._monitored(metrics)
         if value is None:
             return
-        better = self.best is None or (value < self.best if self.cfg.mode == "min" else value > self.best)
+        better = self.best is None or (value < self.best if self.cfg.resolved_mode == "min" else value > self.best)
         if better:
             self.best, self.best_epoch, self.bad_epochs = value, self.epoch + 1, 0
             if self.cfg.patience is not None:
@@ -293,8 +306,16 @@ class Trainer:
     def _result(self) -> FitResult:
         return FitResult(self.history, self.epoch, self.best_epoch, self.best, self.stopped_early)
 
+    def _interrupted_at_end(self, signum: int) -> TrainingInterrupted:
+        how = TrainingInterrupted("", signum).how
+        if self.cfg.out is None:
+            return TrainingInterrupted(f"{how} in the last epoch; the run finished, and this run has no output "
+                                       "directory, so nothing was saved", signum)
+        return TrainingInterrupted(f"{how} in the last epoch; the run finished and is saved in {self.cfg.out}: run "
+                                   "the same command with --resume to score it and write its outputs", signum)
+
     def _interrupted(self, save: bool, signum: int = signal.SIGINT) -> TrainingInterrupted:
-        how = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        how = TrainingInterrupted("", signum).how
         where = (f"after epoch {self.epoch}" if self.batch == 0 else f"in epoch {self.epoch + 1}") + f", step {self.step}"
         if self.cfg.out is None:
             return TrainingInterrupted(f"{how} {where}; this run has no output directory, so nothing was saved",
@@ -370,7 +391,12 @@ class Trainer:
         ckpt = load_checkpoint(self.cfg.out)
         check_resumable(self.cfg.out, ckpt.manifest, self._config_json(), self.meta)
         s = ckpt.state
-        self.model.load_state_dict(ckpt.weights if s.get("resume_weights") is None else s["resume_weights"])
+        weights = ckpt.weights if s.get("resume_weights") is None else s["resume_weights"]
+        try:
+            self.model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise UserError(f"the weights in {self.cfg.out} do not fit this model ({str(e).splitlines()[0]} ...): "
+                            "the folder mixes files of different runs; train again in a new --out directory") from None
         self.optimizer.load_state_dict(s["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(s["scheduler"])
