@@ -211,7 +211,8 @@ def machine_section(run: dict) -> list[str]:
             f"| CPU | {m['cpu']} |",
             f"| cores / torch threads | {m['cores']} / {m['threads']} (`torch.set_num_threads`) |",
             f"| matmul peak | **{m['peak_gflops']:.1f} GFLOP/s** (float32 {m['peak_matmul_n']}×"
-            f"{m['peak_matmul_n']} matmul, median of {m['peak_matmul_reps']}{peak_runs(m)}) |",
+            f"{m['peak_matmul_n']} matmul, the faster of torch.mm and oneDNN's, median of "
+            f"{m['peak_matmul_reps']}{peak_runs(m)}) |",
             f"| torch / Python | {m['torch']} / {m['python']} |",
             f"| platform | {m['platform']} |",
             f"| rnnkit commit | {m['rnnkit_commit']} |",

@@ -8,6 +8,8 @@
 // at::mm_out on tensors wrapping the same memory.
 #pragma once
 
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -29,6 +31,15 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 // B = 32, and the forward's gains 20-40% at B = 32. Packing costs about four products' time, so a scan
 // of fewer than kMinStepsToPack steps does not pack.
 constexpr int64_t kMinStepsToPack = 8;
+// Products smaller than these stay on torch's BLAS: oneDNN's call costs microseconds of setup (boxed
+// dispatch, an output tensor, a copy), and a general product's operands are first copied into the
+// layout it takes. Measured (B = 64, T = 100, the EPYC above): at H = 64 every product ran slower
+// through oneDNN (the RNN's step took twice as long); a lane's step product from 2 M multiply-adds on
+// gains (GRU H = 256, 32 rows: 6 M, 81 -> 64 ms a training step); weight gradients need both sides large.
+constexpr int64_t kDnnlMinStepWork = int64_t(1) << 20;     // B W H of a step product
+constexpr int64_t kDnnlMinWork = int64_t(1) << 26;         // m n k of a general product, with m, n >= 128
+constexpr int64_t kDnnlMinSide = 128;
+constexpr int64_t kDnnlCopyElements = int64_t(1) << 17;    // a transposed operand's slice: 512 KB of floats
 
 template <typename T>
 class StepProduct {
@@ -41,11 +52,13 @@ class StepProduct {
   int64_t W_, H_, B_;
   bool backward_;
   std::unique_ptr<float[]> packed_;                // null: not packed (MKL asks for ~8 MB: not zeroed)
+  std::shared_ptr<at::Tensor> dnnl_w_;             // oneDNN's packed weight, when that route is taken
 };
 
-// Which route the products take: "packed" (MKL's packed GEMM for the float step products, torch's
+// Which route the products take: "dnnl" (oneDNN's float products where measured faster than MKL's, see
+// blas.cpp), "packed" (MKL's packed GEMM for the float step products, torch's
 // BLAS directly for the rest), "blas" (torch's BLAS directly) or "aten" (at::mm). A benchmark can
-// limit the route ("blas", "aten"; "packed" restores the default) to measure what each step saves.
+// limit the route ("packed", "blas", "aten"; "dnnl" restores the default) to measure what each step saves.
 std::string gemm_route();
 void limit_gemm_route(const std::string& route);
 
