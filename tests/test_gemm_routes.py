@@ -36,3 +36,26 @@ def test_every_route_gives_torch_nn_numbers(kernel, route, cell, H):
     for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
         err = ((p.grad - q.grad).abs().max() / q.grad.abs().max()).item()
         assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("route", ["dnnl", "packed", "aten"])
+def test_routed_products_take_any_layout(kernel, route):
+    """pooled_mm / routed_mm (the input projection, its input's and its weights' gradients) hand float
+    matrices to the kernel's route by their strides: row-major, transposed views, a leading dimension
+    wider than the rows, single rows and columns; anything else goes through at::mm."""
+    kernel.limit_gemm_route(route)
+    ops = torch.ops.rnnkit_fused
+    torch.manual_seed(0)
+    big = torch.randn(700, 600)
+    cases = [(torch.randn(300, 200), torch.randn(200, 400)),          # row-major
+             (torch.randn(200, 300).t(), torch.randn(400, 200).t()),  # both transposed
+             (big[:300, :200], big[:200, 100:500]),                   # leading dimension 600
+             (big[:300, :200].t(), torch.randn(300, 1)),              # one column
+             (torch.randn(1, 200), torch.randn(200, 300)),            # one row
+             (big[::2, ::3][:200, :100], torch.randn(100, 150)),      # neither layout: at::mm
+             (torch.randn(6400, 256).t(), torch.randn(6400, 256))]    # a weight gradient's shape
+    for a, b in cases:
+        want = a.double() @ b.double()
+        for got in (ops.pooled_mm(a, b), ops.routed_mm(a, b)):
+            assert got.shape == want.shape
+            assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5

@@ -395,6 +395,6 @@ class _FusedScan(torch.autograd.Function):
             return (None, None, d_xi, None, None, d_w, d_b, *states, *params)
         d2 = d_xi.view(-1, d_xi.shape[2])                      # through xi = x W_ih^T
         d_x = _ops().pooled_mm(d2, w_ih).view(x.shape) if need[2] else None
-        d_w_ih = d2.t() @ x2 if need[3] else None
+        d_w_ih = _ops().routed_mm(d2.t(), x2) if need[3] else None
         return (None, None, d_x, d_w_ih, d_xb if need_xb else None, d_w, d_b, *states, *params)
 

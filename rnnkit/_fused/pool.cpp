@@ -1,6 +1,8 @@
 // See pool.h.
 #include "pool.h"
 
+#include "blas.h"
+
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -8,6 +10,7 @@
 #include <c10/core/CPUAllocator.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -150,15 +153,59 @@ int64_t set_pool_limit(int64_t bytes) {
 // steps at once (its bias is added in the scan's loop), and the gradient of its input. The largest
 // buffers of a training step after the scan's own; from fresh memory each call they cost a page fault
 // per 4 KiB (measured 16 ms of an 83 ms product at T = 200, B = 64, (512 -> 1536)).
+namespace {
+
+// A 2-D float matrix as blas.h's gemm takes it: row-major with leading dimension ld (trans false), or
+// the transpose of such a matrix (trans true). False when its strides are neither.
+bool blas_layout(const at::Tensor& t, bool& trans, int64_t& ld) {
+  const int64_t r = t.size(0), c = t.size(1);
+  if (t.stride(1) == 1 && (r <= 1 || t.stride(0) >= c)) {
+    trans = false;
+    ld = r <= 1 ? std::max<int64_t>(c, 1) : t.stride(0);
+    return true;
+  }
+  if (t.stride(0) == 1 && (c <= 1 || t.stride(1) >= r)) {
+    trans = true;
+    ld = c <= 1 ? std::max<int64_t>(r, 1) : t.stride(1);
+    return true;
+  }
+  return false;
+}
+
+// out = a b, float products through the kernel's own route (blas.cpp: oneDNN where measured faster than
+// torch's BLAS, which at::mm uses), anything else through at::mm_out.
+at::Tensor& mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  bool ta = false, tb = false;
+  int64_t lda = 0, ldb = 0;
+  const bool routed = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.is_contiguous() &&
+                      a.device().is_cpu() && b.device().is_cpu() && a.numel() > 0 && b.numel() > 0 &&
+                      blas_layout(a, ta, lda) && blas_layout(b, tb, ldb);
+  if (!routed) return at::mm_out(out, a, b);
+  gemm(ta, tb, a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), lda, b.data_ptr<float>(), ldb, 0.0f,
+       out.data_ptr<float>(), b.size(1));
+  return out;
+}
+
+}  // namespace
+
 at::Tensor pooled_mm(const at::Tensor& a, const at::Tensor& b) {
   TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
               "rnnkit pooled_mm: expected (n, k) and (k, m) matrices, got ", a.sizes(), " and ", b.sizes());
   at::Tensor out = pooled_empty({a.size(0), b.size(1)}, a.options());
-  return at::mm_out(out, a, b);
+  return mm_into(out, a, b);
+}
+
+// a b into a fresh tensor, on the kernel's route: the input weights' gradient d_gates^T x.
+at::Tensor routed_mm(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0),
+              "rnnkit routed_mm: expected (n, k) and (k, m) matrices, got ", a.sizes(), " and ", b.sizes());
+  at::Tensor out = at::empty({a.size(0), b.size(1)}, a.options());
+  return mm_into(out, a, b);
 }
 
 TORCH_LIBRARY_FRAGMENT(rnnkit_fused, m) {
   m.def("pooled_mm(Tensor a, Tensor b) -> Tensor", &pooled_mm);
+  m.def("routed_mm(Tensor a, Tensor b) -> Tensor", &routed_mm);
 }
 
 }  // namespace rnnkit
