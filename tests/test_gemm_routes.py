@@ -59,3 +59,34 @@ def test_routed_products_take_any_layout(kernel, route):
         for got in (ops.pooled_mm(a, b), ops.routed_mm(a, b)):
             assert got.shape == want.shape
             assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+
+
+def test_route_is_recorded_and_a_change_on_resume_warned(kernel, tmp_path, monkeypatch):
+    """Routes round differently in the last bits: a checkpoint records the route its products took, a
+    resume in a process on another route warns (exact resume is bitwise only on the same route), and
+    RNNKIT_GEMM_ROUTE pins it."""
+    from rnnkit._fused import route
+    from rnnkit.train import TensorBatches, TrainConfig, Trainer, load_checkpoint
+
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.rnn = rk.GRU(4, 8, backend="engine")
+    x = torch.randn(16, 12, 4)
+
+    def loss(m, batch):
+        return m.rnn(batch[0])[0].square().mean()
+
+    kernel.limit_gemm_route("packed")
+    Trainer(model, TrainConfig(epochs=1, batch_size=4, out=str(tmp_path), progress=False), loss).fit(
+        TensorBatches(x, batch_size=4))
+    assert load_checkpoint(tmp_path).manifest["gemm_route"] == route.current() == "packed"
+    kernel.limit_gemm_route("aten")
+    with pytest.warns(UserWarning, match=r"route 'packed', this process on 'aten'.*RNNKIT_GEMM_ROUTE=packed"):
+        Trainer(model, TrainConfig(epochs=2, batch_size=4, out=str(tmp_path), progress=False), loss).fit(
+            TensorBatches(x, batch_size=4), resume=True)
+    monkeypatch.setenv("RNNKIT_GEMM_ROUTE", "blas")
+    route.apply_env(kernel)
+    assert kernel.gemm_route() == "blas"
+    monkeypatch.setenv("RNNKIT_GEMM_ROUTE", "fast")
+    with pytest.warns(UserWarning, match="not one of dnnl, packed, blas, aten"):
+        route.apply_env(kernel)

@@ -14,15 +14,14 @@ after the loop. The C++ mirrors `rnnkit/cells/*.py` line by line (`cells.h`).
     bernoulli(shape, p, dtype)                               fast 0/1 masks (zoneout), see random.h
     release_pool()                                           hand the kernel's kept buffers back (pool.h)
 
-Speed (measured in docs/benchmarks.md): with enough batch rows each thread runs the whole time loop on
-its own rows ("lanes", scan.h), so no step waits on a hand-off between threads; the large buffers come
-from a pool that keeps them between calls (pool.h), so a training step does not fault in fresh pages
-every call; layer normalisation of xi and of the recurrent product is done per row inside the loop.
+Speed (docs/benchmarks.md): with enough batch rows each thread runs the whole time loop on its own rows
+("lanes", scan.h); large buffers come from a pool kept between calls (pool.h), so a step does not fault
+in fresh pages; layer norm is done per row inside the loop; products on the faster of MKL/oneDNN (route.py).
 
 Built on first use with torch.utils.cpp_extension (JIT, for this machine's CPU), cached in torch's
 extension folder or in $RNNKIT_EXT_DIR; torch's file lock makes concurrent builds safe. If the build
 fails, one warning says why and `supports` answers False, so the engine runs its pure-torch path.
-RNNKIT_NO_FUSED=1 turns the fused path off.
+RNNKIT_NO_FUSED=1 turns the fused path off; RNNKIT_GEMM_ROUTE pins the products' route (route.py).
 """
 from __future__ import annotations
 
@@ -41,9 +40,9 @@ import torch.nn.functional as F
 
 from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from ..numerics import hand_backward
+from . import route
 
-__all__ = ["available", "bernoulli", "build", "release_pool", "scan", "scan_projected", "supports",
-           "supports_projected"]
+__all__ = ["available", "bernoulli", "build", "release_pool", "scan", "scan_projected", "supports", "supports_projected"]
 
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp", "pool.cpp")
@@ -130,6 +129,7 @@ def build(verbose: bool = False):
                            extra_include_paths=[str(_HERE)], build_directory=build_dir,
                            is_python_module=False, verbose=verbose)
         _loaded["ops"] = torch.ops.rnnkit_fused
+        route.apply_env(_loaded["ops"])                # RNNKIT_GEMM_ROUTE, when set
         return _loaded["ops"]
 
 

@@ -16,8 +16,9 @@ clipping (by value, then by norm), the optimizer step. Each epoch: evaluation, a
 schedule, early stopping, a checkpoint every `checkpoint_every` epochs. Ctrl-C or SIGTERM finishes the
 current step, writes a checkpoint and raises `TrainingInterrupted` (a second one stops at once and saves
 nothing; one during the last epoch lets the run finish and save, then raises): in the main thread, fit
-owns both signals while it runs (the program's own handlers are put back after, not called); `fit(..., resume=True)` continues from it, mid-epoch included, and ends bitwise-identical to
-a run that was never stopped. With early stopping on (`patience`), a checkpoint's model file holds the
+owns both signals while it runs (the program's own handlers are put back after, not called);
+`fit(..., resume=True)` continues from it, mid-epoch included, and ends bitwise-identical to a run that
+was never stopped (in a process whose kernel takes the same product route: _fused/route.py). With early stopping on (`patience`), a checkpoint's model file holds the
 best epoch's weights so far (what `load_weights` and the tasks' predict commands read); the last
 step's weights travel in its state, for resume.
 """
@@ -27,58 +28,22 @@ import math
 import random
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._fused import route as fused_route
 from ..errors import UserError
 from ..layers import auto_backend, backend_scope
 from .batches import TensorBatches, to_device
 from .checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
 from .config import TrainConfig, build_optimizer, build_scheduler, resolve_device
+from .outcomes import FitResult, History, NonFiniteLossError, TrainingError, TrainingInterrupted
 from .report import InterruptedTwice, MetricsCSV, TensorBoard, deferred_sigint, progress_bar, write_metrics_csv
 from .resume import check_continuable, check_epochs_left, check_resumable, rng_states, set_rng_states
 from .tbptt import StreamBatches, detach_state
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (the CLI prints the message and exits with status 1)."""
-
-
-class NonFiniteLossError(TrainingError):
-    """The loss or the gradient norm became NaN or Inf."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM (`signum`): a checkpoint was written; the message says where and how to resume.
-    `pressed`: a signal came (False when the stop was the task's own time limit, `TimeUp`)."""
-
-    def __init__(self, message: str, signum: int = signal.SIGINT, pressed: bool = True):
-        super().__init__(message)
-        self.signum, self.pressed = signal.Signals(signum), pressed
-
-    @property
-    def how(self) -> str:
-        return "terminated (SIGTERM)" if self.signum == signal.SIGTERM else "interrupted"
-
-
-@dataclass
-class History:
-    epochs: list[dict] = field(default_factory=list)   # one row per epoch, as in metrics.csv
-    loss: list[float] = field(default_factory=list)    # per step
-    grad_norm: list[float] = field(default_factory=list)  # per step, global L2 norm before clipping
-
-
-@dataclass(frozen=True)
-class FitResult:
-    history: History
-    epochs_run: int
-    best_epoch: int | None      # 1-based epoch with the best monitored value (None: nothing monitored)
-    best: float | None
-    stopped_early: bool
 
 
 def seed_everything(seed: int) -> None:
@@ -335,7 +300,8 @@ class Trainer:
         """Write a checkpoint of the whole training state into `cfg.out`."""
         manifest = {"epoch": self.epoch, "step": self.step, "finished": self.finished,
                     "best_epoch": self.best_epoch, "best": self.best,
-                    "train_config": self._config_json(), "meta": self.meta}
+                    "train_config": self._config_json(), "meta": self.meta,
+                    "gemm_route": fused_route.current()}     # None: the fused kernel did not run
         weights, state = self.model.state_dict(), self._state()
         if self.best_weights is not None and not self.finished:   # early stopping: the model file is the
             weights, state["resume_weights"] = self.best_weights, weights   # best epoch's; resume takes the last step's
@@ -390,6 +356,7 @@ class Trainer:
             raise UserError("resume needs the output directory of the run to continue (--out)")
         ckpt = load_checkpoint(self.cfg.out)
         check_resumable(self.cfg.out, ckpt.manifest, self._config_json(), self.meta)
+        fused_route.check_resumed(ckpt.manifest.get("gemm_route"), self.cfg.out)
         s = ckpt.state
         weights = ckpt.weights if s.get("resume_weights") is None else s["resume_weights"]
         try:
