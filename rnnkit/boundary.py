@@ -46,6 +46,11 @@ def check_input(layer, input, exact_dtype: bool = True) -> None:
                         f"{layer.weight_ih_l0.dtype}; convert one of them (e.g. layer.to(input.dtype))")
 
 
+def h_size(layer) -> int:
+    """Units of h_t: proj_size for a projected LSTM (torch.nn's or rnnkit's), else hidden_size."""
+    return getattr(layer, "proj_size", 0) or layer.hidden_size
+
+
 def check_state(name: str, hx, num_states: int, want: tuple, dtype: torch.dtype | None,
                 labels: tuple = ("h_0", "c_0"), layout: str = "num_layers*num_directions",
                 units: tuple = ("hidden_size", "hidden_size")) -> tuple:

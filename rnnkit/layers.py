@@ -37,6 +37,7 @@ from .boundary import (
     check_lengths,
     check_state,
     check_truncate,
+    h_size,
     length_mask,
     repack_like,
     untraced,
@@ -120,8 +121,7 @@ class _Recurrent:
 
     def _state_sizes(self) -> tuple:
         """Units of each state component: h_t has proj_size (a projected LSTM) or hidden_size, c_t hidden_size."""
-        H = self.hidden_size
-        return (getattr(self, "proj_size", 0) or H,) + (H,) * (self._cell.num_states - 1)
+        return (h_size(self),) + (self.hidden_size,) * (self._cell.num_states - 1)
 
     _suffix = staticmethod(param_suffix)
 

@@ -43,7 +43,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .boundary import check_state, positive_int
+from .boundary import check_state, h_size, positive_int
 from .cells import LayerNormCell
 from .cells.base import check_step, has_hand_backward
 from .layers import _Recurrent
@@ -155,11 +155,6 @@ def _check_state(layer, state, B: int, unbatched: bool, like: Tensor) -> tuple:
     parts = check_state(f"stream: {type(layer).__name__}", state, layer._cell.num_states,
                         want, like.dtype, labels=("h", "c"), layout="num_layers", units=units)
     return tuple(s.unsqueeze(1) for s in parts) if unbatched else parts
-
-
-def h_size(layer) -> int:
-    """Units of h_t: proj_size for a projected LSTM, else hidden_size."""
-    return getattr(layer, "proj_size", 0) or layer.hidden_size
 
 
 def _check_input(layer, x_t) -> tuple[Tensor, bool]:

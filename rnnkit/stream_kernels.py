@@ -52,7 +52,7 @@ class LSTMKernel:
         self.i, self.f, self.o = self.P[:, :H], self.P[:, H:2 * H], self.P[:, 2 * H:3 * H]
         self.tc = window.new_empty(window.shape[0], H)
         self.W_hr = None if sub.W_hr is None else sub.W_hr.t().contiguous()   # (H, P)
-        self.m = self.tc if self.W_hr is None else window.new_empty(window.shape[0], H)
+        self.m = None if self.W_hr is None else window.new_empty(window.shape[0], H)   # o tanh(c), projected
         self.hp = None if self.W_hr is None else window.new_empty(h.shape)
 
     def __call__(self):

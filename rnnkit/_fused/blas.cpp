@@ -45,25 +45,32 @@ Route g_limit = Route::kDnnl;                     // the best route allowed (ben
 // ---- oneDNN's float products, through torch's mkldnn::_linear_pointwise (y = x w^T) -------------------
 // On some CPUs torch's BLAS (MKL) does not use the vector units oneDNN does: on a 2-core AMD EPYC (Zen 4,
 // AVX-512) MKL's sgemm ran at 160-180 GFLOP/s and oneDNN's at 330-420 on the engine's products. Which
-// is faster is measured once per process on a product of the step's kind (dnnl_faster); on a Xeon
-// MKL wins or ties and nothing changes. The op is found by name (no oneDNN headers), called boxed.
-const c10::OperatorHandle* dnnl_op(const char* name) {
-  auto h = c10::Dispatcher::singleton().findSchema({name, ""});
-  return h ? new c10::OperatorHandle(*h) : nullptr;
+// is faster is measured once per process on a product of the step's kind (dnnl_measured_faster); on a
+// Xeon MKL is expected to win or tie and nothing changes. The ops are found by name (no oneDNN headers),
+// once, and called boxed.
+struct DnnlOps {
+  std::optional<c10::OperatorHandle> linear, pack;
+  c10::IValue none = c10::IValue(std::string("none"));               // linear's arguments that never change
+  c10::IValue no_scalars = c10::IValue(c10::List<std::optional<at::Scalar>>());
+  bool found() const { return linear && pack; }
+};
+
+const DnnlOps& dnnl_ops() {
+  static const DnnlOps ops{c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""}),
+                           c10::Dispatcher::singleton().findSchema({"mkldnn::_reorder_linear_weight", ""})};
+  return ops;
 }
 
 at::Tensor dnnl_linear(const at::Tensor& x, const at::Tensor& w) {      // x (m, k), w (n, k) -> (m, n)
-  static const c10::OperatorHandle* op = dnnl_op("mkldnn::_linear_pointwise");
-  torch::jit::Stack stack{x, w, c10::IValue(), c10::IValue(std::string("none")),
-                          c10::IValue(c10::List<std::optional<at::Scalar>>()), c10::IValue()};
-  op->callBoxed(&stack);
+  const DnnlOps& ops = dnnl_ops();
+  torch::jit::Stack stack{x, w, c10::IValue(), ops.none, ops.no_scalars, c10::IValue()};
+  ops.linear->callBoxed(&stack);
   return stack[0].toTensor();
 }
 
 at::Tensor dnnl_pack(const at::Tensor& w, int64_t rows) {              // w (n, k) in oneDNN's layout
-  static const c10::OperatorHandle* op = dnnl_op("mkldnn::_reorder_linear_weight");
   torch::jit::Stack stack{w, c10::IValue(rows)};
-  op->callBoxed(&stack);
+  dnnl_ops().pack->callBoxed(&stack);
   return stack[0].toTensor();
 }
 
@@ -71,8 +78,10 @@ at::Tensor wrap_f(const float* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
 }
 
+// C (m, n, leading dimension ldc) = src + beta C; src: oneDNN's (m, n) output (contiguous, as it makes them).
 void copy_rows(const at::Tensor& src, float* c, int64_t m, int64_t n, int64_t ldc, float beta) {
-  const float* s = src.data_ptr<float>();
+  const at::Tensor dense = src.contiguous();
+  const float* s = dense.data_ptr<float>();
   for (int64_t i = 0; i < m; ++i) {
     float* row = c + i * ldc;
     if (beta == 0.0f) {
@@ -145,6 +154,22 @@ bool can_pack() {
          (g_limit == Route::kPacked || g_limit == Route::kDnnl);
 }
 
+// U packed once into MKL's layout for the step product (see step_dims), and the product with it.
+std::unique_ptr<float[]> mkl_pack(const float* u, int64_t W, int64_t H, int64_t B, bool backward) {
+  const StepDims d = step_dims(W, H, B, backward);
+  const float one = 1;
+  std::unique_ptr<float[]> packed(new float[sgemm_pack_get_size("A", &d.m, &d.n, &d.k) / sizeof(float) + 1]);
+  sgemm_pack("A", &d.op_a, &d.m, &d.n, &d.k, &one, u, &d.lda, packed.get());
+  return packed;
+}
+
+void mkl_packed_product(const float* packed, int64_t W, int64_t H, int64_t B, bool backward, const float* x,
+                        float* y) {
+  const StepDims d = step_dims(W, H, B, backward);
+  const float zero = 0;
+  sgemm_compute("P", "N", &d.m, &d.n, &d.k, packed, &d.lda, x, &d.ldb, &zero, y, &d.ldc);
+}
+
 }  // namespace
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
@@ -158,7 +183,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
       const int64_t kk = std::min(slice, k - k0);
       at::Tensor A = ta ? wrap_f(a + k0 * lda, kk, m, lda).t().contiguous() : wrap_f(a + k0, m, kk, lda);
       at::Tensor Wt = tb ? wrap_f(b + k0, n, kk, ldb) : wrap_f(b + k0 * ldb, kk, n, ldb).t().contiguous();
-      copy_rows(dnnl_linear(A, Wt).contiguous(), c, m, n, ldc, k0 == 0 ? beta : 1.0f);
+      copy_rows(dnnl_linear(A, Wt), c, m, n, ldc, k0 == 0 ? beta : 1.0f);
     }
     return;
   }
@@ -175,15 +200,12 @@ StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool ba
     : u_(u), W_(W), H_(H), B_(B), backward_(backward) {
   if constexpr (std::is_same_v<T, float>) {
     if (steps >= kMinStepsToPack && B > 0 && B * W * H >= kDnnlMinStepWork && use_dnnl()) {   // U (forward) or U^T (backward) as linear's w
-      at::Tensor w = backward ? wrap_f(u, W, H, H).t().contiguous() : wrap_f(u, W, H, H).clone();
-      dnnl_w_ = std::make_shared<at::Tensor>(dnnl_pack(w, B));
+      const at::Tensor w = backward ? wrap_f(u, W, H, H).t().contiguous() : wrap_f(u, W, H, H);
+      dnnl_w_ = std::make_shared<at::Tensor>(dnnl_pack(w, B));       // read only while U is (this scan)
       return;
     }
     if (steps < kMinStepsToPack || !can_pack() || !blas_ok(W, H, B, W, H, W)) return;
-    const StepDims d = step_dims(W, H, B, backward);
-    const float one = 1;
-    packed_.reset(new float[sgemm_pack_get_size("A", &d.m, &d.n, &d.k) / sizeof(float) + 1]);
-    sgemm_pack("A", &d.op_a, &d.m, &d.n, &d.k, &one, u, &d.lda, packed_.get());
+    packed_ = mkl_pack(u, W, H, B, backward);
   }
 }
 
@@ -192,13 +214,11 @@ void StepProduct<T>::operator()(const T* x, T* y) const {
   if constexpr (std::is_same_v<T, float>) {
     if (dnnl_w_) {
       const int64_t K = backward_ ? W_ : H_, N = backward_ ? H_ : W_;
-      copy_rows(dnnl_linear(wrap_f(x, B_, K, K), *dnnl_w_).contiguous(), y, B_, N, N, 0.0f);
+      copy_rows(dnnl_linear(wrap_f(x, B_, K, K), *dnnl_w_), y, B_, N, N, 0.0f);
       return;
     }
     if (packed_) {
-      const StepDims d = step_dims(W_, H_, B_, backward_);
-      const float zero = 0;
-      sgemm_compute("P", "N", &d.m, &d.n, &d.k, packed_.get(), &d.lda, x, &d.ldb, &zero, y, &d.ldc);
+      mkl_packed_product(packed_.get(), W_, H_, B_, backward_, x, y);
       return;
     }
   }
@@ -234,17 +254,17 @@ bool dnnl_measured_faster() {
   static std::once_flag once;
   static bool faster = false;
   std::call_once(once, [] {
-    if (dnnl_op("mkldnn::_linear_pointwise") == nullptr || dnnl_op("mkldnn::_reorder_linear_weight") == nullptr) return;
+    if (!dnnl_ops().found() || sgemm_pack_get_size == nullptr || sgemm_pack == nullptr || sgemm_compute == nullptr) {
+      return;
+    }
     try {
       const int64_t B = 64, H = 256, W = 1024;
       at::Tensor u = at::randn({W, H}), x = at::randn({B, H}), y = at::empty({B, W});
-      at::Tensor packed = dnnl_pack(u, B);
-      const double dnnl = time_of([&] { copy_rows(dnnl_linear(x, packed).contiguous(), y.data_ptr<float>(), B, W, W, 0.0f); });
-      const Route saved = g_limit;
-      g_limit = Route::kPacked;
-      const StepProduct<float> mkl(u.data_ptr<float>(), W, H, B, false, kMinStepsToPack);
-      const double blas = time_of([&] { mkl(x.data_ptr<float>(), y.data_ptr<float>()); });
-      g_limit = saved;
+      float* const out = y.data_ptr<float>();
+      const at::Tensor packed = dnnl_pack(u, B);
+      const double dnnl = time_of([&] { copy_rows(dnnl_linear(x, packed), out, B, W, W, 0.0f); });
+      const auto mkl = mkl_pack(u.data_ptr<float>(), W, H, B, false);
+      const double blas = time_of([&] { mkl_packed_product(mkl.get(), W, H, B, false, x.data_ptr<float>(), out); });
       faster = dnnl <= 0.8 * blas;
       if (std::getenv("RNNKIT_GEMM_DEBUG")) std::fprintf(stderr, "rnnkit gemm: oneDNN %.1f us, MKL %.1f us\n", dnnl * 1e6, blas * 1e6);
     } catch (const std::exception&) {

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..boundary import h_size
+
 
 @dataclass(frozen=True)
 class Horizon:
@@ -127,7 +129,7 @@ def jacobian_norms(layer: nn.RNNBase, x: Tensor, hx=None) -> JacobianNorms:
     if x.dim() != 2 or x.shape[1] != layer.input_size:
         raise ValueError(f"jacobian_norms: x must be one sequence (T, {layer.input_size}), "
                          f"got shape {tuple(x.shape)}")
-    H = getattr(layer, "proj_size", 0) or layer.hidden_size                   # units of h_t
+    H = h_size(layer)                                                         # units of h_t
     xb = x.unsqueeze(1).expand(-1, H, -1)                                      # (T, H copies, I)
     state = _initial_state(layer, hx, H, x)
     hs = []
@@ -152,7 +154,7 @@ def jacobian_norms(layer: nn.RNNBase, x: Tensor, hx=None) -> JacobianNorms:
 
 def _initial_state(layer, hx, B, x):
     if hx is None:
-        h = torch.zeros(1, B, getattr(layer, "proj_size", 0) or layer.hidden_size, dtype=x.dtype, device=x.device)
+        h = torch.zeros(1, B, h_size(layer), dtype=x.dtype, device=x.device)
         if isinstance(layer, nn.LSTM):
             return h, torch.zeros(1, B, layer.hidden_size, dtype=x.dtype, device=x.device)
         return h

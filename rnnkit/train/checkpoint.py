@@ -120,16 +120,22 @@ def load_weights(directory) -> dict[str, torch.Tensor]:
 
 
 def load_weights_into(model: torch.nn.Module, directory) -> torch.nn.Module:
-    """`model.load_state_dict` of the current checkpoint in `directory`; weights that do not fit the model
-    its manifest describes (files from another run copied in) are a UserError, not torch's traceback."""
+    """`model.load_state_dict` of the current checkpoint in `directory` (see load_state_into)."""
+    load_state_into(model, load_weights(directory), directory)
+    return model
+
+
+def load_state_into(model: torch.nn.Module, weights: dict, directory,
+                    model_is: str = "the model its checkpoint.json describes") -> None:
+    """`model.load_state_dict(weights)`, read from `directory`; weights that do not fit the model
+    (files from another run copied in) are a UserError, not torch's traceback."""
     try:
-        model.load_state_dict(load_weights(directory))
+        model.load_state_dict(weights)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise UserError(f"the weights in {directory} do not fit the model its checkpoint.json describes "
+        raise UserError(f"the weights in {directory} do not fit {model_is} "
                         f"({' '.join(line.strip() for line in first[:3])}); the folder mixes files of "
-                        "different runs: train again, or restore the folder") from None
-    return model
+                        "different runs: train again in a new --out directory, or restore the folder") from None
 
 
 def load_checkpoint(directory) -> Checkpoint:

@@ -23,7 +23,12 @@ class TrainingInterrupted(KeyboardInterrupt):
 
     @property
     def how(self) -> str:
-        return "terminated (SIGTERM)" if self.signum == signal.SIGTERM else "interrupted"
+        return stopped_by(self.signum)
+
+
+def stopped_by(signum: int) -> str:
+    """How a message says a run was stopped by this signal."""
+    return "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
 
 
 @dataclass

@@ -38,9 +38,9 @@ from .._fused import route as fused_route
 from ..errors import UserError
 from ..layers import auto_backend, backend_scope
 from .batches import TensorBatches, to_device
-from .checkpoint import MANIFEST, load_checkpoint, read_manifest, save_checkpoint
+from .checkpoint import MANIFEST, load_checkpoint, load_state_into, read_manifest, save_checkpoint
 from .config import TrainConfig, build_optimizer, build_scheduler, resolve_device
-from .outcomes import FitResult, History, NonFiniteLossError, TrainingError, TrainingInterrupted
+from .outcomes import FitResult, History, NonFiniteLossError, TrainingError, TrainingInterrupted, stopped_by
 from .report import InterruptedTwice, MetricsCSV, TensorBoard, deferred_sigint, progress_bar, write_metrics_csv
 from .resume import check_continuable, check_epochs_left, check_resumable, rng_states, set_rng_states
 from .tbptt import StreamBatches, detach_state
@@ -272,7 +272,7 @@ class Trainer:
         return FitResult(self.history, self.epoch, self.best_epoch, self.best, self.stopped_early)
 
     def _interrupted_at_end(self, signum: int) -> TrainingInterrupted:
-        how = TrainingInterrupted("", signum).how
+        how = stopped_by(signum)
         if self.cfg.out is None:
             return TrainingInterrupted(f"{how} in the last epoch; the run finished, and this run has no output "
                                        "directory, so nothing was saved", signum)
@@ -280,7 +280,7 @@ class Trainer:
                                    "the same command with --resume to score it and write its outputs", signum)
 
     def _interrupted(self, save: bool, signum: int = signal.SIGINT) -> TrainingInterrupted:
-        how = TrainingInterrupted("", signum).how
+        how = stopped_by(signum)
         where = (f"after epoch {self.epoch}" if self.batch == 0 else f"in epoch {self.epoch + 1}") + f", step {self.step}"
         if self.cfg.out is None:
             return TrainingInterrupted(f"{how} {where}; this run has no output directory, so nothing was saved",
@@ -358,12 +358,8 @@ class Trainer:
         check_resumable(self.cfg.out, ckpt.manifest, self._config_json(), self.meta)
         fused_route.check_resumed(ckpt.manifest.get("gemm_route"), self.cfg.out)
         s = ckpt.state
-        weights = ckpt.weights if s.get("resume_weights") is None else s["resume_weights"]
-        try:
-            self.model.load_state_dict(weights)
-        except RuntimeError as e:
-            raise UserError(f"the weights in {self.cfg.out} do not fit this model ({str(e).splitlines()[0]} ...): "
-                            "the folder mixes files of different runs; train again in a new --out directory") from None
+        load_state_into(self.model, ckpt.weights if s.get("resume_weights") is None else s["resume_weights"],
+                        self.cfg.out, "this model")
         self.optimizer.load_state_dict(s["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(s["scheduler"])
