@@ -47,13 +47,18 @@ def test_routed_products_take_any_layout(kernel, route):
     ops = torch.ops.rnnkit_fused
     torch.manual_seed(0)
     big = torch.randn(700, 600)
+    wide = torch.randn(5003, 600)
     cases = [(torch.randn(300, 200), torch.randn(200, 400)),          # row-major
              (torch.randn(200, 300).t(), torch.randn(400, 200).t()),  # both transposed
              (big[:300, :200], big[:200, 100:500]),                   # leading dimension 600
              (big[:300, :200].t(), torch.randn(300, 1)),              # one column
              (torch.randn(1, 200), torch.randn(200, 300)),            # one row
              (big[::2, ::3][:200, :100], torch.randn(100, 150)),      # neither layout: at::mm
-             (torch.randn(6400, 256).t(), torch.randn(6400, 256))]    # a weight gradient's shape
+             (torch.randn(6400, 256).t(), torch.randn(6400, 256)),    # a weight gradient's shape
+             # large enough for oneDNN: both operands copied transposed, in slices of k with a shorter
+             # last slice, sides not multiples of the transpose's 16 x 16 tiles, leading dimension 600
+             (wide[:, :130].t(), wide[:, 300:500]),
+             (torch.randn(300, 2000), wide[:2000, 10:140])]           # only b copied, in one slice
     for a, b in cases:
         want = a.double() @ b.double()
         for got in (ops.pooled_mm(a, b), ops.routed_mm(a, b)):

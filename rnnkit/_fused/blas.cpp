@@ -2,6 +2,10 @@
 // routine gets the operands swapped and each transpose flag kept.
 #include "blas.h"
 
+#include "pool.h"
+
+#include <ATen/Parallel.h>
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -76,6 +80,30 @@ at::Tensor dnnl_pack(const at::Tensor& w, int64_t rows) {              // w (n, 
 
 at::Tensor wrap_f(const float* p, int64_t rows, int64_t cols, int64_t ld) {
   return at::from_blob(const_cast<float*>(p), {rows, cols}, {ld, 1}, at::TensorOptions().dtype(at::kFloat));
+}
+
+// dst (cols, rows) = src^T, src (rows, cols) row-major with leading dimension ld: 16 x 16 tiles, column
+// blocks over the threads. 4-6x faster than a strided at::Tensor copy (3200 x 1024: 2.6 -> 0.55 ms).
+void transpose_into(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  constexpr int64_t kTile = 16;
+  at::parallel_for(0, (cols + kTile - 1) / kTile, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+      const int64_t r1 = std::min(r0 + kTile, rows);
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t c0 = blk * kTile, c1 = std::min(c0 + kTile, cols);
+        if (r1 - r0 == kTile && c1 - c0 == kTile) {
+          for (int64_t j = 0; j < kTile; ++j) {
+#pragma omp simd
+            for (int64_t i = 0; i < kTile; ++i) dst[(c0 + j) * rows + r0 + i] = src[(r0 + i) * ld + c0 + j];
+          }
+        } else {
+          for (int64_t j = c0; j < c1; ++j) {
+            for (int64_t i = r0; i < r1; ++i) dst[j * rows + i] = src[i * ld + j];
+          }
+        }
+      }
+    }
+  });
 }
 
 // C (m, n, leading dimension ldc) = src + beta C; src: oneDNN's (m, n) output (contiguous, as it makes them).
@@ -176,13 +204,28 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m >= kDnnlMinSide && n >= kDnnlMinSide && k > 0 && m * n * k >= kDnnlMinWork && use_dnnl()) {
     // op(A) (m, k) and op(B)^T (n, k) as oneDNN's linear takes them: row-major, k contiguous. A transposed
-    // operand is copied so, in slices of k (a weight gradient's k is T*B: whole copies raised a training
-    // step's peak memory by a third; 2 MB slices still by 17% at B = 32, H = 256), each slice's product added to C.
-    const int64_t slice = (ta || !tb) ? std::max<int64_t>(kDnnlMinSide, kDnnlCopyElements / std::max(m, n)) : k;
+    // operand is copied so, in slices of k of at most kDnnlCopyElements copied elements (a weight gradient's
+    // k is T*B: whole copies raised a training step's peak memory by a third), each slice's product added to C.
+    const int64_t copied = (ta ? m : 0) + (tb ? 0 : n);            // elements copied per unit of k
+    const int64_t slice = copied == 0 ? k : std::min(k, std::max(kDnnlMinSide, kDnnlCopyElements / copied));
+    const auto opts = at::TensorOptions().dtype(at::kFloat);
+    const at::Tensor a_buf = ta ? pooled_empty({m * slice}, opts) : at::Tensor();
+    const at::Tensor b_buf = tb ? at::Tensor() : pooled_empty({n * slice}, opts);
     for (int64_t k0 = 0; k0 < k; k0 += slice) {
       const int64_t kk = std::min(slice, k - k0);
-      at::Tensor A = ta ? wrap_f(a + k0 * lda, kk, m, lda).t().contiguous() : wrap_f(a + k0, m, kk, lda);
-      at::Tensor Wt = tb ? wrap_f(b + k0, n, kk, ldb) : wrap_f(b + k0 * ldb, kk, n, ldb).t().contiguous();
+      at::Tensor A, Wt;
+      if (ta) {
+        transpose_into(a + k0 * lda, kk, m, lda, a_buf.data_ptr<float>());
+        A = wrap_f(a_buf.data_ptr<float>(), m, kk, kk);
+      } else {
+        A = wrap_f(a + k0, m, kk, lda);
+      }
+      if (tb) {
+        Wt = wrap_f(b + k0, n, kk, ldb);
+      } else {
+        transpose_into(b + k0 * ldb, kk, n, ldb, b_buf.data_ptr<float>());
+        Wt = wrap_f(b_buf.data_ptr<float>(), n, kk, kk);
+      }
       copy_rows(dnnl_linear(A, Wt), c, m, n, ldc, k0 == 0 ? beta : 1.0f);
     }
     return;
