@@ -66,6 +66,37 @@ def test_routed_products_take_any_layout(kernel, route):
             assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
 
 
+@pytest.mark.parametrize("route", ["dnnl", "packed", "aten"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_routed_linear_and_addmm(kernel, route, dtype):
+    """The parallel-scan cells' products: routed_linear (x W^T; oneDNN's output itself where routed) and
+    routed_addmm_ (out = a b + beta out in place, beta 1 accumulating the weight gradient over blocks,
+    beta 0 writing the input gradient into a block of a larger tensor), against float64 products."""
+    kernel.limit_gemm_route(route)
+    ops = torch.ops.rnnkit_fused
+    torch.manual_seed(0)
+    for rows, I, N in [(680, 16, 768), (40, 3, 10), (512, 256, 512)]:
+        x, w = torch.randn(rows, I, dtype=dtype), torch.randn(N, I, dtype=dtype)
+        got = ops.routed_linear(x, w)
+        want = x.double() @ w.double().t()
+        assert got.shape == want.shape and got.dtype == dtype
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+        dP = torch.randn(rows, N, dtype=dtype)
+        dW = torch.randn(N, I, dtype=dtype)
+        want = dW.double() + dP.double().t() @ x.double()
+        assert ops.routed_addmm_(dW, dP.t(), x, 1.0) is dW                # in place
+        assert ((dW.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+        dx = torch.full((rows + 6, I), 7.0, dtype=dtype)
+        ops.routed_addmm_(dx[3:rows + 3], dP, w, 0.0)                     # a block of a larger tensor
+        want = dP.double() @ w.double()
+        assert ((dx[3:rows + 3].double() - want).abs().max() / want.abs().max()).item() < 1e-5
+        assert (dx[:3] == 7).all() and (dx[rows + 3:] == 7).all()
+    with pytest.raises(RuntimeError, match="routed_addmm_: expected"):
+        ops.routed_addmm_(torch.zeros(3, 4), torch.zeros(3, 5), torch.zeros(6, 4), 1.0)
+    with pytest.raises(RuntimeError, match="routed_linear: expected"):
+        ops.routed_linear(torch.zeros(3, 4), torch.zeros(5, 6))
+
+
 def test_route_is_recorded_and_a_change_on_resume_warned(kernel, tmp_path, monkeypatch):
     """Routes round differently in the last bits: a checkpoint records the route its products took, a
     resume in a process on another route warns (exact resume is bitwise only on the same route), and

@@ -197,10 +197,12 @@ def test_backward_block_matches_autograd(cell):
 def test_fused_route_equals_torch_route_in_float32(kind, reverse, upstream, monkeypatch):
     """Sizes the float64 tests do not reach: H = 600 spans two lane chunks of the kernel (512), B = 5
     rows over two threads, 3 blocks with padding; values, gradients and the trace's g norms. The
-    gradient arriving at h is dense, one expanded scalar (out.sum()), or strided (a transposed view)."""
+    gradient arriving at h is dense, one expanded scalar (out.sum()), or strided (a transposed view).
+    I = 24: a block's projection (80 x 24 by 24 x 1200 or 1800) is large enough for the kernel's oneDNN
+    route where the CPU takes it (blas.h: kDnnlMinStepWork)."""
     if not _fused.available():
         pytest.skip("the fused kernel is not available here")
-    T, B, I, H = 40, 5, 6, 600
+    T, B, I, H = 40, 5, 24, 600
     cell = {"mingru": MinGRUCell, "minlstm": MinLSTMCell}[kind]()
     torch.manual_seed(1)
     x = torch.randn(T, B, I, requires_grad=True)

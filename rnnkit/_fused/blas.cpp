@@ -233,6 +233,14 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
   gemm_any(sgemm_, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 
+at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w) {
+  const bool dense = x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == at::kFloat &&
+                     w.scalar_type() == at::kFloat && x.device().is_cpu() && w.device().is_cpu() &&
+                     x.stride(1) == 1 && w.stride(1) == 1;
+  if (dense && x.size(0) * w.size(0) * x.size(1) >= kDnnlMinStepWork && use_dnnl()) return dnnl_linear(x, w);
+  return at::mm(x, w.t());
+}
+
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, int64_t lda,
           const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   gemm_any(dgemm_, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);

@@ -55,6 +55,11 @@ class StepProduct {
   std::shared_ptr<at::Tensor> dnnl_w_;             // oneDNN's packed weight, when that route is taken
 };
 
+// x (n, k) w^T for w (m, k), both row-major with unit stride along k: oneDNN's output itself (no copy)
+// where the route takes oneDNN and n m k >= kDnnlMinStepWork, at::mm otherwise. The projections of the
+// parallel-scan cells' blocks (rnnkit/parallel.py).
+at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w);
+
 // Which route the products take: "dnnl" (oneDNN's float products where measured faster than MKL's, see
 // blas.cpp), "packed" (MKL's packed GEMM for the float step products, torch's
 // BLAS directly for the rest), "blas" (torch's BLAS directly) or "aten" (at::mm). A benchmark can

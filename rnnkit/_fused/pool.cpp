@@ -172,16 +172,20 @@ bool blas_layout(const at::Tensor& t, bool& trans, int64_t& ld) {
   return false;
 }
 
-// out = a b, float products through the kernel's own route (blas.cpp: oneDNN where measured faster than
-// torch's BLAS, which at::mm uses), anything else through at::mm_out.
-at::Tensor& mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+// out = a b + beta out, float products through the kernel's own route (blas.cpp: oneDNN where measured
+// faster than torch's BLAS, which at::mm uses), anything else through ATen.
+at::Tensor& mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta = 0.0) {
   bool ta = false, tb = false;
   int64_t lda = 0, ldb = 0;
-  const bool routed = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat && out.is_contiguous() &&
-                      a.device().is_cpu() && b.device().is_cpu() && a.numel() > 0 && b.numel() > 0 &&
+  const bool routed = a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                      out.scalar_type() == at::kFloat && out.is_contiguous() && a.device().is_cpu() &&
+                      b.device().is_cpu() && out.device().is_cpu() && a.numel() > 0 && b.numel() > 0 &&
                       blas_layout(a, ta, lda) && blas_layout(b, tb, ldb);
-  if (!routed) return at::mm_out(out, a, b);
-  gemm(ta, tb, a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), lda, b.data_ptr<float>(), ldb, 0.0f,
+  if (!routed) {
+    if (beta == 0.0) return at::mm_out(out, a, b);
+    return out.addmm_(a, b, beta, 1.0);
+  }
+  gemm(ta, tb, a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), lda, b.data_ptr<float>(), ldb, float(beta),
        out.data_ptr<float>(), b.size(1));
   return out;
 }
@@ -203,7 +207,26 @@ at::Tensor routed_mm(const at::Tensor& a, const at::Tensor& b) {
   return mm_into(out, a, b);
 }
 
+// out = a b + beta out in place, on the kernel's route: the parallel-scan cells' weight gradient, summed
+// over blocks (beta 1), and their input's gradient written into its block (beta 0).
+at::Tensor& routed_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0) && out.dim() == 2 &&
+              out.size(0) == a.size(0) && out.size(1) == b.size(1),
+              "rnnkit routed_addmm_: expected out (n, m), a (n, k), b (k, m), got ", out.sizes(), ", ", a.sizes(),
+              " and ", b.sizes());
+  return mm_into(out, a, b, beta);
+}
+
+// x w^T (w: (m, k)), oneDNN's output itself where the route takes it: the parallel-scan cells' projections.
+at::Tensor routed_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "rnnkit routed_linear: expected (n, k) and (m, k) matrices, got ", x.sizes(), " and ", w.sizes());
+  return linear_product(x, w);
+}
+
 TORCH_LIBRARY_FRAGMENT(rnnkit_fused, m) {
+  m.def("routed_addmm_(Tensor(a!) out, Tensor a, Tensor b, float beta) -> Tensor(a!)", &routed_addmm_);
+  m.def("routed_linear(Tensor x, Tensor w) -> Tensor", &routed_linear);
   m.def("pooled_mm(Tensor a, Tensor b) -> Tensor", &pooled_mm);
   m.def("routed_mm(Tensor a, Tensor b) -> Tensor", &routed_mm);
 }
