@@ -40,6 +40,7 @@ constexpr int64_t kDnnlMinStepWork = int64_t(1) << 20;     // B W H of a step pr
 constexpr int64_t kDnnlMinWork = int64_t(1) << 26;         // m n k of a general product, with m, n >= 128
 constexpr int64_t kDnnlMinSide = 128;
 constexpr int64_t kDnnlCopyElements = int64_t(1) << 19;    // elements copied per slice of k: 2 MB of floats
+constexpr int64_t kDnnlCopyShare = 8;                       // and at most this fraction of all copied
 
 template <typename T>
 class StepProduct {
