@@ -1,6 +1,10 @@
 """The fused kernel's matrix-product routes (rnnkit/_fused/blas.cpp): oneDNN's products where they were
 measured faster than torch's BLAS (MKL), MKL's packed GEMM, plain BLAS, ATen. Every route must give
 torch.nn's numbers; which one runs by default depends on the CPU, so each is forced in turn."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -58,7 +62,7 @@ def test_routed_products_take_any_layout(kernel, route):
              # large enough for oneDNN: both operands copied transposed, in slices of k with a shorter
              # last slice, sides not multiples of the transpose's 16 x 16 tiles, leading dimension 600
              (wide[:, :130].t(), wide[:, 300:500]),
-             (torch.randn(300, 2000), wide[:2000, 10:140])]           # only b copied, in one slice
+             (torch.randn(300, 2000), wide[:2000, 10:140])]           # only b copied
     for a, b in cases:
         want = a.double() @ b.double()
         for got in (ops.pooled_mm(a, b), ops.routed_mm(a, b)):
@@ -95,6 +99,43 @@ def test_routed_linear_and_addmm(kernel, route, dtype):
         ops.routed_addmm_(torch.zeros(3, 4), torch.zeros(3, 5), torch.zeros(6, 4), 1.0)
     with pytest.raises(RuntimeError, match="routed_linear: expected"):
         ops.routed_linear(torch.zeros(3, 4), torch.zeros(5, 6))
+
+
+@pytest.mark.parametrize("route", ["dnnl", "packed"])
+def test_routed_ops_and_autograd(kernel, route):
+    """routed_linear follows autograd where a gradient is wanted (oneDNN's op has no backward, so it
+    takes at::mm then); routed_addmm_ tells autograd it wrote `out` (its version moves) and refuses a
+    tensor that requires grad; a weight whose rows overlap is multiplied, not refused."""
+    kernel.limit_gemm_route(route)
+    ops = torch.ops.rnnkit_fused
+    torch.manual_seed(0)
+    x = torch.randn(1000, 64, requires_grad=True)
+    w = torch.randn(512, 64, requires_grad=True)
+    ops.routed_linear(x, w).square().sum().backward()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    (x2 @ w2.t()).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-3)
+    assert torch.allclose(w.grad, w2.grad, rtol=1e-4, atol=1e-3)
+    overlapping = torch.randn(600).as_strided((512, 64), (1, 1))
+    assert torch.allclose(ops.routed_linear(x.detach(), overlapping), x.detach() @ overlapping.t(), atol=1e-3)
+    out = torch.zeros(300, 700)
+    before = out._version
+    ops.routed_addmm_(out, torch.randn(300, 1000), torch.randn(1000, 700), 1.0)
+    assert out._version > before
+    with pytest.raises(RuntimeError, match="requires grad"):
+        ops.routed_addmm_(torch.zeros(300, 700, requires_grad=True), torch.randn(300, 1000),
+                          torch.randn(1000, 700), 1.0)
+
+
+def test_route_measurement_leaves_the_global_random_stream_alone():
+    """The once-per-process timing of the two routes fills its matrices from its own generator: a run
+    seeded before the kernel's first product draws the same numbers as one where it had already run."""
+    code = ("import torch; from rnnkit import _fused; ops = _fused.build(); "
+            "torch.manual_seed(123); ops.gemm_route(); print(torch.randn(3).tolist())")
+    env = {**os.environ, "RNNKIT_GEMM_ROUTE": ""}
+    first = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    torch.manual_seed(123)
+    assert first.stdout.strip() == str(torch.randn(3).tolist())
 
 
 def test_route_is_recorded_and_a_change_on_resume_warned(kernel, tmp_path, monkeypatch):

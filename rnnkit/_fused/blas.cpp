@@ -4,7 +4,9 @@
 
 #include "pool.h"
 
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/addmm.h>
@@ -237,10 +239,13 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
 }
 
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w) {
+  auto rows_apart = [](const at::Tensor& t) { return t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1)); };
   const bool dense = x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == at::kFloat &&
                      w.scalar_type() == at::kFloat && x.device().is_cpu() && w.device().is_cpu() &&
-                     x.stride(1) == 1 && w.stride(1) == 1;
-  if (dense && x.size(0) * w.size(0) * x.size(1) >= kDnnlMinStepWork && use_dnnl()) return dnnl_linear(x, w);
+                     rows_apart(x) && rows_apart(w);
+  // oneDNN's op has no backward: with a gradient to follow, at::mm (autograd differentiates it).
+  const bool tracked = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad());
+  if (dense && !tracked && x.size(0) * w.size(0) * x.size(1) >= kDnnlMinStepWork && use_dnnl()) return dnnl_linear(x, w);
   return at::mm(x, w.t());
 }
 
@@ -313,7 +318,8 @@ bool dnnl_measured_faster() {
     }
     try {
       const int64_t B = 64, H = 256, W = 1024;
-      at::Tensor u = at::randn({W, H}), x = at::randn({B, H}), y = at::empty({B, W});
+      at::Generator gen = at::detail::createCPUGenerator(0);      // not torch's global stream: a seeded
+      at::Tensor u = at::randn({W, H}, gen), x = at::randn({B, H}, gen), y = at::empty({B, W});   // run stays as it was
       float* const out = y.data_ptr<float>();
       const at::Tensor packed = dnnl_pack(u, B);
       const double dnnl = time_of([&] { copy_rows(dnnl_linear(x, packed), out, B, W, W, 0.0f); });

@@ -5,6 +5,7 @@
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/mm.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/CPUAllocator.h>
@@ -185,6 +186,10 @@ at::Tensor& mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, d
     if (beta == 0.0) return at::mm_out(out, a, b);
     return out.addmm_(a, b, beta, 1.0);
   }
+  // Written through a raw pointer: refuse what autograd would refuse, and tell it out changed.
+  TORCH_CHECK(!(at::GradMode::is_enabled() && out.requires_grad()),
+              "rnnkit: a product written in place into a tensor that requires grad; call it under torch.no_grad()");
+  if (!out.is_inference()) out.unsafeGetTensorImpl()->bump_version();
   gemm(ta, tb, a.size(0), b.size(1), a.size(1), a.data_ptr<float>(), lda, b.data_ptr<float>(), ldb, float(beta),
        out.data_ptr<float>(), b.size(1));
   return out;
