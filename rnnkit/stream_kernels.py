@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import _fused
 from .cells import ElmanCell, GRUCell, LSTMCell, ProjectedLSTMCell
 from .layers import _Recurrent
 
@@ -32,6 +33,14 @@ def _stacked(sub, rows: list[tuple[Tensor | None, Tensor | None]], bias: list[Te
     return torch.cat(blocks, 0).t().contiguous(), torch.cat(bias, 0)
 
 
+def _fused_step(window: Tensor):
+    """The fused kernel's one-call LSTM step (rnnkit/_fused/stream.cpp) for a CPU float32/float64 stream,
+    None where it does not apply or the kernel is unavailable (the torch-op step then runs)."""
+    if window.device.type != "cpu" or window.dtype not in (torch.float32, torch.float64) or not _fused.available():
+        return None
+    return _fused.build().stream_lstm
+
+
 def _bias(b: Tensor | None, n: int, like: Tensor) -> Tensor:
     return like.new_zeros(n) if b is None else b
 
@@ -54,8 +63,12 @@ class LSTMKernel:
         self.W_hr = None if sub.W_hr is None else sub.W_hr.t().contiguous()   # (H, P)
         self.m = None if self.W_hr is None else window.new_empty(window.shape[0], H)   # o tanh(c), projected
         self.hp = None if self.W_hr is None else window.new_empty(h.shape)
+        self.fused = _fused_step(window) if self.W_hr is None else None   # the whole step in one C++ call
 
     def __call__(self):
+        if self.fused is not None:
+            self.fused(self.window, self.W, self.b, self.P, self.c, self.h)
+            return
         torch.addmm(self.b, self.window, self.W, out=self.P)
         self.sig.sigmoid_()
         self.tanh.tanh_()
