@@ -11,13 +11,19 @@ pytestmark = pytest.mark.skipif(not _fused.available(), reason="fused kernel not
 
 
 def _run(layer, xs, fused: bool, monkeypatch):
+    """The stream over xs with the one-call step or the torch-op step; asserts how often the op ran."""
+    calls = []
+
+    def counted(*args):
+        calls.append(1)
+        return _fused.build().stream_lstm(*args)
+
     with monkeypatch.context() as m:
-        if not fused:
-            m.setattr(stream_kernels, "_fused_step", lambda window: None)
+        m.setattr(stream_kernels, "_fused_step", (lambda window: counted) if fused else (lambda window: None))
         s = rk.Stream(layer, batch_size=xs.shape[1])
-        assert (s._kernels[0].fused is not None) == fused
         ys = torch.stack([s(x) for x in xs])
-        return ys, s.state
+    assert len(calls) == (xs.shape[0] * layer.num_layers if fused else 0)
+    return ys, s.state
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
@@ -33,13 +39,42 @@ def test_fused_lstm_step_equals_torch_ops(dtype, tol, B, L, H, monkeypatch):
     assert (y1 - ref).abs().max().item() <= 10 * tol * (1 + ref.abs().max().item())
 
 
+def _args(**change):
+    """Good arguments of stream_lstm (B = 2, K = 10, H = 4), with some replaced."""
+    args = {"window": torch.zeros(2, 10), "W": torch.zeros(10, 16), "b": torch.zeros(16), "P": torch.zeros(2, 16),
+                "c": torch.zeros(2, 4), "h": torch.zeros(2, 4)}
+    args.update(change)
+    return tuple(args.values())
+
+
 def test_stream_lstm_refuses_what_it_cannot_take():
     ops = _fused.build()
-    w, b = torch.zeros(10, 16), torch.zeros(16)
-    P, c, h = torch.zeros(2, 16), torch.zeros(2, 4), torch.zeros(2, 4)
-    with pytest.raises(RuntimeError, match="stream_lstm: expected"):
-        ops.stream_lstm(torch.zeros(2, 9), w, b, P, c, h)                # window width != W's rows
-    with pytest.raises(RuntimeError, match="one dtype"):
-        ops.stream_lstm(torch.zeros(2, 10), w.double(), b, P, c, h)
+    ops.stream_lstm(*_args())                                          # the good ones run
+    shape = "stream_lstm: expected"
+    flat = torch.zeros(40)
+    for change, match in [
+        ({"window": torch.zeros(2, 9)}, shape),                       # window width != W's rows
+        ({"window": torch.zeros(10, 2).t()}, shape),                  # columns not unit stride
+        ({"W": torch.zeros(16, 10).t()}, shape),                      # W not contiguous
+        ({"W": torch.zeros(10, 12)}, shape),                          # W's columns != 4H
+        ({"b": torch.zeros(12)}, shape),                              # b's length
+        ({"b": torch.zeros(4, 4)}, shape),                            # b not a vector
+        ({"P": torch.zeros(2, 12)}, shape), ({"P": torch.zeros(3, 16)}, shape),
+        ({"P": torch.zeros(16, 2).t()}, shape),
+        ({"c": torch.zeros(3, 4)}, shape), ({"c": torch.zeros(2, 5)}, shape),
+        ({"h": torch.zeros(3, 4)}, shape), ({"h": torch.zeros(4, 2).t()}, shape),
+        ({"W": torch.zeros(10, 16, dtype=torch.float64)}, "one dtype"),
+        ({"c": torch.zeros(2, 4, device="meta")}, "CPU tensors"),
+        ({"W": torch.zeros(10, 16)._neg_view()}, "lazy negation"),
+        ({"window": flat[:20].view(2, 10), "P": flat[8:40].view(2, 16)}, "single memory location"),   # P written over window
+        ({"c": torch.zeros(2, 16)[:, :4], "P": torch.zeros(2, 16)}, None),  # apart: fine
+    ]:
+        args = _args(**change)
+        if match is None:
+            ops.stream_lstm(*args)
+            continue
+        with pytest.raises(RuntimeError, match=match):
+            ops.stream_lstm(*args)
+    half = [t.half() for t in _args()]
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        ops.stream_lstm(torch.zeros(2, 10, dtype=torch.float16), w.half(), b.half(), P.half(), c.half(), h.half())
+        ops.stream_lstm(*half)

@@ -3,6 +3,7 @@
 // written in place. The torch-op kernel takes seven operator calls a step (~6 us at H = 32, batch 1, most of
 // it per-call overhead); this one takes one. Gate order of W's columns and b: i, f, o, g (as LSTMKernel
 // stacks them).
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include "blas.h"
@@ -38,7 +39,16 @@ void stream_lstm(const at::Tensor& window, const at::Tensor& W, const at::Tensor
   for (const at::Tensor* t : {&W, &b, &P, &c, &h}) {
     TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu(), "rnnkit stream_lstm: CPU tensors of one dtype");
   }
-  TORCH_CHECK(window.device().is_cpu() && rows_unit(window) && rows_unit(P) && rows_unit(c) && rows_unit(h) &&
+  for (const at::Tensor* t : {&window, &W, &b, &P, &c, &h}) {
+    TORCH_CHECK(!t->is_neg() && !t->is_conj() && t->layout() == at::kStrided,
+                "rnnkit stream_lstm: dense tensors without a lazy negation");
+  }
+  // Written: P, c, h (h may lie inside window: it is written after the product has read window). ATen
+  // tells overlap only between contiguous tensors; rk.Stream's views are apart by construction.
+  for (const at::Tensor* t : {&window, &W, &b, &c, &h}) at::assert_no_overlap(P, *t);
+  for (const at::Tensor* t : {&window, &W, &b, &h}) at::assert_no_overlap(c, *t);
+  for (const at::Tensor* t : {&W, &b}) at::assert_no_overlap(h, *t);
+  TORCH_CHECK(b.dim() == 1 && window.device().is_cpu() && rows_unit(window) && rows_unit(P) && rows_unit(c) && rows_unit(h) &&
               W.is_contiguous() && b.is_contiguous() && W.dim() == 2 && W.size(0) == K && W.size(1) == 4 * H &&
               b.numel() == 4 * H && P.size(0) == B && P.size(1) == 4 * H && c.size(0) == B && c.size(1) == H &&
               h.size(0) == B, "rnnkit stream_lstm: expected window (B, K), W (K, 4H), b (4H,), P (B, 4H), "
