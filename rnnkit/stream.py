@@ -25,7 +25,8 @@ on preallocated buffers, under torch.inference_mode, with no validation beyond a
     the first such Stream builds that kernel if it is not built yet (once per machine, cached;
     RNNKIT_NO_FUSED=1 keeps the torch ops);
   - GRU: columns [r, -z, x_n, h_n] (the z block negated, so its sigmoid is 1 - z; x and h parts of n
-    kept apart, as torch.nn.GRU needs r * (U_n h + b_hn)); n = tanh(x_n + r * h_n); h.lerp_(n, 1 - z);
+    kept apart, as torch.nn.GRU needs r * (U_n h + b_hn)); n = tanh(x_n + r * h_n); h.lerp_(n, 1 - z)
+    (on CPU in float32/64 one call into the fused kernel, as the LSTM's);
   - Elman: tanh or relu of the product, into the buffer.
 The stacked weights are rebuilt when any parameter or buffer changes (its version counter or storage)
 or any torch.optim step was taken (fused optimizer steps write without counting a version), so an

@@ -33,12 +33,13 @@ def _stacked(sub, rows: list[tuple[Tensor | None, Tensor | None]], bias: list[Te
     return torch.cat(blocks, 0).t().contiguous(), torch.cat(bias, 0)
 
 
-def _fused_step(window: Tensor):
-    """The fused kernel's one-call LSTM step (rnnkit/_fused/stream.cpp) for a CPU float32/float64 stream,
-    None where it does not apply or the kernel is unavailable (the torch-op step then runs)."""
+def _fused_step(window: Tensor, name: str = "stream_lstm"):
+    """The fused kernel's one-call step `name` (rnnkit/_fused/stream.cpp: stream_lstm, stream_gru) for a CPU
+    float32/float64 stream, None where it does not apply or the kernel is unavailable (the torch-op step
+    then runs)."""
     if window.device.type != "cpu" or window.dtype not in (torch.float32, torch.float64) or not _fused.available():
         return None
-    return _fused.build().stream_lstm
+    return getattr(_fused.build(), name)
 
 
 def _bias(b: Tensor | None, n: int, like: Tensor) -> Tensor:
@@ -96,8 +97,12 @@ class GRUKernel:
         self.rz = self.P[:, :2 * H]
         self.r, self.w, self.xn, self.hn = (self.P[:, j * H:(j + 1) * H] for j in range(4))
         self.n = window.new_empty(window.shape[0], H)
+        self.fused = _fused_step(window, "stream_gru")                  # the whole step in one C++ call
 
     def __call__(self):
+        if self.fused is not None:
+            self.fused(self.window, self.W, self.b, self.P, self.h)
+            return
         torch.addmm(self.b, self.window, self.W, out=self.P)
         self.rz.sigmoid_()
         torch.addcmul(self.xn, self.r, self.hn, out=self.n).tanh_()

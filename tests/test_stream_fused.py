@@ -1,6 +1,7 @@
-"""rk.Stream's one-call LSTM step (rnnkit/_fused/stream.cpp) against the torch-op step it replaces
-(stream_kernels.LSTMKernel without it): same outputs and states over many steps, every batch size and
-layer count, float32 and float64; and the op's refusal of what it cannot take."""
+"""rk.Stream's one-call LSTM and GRU steps (rnnkit/_fused/stream.cpp) against the torch-op steps they
+replace (stream_kernels.LSTMKernel / GRUKernel without them): same outputs and states over many steps,
+every batch size and layer count, with and without bias, float32 and float64; and the ops' refusal of
+what they cannot take."""
 import pytest
 import torch
 
@@ -14,26 +15,34 @@ def _run(layer, xs, fused: bool, monkeypatch):
     """The stream over xs with the one-call step or the torch-op step; asserts how often the op ran."""
     calls = []
 
-    def counted(*args):
-        calls.append(1)
-        return _fused.build().stream_lstm(*args)
+    def step(window, name="stream_lstm"):
+        def counted(*args):
+            calls.append(name)
+            return getattr(_fused.build(), name)(*args)
+        return counted if fused else None
 
     with monkeypatch.context() as m:
-        m.setattr(stream_kernels, "_fused_step", (lambda window: counted) if fused else (lambda window: None))
+        m.setattr(stream_kernels, "_fused_step", step)
         s = rk.Stream(layer, batch_size=xs.shape[1])
         ys = torch.stack([s(x) for x in xs])
     assert len(calls) == (xs.shape[0] * layer.num_layers if fused else 0)
+    assert set(calls) <= {"stream_lstm" if isinstance(layer, rk.LSTM) else "stream_gru"}
     return ys, s.state
 
 
+def _states(state):
+    return state if isinstance(state, tuple) else (state,)
+
+
+@pytest.mark.parametrize("cls", [rk.LSTM, rk.GRU])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-13)])
 @pytest.mark.parametrize("B,L,H", [(1, 1, 32), (3, 2, 37), (5, 3, 256)])
-def test_fused_lstm_step_equals_torch_ops(dtype, tol, B, L, H, monkeypatch):
+def test_fused_step_equals_torch_ops(cls, dtype, tol, B, L, H, monkeypatch):
     torch.manual_seed(0)
-    layer = rk.LSTM(7, H, num_layers=L).to(dtype).eval()
+    layer = cls(7, H, num_layers=L, bias=H != 37).to(dtype).eval()
     xs = torch.randn(40, B, 7, dtype=dtype) * 3                      # some gates saturate
-    (y1, (h1, c1)), (y2, (h2, c2)) = _run(layer, xs, True, monkeypatch), _run(layer, xs, False, monkeypatch)
-    for a, b in ((y1, y2), (h1, h2), (c1, c2)):
+    (y1, s1), (y2, s2) = _run(layer, xs, True, monkeypatch), _run(layer, xs, False, monkeypatch)
+    for a, b in zip((y1, *_states(s1)), (y2, *_states(s2))):
         assert (a - b).abs().max().item() <= tol * (1 + b.abs().max().item())
     ref, _ = layer(xs)                                                # and the layer on the whole sequence
     assert (y1 - ref).abs().max().item() <= 10 * tol * (1 + ref.abs().max().item())
@@ -75,6 +84,12 @@ def test_stream_lstm_refuses_what_it_cannot_take():
             continue
         with pytest.raises(RuntimeError, match=match):
             ops.stream_lstm(*args)
+    window, W, b, P, _, h = _args()
+    ops.stream_gru(window, W, b, P, h)                                 # the GRU step: the same checks, no c
+    with pytest.raises(RuntimeError, match="stream_gru: expected .* h \\(B, H\\)"):
+        ops.stream_gru(window, W, b, P, torch.zeros(3, 4))
+    with pytest.raises(RuntimeError, match="single memory location"):
+        ops.stream_gru(window, W, b, P, P.view(-1)[:8].view(2, 4))
     half = [t.half() for t in _args()]
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.stream_lstm(*half)

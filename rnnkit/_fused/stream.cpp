@@ -1,10 +1,14 @@
-// One time step of a plain LSTM layer for rk.Stream (rnnkit/stream_kernels.py's LSTMKernel), in one call:
-// P = [x | h] W + b (one product), then per unit i, f, o = sigmoid, g = tanh, c = f c + i g, h = o tanh(c),
-// written in place. The torch-op kernel takes seven operator calls a step (~6 us at H = 32, batch 1, most of
-// it per-call overhead); this one takes one. Gate order of W's columns and b: i, f, o, g (as LSTMKernel
-// stacks them).
+// One time step of a plain LSTM or GRU layer for rk.Stream (rnnkit/stream_kernels.py's LSTMKernel and
+// GRUKernel), in one call: P = [x | h] W (one product), then per unit the gates with b added and the new
+// state, written in place. The torch-op kernels take seven (LSTM) and five (GRU) operator calls a step
+// (~6 us at H = 32, batch 1, most of it per-call overhead); these take one. Column blocks of W and b as
+// the kernels stack them: LSTM i, f, o, g; GRU r, -z, x_n, h_n.
+//   LSTM  c = f c + i g, h = o tanh(c)
+//   GRU   r = sigmoid, w = sigmoid(-z pre-activation) = 1 - z, n = tanh(x_n + r h_n), h = lerp(h, n, w)
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "blas.h"
 #include "fastmath.h"
@@ -29,42 +33,93 @@ void lstm_rows(int64_t B, int64_t H, const T* b, T* P, int64_t ldp, T* c, int64_
   }
 }
 
+// h + w (n - h) as at::lerp computes it (from the nearer end), so the stream matches torch's step.
+template <typename T>
+inline T lerp_(T h, T n, T w) {
+  const T d = n - h;
+  return w < T(0.5) ? h + w * d : n - d * (T(1) - w);
+}
+
+template <typename T>
+void gru_rows(int64_t B, int64_t H, const T* b, T* P, int64_t ldp, T* h, int64_t ldh) {
+  for (int64_t r = 0; r < B; ++r) {
+    T* p = P + r * ldp;
+    T* hr = h + r * ldh;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) {
+      const T rg = sigmoid_(p[j] + b[j]), w = sigmoid_(p[H + j] + b[H + j]);
+      const T n = tanh_(p[2 * H + j] + b[2 * H + j] + rg * (p[3 * H + j] + b[3 * H + j]));
+      hr[j] = lerp_(hr[j], n, w);
+    }
+  }
+}
+
 bool rows_unit(const at::Tensor& t) { return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) >= t.size(1); }
 
-void stream_lstm(const at::Tensor& window, const at::Tensor& W, const at::Tensor& b, const at::Tensor& P,
-                 const at::Tensor& c, const at::Tensor& h) {
-  const int64_t B = window.size(0), K = window.size(1), H = h.size(1);
+// The checks both steps share; c is undefined for the GRU. Returns nothing: refuses with a message.
+void check_step(const char* name, const at::Tensor& window, const at::Tensor& W, const at::Tensor& b,
+                const at::Tensor& P, const at::Tensor& c, const at::Tensor& h) {
   const auto dt = window.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "rnnkit stream_lstm: float32 or float64 only");
-  for (const at::Tensor* t : {&W, &b, &P, &c, &h}) {
-    TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu(), "rnnkit stream_lstm: CPU tensors of one dtype");
-  }
-  for (const at::Tensor* t : {&window, &W, &b, &P, &c, &h}) {
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "rnnkit ", name, ": float32 or float64 only");
+  std::vector<const at::Tensor*> all{&window, &W, &b, &P, &h};
+  if (c.defined()) all.push_back(&c);
+  for (const at::Tensor* t : all) {
+    TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu(), "rnnkit ", name, ": CPU tensors of one dtype");
     TORCH_CHECK(!t->is_neg() && !t->is_conj() && t->layout() == at::kStrided,
-                "rnnkit stream_lstm: dense tensors without a lazy negation");
+                "rnnkit ", name, ": dense tensors without a lazy negation");
   }
   // Written: P, c, h (h may lie inside window: it is written after the product has read window). ATen
   // tells overlap only between contiguous tensors; rk.Stream's views are apart by construction.
-  for (const at::Tensor* t : {&window, &W, &b, &c, &h}) at::assert_no_overlap(P, *t);
-  for (const at::Tensor* t : {&window, &W, &b, &h}) at::assert_no_overlap(c, *t);
+  for (const at::Tensor* t : {&window, &W, &b, &h}) at::assert_no_overlap(P, *t);
   for (const at::Tensor* t : {&W, &b}) at::assert_no_overlap(h, *t);
-  TORCH_CHECK(b.dim() == 1 && window.device().is_cpu() && rows_unit(window) && rows_unit(P) && rows_unit(c) && rows_unit(h) &&
-              W.is_contiguous() && b.is_contiguous() && W.dim() == 2 && W.size(0) == K && W.size(1) == 4 * H &&
-              b.numel() == 4 * H && P.size(0) == B && P.size(1) == 4 * H && c.size(0) == B && c.size(1) == H &&
-              h.size(0) == B, "rnnkit stream_lstm: expected window (B, K), W (K, 4H), b (4H,), P (B, 4H), "
-              "c and h (B, H) with unit column stride");
+  if (c.defined()) {
+    at::assert_no_overlap(P, c);
+    for (const at::Tensor* t : {&window, &W, &b, &h}) at::assert_no_overlap(c, *t);
+  }
+  const int64_t B = window.dim() == 2 ? window.size(0) : -1, H = h.dim() == 2 ? h.size(1) : -1;
+  const bool c_ok = !c.defined() || (rows_unit(c) && c.size(0) == B && c.size(1) == H);
+  TORCH_CHECK(b.dim() == 1 && rows_unit(window) && rows_unit(P) && rows_unit(h) && c_ok && W.is_contiguous() &&
+              b.is_contiguous() && W.dim() == 2 && W.size(0) == window.size(1) && W.size(1) == 4 * H &&
+              b.numel() == 4 * H && P.size(0) == B && P.size(1) == 4 * H && h.size(0) == B,
+              "rnnkit ", name, ": expected window (B, K), W (K, 4H), b (4H,), P (B, 4H), ",
+              c.defined() ? "c and h" : "h", " (B, H) with unit column stride");
+}
+
+// P = window W, then the rows: the product has read all of window before any h is written.
+template <typename Rows>
+void step_with(const at::Tensor& window, const at::Tensor& W, const at::Tensor& P, const Rows& rows) {
+  const int64_t B = window.size(0), K = window.size(1), N = W.size(1);
   auto run = [&](auto zero) {
     using T = decltype(zero);
-    gemm(false, false, B, 4 * H, K, window.data_ptr<T>(), window.stride(0), W.data_ptr<T>(), 4 * H, T(0),
+    gemm(false, false, B, N, K, window.data_ptr<T>(), window.stride(0), W.data_ptr<T>(), N, T(0),
          P.data_ptr<T>(), P.stride(0));
-    lstm_rows<T>(B, H, b.data_ptr<T>(), P.data_ptr<T>(), P.stride(0), c.data_ptr<T>(), c.stride(0),
-                 h.data_ptr<T>(), h.stride(0));
+    rows(zero);
   };
-  if (dt == at::kFloat) {
+  if (window.scalar_type() == at::kFloat) {
     run(0.f);
   } else {
     run(0.0);
   }
+}
+
+void stream_lstm(const at::Tensor& window, const at::Tensor& W, const at::Tensor& b, const at::Tensor& P,
+                 const at::Tensor& c, const at::Tensor& h) {
+  check_step("stream_lstm", window, W, b, P, c, h);
+  step_with(window, W, P, [&](auto zero) {
+    using T = decltype(zero);
+    lstm_rows<T>(window.size(0), h.size(1), b.data_ptr<T>(), P.data_ptr<T>(), P.stride(0), c.data_ptr<T>(),
+                 c.stride(0), h.data_ptr<T>(), h.stride(0));
+  });
+}
+
+void stream_gru(const at::Tensor& window, const at::Tensor& W, const at::Tensor& b, const at::Tensor& P,
+                const at::Tensor& h) {
+  check_step("stream_gru", window, W, b, P, at::Tensor(), h);
+  step_with(window, W, P, [&](auto zero) {
+    using T = decltype(zero);
+    gru_rows<T>(window.size(0), h.size(1), b.data_ptr<T>(), P.data_ptr<T>(), P.stride(0), h.data_ptr<T>(),
+                h.stride(0));
+  });
 }
 
 }  // namespace
@@ -73,4 +128,5 @@ void stream_lstm(const at::Tensor& window, const at::Tensor& W, const at::Tensor
 TORCH_LIBRARY_FRAGMENT(rnnkit_fused, m) {
   m.def("stream_lstm(Tensor window, Tensor W, Tensor b, Tensor(a!) P, Tensor(b!) c, Tensor(c!) h) -> ()",
         &rnnkit::stream_lstm);
+  m.def("stream_gru(Tensor window, Tensor W, Tensor b, Tensor(a!) P, Tensor(b!) h) -> ()", &rnnkit::stream_gru);
 }
