@@ -93,3 +93,26 @@ def test_stream_lstm_refuses_what_it_cannot_take():
     half = [t.half() for t in _args()]
     with pytest.raises(RuntimeError, match="float32 or float64"):
         ops.stream_lstm(*half)
+
+
+@pytest.mark.parametrize("c0", [float("inf"), 1e38])
+def test_saturated_forget_gate_times_a_huge_state_is_torchs(c0):
+    """float32 sigmoid below -88.72 is 0 as torch's (1 / inf), not the ~4.5e-39 a clamped exp gives: a
+    forget gate at pre-activation -100 times an infinite cell state is NaN (and times 1e38 is 0) in the
+    stream's step, the engine's scan and torch.nn.LSTM alike."""
+    layer = rk.LSTM(1, 1, backend="engine").eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.zero_()
+        layer.weight_ih_l0[1, 0] = 1.0                                  # forget-gate pre-activation = x
+    ref = torch.nn.LSTM(1, 1)
+    ref.load_state_dict(layer.state_dict())
+    x = torch.tensor([[[-100.0]]])
+    state = (torch.zeros(1, 1, 1), torch.full((1, 1, 1), c0))
+    want = ref(x, state)[1][1]
+    s = rk.Stream(layer, 1, state=state)
+    s(x[0])
+    assert s._kernels[0].fused is not None
+    for got in (s.state[1], layer(x, state)[1][1]):
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())

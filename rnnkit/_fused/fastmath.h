@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace rnnkit {
 
@@ -44,8 +45,17 @@ inline float exp_(float x) {
 
 inline double exp_(double x) { return std::exp(x); }
 
+// float: exp_ clamps its argument, so below -88.72 (where e^{-x} passes FLT_MAX and torch's sigmoid is
+// 1 / inf = 0) the result is set to 0, not left at ~4.5e-39: f c with c = inf is then NaN, as in torch.
 template <typename T>
-inline T sigmoid_(T x) { return T(1) / (T(1) + exp_(-x)); }
+inline T sigmoid_(T x) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float s = 1.f / (1.f + exp_(-x));
+    return x < -88.72f ? 0.f : s;
+  } else {
+    return T(1) / (T(1) + exp_(-x));
+  }
+}
 
 // tanh(|x|) = (1 - e) / (1 + e) with e = exp(-2|x|) loses digits to cancellation near 0, so small
 // arguments take the odd Taylor series instead (to x^9: relative error < 1e-8 for |x| < 0.25).
