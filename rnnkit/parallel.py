@@ -136,8 +136,9 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _routed_project(x: Tensor, weight: Tensor) -> Tensor:
     """x W^T for one block of the fused path (the kernel adds the bias), on the kernel's product route
-    (oneDNN where it measured faster than torch's BLAS: 2x on AMD EPYCs)."""
-    P = _fused.build().routed_linear(x.reshape(-1, x.shape[-1]), weight.contiguous())
+    (oneDNN where it measured faster than torch's BLAS: 2x on AMD EPYCs; a weight whose rows are not
+    contiguous takes at::mm, so the callers make it contiguous once per scan)."""
+    P = _fused.build().routed_linear(x.reshape(-1, x.shape[-1]), weight)
     return P.view(*x.shape[:2], weight.shape[0])
 
 
@@ -156,10 +157,11 @@ class _BlockedScan(torch.autograd.Function):
         h = x.new_empty(*x.shape[:2], h0.shape[-1])                   # (T, B, H)
         prev = h0
         c = None if kind is None else _kernel_bias(weight, bias)
+        w = weight.contiguous()
         for lo, hi in (reversed(spans) if reverse else spans):
             m = None if mask is None else mask[lo:hi]
             if kind is not None:                                      # bias, gates, recurrence in C++
-                _fused.build().min_forward(kind, reverse, _routed_project(x[lo:hi], weight), c,
+                _fused.build().min_forward(kind, reverse, _routed_project(x[lo:hi], w), c,
                                            prev.contiguous(), m, h[lo:hi])
                 prev = h[lo] if reverse else h[hi - 1]
                 continue
@@ -190,26 +192,25 @@ class _BlockedScan(torch.autograd.Function):
         g_next, a_next = h0.new_zeros(h0.shape), h0.new_zeros(h0.shape)   # g, a of the step processed next
         db_rows = x.new_zeros(x.shape[1], weight.shape[0])            # (B, G*H) dP summed over time
         c = None if kind is None else _kernel_bias(weight, bias)
+        ops, w = (None, weight) if kind is None else (_fused.build(), weight.contiguous())
         for lo, hi in (spans if reverse else reversed(spans)):
             m = None if mask is None else mask[lo:hi]
+            x2 = x[lo:hi].reshape(-1, x.shape[-1])                    # (Tc*B, I)
+            dx2 = dx[lo:hi].view(-1, x.shape[-1]) if need_x else None
             if kind is None:
                 dP, g_next, a_next = _block_backward(cell, reverse, x, weight, bias, h, h0, m, dh,
                                                      lo, hi, g_next, a_next, grad_norm)
                 db_rows += dP.sum(0)
-            else:                                                     # carry and db_rows in place
-                dP = _fused_block_backward(kind, reverse, x, weight, c, h, h0, m, dh, lo, hi,
-                                           g_next, a_next, db_rows, grad_norm)
-            dP = dP.view(-1, weight.shape[0])                         # (Tc*B, G*H)
-            x2 = x[lo:hi].reshape(-1, x.shape[-1])
-            if kind is None:
+                dP = dP.view(-1, weight.shape[0])                     # (Tc*B, G*H)
                 dW.addmm_(dP.t(), x2)
                 if need_x:
-                    torch.mm(dP, weight, out=dx[lo:hi].view(-1, x.shape[-1]))
-            else:                                                     # on the kernel's product route
-                ops = _fused.build()
+                    torch.mm(dP, weight, out=dx2)
+            else:                             # carry and db_rows in place; products on the kernel's route
+                dP = _fused_block_backward(kind, reverse, x, w, c, h, h0, m, dh, lo, hi,
+                                           g_next, a_next, db_rows, grad_norm).view(-1, weight.shape[0])
                 ops.routed_addmm_(dW, dP.t(), x2, 1.0)
                 if need_x:
-                    ops.routed_addmm_(dx[lo:hi].view(-1, x.shape[-1]), dP, weight, 0.0)
+                    ops.routed_addmm_(dx2, dP, weight, 0.0)
         db = None if bias is None else db_rows.sum(0)
         return None, dx, dW, db, a_next * g_next                      # dL/dh0 = a_1 g_1
 

@@ -128,6 +128,9 @@ bool use_dnnl() {
   return g_limit == Route::kDnnl && dnnl_measured_faster();
 }
 
+// oneDNN for a product of `work` multiply-adds that needs no operand copied (a step product, a projection).
+bool dnnl_without_copies(int64_t work) { return work >= kDnnlMinStepWork && use_dnnl(); }
+
 bool fits_int(int64_t v) { return v >= 0 && v <= INT32_MAX; }
 
 bool blas_ok(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
@@ -212,7 +215,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
     // at small sizes: GRU B=32 T=100 H=128 read 0.99x with 2 MB slices, 0.90x before).
     const int64_t copied = (ta ? m : 0) + (tb ? 0 : n);            // elements copied per unit of k
     const int64_t budget = std::min(kDnnlCopyElements, copied * k / kDnnlCopyShare);
-    const int64_t slice = copied == 0 ? k : std::min(k, std::max(kDnnlMinSide, budget / std::max<int64_t>(copied, 1)));
+    const int64_t slice = copied == 0 ? k : std::min(k, std::max(kDnnlMinSide, budget / copied));
     const auto opts = at::TensorOptions().dtype(at::kFloat);
     const at::Tensor a_buf = ta ? pooled_empty({m * slice}, opts) : at::Tensor();
     const at::Tensor b_buf = tb ? at::Tensor() : pooled_empty({n * slice}, opts);
@@ -239,13 +242,12 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
 }
 
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w) {
-  auto rows_apart = [](const at::Tensor& t) { return t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1)); };
-  const bool dense = x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) && x.scalar_type() == at::kFloat &&
-                     w.scalar_type() == at::kFloat && x.device().is_cpu() && w.device().is_cpu() &&
-                     rows_apart(x) && rows_apart(w);
-  // oneDNN's op has no backward: with a gradient to follow, at::mm (autograd differentiates it).
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
+              "rnnkit routed_linear: expected (n, k) and (m, k) matrices, got ", x.sizes(), " and ", w.sizes());
+  const bool dense = x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.device().is_cpu() &&
+                     w.device().is_cpu() && row_major_ld(x) > 0 && row_major_ld(w) > 0;
   const bool tracked = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad());
-  if (dense && !tracked && x.size(0) * w.size(0) * x.size(1) >= kDnnlMinStepWork && use_dnnl()) return dnnl_linear(x, w);
+  if (dense && !tracked && dnnl_without_copies(x.size(0) * w.size(0) * x.size(1))) return dnnl_linear(x, w);
   return at::mm(x, w.t());
 }
 
@@ -258,7 +260,7 @@ template <typename T>
 StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool backward, int64_t steps)
     : u_(u), W_(W), H_(H), B_(B), backward_(backward) {
   if constexpr (std::is_same_v<T, float>) {
-    if (steps >= kMinStepsToPack && B > 0 && B * W * H >= kDnnlMinStepWork && use_dnnl()) {   // U (forward) or U^T (backward) as linear's w
+    if (steps >= kMinStepsToPack && B > 0 && dnnl_without_copies(B * W * H)) {   // U (forward) or U^T (backward) as linear's w
       const at::Tensor w = backward ? wrap_f(u, W, H, H).t().contiguous() : wrap_f(u, W, H, H);
       dnnl_w_ = std::make_shared<at::Tensor>(dnnl_pack(w, B));       // read only while U is (this scan)
       return;

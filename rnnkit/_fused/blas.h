@@ -10,6 +10,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -56,9 +57,19 @@ class StepProduct {
   std::shared_ptr<at::Tensor> dnnl_w_;             // oneDNN's packed weight, when that route is taken
 };
 
+// The leading dimension of a 2-D tensor stored row-major (unit column stride, rows that do not overlap; a
+// single row: its width, whatever its row stride), or 0 when it is not stored so.
+inline int64_t row_major_ld(const at::Tensor& t) {
+  if (t.dim() != 2 || t.stride(1) != 1) return 0;
+  const int64_t r = t.size(0), c = t.size(1);
+  if (r <= 1) return std::max<int64_t>(c, 1);
+  return t.stride(0) >= c ? t.stride(0) : 0;
+}
+
 // x (n, k) w^T for w (m, k), both row-major with unit stride along k: oneDNN's output itself (no copy)
-// where the route takes oneDNN and n m k >= kDnnlMinStepWork, at::mm otherwise. The projections of the
-// parallel-scan cells' blocks (rnnkit/parallel.py).
+// where the route takes oneDNN and n m k >= kDnnlMinStepWork, at::mm otherwise (and where a gradient is to
+// follow: oneDNN's op has no backward). The projections of the parallel-scan cells' blocks
+// (rnnkit/parallel.py; registered as rnnkit_fused::routed_linear).
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w);
 
 // Which route the products take: "dnnl" (oneDNN's float products where measured faster than MKL's, see

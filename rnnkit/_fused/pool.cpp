@@ -159,18 +159,10 @@ namespace {
 // A 2-D float matrix as blas.h's gemm takes it: row-major with leading dimension ld (trans false), or
 // the transpose of such a matrix (trans true). False when its strides are neither.
 bool blas_layout(const at::Tensor& t, bool& trans, int64_t& ld) {
-  const int64_t r = t.size(0), c = t.size(1);
-  if (t.stride(1) == 1 && (r <= 1 || t.stride(0) >= c)) {
-    trans = false;
-    ld = r <= 1 ? std::max<int64_t>(c, 1) : t.stride(0);
-    return true;
-  }
-  if (t.stride(0) == 1 && (c <= 1 || t.stride(1) >= r)) {
-    trans = true;
-    ld = c <= 1 ? std::max<int64_t>(r, 1) : t.stride(1);
-    return true;
-  }
-  return false;
+  ld = row_major_ld(t);
+  trans = ld == 0;
+  if (trans) ld = row_major_ld(t.t());
+  return ld > 0;
 }
 
 // out = a b + beta out, float products through the kernel's own route (blas.cpp: oneDNN where measured
@@ -222,16 +214,9 @@ at::Tensor& routed_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor
   return mm_into(out, a, b, beta);
 }
 
-// x w^T (w: (m, k)), oneDNN's output itself where the route takes it: the parallel-scan cells' projections.
-at::Tensor routed_linear(const at::Tensor& x, const at::Tensor& w) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-              "rnnkit routed_linear: expected (n, k) and (m, k) matrices, got ", x.sizes(), " and ", w.sizes());
-  return linear_product(x, w);
-}
-
 TORCH_LIBRARY_FRAGMENT(rnnkit_fused, m) {
   m.def("routed_addmm_(Tensor(a!) out, Tensor a, Tensor b, float beta) -> Tensor(a!)", &routed_addmm_);
-  m.def("routed_linear(Tensor x, Tensor w) -> Tensor", &routed_linear);
+  m.def("routed_linear(Tensor x, Tensor w) -> Tensor", &linear_product);     // blas.h
   m.def("pooled_mm(Tensor a, Tensor b) -> Tensor", &pooled_mm);
   m.def("routed_mm(Tensor a, Tensor b) -> Tensor", &routed_mm);
 }

@@ -8,7 +8,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
-#include <vector>
+#include <array>
 
 #include "blas.h"
 #include "fastmath.h"
@@ -54,15 +54,12 @@ void gru_rows(int64_t B, int64_t H, const T* b, T* P, int64_t ldp, T* h, int64_t
   }
 }
 
-bool rows_unit(const at::Tensor& t) { return t.dim() == 2 && t.stride(1) == 1 && t.stride(0) >= t.size(1); }
-
 // The checks both steps share; c is undefined for the GRU. Returns nothing: refuses with a message.
 void check_step(const char* name, const at::Tensor& window, const at::Tensor& W, const at::Tensor& b,
                 const at::Tensor& P, const at::Tensor& c, const at::Tensor& h) {
   const auto dt = window.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "rnnkit ", name, ": float32 or float64 only");
-  std::vector<const at::Tensor*> all{&window, &W, &b, &P, &h};
-  if (c.defined()) all.push_back(&c);
+  const std::array<const at::Tensor*, 6> all{&window, &W, &b, &P, &h, c.defined() ? &c : &h};
   for (const at::Tensor* t : all) {
     TORCH_CHECK(t->scalar_type() == dt && t->device().is_cpu(), "rnnkit ", name, ": CPU tensors of one dtype");
     TORCH_CHECK(!t->is_neg() && !t->is_conj() && t->layout() == at::kStrided,
@@ -77,8 +74,9 @@ void check_step(const char* name, const at::Tensor& window, const at::Tensor& W,
     for (const at::Tensor* t : {&window, &W, &b, &h}) at::assert_no_overlap(c, *t);
   }
   const int64_t B = window.dim() == 2 ? window.size(0) : -1, H = h.dim() == 2 ? h.size(1) : -1;
-  const bool c_ok = !c.defined() || (rows_unit(c) && c.size(0) == B && c.size(1) == H);
-  TORCH_CHECK(b.dim() == 1 && rows_unit(window) && rows_unit(P) && rows_unit(h) && c_ok && W.is_contiguous() &&
+  const bool c_ok = !c.defined() || (row_major_ld(c) > 0 && c.size(0) == B && c.size(1) == H);
+  TORCH_CHECK(b.dim() == 1 && row_major_ld(window) > 0 && row_major_ld(P) > 0 && row_major_ld(h) > 0 && c_ok &&
+              W.is_contiguous() &&
               b.is_contiguous() && W.dim() == 2 && W.size(0) == window.size(1) && W.size(1) == 4 * H &&
               b.numel() == 4 * H && P.size(0) == B && P.size(1) == 4 * H && h.size(0) == B,
               "rnnkit ", name, ": expected window (B, K), W (K, 4H), b (4H,), P (B, 4H), ",
@@ -91,8 +89,8 @@ void step_with(const at::Tensor& window, const at::Tensor& W, const at::Tensor& 
   const int64_t B = window.size(0), K = window.size(1), N = W.size(1);
   auto run = [&](auto zero) {
     using T = decltype(zero);
-    gemm(false, false, B, N, K, window.data_ptr<T>(), window.stride(0), W.data_ptr<T>(), N, T(0),
-         P.data_ptr<T>(), P.stride(0));
+    gemm(false, false, B, N, K, window.data_ptr<T>(), row_major_ld(window), W.data_ptr<T>(), N, T(0),
+         P.data_ptr<T>(), row_major_ld(P));
     rows(zero);
   };
   if (window.scalar_type() == at::kFloat) {
@@ -107,8 +105,8 @@ void stream_lstm(const at::Tensor& window, const at::Tensor& W, const at::Tensor
   check_step("stream_lstm", window, W, b, P, c, h);
   step_with(window, W, P, [&](auto zero) {
     using T = decltype(zero);
-    lstm_rows<T>(window.size(0), h.size(1), b.data_ptr<T>(), P.data_ptr<T>(), P.stride(0), c.data_ptr<T>(),
-                 c.stride(0), h.data_ptr<T>(), h.stride(0));
+    lstm_rows<T>(window.size(0), h.size(1), b.data_ptr<T>(), P.data_ptr<T>(), row_major_ld(P), c.data_ptr<T>(),
+                 row_major_ld(c), h.data_ptr<T>(), row_major_ld(h));
   });
 }
 
@@ -117,8 +115,8 @@ void stream_gru(const at::Tensor& window, const at::Tensor& W, const at::Tensor&
   check_step("stream_gru", window, W, b, P, at::Tensor(), h);
   step_with(window, W, P, [&](auto zero) {
     using T = decltype(zero);
-    gru_rows<T>(window.size(0), h.size(1), b.data_ptr<T>(), P.data_ptr<T>(), P.stride(0), h.data_ptr<T>(),
-                h.stride(0));
+    gru_rows<T>(window.size(0), h.size(1), b.data_ptr<T>(), P.data_ptr<T>(), row_major_ld(P), h.data_ptr<T>(),
+                row_major_ld(h));
   });
 }
 
