@@ -214,7 +214,14 @@ at::Tensor& routed_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor
   return mm_into(out, a, b, beta);
 }
 
+// An uninitialised (sizes) CPU tensor of dtype whose memory comes from the pool when it is large: what the
+// parallel-scan cells return as h (T*B*H floats, faulted in page by page from fresh memory each call).
+at::Tensor pooled_empty_op(at::IntArrayRef sizes, at::ScalarType dtype) {
+  return pooled_empty(sizes, at::TensorOptions().dtype(dtype));
+}
+
 TORCH_LIBRARY_FRAGMENT(rnnkit_fused, m) {
+  m.def("pooled_empty(int[] size, ScalarType dtype) -> Tensor", &pooled_empty_op);
   m.def("routed_addmm_(Tensor(a!) out, Tensor a, Tensor b, float beta) -> Tensor(a!)", &routed_addmm_);
   m.def("routed_linear(Tensor x, Tensor w) -> Tensor", &linear_product);     // blas.h
   m.def("pooled_mm(Tensor a, Tensor b) -> Tensor", &pooled_mm);
