@@ -102,6 +102,39 @@ def test_routed_linear_and_addmm(kernel, route, dtype):
 
 
 @pytest.mark.parametrize("route", ["dnnl", "packed"])
+def test_dense_products_go_to_onednn_matmul_without_copies(kernel, route):
+    """On the oneDNN route a product whose operands are dense or the transpose of dense goes to ATen's
+    oneDNN matmul (no copy, beta summed in place): a weight gradient (T*B the long side), a 16-wide
+    min-cell product accumulated with beta 1; a strided operand (leading dimension wider than its
+    rows), a side of 1 and a small product do not. Off the oneDNN route none does."""
+    kernel.limit_gemm_route(route)
+    ops = torch.ops.rnnkit_fused
+    start = ops.dnnl_matmul_calls()
+    if route == "dnnl" and (kernel.gemm_route() != "dnnl" or start < 0):
+        pytest.skip(f"this CPU's route is {kernel.gemm_route()}; oneDNN matmul path: {start}")
+    torch.manual_seed(0)
+    wide = torch.randn(3000, 600)
+
+    def product(a, b, beta):
+        out = torch.randn(a.shape[0], b.shape[1])
+        want = beta * out.double() + a.double() @ b.double()
+        ops.routed_addmm_(out, a, b, beta)
+        assert ((out.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+        return ops.dnnl_matmul_calls()
+
+    taken = [product(torch.randn(3000, 512).t(), torch.randn(3000, 128), 0.0),    # dW: a transposed
+             product(torch.randn(680, 768).t(), torch.randn(680, 16), 1.0),       # min-cell dW, summed
+             product(torch.randn(680, 768), torch.randn(16, 768).t(), 0.0)]       # b transposed
+    left = [product(wide[:, :512].t(), wide[:, 512:], 0.0),                       # leading dimension 600
+            product(torch.randn(3000, 512).t(), torch.randn(3000, 1), 0.0),       # a column
+            product(torch.randn(64, 64), torch.randn(64, 64), 1.0)]               # 64^3: too small
+    if route == "dnnl":
+        assert taken == [start + 1, start + 2, start + 3] and left == [start + 3] * 3
+    else:
+        assert taken + left == [start] * 6
+
+
+@pytest.mark.parametrize("route", ["dnnl", "packed"])
 def test_routed_ops_and_autograd(kernel, route):
     """routed_linear follows autograd where a gradient is wanted (oneDNN's op has no backward, so it
     takes at::mm then); routed_addmm_ tells autograd it wrote `out` (its version moves) and refuses a

@@ -16,6 +16,7 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <chrono>
@@ -41,6 +42,14 @@ void sgemm_compute(const char* ta, const char* tb, const int* m, const int* n, c
                    const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
                    const int* ldc) __attribute__((weak));
 }
+
+namespace at::native {
+// oneDNN's matmul as ATen's addmm calls it: result = beta result + alpha mat1 mat2, on dense or transposed
+// operands. Not in torch's installed headers, so declared here, weak: a torch without it (or with another
+// signature, hence another symbol) leaves it null and the products keep the paths below.
+TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
+                             float alpha) __attribute__((weak));
+}  // namespace at::native
 
 namespace rnnkit {
 namespace {
@@ -205,9 +214,45 @@ void mkl_packed_product(const float* packed, int64_t W, int64_t H, int64_t B, bo
 
 }  // namespace
 
+namespace {
+
+std::atomic<bool> g_matmul_refused{false};
+std::atomic<int64_t> g_matmul_calls{0};
+
+// C = op(A) op(B) + beta C through at::native::mkldnn_matmul where the route takes oneDNN and the operands
+// are as it takes them without a copy (see kDnnlMatmulMinWork). False when not done: the caller goes on.
+// The op checks the CPU first (it asks for AVX-512 or AVX-NE-CONVERT for float): a refusal is remembered.
+bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                 int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (at::native::mkldnn_matmul == nullptr || g_matmul_refused.load(std::memory_order_relaxed) ||
+      std::min(m, n) < 2 || k < 1 || m * n * k < kDnnlMatmulMinWork || lda != (ta ? m : k) ||
+      ldb != (tb ? k : n) || ldc != n || !use_dnnl()) {
+    return false;
+  }
+  try {
+    const at::Tensor A = ta ? wrap_f(a, k, m, lda).t() : wrap_f(a, m, k, lda);
+    const at::Tensor B = tb ? wrap_f(b, n, k, ldb).t() : wrap_f(b, k, n, ldb);
+    at::native::mkldnn_matmul(A, B, wrap_f(c, m, n, ldc), beta, 1.0f);
+    g_matmul_calls.fetch_add(1, std::memory_order_relaxed);
+    return true;
+  } catch (const c10::Error& e) {
+    g_matmul_refused = true;
+    if (std::getenv("RNNKIT_GEMM_DEBUG")) std::fprintf(stderr, "rnnkit gemm: mkldnn_matmul refused: %s\n", e.what_without_backtrace());
+    return false;
+  }
+}
+
+}  // namespace
+
+int64_t dnnl_matmul_calls() {
+  return at::native::mkldnn_matmul == nullptr || g_matmul_refused ? -1 : g_matmul_calls.load();
+}
+
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (dnnl_matmul(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)) return;
   if (m >= kDnnlMinSide && n >= kDnnlMinSide && k > 0 && m * n * k >= kDnnlMinWork && use_dnnl()) {
+    // Not taken by dnnl_matmul (a strided operand, or a torch without the op, or a CPU it refuses):
     // op(A) (m, k) and op(B)^T (n, k) as oneDNN's linear takes them: row-major, k contiguous. A transposed
     // operand is copied so, in slices of k of at most kDnnlCopyElements copied elements (a weight gradient's
     // k is T*B: whole copies raised a training step's peak memory by a third), each slice's product added to C.
