@@ -29,7 +29,11 @@ Two evaluations (tests/test_minimal.py checks both by gradcheck against a plain 
                 recurrence (one fused op per step, in place). Everything a block touches stays in
                 cache and nothing of size T is allocated but h (and dx); the backward recomputes
                 a block's gates rather than keeping them: fresh memory costs page faults (measured
-                at several microseconds per 4 kB page here), more than the recomputation. The
+                at several microseconds per 4 kB page here), more than the recomputation. (The
+                fused path below keeps x W^T instead from an input size of KEEP_MIN_INPUT: its
+                memory is pooled, and the recomputed product costs 2 I multiply-adds an element;
+                measured MinLSTM T = 4096 B = 8 H = 256, I = 64/128/256: 35/48/78 ms kept against
+                39/58/106 recomputed, I = 16: 26.7 against 25.0.) The
                 adjoint g_t is formed anyway, so the trace's ||dL/dh_t|| costs one norm per block.
                 For minGRU / minLSTM on CPU (float32/64) each block's gates, recurrence and adjoint
                 run as one C++ pass instead (rnnkit/_fused/minimal.cpp: lanes (b, j) split over
@@ -57,6 +61,7 @@ from .numerics import hand_backward, opaque_to_compile, trace_norm, under_torch_
 BLOCK_ELEMENTS = 1 << 17          # torch ops: ~a dozen passes over the block, so it must stay in L2
 FUSED_BLOCK_ELEMENTS = 1 << 19    # the C++ pass reads the block once: fewer, larger products pay more
 LOG_CHUNK = 64                    # log_scan's chunk: float32 error grows with the chunk's |sum log a|
+KEEP_MIN_INPUT = 64               # the fused path keeps P for the backward from this input size I up
 
 
 def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None, chunk: int = LOG_CHUNK) -> Tensor:
@@ -112,7 +117,9 @@ def blocked_scan(cell, x: Tensor, weight: Tensor, bias: Tensor | None, h0: Tenso
     per_block = BLOCK_ELEMENTS if kind is None else FUSED_BLOCK_ELEMENTS
     Tc = block or max(1, per_block // max(1, B * weight.shape[0]))
     spans = [(lo, min(lo + Tc, T)) for lo in range(0, T, Tc)]
-    opts = (cell, kind, mask, reverse, spans, grad_norm)
+    keep = (kind is not None and x.shape[-1] >= KEEP_MIN_INPUT and torch.is_grad_enabled() and
+            any(t is not None and t.requires_grad for t in (x, weight, bias, h0)))   # x W^T for the backward
+    opts = (cell, kind, mask, reverse, spans, grad_norm, keep)
     return _BlockedScan.apply(opts, x.contiguous(), weight, bias, h0)
 
 
@@ -136,12 +143,16 @@ def _project(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return P.view(*x.shape[:2], weight.shape[0])
 
 
-def _routed_project(x: Tensor, weight: Tensor) -> Tensor:
+def _routed_project(x: Tensor, weight: Tensor, out: Tensor | None = None) -> Tensor:
     """x W^T for one block of the fused path (the kernel adds the bias), on the kernel's product route
     (oneDNN where it measured faster than torch's BLAS: 2x on AMD EPYCs; a weight whose rows are not
-    contiguous takes at::mm, so the callers make it contiguous once per scan)."""
-    P = _fused.build().routed_linear(x.reshape(-1, x.shape[-1]), weight)
-    return P.view(*x.shape[:2], weight.shape[0])
+    contiguous takes at::mm, so the callers make it contiguous once per scan); written into `out`
+    (Tc, B, G*H) when given."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if out is not None:
+        _fused.build().routed_addmm_(out.view(x2.shape[0], weight.shape[0]), x2, weight.t(), 0.0)
+        return out
+    return _fused.build().routed_linear(x2, weight).view(*x.shape[:2], weight.shape[0])
 
 
 def _coefficients(cell, x, weight, bias, m):
@@ -155,16 +166,17 @@ def _coefficients(cell, x, weight, bias, m):
 class _BlockedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts, x, weight, bias, h0):
-        cell, kind, mask, reverse, spans, _ = opts
+        cell, kind, mask, reverse, spans, _, keep = opts
         h = _empty(kind, (*x.shape[:2], h0.shape[-1]), x)            # (T, B, H)
         prev = h0
         c = None if kind is None else _kernel_bias(weight, bias)
         w = weight.contiguous()
+        ctx.kept = _empty(kind, (*x.shape[:2], w.shape[0]), x) if keep else None   # (T, B, G*H)
         for lo, hi in (reversed(spans) if reverse else spans):
             m = None if mask is None else mask[lo:hi]
             if kind is not None:                                      # bias, gates, recurrence in C++
-                _fused.build().min_forward(kind, reverse, _routed_project(x[lo:hi], w), c,
-                                           prev.contiguous(), m, h[lo:hi])
+                P = _routed_project(x[lo:hi], w, None if ctx.kept is None else ctx.kept[lo:hi])
+                _fused.build().min_forward(kind, reverse, P, c, prev.contiguous(), m, h[lo:hi])
                 prev = h[lo] if reverse else h[hi - 1]
                 continue
             a, b, _ = _coefficients(cell, x[lo:hi], weight, bias, m)
@@ -175,7 +187,7 @@ class _BlockedScan(torch.autograd.Function):
 
     @staticmethod
     def _replay(ctx):
-        cell, _, mask, reverse, _, _ = ctx.opts
+        cell, _, mask, reverse, _, _, _ = ctx.opts
         x, weight, bias, h0, _ = ctx.saved_tensors
         return (unrolled(cell, x, weight, bias, h0, mask, reverse),), (ctx.opts, x, weight, bias, h0)
 
@@ -186,7 +198,7 @@ class _BlockedScan(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dh):
-        cell, kind, mask, reverse, spans, grad_norm = ctx.opts
+        cell, kind, mask, reverse, spans, grad_norm, _ = ctx.opts
         x, weight, bias, h0, h = ctx.saved_tensors
         need_x = ctx.needs_input_grad[1]
         dx = _empty(kind, x.shape, x) if need_x else None
@@ -208,12 +220,14 @@ class _BlockedScan(torch.autograd.Function):
                 if need_x:
                     torch.mm(dP, weight, out=dx2)
             else:                             # carry and db_rows in place; products on the kernel's route
-                dP = _fused_block_backward(kind, reverse, x, w, c, h, h0, m, dh, lo, hi,
+                P = _routed_project(x[lo:hi], w) if ctx.kept is None else ctx.kept[lo:hi]
+                dP = _fused_block_backward(kind, reverse, P, c, h, h0, m, dh, lo, hi,
                                            g_next, a_next, db_rows, grad_norm).view(-1, weight.shape[0])
                 ops.routed_addmm_(dW, dP.t(), x2, 1.0)
                 if need_x:
                     ops.routed_addmm_(dx2, dP, weight, 0.0)
-        db = None if bias is None else db_rows.sum(0)
+        ctx.kept = None                                               # P's memory back (a second
+        db = None if bias is None else db_rows.sum(0)                 # backward recomputes it)
         return None, dx, dW, db, a_next * g_next                      # dL/dh0 = a_1 g_1
 
 
@@ -232,12 +246,11 @@ def _block_backward(cell, reverse, x, weight, bias, h, h0, m, dh, lo, hi, g_next
     return cell.backward_block(db_, da, saved), g[first - lo], a[first - lo]
 
 
-def _fused_block_backward(kind, reverse, x, weight, c, h, h0, m, dh, lo, hi, g_carry, a_carry,
+def _fused_block_backward(kind, reverse, P, c, h, h0, m, dh, lo, hi, g_carry, a_carry,
                           db_rows, grad_norm):
-    """The same in one C++ pass (rnnkit/_fused/minimal.cpp); updates the carry and the per-row sums
-    of dP (db_rows, (B, G*H)) in place. c: the bias the kernel adds to x W^T. dh may have any strides
-    (it is read as it is)."""
-    P = _routed_project(x[lo:hi], weight)                             # recomputed, not kept
+    """The same in one C++ pass (rnnkit/_fused/minimal.cpp) from the block's x W^T, P (Tc, B, G*H);
+    updates the carry and the per-row sums of dP (db_rows, (B, G*H)) in place. c: the bias the kernel
+    adds to P. dh may have any strides (it is read as it is)."""
     start = hi == h.shape[0] if reverse else lo == 0                  # the block holds the first step
     before = h0 if start else (h[hi] if reverse else h[lo - 1])       # state before its first step
     dP = _empty(kind, P.shape, P)

@@ -63,14 +63,17 @@ def reference(kind, layer, x, hx=None, lengths=None, keep=None):
     return x, torch.stack(finals)
 
 
-@pytest.fixture(params=["fused", "torch"])
+@pytest.fixture(params=["fused", "fused-kept", "torch"])
 def route(request, monkeypatch):
-    """The blocked scan's two block routes: the C++ pass (rnnkit/_fused/minimal.cpp, the default on
-    CPU) and torch ops (the reference and the fallback)."""
+    """The blocked scan's block routes: the C++ pass (rnnkit/_fused/minimal.cpp, the default on CPU),
+    the same keeping x W^T for the backward at any input size (by default from KEEP_MIN_INPUT), and
+    torch ops (the reference and the fallback)."""
     if request.param == "torch":
         monkeypatch.setattr(parallel, "FUSED_KINDS", {})
     elif not _fused.available():
         pytest.skip("the fused kernel is not available here")
+    elif request.param == "fused-kept":
+        monkeypatch.setattr(parallel, "KEEP_MIN_INPUT", 1)
     return request.param
 
 
@@ -192,17 +195,19 @@ def test_backward_block_matches_autograd(cell):
 
 
 @pytest.mark.parametrize("kind", CLASSES)
-@pytest.mark.parametrize("reverse,upstream", [(False, "dense"), (True, "dense"), (False, "sum"),
-                                              (True, "transposed")])
-def test_fused_route_equals_torch_route_in_float32(kind, reverse, upstream, monkeypatch):
+@pytest.mark.parametrize("reverse,upstream,I", [(False, "dense", 24), (True, "dense", 24), (False, "sum", 24),
+                                                (True, "transposed", 24), (False, "dense", 80),
+                                                (True, "transposed", 80)])
+def test_fused_route_equals_torch_route_in_float32(kind, reverse, upstream, I, monkeypatch):
     """Sizes the float64 tests do not reach: H = 600 spans two lane chunks of the kernel (512), B = 5
     rows over two threads, 3 blocks with padding; values, gradients and the trace's g norms. The
     gradient arriving at h is dense, one expanded scalar (out.sum()), or strided (a transposed view).
     I = 24: a block's projection (80 x 24 by 24 x 1200 or 1800) is large enough for the kernel's oneDNN
-    route where the CPU takes it (blas.h: kDnnlMinStepWork)."""
+    route where the CPU takes it (blas.h: kDnnlMinStepWork); I = 80: x W^T is kept for the backward
+    (parallel.KEEP_MIN_INPUT), not recomputed."""
     if not _fused.available():
         pytest.skip("the fused kernel is not available here")
-    T, B, I, H = 40, 5, 24, 600
+    T, B, H = 40, 5, 600
     cell = {"mingru": MinGRUCell, "minlstm": MinLSTMCell}[kind]()
     torch.manual_seed(1)
     x = torch.randn(T, B, I, requires_grad=True)
@@ -368,3 +373,34 @@ def test_backward_restores_the_denormal_setting():
     layer = MinGRU(2, 3)
     layer(torch.randn(50, 2, 2))[0][-1].sum().backward()
     assert float(torch.tensor([1e-40]) * 1.0) != 0.0
+
+
+def test_kept_projection_serves_one_backward_and_a_second_recomputes(monkeypatch):
+    """From KEEP_MIN_INPUT the fused scan keeps x W^T from the forward for the backward; the backward
+    hands that memory back, so a second backward through the same graph (retain_graph) recomputes it:
+    both give the recomputing path's gradients. Without gradients wanted nothing is kept."""
+    if not _fused.available():
+        pytest.skip("the fused kernel is not available here")
+    torch.manual_seed(0)
+    layer = MinLSTM(parallel.KEEP_MIN_INPUT, 32, scan="blocked")
+    x = torch.randn(50, 3, parallel.KEEP_MIN_INPUT, requires_grad=True)
+    weights = torch.randn(50, 3, 32)
+
+    def grads(retain=False):
+        out, _ = layer(x)
+        loss = (out * weights).sum()
+        first = torch.autograd.grad(loss, (x, *layer.parameters()), retain_graph=retain)
+        return first, (torch.autograd.grad(loss, (x, *layer.parameters())) if retain else None)
+
+    kept, again = grads(retain=True)
+    monkeypatch.setattr(parallel, "KEEP_MIN_INPUT", 10 ** 9)
+    recomputed, _ = grads()
+    for a, b, c in zip(kept, again, recomputed):
+        assert torch.equal(a, b) and (a - c).abs().max() <= 1e-6 * (1 + c.abs().max())
+    monkeypatch.setattr(parallel, "KEEP_MIN_INPUT", 1)
+    seen = []
+    monkeypatch.setattr(parallel, "_empty", lambda kind, shape, like: seen.append(tuple(shape)) or
+                        torch.empty(shape, dtype=like.dtype))
+    with torch.no_grad():
+        layer(x)
+    assert seen == [(50, 3, 32)]                                   # h only: nothing kept
