@@ -25,7 +25,7 @@ under torch.compile the scan is one eager call (`numerics.opaque_to_compile`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -54,6 +54,15 @@ class ScanOptions:
     rec_mask: Tensor | None = None      # (B, H) recurrent dropout mask, already scaled by 1/(1-p)
     zone: tuple | None = None           # per state: (T or 1, B or 1, H or 1) share of old state kept
     trace: TraceSlot | None = field(default=None)
+    keep: bool = True                   # keep what a backward needs; scan() turns it off without a graph
+
+
+def _recorded(opts: ScanOptions) -> ScanOptions:
+    """opts, with keep off where no autograd graph is recorded (torch.no_grad, inference_mode). A Function's
+    ctx.needs_input_grad still reads True there for inputs that require grad (a model's weights), so
+    without this an inference pass kept a training step's buffers: LSTM B=64 T=100 H=256 peaked at 70 MB
+    under no_grad, 39 MB with frozen weights."""
+    return opts if not opts.keep or torch.is_grad_enabled() else replace(opts, keep=False)
 
 
 @opaque_to_compile
@@ -65,7 +74,7 @@ def scan(opts: ScanOptions, xi: Tensor, state0: tuple, weight_hh: Tensor, bias_h
     tests/test_fused.py); everything else, and any machine where it did not build, runs `_Scan`.
     """
     plain = under_torch_func(xi, weight_hh, bias_hh, *state0, *params, traced=opts.trace is not None)
-    return _scan(opts, xi, state0, weight_hh, bias_hh, params, plain)
+    return _scan(_recorded(opts), xi, state0, weight_hh, bias_hh, params, plain)
 
 
 @opaque_to_compile
@@ -76,6 +85,7 @@ def project_scan(opts: ScanOptions, x: Tensor, weight_ih: Tensor, bias_ih: Tenso
     loop); elsewhere it is the projection, then `scan`."""
     plain = under_torch_func(x, weight_ih, bias_ih, weight_hh, bias_hh, *state0, *params,
                              traced=opts.trace is not None)
+    opts = _recorded(opts)
     if not plain and _fused.supports_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params):
         return _fused.scan_projected(opts, x, weight_ih, bias_ih, state0, weight_hh, bias_hh, params)
     xi = torch.nn.functional.linear(x, weight_ih, bias_ih)
@@ -180,7 +190,7 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts: ScanOptions, n: int, xi, weight_hh, bias_hh, *rest):
         state, params = tuple(rest[:n]), tuple(rest[n:])
-        keep = any(ctx.needs_input_grad) or opts.trace is not None
+        keep = (opts.keep and any(ctx.needs_input_grad)) or opts.trace is not None
         hand = has_hand_backward(opts.cell)
         seqs, state, saved = _unroll(opts, xi, weight_hh, bias_hh, state, params, keep, hand)
         out = seqs[0] if opts.mask is None else seqs[0] * opts.mask

@@ -108,3 +108,45 @@ def test_parallel_scan_cells_take_h_dx_and_dp_from_the_pool(cls):
     assert ops.pool_held_bytes() == held                        # served from the pool, not grown
     assert all(torch.equal(a, b) for a, b in zip(first, second))
     _fused.release_pool()
+
+
+def _peak_bytes(fn):
+    """Peak bytes held by torch's allocators (and the kernel's pool, which reports to the profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    held = peak = 0
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    for e in events:
+        held += e.nbytes()
+        peak = max(peak, held)
+    return peak
+
+
+@pytest.mark.parametrize("path", ["fused", "pure"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_inference_without_a_graph_keeps_no_training_buffers(path, cell, monkeypatch):
+    """Under torch.no_grad a layer whose weights require grad (any model) must not keep what a backward
+    needs: autograd Functions still see needs_input_grad True there. It peaked at ~1.8x the frozen
+    model's memory before engine.ScanOptions.keep."""
+    import rnnkit as rk
+    if path == "pure":
+        monkeypatch.setattr(_fused, "supports_projected", lambda *a: False)
+        monkeypatch.setattr(_fused, "supports", lambda *a: False)
+    elif not _fused.available():
+        pytest.skip("fused kernel not built")
+    torch.manual_seed(0)
+    layer = getattr(rk, cell)(64, 64, backend="engine")
+    frozen = getattr(rk, cell)(64, 64, backend="engine").requires_grad_(False)
+    frozen.load_state_dict(layer.state_dict())
+    x = torch.randn(50, 16, 64)
+
+    def infer(model):
+        with torch.no_grad():
+            return model(x)[0]
+
+    assert torch.equal(infer(layer), infer(frozen))
+    training, inference, reference = _peak_bytes(lambda: layer(x)), _peak_bytes(lambda: infer(layer)), \
+        _peak_bytes(lambda: infer(frozen))
+    assert inference == reference < training
