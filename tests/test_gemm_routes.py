@@ -124,14 +124,17 @@ def test_dense_products_go_to_onednn_matmul_without_copies(kernel, route):
 
     taken = [product(torch.randn(3000, 512).t(), torch.randn(3000, 128), 0.0),    # dW: a transposed
              product(torch.randn(680, 768).t(), torch.randn(680, 16), 1.0),       # min-cell dW, summed
-             product(torch.randn(680, 768), torch.randn(16, 768).t(), 0.0)]       # b transposed
+             product(torch.randn(680, 768), torch.randn(16, 768).t(), 0.0),       # b transposed
+             product(torch.randn(680, 768).t(), torch.randn(680, 2), 1.0),        # narrow output, I = 2
+             product(torch.randn(680, 2), torch.randn(768, 2).t(), 0.0)]          # thin inner dimension
     left = [product(wide[:, :512].t(), wide[:, 512:], 0.0),                       # leading dimension 600
             product(torch.randn(3000, 512).t(), torch.randn(3000, 1), 0.0),       # a column
-            product(torch.randn(64, 64), torch.randn(64, 64), 1.0)]               # 64^3: too small
+            product(torch.randn(64, 64), torch.randn(64, 64), 1.0),               # 64^3: too small
+            product(torch.randn(2048, 2), torch.randn(2, 128), 0.0)]              # thin, output too small
     if route == "dnnl":
-        assert taken == [start + 1, start + 2, start + 3] and left == [start + 3] * 3
+        assert taken == [start + i for i in range(1, 6)] and left == [start + 5] * 4
     else:
-        assert taken + left == [start] * 6
+        assert taken + left == [start] * 9
 
 
 @pytest.mark.parametrize("route", ["dnnl", "packed"])

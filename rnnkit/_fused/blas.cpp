@@ -219,14 +219,20 @@ namespace {
 std::atomic<bool> g_matmul_refused{false};
 std::atomic<int64_t> g_matmul_calls{0};
 
+// Where oneDNN's products beat MKL's with no copy (see kDnnlMatmulMinWork), on the oneDNN route.
+bool dnnl_matmul_pays(int64_t m, int64_t n, int64_t k) {
+  if (std::min(m, n) < 2 || k < 1) return false;                  // matrix-vector: MKL
+  return m * n * k >= kDnnlMatmulMinWork || (n <= 8 && m >= 128 && k >= 128) ||
+         (k <= 8 && m * n >= (int64_t(3) << 17));
+}
+
 // C = op(A) op(B) + beta C through at::native::mkldnn_matmul where the route takes oneDNN and the operands
 // are as it takes them without a copy (see kDnnlMatmulMinWork). False when not done: the caller goes on.
 // The op checks the CPU first (it asks for AVX-512 or AVX-NE-CONVERT for float): a refusal is remembered.
 bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float beta, float* c, int64_t ldc) {
   if (at::native::mkldnn_matmul == nullptr || g_matmul_refused.load(std::memory_order_relaxed) ||
-      std::min(m, n) < 2 || k < 1 || m * n * k < kDnnlMatmulMinWork || lda != (ta ? m : k) ||
-      ldb != (tb ? k : n) || ldc != n || !use_dnnl()) {
+      !dnnl_matmul_pays(m, n, k) || lda != (ta ? m : k) || ldb != (tb ? k : n) || ldc != n || !use_dnnl()) {
     return false;
   }
   try {
@@ -292,7 +298,7 @@ at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w) {
   const bool dense = x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.device().is_cpu() &&
                      w.device().is_cpu() && row_major_ld(x) > 0 && row_major_ld(w) > 0;
   const bool tracked = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad());
-  if (dense && !tracked && dnnl_without_copies(x.size(0) * w.size(0) * x.size(1))) return dnnl_linear(x, w);
+  if (dense && !tracked && dnnl_matmul_pays(x.size(0), w.size(0), x.size(1)) && use_dnnl()) return dnnl_linear(x, w);
   return at::mm(x, w.t());
 }
 

@@ -44,11 +44,13 @@ constexpr int64_t kDnnlCopyElements = int64_t(1) << 19;    // elements copied pe
 constexpr int64_t kDnnlCopyShare = 8;                       // and at most this fraction of all copied
 // A general product whose operands are dense or the transpose of dense (and C dense) goes to oneDNN's
 // matmul as ATen calls it (at::native::mkldnn_matmul: strided operands, beta as an in-place sum), with no
-// copy and no output tensor: from kDnnlMatmulMinWork multiply-adds and both sides of C >= 2. Measured on
-// the Zen 5 EPYC (2 threads), against MKL: 0.4-0.55x MKL's time from 128^3 up (0.92x at 128^3, 2.7x at
-// 64^3); a matrix-vector product (a side of 1) ran 3x slower transposed. Weight gradients (6400 x 2048)^T
-// (6400 x 512): 35 ms, against 42 ms through linear with copies in slices and 67 ms in MKL.
-constexpr int64_t kDnnlMatmulMinWork = int64_t(1) << 21;
+// copy and no output tensor, where dnnl_matmul_pays (blas.cpp). Measured on the Zen 5 EPYC (2 threads)
+// over 111 shapes against MKL: oneDNN's call costs ~12 us to MKL's ~3, and from m n k = 2^20 it took
+// 0.3-0.55x MKL's time (0.95x at 128^3); below that MKL wins except on narrow outputs (n <= 8, m and k
+// >= 128: 680 x 2 x 680 184 -> 49 us) and thin inner dimensions with large outputs (k <= 8, m n >= 3 2^17:
+// 680 x 768 x 2 71 -> 29 us), both MKL's slow skinny kernels. Matrix-vector products stay with MKL. Weight
+// gradients (6400 x 2048)^T (6400 x 512): 35 ms, against 42 ms through linear with copies and 67 in MKL.
+constexpr int64_t kDnnlMatmulMinWork = int64_t(1) << 20;
 
 template <typename T>
 class StepProduct {
@@ -74,7 +76,7 @@ inline int64_t row_major_ld(const at::Tensor& t) {
 }
 
 // x (n, k) w^T for w (m, k), both row-major with unit stride along k: oneDNN's output itself (no copy)
-// where the route takes oneDNN and n m k >= kDnnlMinStepWork, at::mm otherwise (and where a gradient is to
+// where the route takes oneDNN and the product pays there (as a general product), at::mm otherwise (and where a gradient is to
 // follow: oneDNN's op has no backward). The projections of the parallel-scan cells' blocks
 // (rnnkit/parallel.py; registered as rnnkit_fused::routed_linear).
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w);
