@@ -54,15 +54,17 @@ class ScanOptions:
     rec_mask: Tensor | None = None      # (B, H) recurrent dropout mask, already scaled by 1/(1-p)
     zone: tuple | None = None           # per state: (T or 1, B or 1, H or 1) share of old state kept
     trace: TraceSlot | None = field(default=None)
-    keep: bool = True                   # keep what a backward needs; scan() turns it off without a graph
+    keep: bool = True                   # keep what a backward needs: set by scan() from the grad mode
 
 
 def _recorded(opts: ScanOptions) -> ScanOptions:
-    """opts, with keep off where no autograd graph is recorded (torch.no_grad, inference_mode). A Function's
-    ctx.needs_input_grad still reads True there for inputs that require grad (a model's weights), so
-    without this an inference pass kept a training step's buffers: LSTM B=64 T=100 H=256 peaked at 70 MB
-    under no_grad, 39 MB with frozen weights."""
-    return opts if not opts.keep or torch.is_grad_enabled() else replace(opts, keep=False)
+    """opts, with keep = whether an autograd graph is recorded (off under torch.no_grad, inference_mode).
+    A Function's ctx.needs_input_grad still reads True there for inputs that require grad (a model's
+    weights), so without this an inference pass kept a training step's buffers: LSTM B=64 T=100 H=256
+    peaked at 70 MB under no_grad, 39 MB with frozen weights. Not the caller's to turn off: a graph
+    recorded without them could not run its backward."""
+    grad = torch.is_grad_enabled()
+    return opts if opts.keep == grad else replace(opts, keep=grad)
 
 
 @opaque_to_compile

@@ -171,24 +171,24 @@ class _BlockedScan(torch.autograd.Function):
         prev = h0
         c = None if kind is None else _kernel_bias(weight, bias)
         w = weight.contiguous()
-        ctx.kept = _empty(kind, (*x.shape[:2], w.shape[0]), x) if keep else None   # (T, B, G*H)
+        kept = _empty(kind, (*x.shape[:2], w.shape[0]), x) if keep else None   # (T, B, G*H)
         for lo, hi in (reversed(spans) if reverse else spans):
             m = None if mask is None else mask[lo:hi]
             if kind is not None:                                      # bias, gates, recurrence in C++
-                P = _routed_project(x[lo:hi], w, None if ctx.kept is None else ctx.kept[lo:hi])
+                P = _routed_project(x[lo:hi], w, None if kept is None else kept[lo:hi])
                 _fused.build().min_forward(kind, reverse, P, c, prev.contiguous(), m, h[lo:hi])
                 prev = h[lo] if reverse else h[hi - 1]
                 continue
             a, b, _ = _coefficients(cell, x[lo:hi], weight, bias, m)
             prev = _recur(a, b, prev, h[lo:hi], reverse)
         ctx.opts = opts
-        ctx.save_for_backward(x, weight, bias, h0, h)
-        return h
+        ctx.save_for_backward(x, weight, bias, h0, h, kept)         # kept: seen by checkpointing and
+        return h                                                      # saved-tensor hooks
 
     @staticmethod
     def _replay(ctx):
         cell, _, mask, reverse, _, _, _ = ctx.opts
-        x, weight, bias, h0, _ = ctx.saved_tensors
+        x, weight, bias, h0, _, _ = ctx.saved_tensors
         return (unrolled(cell, x, weight, bias, h0, mask, reverse),), (ctx.opts, x, weight, bias, h0)
 
     @staticmethod
@@ -199,7 +199,7 @@ class _BlockedScan(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dh):
         cell, kind, mask, reverse, spans, grad_norm, _ = ctx.opts
-        x, weight, bias, h0, h = ctx.saved_tensors
+        x, weight, bias, h0, h, kept = ctx.saved_tensors
         need_x = ctx.needs_input_grad[1]
         dx = _empty(kind, x.shape, x) if need_x else None
         dW = torch.zeros_like(weight)
@@ -220,14 +220,13 @@ class _BlockedScan(torch.autograd.Function):
                 if need_x:
                     torch.mm(dP, weight, out=dx2)
             else:                             # carry and db_rows in place; products on the kernel's route
-                P = _routed_project(x[lo:hi], w) if ctx.kept is None else ctx.kept[lo:hi]
+                P = _routed_project(x[lo:hi], w) if kept is None else kept[lo:hi]
                 dP = _fused_block_backward(kind, reverse, P, c, h, h0, m, dh, lo, hi,
                                            g_next, a_next, db_rows, grad_norm).view(-1, weight.shape[0])
                 ops.routed_addmm_(dW, dP.t(), x2, 1.0)
                 if need_x:
                     ops.routed_addmm_(dx2, dP, weight, 0.0)
-        ctx.kept = None                                               # P's memory back (a second
-        db = None if bias is None else db_rows.sum(0)                 # backward recomputes it)
+        db = None if bias is None else db_rows.sum(0)
         return None, dx, dW, db, a_next * g_next                      # dL/dh0 = a_1 g_1
 
 

@@ -90,8 +90,8 @@ def test_parallel_scan_cells_take_h_dx_and_dp_from_the_pool(cls):
     from rnnkit import minimal
     ops = _fused.build()
     torch.manual_seed(0)
-    layer = getattr(minimal, cls)(8, 64, scan="blocked")
-    x = torch.randn(300, 4, 8, requires_grad=True)            # h: 300*4*64 floats = 300 KiB
+    layer = getattr(minimal, cls)(16, 64, scan="blocked")
+    x = torch.randn(300, 4, 16, requires_grad=True)           # h 300 KiB, dx 75 KiB (the floor: 64)
 
     def step():
         layer.zero_grad(set_to_none=True)
@@ -102,11 +102,33 @@ def test_parallel_scan_cells_take_h_dx_and_dp_from_the_pool(cls):
 
     _fused.release_pool()
     first = step()
+    x.grad = None                                               # dx lives on as x.grad until then
     held = ops.pool_held_bytes()
-    assert held >= 300 * 4 * 64 * 4 + 300 * 4 * 8 * 4           # h and dx came back
+    gates = 2 if cls == "MinGRU" else 3
+    assert held >= 300 * 4 * (64 + 16 + gates * 64) * 4        # h, dx and the (one) block's dP came back
     second = step()
+    x.grad = None
     assert ops.pool_held_bytes() == held                        # served from the pool, not grown
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+    _fused.release_pool()
+
+
+@needs_kernel
+def test_pool_serves_a_slightly_smaller_request_from_a_larger_block():
+    """Lengths that vary from batch to batch must reuse the pool's blocks, not park one per length: a
+    request takes the smallest free block it fits with at most a quarter to spare."""
+    from rnnkit.minimal import MinGRU
+    ops = _fused.build()
+    layer = MinGRU(8, 64, scan="blocked")
+    _fused.release_pool()
+    with torch.no_grad():
+        layer(torch.randn(400, 4, 8))                           # h: 400 KiB, back to the pool
+        held = ops.pool_held_bytes()
+        for T in (390, 370, 350, 330):                          # each within a quarter of 400
+            layer(torch.randn(T, 4, 8))
+            assert ops.pool_held_bytes() == held
+        layer(torch.randn(100, 4, 8))                           # far smaller: fresh memory, kept after
+        assert ops.pool_held_bytes() > held
     _fused.release_pool()
 
 
@@ -150,3 +172,23 @@ def test_inference_without_a_graph_keeps_no_training_buffers(path, cell, monkeyp
     training, inference, reference = _peak_bytes(lambda: layer(x)), _peak_bytes(lambda: infer(layer)), \
         _peak_bytes(lambda: infer(frozen))
     assert inference == reference < training
+
+
+@pytest.mark.parametrize("path", ["fused", "pure"])
+def test_scan_options_keep_is_the_grad_mode_not_the_callers(path, monkeypatch):
+    """ScanOptions.keep is set by scan() from the grad mode: a caller's keep=False under grad mode must
+    not build a graph whose backward has nothing to run on."""
+    import rnnkit as rk
+    from rnnkit.cells import GRUCell
+    if path == "pure":
+        monkeypatch.setattr(_fused, "supports", lambda *a: False)
+    elif not _fused.available():
+        pytest.skip("fused kernel not built")
+    torch.manual_seed(0)
+    xi = torch.randn(6, 3, 12, requires_grad=True)
+    h0, w, b = torch.zeros(3, 4), torch.randn(12, 4, requires_grad=True), torch.randn(12, requires_grad=True)
+    grads = []
+    for keep in (True, False):
+        out, _ = rk.scan(rk.ScanOptions(GRUCell(), keep=keep), xi, (h0,), w, b)
+        grads.append(torch.autograd.grad(out.square().sum(), (xi, w, b)))
+    assert all(torch.equal(a, c) for a, c in zip(*grads))

@@ -375,28 +375,36 @@ def test_backward_restores_the_denormal_setting():
     assert float(torch.tensor([1e-40]) * 1.0) != 0.0
 
 
-def test_kept_projection_serves_one_backward_and_a_second_recomputes(monkeypatch):
-    """From KEEP_MIN_INPUT the fused scan keeps x W^T from the forward for the backward; the backward
-    hands that memory back, so a second backward through the same graph (retain_graph) recomputes it:
-    both give the recomputing path's gradients. Without gradients wanted nothing is kept."""
+def test_kept_projection_is_a_saved_tensor_and_serves_every_backward(monkeypatch):
+    """From KEEP_MIN_INPUT the fused scan keeps x W^T from the forward for the backward, saved like its
+    other tensors: saved-tensor hooks (offloading) and activation checkpointing see it, and a second
+    backward through the same graph (retain_graph) reads it again. Gradients as the recomputing path's.
+    Without gradients wanted nothing is kept."""
+    from torch.utils.checkpoint import checkpoint
     if not _fused.available():
         pytest.skip("the fused kernel is not available here")
     torch.manual_seed(0)
-    layer = MinLSTM(parallel.KEEP_MIN_INPUT, 32, scan="blocked")
-    x = torch.randn(50, 3, parallel.KEEP_MIN_INPUT, requires_grad=True)
+    I = parallel.KEEP_MIN_INPUT
+    layer = MinLSTM(I, 32, scan="blocked")
+    x = torch.randn(50, 3, I, requires_grad=True)
     weights = torch.randn(50, 3, 32)
 
-    def grads(retain=False):
-        out, _ = layer(x)
+    def grads(retain=False, wrap=None):
+        out, _ = layer(x) if wrap is None else wrap(layer, x, use_reentrant=False)
         loss = (out * weights).sum()
         first = torch.autograd.grad(loss, (x, *layer.parameters()), retain_graph=retain)
         return first, (torch.autograd.grad(loss, (x, *layer.parameters())) if retain else None)
 
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+        layer(x)
+    assert (50, 3, 3 * 32) in shapes                              # x W^T, kept and saved
     kept, again = grads(retain=True)
+    checkpointed, _ = grads(wrap=checkpoint)
     monkeypatch.setattr(parallel, "KEEP_MIN_INPUT", 10 ** 9)
     recomputed, _ = grads()
-    for a, b, c in zip(kept, again, recomputed):
-        assert torch.equal(a, b) and (a - c).abs().max() <= 1e-6 * (1 + c.abs().max())
+    for a, b, c, d in zip(kept, again, checkpointed, recomputed):
+        assert torch.equal(a, b) and torch.equal(a, c) and (a - d).abs().max() <= 1e-6 * (1 + d.abs().max())
     monkeypatch.setattr(parallel, "KEEP_MIN_INPUT", 1)
     seen = []
     monkeypatch.setattr(parallel, "_empty", lambda kind, shape, like: seen.append(tuple(shape)) or

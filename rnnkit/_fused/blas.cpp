@@ -241,9 +241,9 @@ bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float*
     at::native::mkldnn_matmul(A, B, wrap_f(c, m, n, ldc), beta, 1.0f);
     g_matmul_calls.fetch_add(1, std::memory_order_relaxed);
     return true;
-  } catch (const c10::Error& e) {
+  } catch (const std::exception& e) {            // c10::Error (the CPU check), or oneDNN's own
     g_matmul_refused = true;
-    if (std::getenv("RNNKIT_GEMM_DEBUG")) std::fprintf(stderr, "rnnkit gemm: mkldnn_matmul refused: %s\n", e.what_without_backtrace());
+    if (std::getenv("RNNKIT_GEMM_DEBUG")) std::fprintf(stderr, "rnnkit gemm: mkldnn_matmul refused: %s\n", e.what());
     return false;
   }
 }

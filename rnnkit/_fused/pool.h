@@ -4,8 +4,9 @@
 // gradients of the pre-activations: T*B*H floats and more each). From the system allocator, each is
 // fresh memory: the OS maps and zeroes every page on first touch, which measured ~8% of a training step
 // at B = 64, H = 256. The pool keeps freed blocks, keyed by their size, and hands one back to the next
-// request of that size. Tensors from it are ordinary CPU tensors (resizable, any op accepts them); their
-// memory is reported to torch's profiler like the default allocator's, so memory measurements see it.
+// request it holds with at most a quarter to spare (the smallest such block). Tensors from it are
+// ordinary CPU tensors (resizable, any op accepts them); their memory is reported to torch's profiler
+// like the default allocator's, so memory measurements see it.
 // It holds at most 1 GiB of free blocks (set_pool_limit; 0 turns it off): a freed block that would pass
 // the limit evicts the longest-unused blocks first, so a new working set (another layer size) replaces
 // an old one instead of finding the pool full.
