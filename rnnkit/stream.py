@@ -215,7 +215,9 @@ class Stream:
     a new Parameter, pruning, layer.to(dtype or device) — the state is moved along); writes through `p.data`, and
     in-place writes to weights that are inference tensors (made under torch.inference_mode), bypass
     torch's version counter and need `s.refresh()`. A stream pickles and deep-copies (its layer and
-    state; buffers are rebuilt). Inputs are assumed finite (a GRU stream turns ±inf into NaN)."""
+    state; buffers are rebuilt). An infinite input gives torch.nn's numbers on the CPU fused steps; the
+    torch-op GRU step (CUDA, half precision, no compiler) turns ±inf into NaN (its one stacked product
+    multiplies zero blocks by it)."""
 
     def __init__(self, layer, batch_size: int = 1, state=None):
         size = positive_int(batch_size)                                         # numpy ints too

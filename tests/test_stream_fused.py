@@ -116,3 +116,24 @@ def test_saturated_forget_gate_times_a_huge_state_is_torchs(c0):
     for got in (s.state[1], layer(x, state)[1][1]):
         assert torch.equal(got.isnan(), want.isnan())
         assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+@pytest.mark.parametrize("cls,ref_cls", [(rk.GRU, torch.nn.GRU), (rk.LSTM, torch.nn.LSTM)])
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan"), 1e38])
+def test_non_finite_inputs_give_torch_nn_numbers(cls, ref_cls, bad, monkeypatch):
+    """An infinite input (or a state gone infinite) gives torch.nn's outputs: the GRU's stacked product has
+    zero blocks (x_n takes no h, h_n no x), and 0 * inf made NaN where torch.nn.GRU gives, for x = +inf,
+    h = (-1, 0, 0) at H = 3; such steps multiply the column groups apart."""
+    torch.manual_seed(0)
+    for H, B in ((3, 1), (32, 2)):
+        ref = ref_cls(4, H)
+        layer = cls(4, H).eval()
+        layer.load_state_dict(ref.state_dict())
+        xs = torch.randn(6, B, 4)
+        xs[2, 0, 0] = bad
+        xs[4, -1, 3] = -bad
+        with torch.no_grad():
+            want, _ = ref(xs)
+        got, _ = _run(layer, xs, True, monkeypatch)
+        assert torch.equal(got.isnan(), want.isnan())
+        assert (got.nan_to_num() - want.nan_to_num()).abs().max() <= 1e-5

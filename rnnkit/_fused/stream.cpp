@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 
 #include "blas.h"
 #include "fastmath.h"
@@ -110,14 +111,42 @@ void stream_lstm(const at::Tensor& window, const at::Tensor& W, const at::Tensor
   });
 }
 
+template <typename T>
+bool all_finite(const T* w, int64_t B, int64_t K, int64_t ld) {
+  bool ok = true;
+  for (int64_t r = 0; r < B; ++r) {
+    for (int64_t k = 0; k < K; ++k) ok &= std::isfinite(w[r * ld + k]);
+  }
+  return ok;
+}
+
+// The GRU's stacked W has zero blocks (x_n takes no h, h_n no x), and 0 * inf is NaN: with an infinite
+// value in [x | h] the three column groups are multiplied apart, as torch.nn.GRU's two products do
+// (x = +inf gives h = (-1, 0, 0) there, not NaN). Finite inputs keep the one product.
 void stream_gru(const at::Tensor& window, const at::Tensor& W, const at::Tensor& b, const at::Tensor& P,
                 const at::Tensor& h) {
   check_step("stream_gru", window, W, b, P, at::Tensor(), h);
-  step_with(window, W, P, [&](auto zero) {
+  auto rows = [&](auto zero) {
     using T = decltype(zero);
     gru_rows<T>(window.size(0), h.size(1), b.data_ptr<T>(), P.data_ptr<T>(), row_major_ld(P), h.data_ptr<T>(),
                 row_major_ld(h));
-  });
+  };
+  auto run_apart = [&](auto zero) -> bool {
+    using T = decltype(zero);
+    const int64_t B = window.size(0), K = window.size(1), H = h.size(1), I = K - H, N = W.size(1);
+    const int64_t ldw = row_major_ld(window), ldp = row_major_ld(P);
+    const T* x = window.data_ptr<T>();
+    if (all_finite(x, B, K, ldw)) return false;
+    const T* w = W.data_ptr<T>();
+    T* p = P.data_ptr<T>();
+    gemm(false, false, B, 2 * H, K, x, ldw, w, N, T(0), p, ldp);                           // r, -z
+    gemm(false, false, B, H, I, x, ldw, w + 2 * H, N, T(0), p + 2 * H, ldp);              // x_n: x only
+    gemm(false, false, B, H, H, x + I, ldw, w + I * N + 3 * H, N, T(0), p + 3 * H, ldp);  // h_n: h only
+    rows(zero);
+    return true;
+  };
+  const bool apart = window.scalar_type() == at::kFloat ? run_apart(0.f) : run_apart(0.0);
+  if (!apart) step_with(window, W, P, rows);
 }
 
 }  // namespace
