@@ -50,6 +50,9 @@ constexpr int64_t kDnnlCopyShare = 8;                       // and at most this 
 // >= 128: 680 x 2 x 680 184 -> 49 us) and thin inner dimensions with large outputs (k <= 8, m n >= 3 2^17:
 // 680 x 768 x 2 71 -> 29 us), both MKL's slow skinny kernels. Matrix-vector products stay with MKL. Weight
 // gradients (6400 x 2048)^T (6400 x 512): 35 ms, against 42 ms through linear with copies and 67 in MKL.
+// Both oneDNN paths follow torch's float32 matmul precision (torch.backends.mkldnn.matmul.fp32_precision,
+// set_float32_matmul_precision): on a CPU with bf16 kernels "bf16" makes their float products bf16 ones,
+// as torch's own; the MKL route ignores the setting, so there results would depend on the route taken.
 constexpr int64_t kDnnlMatmulMinWork = int64_t(1) << 20;
 
 template <typename T>
