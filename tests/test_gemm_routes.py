@@ -138,6 +138,22 @@ def test_dense_products_go_to_onednn_matmul_without_copies(kernel, route):
         assert taken + left == [start] * 9
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")      # torch's flags() itself
+def test_switching_torchs_onednn_off_keeps_the_kernel_off_it_too(kernel):
+    """torch.backends.mkldnn.flags(enabled=False) turns torch's own oneDNN use off; the kernel's products
+    follow it (the route reads packed or blas while it holds), with the same numbers."""
+    ops = torch.ops.rnnkit_fused
+    a, b = torch.randn(3000, 512).t(), torch.randn(3000, 128)
+    default = kernel.gemm_route()
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert kernel.gemm_route() in {"packed", "blas", "aten"}
+        start = ops.dnnl_matmul_calls()
+        off = ops.routed_mm(a, b)
+        assert ops.dnnl_matmul_calls() == start
+    assert kernel.gemm_route() == default
+    assert torch.allclose(off, ops.routed_mm(a, b), rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("route", ["dnnl", "packed"])
 def test_routed_ops_and_autograd(kernel, route):
     """routed_linear follows autograd where a gradient is wanted (oneDNN's op has no backward, so it

@@ -5,6 +5,7 @@
 #include "pool.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 
@@ -133,8 +134,10 @@ void copy_rows(const at::Tensor& src, float* c, int64_t m, int64_t n, int64_t ld
 
 bool dnnl_measured_faster();
 
+// Also off while torch's oneDNN is switched off (torch.backends.mkldnn.flags(enabled=False)), as torch's
+// own ops are.
 bool use_dnnl() {
-  return g_limit == Route::kDnnl && dnnl_measured_faster();
+  return g_limit == Route::kDnnl && at::globalContext().userEnabledMkldnn() && dnnl_measured_faster();
 }
 
 // oneDNN for a product of `work` multiply-adds that needs no operand copied (a step product, a projection).
