@@ -56,6 +56,10 @@ class ScanOptions:
     trace: TraceSlot | None = field(default=None)
     keep: bool = True                   # keep what a backward needs: set by scan() from the grad mode
 
+    def keeps(self, needs_input_grad) -> bool:
+        """Whether a scan's Function keeps what its backward (or the trace) needs."""
+        return (self.keep and any(needs_input_grad)) or self.trace is not None
+
 
 def _recorded(opts: ScanOptions) -> ScanOptions:
     """opts, with keep = whether an autograd graph is recorded (off under torch.no_grad, inference_mode).
@@ -192,7 +196,7 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, opts: ScanOptions, n: int, xi, weight_hh, bias_hh, *rest):
         state, params = tuple(rest[:n]), tuple(rest[n:])
-        keep = (opts.keep and any(ctx.needs_input_grad)) or opts.trace is not None
+        keep = opts.keeps(ctx.needs_input_grad)
         hand = has_hand_backward(opts.cell)
         seqs, state, saved = _unroll(opts, xi, weight_hh, bias_hh, state, params, keep, hand)
         out = seqs[0] if opts.mask is None else seqs[0] * opts.mask

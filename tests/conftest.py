@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+import rnnkit._fused
+import rnnkit.parallel
+
 # Tests run two at a time (pytest -n 2) on two cores: one thread each.
 torch.set_num_threads(1)
 
@@ -8,3 +11,17 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(params=["fused", "fused-kept", "torch"])
+def min_route(request, monkeypatch):
+    """The minGRU / minLSTM blocked scan's block routes (test_minimal.py, test_parallel_scan.py): the C++
+    pass (rnnkit/_fused/minimal.cpp, the default on CPU), the same keeping x W^T for the backward at any
+    input size (by default from KEEP_MIN_INPUT), and torch ops (the reference and the fallback)."""
+    if request.param == "torch":
+        monkeypatch.setattr(rnnkit.parallel, "FUSED_KINDS", {})
+    elif not rnnkit._fused.available():
+        pytest.skip("the fused kernel is not available here")
+    elif request.param == "fused-kept":
+        monkeypatch.setattr(rnnkit.parallel, "KEEP_MIN_INPUT", 1)
+    return request.param

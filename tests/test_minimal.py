@@ -1,15 +1,13 @@
-"""minGRU / minLSTM (rnnkit.minimal) and the scans (rnnkit.parallel): against an independent loop of the
-paper's equations (written here, not taken from rnnkit), gradcheck in float64, the trace, lengths,
-and bad input."""
+"""minGRU / minLSTM layers (rnnkit.minimal): against an independent loop of the paper's equations
+(written here, not taken from rnnkit), the trace, lengths, and bad input. The scans beneath them
+(rnnkit.parallel: gradcheck of the hand backward, the fused pass, the log scan) are in
+test_parallel_scan.py; both run on every block route (`min_route`, conftest.py)."""
 import pytest
 import torch
 from helpers import tied_packs
-from torch.autograd import gradcheck
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from rnnkit import _fused, parallel
-from rnnkit.minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
-from rnnkit.parallel import blocked_scan, log_scan, reverse_total
+from rnnkit.minimal import MinGRU, MinLSTM
 
 D64 = torch.float64
 CLASSES = {"mingru": MinGRU, "minlstm": MinLSTM}
@@ -63,20 +61,6 @@ def reference(kind, layer, x, hx=None, lengths=None, keep=None):
     return x, torch.stack(finals)
 
 
-@pytest.fixture(params=["fused", "fused-kept", "torch"])
-def route(request, monkeypatch):
-    """The blocked scan's block routes: the C++ pass (rnnkit/_fused/minimal.cpp, the default on CPU),
-    the same keeping x W^T for the backward at any input size (by default from KEEP_MIN_INPUT), and
-    torch ops (the reference and the fallback)."""
-    if request.param == "torch":
-        monkeypatch.setattr(parallel, "FUSED_KINDS", {})
-    elif not _fused.available():
-        pytest.skip("the fused kernel is not available here")
-    elif request.param == "fused-kept":
-        monkeypatch.setattr(parallel, "KEEP_MIN_INPUT", 1)
-    return request.param
-
-
 def make(kind, *args, scan="blocked", **kw):
     torch.manual_seed(0)
     return CLASSES[kind](*args, scan=scan, **kw).to(D64)
@@ -94,7 +78,7 @@ def weighted(out, h_n):
 @pytest.mark.parametrize("scan", SCANS)
 @pytest.mark.parametrize("layers,bidir,use_lengths,use_hx", [(1, False, False, False), (2, True, True, True),
                                                              (3, False, True, False), (1, True, False, True)])
-def test_matches_reference(kind, scan, layers, bidir, use_lengths, use_hx, route):
+def test_matches_reference(kind, scan, layers, bidir, use_lengths, use_hx, min_route):
     T, B, I, H = 7, 3, 4, 5
     layer = make(kind, I, H, layers, bidirectional=bidir, scan=scan)
     x = torch.randn(T, B, I, dtype=D64, requires_grad=True)
@@ -141,7 +125,7 @@ def test_packed_output_keeps_the_inputs_order_of_tied_lengths(kind):
 
 @pytest.mark.parametrize("kind", CLASSES)
 @pytest.mark.parametrize("scan", SCANS)
-def test_empty_batch(kind, scan, route):
+def test_empty_batch(kind, scan, min_route):
     """B = 0 gives empty outputs of the right shapes and empty gradients, as rnnkit's other layers do."""
     layer = make(kind, 3, 4, 2, bidirectional=True, scan=scan)
     x = torch.randn(5, 0, 3, dtype=D64, requires_grad=True)
@@ -152,7 +136,7 @@ def test_empty_batch(kind, scan, route):
 
 
 @pytest.mark.parametrize("kind", CLASSES)
-def test_float32_blocked_is_exact_at_long_length(kind, route):
+def test_float32_blocked_is_exact_at_long_length(kind, min_route):
     """T = 2048: the blocked scan stays at float32 round-off; Heinsen's log scan drifts more."""
     layer = CLASSES[kind](2, 8, scan="blocked")
     x = torch.randn(2048, 2, 2)
@@ -161,141 +145,11 @@ def test_float32_blocked_is_exact_at_long_length(kind, route):
     assert (out - ref).abs().max() < 1e-5
 
 
-# -- gradcheck of the hand-written backward ------------------------------------------------------------
-
-@pytest.mark.parametrize("cell", [MinGRUCell(), MinLSTMCell()], ids=["mingru", "minlstm"])
-@pytest.mark.parametrize("reverse", [False, True])
-@pytest.mark.parametrize("block", [1, 3, 7])
-@pytest.mark.parametrize("masked,bias", [(False, True), (True, True), (True, False)])
-def test_blocked_scan_gradcheck(cell, reverse, block, masked, bias, route):
-    T, B, I, H = 7, 3, 2, 3
-    G = cell.num_gates
-    x = torch.randn(T, B, I, dtype=D64, requires_grad=True)
-    W = torch.randn(G * H, I, dtype=D64, requires_grad=True)
-    b = torch.randn(G * H, dtype=D64, requires_grad=True) if bias else None
-    h0 = torch.randn(B, H, dtype=D64, requires_grad=True)
-    mask = (torch.arange(T)[:, None] < torch.tensor([7, 1, 4])).to(D64).unsqueeze(2) if masked else None
-    f = lambda x, W, b, h0: blocked_scan(cell, x, W, b, h0, mask, reverse, block)  # noqa: E731
-    assert gradcheck(f, (x, W, b, h0))
-
-
-@pytest.mark.parametrize("cell", [MinGRUCell(), MinLSTMCell()], ids=["mingru", "minlstm"])
-def test_backward_block_matches_autograd(cell):
-    """forward_block / backward_block (no autograd, in place) against autograd through the cell's
-    `coefficients`, on values across g's kink at 0."""
-    P = torch.linspace(-4, 4, 2 * 3 * cell.num_gates * 5, dtype=D64).reshape(2, 3, -1).requires_grad_()
-    a, b = cell.coefficients(P)
-    da, db = torch.randn_like(a), torch.randn_like(b)
-    auto, = torch.autograd.grad((a * da).sum() + (b * db).sum(), P)
-    with torch.no_grad():                                  # as inside the Function
-        a2, b2, saved = cell.forward_block(P)
-        hand = cell.backward_block(db, da, saved)
-    assert (a2 - a).abs().max() < 1e-15 and (b2 - b).abs().max() < 1e-15
-    assert (hand - auto).abs().max() < 1e-12
-
-
-@pytest.mark.parametrize("kind", CLASSES)
-@pytest.mark.parametrize("reverse,upstream,I", [(False, "dense", 24), (True, "dense", 24), (False, "sum", 24),
-                                                (True, "transposed", 24), (False, "dense", 80),
-                                                (True, "transposed", 80)])
-def test_fused_route_equals_torch_route_in_float32(kind, reverse, upstream, I, monkeypatch):
-    """Sizes the float64 tests do not reach: H = 600 spans two lane chunks of the kernel (512), B = 5
-    rows over two threads, 3 blocks with padding; values, gradients and the trace's g norms. The
-    gradient arriving at h is dense, one expanded scalar (out.sum()), or strided (a transposed view).
-    I = 24: a block's projection (80 x 24 by 24 x 1200 or 1800) is large enough for the kernel's oneDNN
-    route where the CPU takes it (blas.h: kDnnlMinStepWork); I = 80: x W^T is kept for the backward
-    (parallel.KEEP_MIN_INPUT), not recomputed."""
-    if not _fused.available():
-        pytest.skip("the fused kernel is not available here")
-    T, B, H = 40, 5, 600
-    cell = {"mingru": MinGRUCell, "minlstm": MinLSTMCell}[kind]()
-    torch.manual_seed(1)
-    x = torch.randn(T, B, I, requires_grad=True)
-    W = (torch.randn(cell.num_gates * H, I) * 2).requires_grad_()              # some gates saturate
-    b = torch.randn(cell.num_gates * H, requires_grad=True)
-    h0 = torch.randn(B, H, requires_grad=True)
-    mask = (torch.arange(T)[:, None] < torch.tensor([40, 13, 1, 27, 39])).float().unsqueeze(2)
-    d = {"dense": torch.randn(T, B, H), "sum": torch.ones(()).expand(T, B, H),
-         "transposed": torch.randn(B, T, H).transpose(0, 1)}[upstream]
-    results = []
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(parallel, "FUSED_KINDS", {})
-        norms = torch.zeros(T, B)
-        h = blocked_scan(cell, x, W, b, h0, mask, reverse, 16, grad_norm=norms)
-        grads = torch.autograd.grad(h, (x, W, b, h0), d)                   # d reaches the scan as it is
-        results.append((h, norms, *grads))
-    for mine, ref in zip(*results):
-        assert (mine - ref).abs().max() <= 1e-5 * (1 + ref.abs().max())
-
-
-def test_log_scan_gradcheck_with_h0_and_padding():
-    T, B, H = 6, 2, 3
-    log_a = (-torch.rand(T, B, H, dtype=D64)).requires_grad_()
-    log_b = torch.randn(T, B, H, dtype=D64, requires_grad=True)
-    h0 = torch.randn(B, H, dtype=D64, requires_grad=True)                       # any sign
-    pad = torch.zeros(T, B, 1, dtype=torch.bool)
-    pad[:2, 1] = True                                                           # padding first (reverse)
-
-    def f(log_a, log_b, h0):
-        return log_scan(log_a.masked_fill(pad, 0), log_b.masked_fill(pad, torch.finfo(D64).min / 2), h0)
-    assert gradcheck(f, (log_a, log_b, h0))
-
-
-@pytest.mark.parametrize("chunk", [1, 4, 64])
-def test_log_scan_in_chunks_gradcheck(chunk):
-    """Several chunks, the last one padded (T = 6, chunk 4), h0 carried through them; and None h0."""
-    T, B, H = 6, 2, 3
-    log_a = (-torch.rand(T, B, H, dtype=D64)).requires_grad_()
-    log_b = torch.randn(T, B, H, dtype=D64, requires_grad=True)
-    h0 = torch.randn(B, H, dtype=D64, requires_grad=True)
-    ref, h = [], h0
-    for t in range(T):
-        h = log_a[t].exp() * h + log_b[t].exp()
-        ref.append(h)
-    assert (log_scan(log_a, log_b, h0, chunk) - torch.stack(ref)).abs().max() < 1e-12
-    assert gradcheck(lambda a, b, h0: log_scan(a, b, h0, chunk), (log_a, log_b, h0))
-    assert gradcheck(lambda a, b: log_scan(a, b, None, chunk), (log_a, log_b))
-
-
-@pytest.mark.parametrize("dtype,T,out_tol,grad_tol", [(torch.float32, 4096, 1e-5, 1e-5),
-                                                      (torch.bfloat16, 512, 3e-2, 3e-2),
-                                                      (torch.float16, 1024, 5e-3, 5e-3)])
-def test_log_scan_accuracy_over_long_sequences(dtype, T, out_tol, grad_tol):
-    """Against the float64 blocked scan. The unchunked scan in one piece measured (MinGRU, H = 16):
-    float32 T = 4096 output 1.6e-4 and weight gradient 5e-3 relative; bfloat16 T = 512 output 4.3,
-    float16 T = 4096 4.6 (cumsum and logcumsumexp in half precision)."""
-    torch.manual_seed(0)
-    m = MinGRU(3, 16, scan="log", dtype=dtype)
-    ref = MinGRU(3, 16, scan="blocked", dtype=D64)
-    ref.load_state_dict(m.state_dict())
-    x = torch.randn(T, 2, 3)
-    out = m(x.to(dtype))[0]
-    out.float().pow(2).mean().backward()
-    want = ref(x.to(D64))[0]
-    want.pow(2).mean().backward()
-    rel = lambda a, b: ((a.double() - b).abs().max() / b.abs().max()).item()
-    assert rel(out, want) < out_tol
-    assert rel(m.weight_ih_l0.grad, ref.weight_ih_l0.grad) < grad_tol
-
-
-def test_reverse_total_is_the_adjoint():
-    T, B, H = 5, 2, 3
-    a, b, d = torch.rand(T, B, H, dtype=D64), torch.randn(T, B, H, dtype=D64), torch.randn(T, B, H, dtype=D64)
-    hs, h = [], torch.zeros(B, H, dtype=D64, requires_grad=True)
-    for t in range(T):
-        h = a[t] * h + b[t]
-        h.retain_grad()
-        hs.append(h)
-    (torch.stack(hs) * d).sum().backward()
-    assert (reverse_total(a, d) - torch.stack([h.grad for h in hs])).abs().max() < 1e-13
-
-
 # -- the trace -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", CLASSES)
 @pytest.mark.parametrize("scan", SCANS)
-def test_trace_against_reference(kind, scan, route):
+def test_trace_against_reference(kind, scan, min_route):
     """hidden and ||dL/dh_t|| (the total gradient reaching h_t) on every real step, per layer/direction."""
     from rnnkit.tracing import LayerTrace
     T, B, I, H = 6, 3, 2, 4
@@ -373,42 +227,3 @@ def test_backward_restores_the_denormal_setting():
     layer = MinGRU(2, 3)
     layer(torch.randn(50, 2, 2))[0][-1].sum().backward()
     assert float(torch.tensor([1e-40]) * 1.0) != 0.0
-
-
-def test_kept_projection_is_a_saved_tensor_and_serves_every_backward(monkeypatch):
-    """From KEEP_MIN_INPUT the fused scan keeps x W^T from the forward for the backward, saved like its
-    other tensors: saved-tensor hooks (offloading) and activation checkpointing see it, and a second
-    backward through the same graph (retain_graph) reads it again. Gradients as the recomputing path's.
-    Without gradients wanted nothing is kept."""
-    from torch.utils.checkpoint import checkpoint
-    if not _fused.available():
-        pytest.skip("the fused kernel is not available here")
-    torch.manual_seed(0)
-    I = parallel.KEEP_MIN_INPUT
-    layer = MinLSTM(I, 32, scan="blocked")
-    x = torch.randn(50, 3, I, requires_grad=True)
-    weights = torch.randn(50, 3, 32)
-
-    def grads(retain=False, wrap=None):
-        out, _ = layer(x) if wrap is None else wrap(layer, x, use_reentrant=False)
-        loss = (out * weights).sum()
-        first = torch.autograd.grad(loss, (x, *layer.parameters()), retain_graph=retain)
-        return first, (torch.autograd.grad(loss, (x, *layer.parameters())) if retain else None)
-
-    shapes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
-        layer(x)
-    assert (50, 3, 3 * 32) in shapes                              # x W^T, kept and saved
-    kept, again = grads(retain=True)
-    checkpointed, _ = grads(wrap=checkpoint)
-    monkeypatch.setattr(parallel, "KEEP_MIN_INPUT", 10 ** 9)
-    recomputed, _ = grads()
-    for a, b, c, d in zip(kept, again, checkpointed, recomputed):
-        assert torch.equal(a, b) and torch.equal(a, c) and (a - d).abs().max() <= 1e-6 * (1 + d.abs().max())
-    monkeypatch.setattr(parallel, "KEEP_MIN_INPUT", 1)
-    seen = []
-    monkeypatch.setattr(parallel, "_empty", lambda kind, shape, like: seen.append(tuple(shape)) or
-                        torch.empty(shape, dtype=like.dtype))
-    with torch.no_grad():
-        layer(x)
-    assert seen == [(50, 3, 32)]                                   # h only: nothing kept

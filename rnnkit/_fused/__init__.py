@@ -332,7 +332,7 @@ class _FusedScan(torch.autograd.Function):
     def forward(ctx, opts, n: int, x, weight_ih, bias_ih, weight_hh, bias_hh, *rest):
         # weight_ih None: x is xi itself; else xi = x W_ih^T here, and b_ih goes to the kernel
         code, ln = _cell_code(opts.cell)
-        keep = (opts.keep and any(ctx.needs_input_grad)) or opts.trace is not None
+        keep = opts.keeps(ctx.needs_input_grad)
         x2 = xb = None
         if weight_ih is None:
             xi = x.contiguous()

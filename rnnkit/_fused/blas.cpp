@@ -215,10 +215,6 @@ void mkl_packed_product(const float* packed, int64_t W, int64_t H, int64_t B, bo
   sgemm_compute("P", "N", &d.m, &d.n, &d.k, packed, &d.lda, x, &d.ldb, &zero, y, &d.ldc);
 }
 
-}  // namespace
-
-namespace {
-
 std::atomic<bool> g_matmul_refused{false};
 std::atomic<int64_t> g_matmul_calls{0};
 

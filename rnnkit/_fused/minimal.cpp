@@ -22,6 +22,7 @@
 #include <utility>
 
 #include "fastmath.h"
+#include "floating.h"
 #include "scan.h"
 
 namespace rnnkit {
@@ -213,12 +214,7 @@ void min_forward(int64_t kind, bool reverse, const Tensor& P, const Tensor& bias
     auto f = k.kind == MinKind::kGRU ? forward_block<MinKind::kGRU, S> : forward_block<MinKind::kLSTM, S>;
     f(k, P.data_ptr<S>(), bias.data_ptr<S>(), prev.data_ptr<S>(), opt_ptr<S>(mask), out.data_ptr<S>());
   };
-  if (P.scalar_type() == at::kFloat) {
-    run(0.f);
-  } else {
-    TORCH_CHECK(P.scalar_type() == at::kDouble, "rnnkit min scan: float32 or float64 only");
-    run(0.0);
-  }
+  with_floating(P, "rnnkit min scan", run);
 }
 
 void min_backward(int64_t kind, bool reverse, const Tensor& P, const Tensor& bias, const Tensor& h, const Tensor& before,
@@ -244,12 +240,7 @@ void min_backward(int64_t kind, bool reverse, const Tensor& P, const Tensor& bia
     f(k, P.data_ptr<S>(), bias.data_ptr<S>(), h.data_ptr<S>(), before.data_ptr<S>(), opt_ptr<S>(mask), d.data_ptr<S>(), ds,
       g_carry.data_ptr<S>(), a_carry.data_ptr<S>(), dP.data_ptr<S>(), db_rows.data_ptr<S>(), opt_ptr<S>(g_out));
   };
-  if (P.scalar_type() == at::kFloat) {
-    run(0.f);
-  } else {
-    TORCH_CHECK(P.scalar_type() == at::kDouble, "rnnkit min scan: float32 or float64 only");
-    run(0.0);
-  }
+  with_floating(P, "rnnkit min scan", run);
 }
 
 }  // namespace

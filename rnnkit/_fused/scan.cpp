@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "floating.h"
 #include "pool.h"
 #include "random.h"
 #include "scan.h"
@@ -183,12 +184,7 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
     run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, row_xb, mask, rec, zh, zc),
                    xi, f, keep);
   };
-  if (xi.scalar_type() == at::kFloat) {
-    run(0.f);
-  } else {
-    TORCH_CHECK(xi.scalar_type() == at::kDouble, "rnnkit fused scan: float32 or float64 only");
-    run(0.0);
-  }
+  with_floating(xi, "rnnkit fused scan", run);
   const int64_t last = reverse ? 0 : p.T - 1;
   Tensor h_final = f.hs[last].clone();
   Tensor c_final = p.lstm() ? f.cs[last].clone() : Tensor();
@@ -299,12 +295,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
       for (const auto& g : grad_rows<S>(p, v)) weight_grad<S>(p, v, g, ptr<S>(d_w));
     }
   };
-  if (hs.scalar_type() == at::kFloat) {
-    run(0.f);
-  } else {
-    TORCH_CHECK(hs.scalar_type() == at::kDouble, "rnnkit fused scan: float32 or float64 only");
-    run(0.0);
-  }
+  with_floating(hs, "rnnkit fused scan", run);
   std::vector<Tensor> sums(kAccSlots);                 // the threads' sums added, one row per slot wanted
   if (any_sum) {
     const Tensor total = acc.sum(0);

@@ -13,6 +13,7 @@
 
 #include "blas.h"
 #include "fastmath.h"
+#include "floating.h"
 
 namespace rnnkit {
 namespace {
@@ -84,28 +85,19 @@ void check_step(const char* name, const at::Tensor& window, const at::Tensor& W,
               c.defined() ? "c and h" : "h", " (B, H) with unit column stride");
 }
 
-// P = window W, then the rows: the product has read all of window before any h is written.
-template <typename Rows>
-void step_with(const at::Tensor& window, const at::Tensor& W, const at::Tensor& P, const Rows& rows) {
-  const int64_t B = window.size(0), K = window.size(1), N = W.size(1);
-  auto run = [&](auto zero) {
-    using T = decltype(zero);
-    gemm(false, false, B, N, K, window.data_ptr<T>(), row_major_ld(window), W.data_ptr<T>(), N, T(0),
-         P.data_ptr<T>(), row_major_ld(P));
-    rows(zero);
-  };
-  if (window.scalar_type() == at::kFloat) {
-    run(0.f);
-  } else {
-    run(0.0);
-  }
+// P = window W: one product over the stacked columns.
+template <typename T>
+void product(const at::Tensor& window, const at::Tensor& W, const at::Tensor& P) {
+  gemm(false, false, window.size(0), W.size(1), window.size(1), window.data_ptr<T>(), row_major_ld(window),
+       W.data_ptr<T>(), W.size(1), T(0), P.data_ptr<T>(), row_major_ld(P));
 }
 
 void stream_lstm(const at::Tensor& window, const at::Tensor& W, const at::Tensor& b, const at::Tensor& P,
                  const at::Tensor& c, const at::Tensor& h) {
   check_step("stream_lstm", window, W, b, P, c, h);
-  step_with(window, W, P, [&](auto zero) {
+  with_floating(window, "rnnkit stream_lstm", [&](auto zero) {
     using T = decltype(zero);
+    product<T>(window, W, P);                      // reads all of window before any h is written
     lstm_rows<T>(window.size(0), h.size(1), b.data_ptr<T>(), P.data_ptr<T>(), row_major_ld(P), c.data_ptr<T>(),
                  row_major_ld(c), h.data_ptr<T>(), row_major_ld(h));
   });
@@ -123,30 +115,31 @@ bool all_finite(const T* w, int64_t B, int64_t K, int64_t ld) {
 // The GRU's stacked W has zero blocks (x_n takes no h, h_n no x), and 0 * inf is NaN: with an infinite
 // value in [x | h] the three column groups are multiplied apart, as torch.nn.GRU's two products do
 // (x = +inf gives h = (-1, 0, 0) there, not NaN). Finite inputs keep the one product.
+template <typename T>
+void gru_product(const at::Tensor& window, const at::Tensor& W, const at::Tensor& P, int64_t H) {
+  const int64_t B = window.size(0), K = window.size(1), I = K - H, N = W.size(1);
+  const int64_t ldw = row_major_ld(window), ldp = row_major_ld(P);
+  const T* x = window.data_ptr<T>();
+  if (all_finite(x, B, K, ldw)) {
+    product<T>(window, W, P);
+    return;
+  }
+  const T* w = W.data_ptr<T>();
+  T* p = P.data_ptr<T>();
+  gemm(false, false, B, 2 * H, K, x, ldw, w, N, T(0), p, ldp);                           // r, -z
+  gemm(false, false, B, H, I, x, ldw, w + 2 * H, N, T(0), p + 2 * H, ldp);              // x_n: x only
+  gemm(false, false, B, H, H, x + I, ldw, w + I * N + 3 * H, N, T(0), p + 3 * H, ldp);  // h_n: h only
+}
+
 void stream_gru(const at::Tensor& window, const at::Tensor& W, const at::Tensor& b, const at::Tensor& P,
                 const at::Tensor& h) {
   check_step("stream_gru", window, W, b, P, at::Tensor(), h);
-  auto rows = [&](auto zero) {
+  with_floating(window, "rnnkit stream_gru", [&](auto zero) {
     using T = decltype(zero);
+    gru_product<T>(window, W, P, h.size(1));       // reads all of window before any h is written
     gru_rows<T>(window.size(0), h.size(1), b.data_ptr<T>(), P.data_ptr<T>(), row_major_ld(P), h.data_ptr<T>(),
                 row_major_ld(h));
-  };
-  auto run_apart = [&](auto zero) -> bool {
-    using T = decltype(zero);
-    const int64_t B = window.size(0), K = window.size(1), H = h.size(1), I = K - H, N = W.size(1);
-    const int64_t ldw = row_major_ld(window), ldp = row_major_ld(P);
-    const T* x = window.data_ptr<T>();
-    if (all_finite(x, B, K, ldw)) return false;
-    const T* w = W.data_ptr<T>();
-    T* p = P.data_ptr<T>();
-    gemm(false, false, B, 2 * H, K, x, ldw, w, N, T(0), p, ldp);                           // r, -z
-    gemm(false, false, B, H, I, x, ldw, w + 2 * H, N, T(0), p + 2 * H, ldp);              // x_n: x only
-    gemm(false, false, B, H, H, x + I, ldw, w + I * N + 3 * H, N, T(0), p + 3 * H, ldp);  // h_n: h only
-    rows(zero);
-    return true;
-  };
-  const bool apart = window.scalar_type() == at::kFloat ? run_apart(0.f) : run_apart(0.0);
-  if (!apart) step_with(window, W, P, rows);
+  });
 }
 
 }  // namespace
