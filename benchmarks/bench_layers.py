@@ -47,6 +47,7 @@ from torch import nn
 from tqdm import tqdm
 
 import rnnkit as rk
+from rnnkit._fused import route
 
 # cell -> (rnnkit class, torch.nn class, gate blocks G, constructor kwargs)
 CELLS = {
@@ -169,7 +170,7 @@ def profile_point(cell: str, B: int, T: int, H: int, seed: int) -> dict:
 
 # -- the report ----------------------------------------------------------------------------------------
 
-from report import kept_sections, render  # noqa: E402
+from report import kept_sections, recorded_runs, render  # noqa: E402
 
 
 def run_grid(cells, grid: Grid, budget: Budget, memory: bool, seed: int) -> list[dict]:
@@ -230,7 +231,7 @@ def settings(args) -> tuple[Grid, Budget, int]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.run is not None:
-        doc, summary = render(args.run)
+        doc, summary = render(args.run, recorded_runs(args.out, args.from_json), args.out.stem)
         write_text(args.out, doc + kept_sections(args.out))
         print(summary)
         return 0
@@ -245,11 +246,13 @@ def main(argv=None) -> int:
     points = run_grid(args.cells, grid, budget, not args.no_memory, args.seed)
     prof = profile_point(*PROFILE_POINT, args.seed) if PROFILE_POINT[0] in args.cells else None
     facts["wall_seconds"] = time.perf_counter() - start
+    facts["gemm_route"] = route.current()
     facts["peak_gflops_runs"] = [before, matmul_peak_gflops(peak_n, reps=facts["peak_matmul_reps"])]
     facts["peak_gflops"] = max(facts["peak_gflops_runs"])
     run = {"machine": facts, "grid": asdict(grid), "budget": asdict(budget), "quick": args.quick,
            "cells": list(args.cells), "points": points, "profile": prof}
-    doc, summary = render(run)
+    doc, summary = render(run, recorded_runs(args.out, None if args.json is None else Path(args.json)),
+                          args.out.stem)
     write_text(args.out, doc + kept_sections(args.out))
     if args.json is not None:
         write_text(args.json, json.dumps(run, indent=1))

@@ -43,14 +43,27 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def cpu_model() -> str:
+def cpuinfo(*keys: str) -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo named in `keys` (those found; nothing off Linux)."""
+    found: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if key.strip() in keys and key.strip() not in found:
+                found[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return found
+
+
+def cpu_model() -> str:
+    """The CPU's name, with its family and model numbers where the name alone leaves the generation open
+    (a 2-core AMD EPYC reads "AMD EPYC" on Zen 3, 4 and 5 alike)."""
+    info = cpuinfo("model name", "cpu family", "model")
+    name = info.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return name
 
 
 def git_revision() -> str:

@@ -1,6 +1,8 @@
 """The markdown report of bench_layers.py: summary checks against the issue targets, timing tables, method."""
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +216,8 @@ def machine_section(run: dict) -> list[str]:
             f"{m['peak_matmul_n']} matmul, the faster of torch.mm and oneDNN's, median of "
             f"{m['peak_matmul_reps']}{peak_runs(m)}) |",
             f"| torch / Python | {m['torch']} / {m['python']} |",
+            (f"| rnnkit kernel's product route | {m.get('gemm_route') or 'not recorded'} "
+             "(`rnnkit/_fused/route.py`: oneDNN's products where measured faster than MKL's) |"),
             f"| platform | {m['platform']} |",
             f"| rnnkit commit | {m['rnnkit_commit']} |",
             f"| date | {m['date']} |",
@@ -287,7 +291,8 @@ def method_section(run: dict) -> list[str]:
             "N(0, 1), zero initial state, torch.nn's default initialisation (seeded).",
             f"- Timing: a warm-up round over the contenders (two when the first is short next to the budget, "
             f"since a first call pays one-time costs), then {rep_rule}. The repetitions are interleaved "
-            "(round-robin over the four contenders, the starting contender rotating each round; Python's "
+            "(round-robin over the four contenders, the starting contender rotating each round and every "
+            "other round in reverse order; Python's "
             "garbage collector paused) so a slow spell of the machine hits all of them alike. Tables show "
             f"**medians** (repetitions used: {min(reps)}–{max(reps)}, calls per repetition: "
             f"{min(calls)}–{max(calls)}); quartiles and every single time are in "
@@ -309,8 +314,55 @@ def method_section(run: dict) -> list[str]:
             "(`--cells`, `--reps`, `--quick`, …). Run it on an otherwise idle machine.", ""]
 
 
-def render(run: dict) -> tuple[str, str]:
-    """The markdown document, and its summary table (printed on stdout at the end of a run)."""
+def recorded_runs(out: Path, own: Path | None = None) -> list[tuple[str, dict]]:
+    """Runs kept from other machines: the JSON files beside the report named <stem>-<label>.json
+    (docs/benchmarks-intel-xeon.json, ...), oldest first, without `own` (the file this run writes)."""
+    found = []
+    for path in sorted(out.parent.glob(f"{out.stem}-*.json")):
+        if own is not None and path.resolve() == own.resolve():
+            continue
+        try:
+            run = json.loads(path.read_text())
+            found.append((path.stem[len(out.stem) + 1:], run, run["machine"]["date"]))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            print(f"report: {path} skipped, not a run's JSON ({e})", file=sys.stderr)
+    return [(label, run) for label, run, _ in sorted(found, key=lambda f: f[2])]
+
+
+def brief(c: Check) -> str:
+    """A summary cell in a few words: the range and the verdict, and the worst point where it fails."""
+    if c.verdict == "n/a":
+        return "not in the grid"
+    span, _, worst = c.value.partition(" (worst: ")
+    return f"{span} **{c.verdict}**" + (f" ({worst}" if c.verdict == "FAIL" else "")
+
+
+def machines_section(run: dict, others: list[tuple[str, dict]], stem: str = "benchmarks") -> list[str]:
+    """Issue 5's verdicts of this run beside those of the runs recorded on other machines, so that a target
+    missed on one machine stays in sight whichever machine ran `make bench` last."""
+    if not others:
+        return []
+    cols = [("this run", run), *others]
+    verdicts = [{c.what: c for c in checks(r["points"]) if c.issue == 5} for _, r in cols]
+    facts = [("CPU", lambda m: m["cpu"]), ("rnnkit commit", lambda m: f"`{m['rnnkit_commit']}`"),
+             ("date", lambda m: m["date"][:10]), ("matmul peak, GFLOP/s", lambda m: f"{m['peak_gflops']:.0f}")]
+    rows = ["| | " + " | ".join(f"**{label}**" for label, _ in cols) + " |", "|---|" + "---|" * len(cols)]
+    rows += [f"| {name} | " + " | ".join(fact(r["machine"]) for _, r in cols) + " |" for name, fact in facts]
+    for c in (c for c in checks(run["points"]) if c.issue == 5):
+        cells = ("—" if c.what not in v else brief(v[c.what]) for v in verdicts)
+        rows.append(f"| {c.what} ({c.target}) | " + " | ".join(cells) + " |")
+    files = ", ".join(f"`{stem}-{label}.json`" for label, _ in others)
+    return ["## Issue 5 on every recorded machine", "",
+            (f"This run beside the runs kept from the other machines the project has measured on (their raw "
+             f"numbers beside this file: {files}; `--from-json` renders any of them in full). Training step, "
+             "issue 5's targets; each run at its own commit."), "",
+            *rows, ""]
+
+
+def render(run: dict, others: list[tuple[str, dict]] = (), stem: str = "benchmarks") -> tuple[str, str]:
+    """The markdown document, and its summary table (printed on stdout at the end of a run); `others`:
+    runs recorded on other machines (recorded_runs; their files `<stem>-<label>.json`), whose verdicts
+    follow the summary."""
     points, peak = run["points"], run["machine"]["peak_gflops"]
     summary = summary_table(checks(points))
     lines = ["# Benchmarks: rnnkit against torch.nn", "",
@@ -319,7 +371,7 @@ def render(run: dict) -> tuple[str, str]:
              "## Summary", "",
              "Computed from the tables below. Ratios are torch.nn time / rnnkit time (> 1: rnnkit faster). "
              "Issue 2 is the core issue's acceptance; issue 5 holds the speed issue's targets.", "",
-             *summary, "", *machine_section(run), *method_section(run)]
+             *summary, "", *machines_section(run, list(others), stem), *machine_section(run), *method_section(run)]
     for mode in MODES:
         lines += [f"## {MODE_TITLES[mode]}", ""]
         for cell in run["cells"]:

@@ -60,6 +60,39 @@ def test_quick_bench_renders_and_keeps_the_hand_written_tail(tmp_path):
     assert len(row) == 1 and row[0].count("×") == 2                   # both costs, as numbers
     cost = float(row[0].split("|")[6].strip().rstrip("×"))
     assert 0.2 < cost < 20                                            # a ratio of two real timings
+    assert "## Issue 5 on every recorded machine" not in doc          # no other machine's run beside it
+    assert run["machine"]["gemm_route"] in ("dnnl", "packed", "blas", "aten", None)
+
+
+def test_report_sets_issue_5_of_runs_recorded_on_other_machines_beside_this_one(tmp_path):
+    """docs/benchmarks-<machine>.json files beside the report keep their machine's verdicts in sight after
+    another machine regenerates it; a file that is not a run's JSON is skipped with a word, not a crash."""
+    out = tmp_path / "bench.md"
+    point = {"cell": "rnn", "B": 8, "T": 20, "H": 16, "peak_bytes": None,
+             "extras": {name: {"median": 1.0} for name in ("engine", "zoneout", "layer_norm")},
+             "train": {"torch": {"median": 2.0}, "native": {"median": 2.0}, "engine": {"median": 1.0},
+                       "trace": {"median": 1.05}}}
+    def run(cpu, commit, date, trace):
+        p = json.loads(json.dumps(point))
+        p["train"]["trace"]["median"] = trace
+        p["infer"] = p["train"]
+        return {"machine": {"cpu": cpu, "rnnkit_commit": commit, "date": date, "peak_gflops": 100.0},
+                "points": [p]}
+    (tmp_path / "bench-old-box.json").write_text(json.dumps(run("Old CPU", "aaaaaaa", "2026-01-02T00:00", 1.5)))
+    (tmp_path / "bench-older-box.json").write_text(json.dumps(run("Older CPU", "bbbbbbb", "2026-01-01T00:00", 1.0)))
+    (tmp_path / "bench-notes.json").write_text("[1, 2]")
+    from report import machines_section, recorded_runs
+    others = recorded_runs(out)
+    assert [label for label, _ in others] == ["older-box", "old-box"]          # oldest first, junk skipped
+    lines = machines_section(run("This CPU", "ccccccc", "2026-02-01T00:00", 1.02), others)
+    table = {row.split("|")[1].strip(): [c.strip() for c in row.split("|")[2:-1]] for row in lines if row.startswith("| ")}
+    assert table[""] == ["**this run**", "**older-box**", "**old-box**"]
+    assert table["CPU"] == ["This CPU", "Older CPU", "Old CPU"]
+    assert table["rnnkit commit"] == ["`ccccccc`", "`bbbbbbb`", "`aaaaaaa`"]
+    assert table["trace overhead, all points (≤ +10%)"] == [
+        "+2% … +2% **PASS**", "+0% … +0% **PASS**", "+50% … +50% **FAIL** (rnn B=8 T=20 H=16)"]
+    assert table["engine GRU, H ≥ 128 (≥ 1.50)"] == ["not in the grid"] * 3
+    assert machines_section(run("This CPU", "c", "2026", 1.0), []) == []
 
 
 def test_matmul_peak_warms_up_before_it_measures():
