@@ -231,7 +231,7 @@ def settings(args) -> tuple[Grid, Budget, int]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.run is not None:
-        doc, summary = render(args.run, recorded_runs(args.out, args.from_json), args.out.stem)
+        doc, summary = render(args.run, recorded_runs(args.out, args.from_json), args.out.stem, str(args.from_json))
         write_text(args.out, doc + kept_sections(args.out))
         print(summary)
         return 0
