@@ -137,3 +137,12 @@ def test_non_finite_inputs_give_torch_nn_numbers(cls, ref_cls, bad, monkeypatch)
         got, _ = _run(layer, xs, True, monkeypatch)
         assert torch.equal(got.isnan(), want.isnan())
         assert (got.nan_to_num() - want.nan_to_num()).abs().max() <= 1e-5
+
+
+def test_the_fused_steps_schemas_say_they_write_the_window():
+    """h is a view into window: the schema puts them in one alias set, written (it said window was only
+    read, which a compiler could act on)."""
+    for name in ("stream_lstm", "stream_gru"):
+        args = {a.name: a for a in getattr(torch.ops.rnnkit_fused, name).default._schema.arguments}
+        assert args["window"].alias_info.is_write and args["h"].alias_info.is_write
+        assert set(args["window"].alias_info.before_set) == set(args["h"].alias_info.before_set)

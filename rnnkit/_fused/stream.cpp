@@ -145,8 +145,10 @@ void stream_gru(const at::Tensor& window, const at::Tensor& W, const at::Tensor&
 }  // namespace
 }  // namespace rnnkit
 
+// h is a view into window ([x | h]): both are in one alias set, written (a schema that said window is only
+// read would let a compiler reorder or functionalise the step wrongly).
 TORCH_LIBRARY_FRAGMENT(rnnkit_fused, m) {
-  m.def("stream_lstm(Tensor window, Tensor W, Tensor b, Tensor(a!) P, Tensor(b!) c, Tensor(c!) h) -> ()",
+  m.def("stream_lstm(Tensor(a!) window, Tensor W, Tensor b, Tensor(b!) P, Tensor(c!) c, Tensor(a!) h) -> ()",
         &rnnkit::stream_lstm);
-  m.def("stream_gru(Tensor window, Tensor W, Tensor b, Tensor(a!) P, Tensor(b!) h) -> ()", &rnnkit::stream_gru);
+  m.def("stream_gru(Tensor(a!) window, Tensor W, Tensor b, Tensor(b!) P, Tensor(a!) h) -> ()", &rnnkit::stream_gru);
 }
