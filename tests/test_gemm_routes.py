@@ -220,3 +220,37 @@ def test_route_is_recorded_and_a_change_on_resume_warned(kernel, tmp_path, monke
     monkeypatch.setenv("RNNKIT_GEMM_ROUTE", "fast")
     with pytest.warns(UserWarning, match="not one of dnnl, packed, blas, aten"):
         route.apply_env(kernel)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_small_step_products_take_onednns_micro_kernel_on_its_route(kernel, cell):
+    """On the oneDNN route a step product whose U is small (blas.h: kUkernelMaxWeight) runs on oneDNN's
+    brgemm micro-kernel, one set-up per lane and scan, with torch.nn's numbers (forward and every gradient);
+    a large U keeps the packed weight, and off the oneDNN route no product takes it."""
+    ops = torch.ops.rnnkit_fused
+    if kernel.gemm_route() != "dnnl" or ops.ukernel_step_products() < 0:
+        pytest.skip(f"route {kernel.gemm_route()}, micro-kernel {ops.ukernel_step_products()}")
+    make = {"rnn": (rk.RNN, nn.RNN), "lstm": (rk.LSTM, nn.LSTM), "gru": (rk.GRU, nn.GRU)}[cell]
+
+    def step(H, B, route):
+        kernel.limit_gemm_route(route)
+        torch.manual_seed(0)
+        ref = make[1](H, H)
+        layer = make[0](H, H, backend="engine")
+        layer.load_state_dict(ref.state_dict(), strict=False)
+        x = torch.randn(30, B, H, requires_grad=True)
+        before = ops.ukernel_step_products()
+        out, _ = layer(x)
+        (out * torch.linspace(-1, 1, H)).sum().backward()
+        taken = ops.ukernel_step_products() - before
+        want, _ = ref(x.detach())
+        grads = [x.grad, *(p.grad for p in layer.parameters())]
+        return taken, out.detach(), want.detach(), grads
+
+    taken, out, want, grads = step(32, 6, "dnnl")
+    assert taken > 0 and (out - want).abs().max() < 1e-5                 # forward and backward, every lane
+    packed = step(32, 6, "packed")
+    assert packed[0] == 0
+    for g, h in zip(grads, packed[3]):
+        assert torch.allclose(g, h, rtol=1e-4, atol=1e-5)
+    assert step(512, 64, "dnnl")[0] == 0                                  # U of 512 x 512 and more: packed

@@ -17,6 +17,7 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
@@ -51,6 +52,13 @@ namespace at::native {
 TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
                              float alpha) __attribute__((weak));
 }  // namespace at::native
+
+namespace at::native::cpublas {
+// C (M, N; ld_c) = A (M, K; ld_a) B (K, N; ld_b) [+ C], row-major, on oneDNN's brgemm micro-kernel (in torch's
+// installed CPUBlas.h; declared here again, weak, so that a torch without it still loads the kernel).
+TORCH_API void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c, const bool add_C,
+                      const float* A, const float* B, float* C, bool is_vnni) __attribute__((weak));
+}  // namespace at::native::cpublas
 
 namespace rnnkit {
 namespace {
@@ -215,6 +223,38 @@ void mkl_packed_product(const float* packed, int64_t W, int64_t H, int64_t B, bo
   sgemm_compute("P", "N", &d.m, &d.n, &d.k, packed, &d.lda, x, &d.ldb, &zero, y, &d.ldc);
 }
 
+std::atomic<int64_t> g_ukernel_products{0};
+
+// The micro-kernel only where it beats the packed weights (see kUkernelMaxWeight).
+bool ukernel_pays(int64_t weight, int64_t rows) {
+  return weight <= kUkernelMaxWeight || (rows <= kUkernelFewRows && weight <= kUkernelMaxWeightFewRows);
+}
+
+// Once per process: the micro-kernel is there and gives a small product right (torch refuses it on some CPUs
+// and builds, with an exception); otherwise the step products keep the paths below.
+bool ukernel_works() {
+  static const bool works = [] {
+    if (at::native::cpublas::brgemm == nullptr) return false;
+    try {
+      const float a[6] = {1, 2, 3, 4, 5, 6}, b[12] = {1, -1, 2, 0, 3, 1, -2, 5, 0.5f, 4, 1, -3};   // (2, 3), (3, 4)
+      float c[8] = {};
+      at::native::cpublas::brgemm(2, 4, 3, 3, 4, 4, false, a, b, c, false);
+      for (int i = 0; i < 2; ++i) {
+        for (int j = 0; j < 4; ++j) {
+          float want = 0;
+          for (int k = 0; k < 3; ++k) want += a[i * 3 + k] * b[k * 4 + j];
+          if (std::abs(c[i * 4 + j] - want) > 1e-5f) return false;
+        }
+      }
+      return true;
+    } catch (const std::exception& e) {
+      if (std::getenv("RNNKIT_GEMM_DEBUG")) std::fprintf(stderr, "rnnkit gemm: brgemm refused: %s\n", e.what());
+      return false;
+    }
+  }();
+  return works;
+}
+
 std::atomic<bool> g_matmul_refused{false};
 std::atomic<int64_t> g_matmul_calls{0};
 
@@ -248,6 +288,8 @@ bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float*
 }
 
 }  // namespace
+
+int64_t ukernel_step_products() { return ukernel_works() ? g_ukernel_products.load() : -1; }
 
 int64_t dnnl_matmul_calls() {
   return at::native::mkldnn_matmul == nullptr || g_matmul_refused ? -1 : g_matmul_calls.load();
@@ -310,6 +352,17 @@ template <typename T>
 StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool backward, int64_t steps)
     : u_(u), W_(W), H_(H), B_(B), backward_(backward) {
   if constexpr (std::is_same_v<T, float>) {
+    if (B > 0 && ukernel_pays(W * H, B) && use_dnnl() && ukernel_works()) {
+      ukernel_ = true;
+      if (!backward) {                                             // the forward's right operand is U^T
+        ukernel_ut_.reset(new float[static_cast<size_t>(W * H)]);
+        for (int64_t w = 0; w < W; ++w) {
+          for (int64_t h = 0; h < H; ++h) ukernel_ut_[h * W + w] = u[w * H + h];
+        }
+      }
+      g_ukernel_products.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
     if (steps >= kMinStepsToPack && B > 0 && dnnl_without_copies(B * W * H)) {   // U (forward) or U^T (backward) as linear's w
       const at::Tensor w = backward ? wrap_f(u, W, H, H).t().contiguous() : wrap_f(u, W, H, H);
       dnnl_w_ = std::make_shared<at::Tensor>(dnnl_pack(w, B));       // read only while U is (this scan)
@@ -323,6 +376,11 @@ StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool ba
 template <typename T>
 void StepProduct<T>::operator()(const T* x, T* y) const {
   if constexpr (std::is_same_v<T, float>) {
+    if (ukernel_) {                                  // y (B, N) = x (B, K) times U^T (K = H) or U (K = W)
+      const int64_t K = backward_ ? W_ : H_, N = backward_ ? H_ : W_;
+      at::native::cpublas::brgemm(B_, N, K, K, N, N, false, x, backward_ ? u_ : ukernel_ut_.get(), y, false);
+      return;
+    }
     if (dnnl_w_) {
       const int64_t K = backward_ ? W_ : H_, N = backward_ ? H_ : W_;
       copy_rows(dnnl_linear(wrap_f(x, B_, K, K), *dnnl_w_), y, B_, N, N, 0.0f);

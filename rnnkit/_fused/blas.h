@@ -54,6 +54,16 @@ constexpr int64_t kDnnlCopyShare = 8;                       // and at most this 
 // set_float32_matmul_precision): on a CPU with bf16 kernels "bf16" makes their float products bf16 ones,
 // as torch's own; the MKL route ignores the setting, so there results would depend on the route taken.
 constexpr int64_t kDnnlMatmulMinWork = int64_t(1) << 20;
+// On the oneDNN route, a step product whose U is small goes to oneDNN's batch-reduce GEMM micro-kernel as
+// torch exports it (at::native::cpublas::brgemm: a kernel JIT-compiled once per shape, then called with no
+// per-call setup and U read in place, unpacked). Measured on the Zen 5 EPYC, two lanes of M rows at once,
+// against oneDNN's linear with a packed weight and MKL: M = 32, U 64 x 256: 9.1 us against 25.3 and 15.3;
+// U 128 x 512: 34.8 against 40.7 and 57.0; from 256 x 1024 (1 MB) the packed weight wins (104 against 185),
+// except with few rows (M <= 4: 28.5 against 33.3). Hence U of at most kUkernelMaxWeight elements, or
+// kUkernelMaxWeightFewRows with at most kUkernelFewRows rows.
+constexpr int64_t kUkernelMaxWeight = int64_t(1) << 16;
+constexpr int64_t kUkernelMaxWeightFewRows = int64_t(1) << 18;
+constexpr int64_t kUkernelFewRows = 4;
 
 template <typename T>
 class StepProduct {
@@ -67,6 +77,8 @@ class StepProduct {
   bool backward_;
   std::unique_ptr<float[]> packed_;                // null: not packed (MKL asks for ~8 MB: not zeroed)
   std::shared_ptr<at::Tensor> dnnl_w_;             // oneDNN's packed weight, when that route is taken
+  bool ukernel_ = false;                           // oneDNN's micro-kernel (see kUkernelMaxWeight), with
+  std::unique_ptr<float[]> ukernel_ut_;            // U^T (H x W) row-major for the forward (null: backward)
 };
 
 // The leading dimension of a 2-D tensor stored row-major (unit column stride, rows that do not overlap; a
@@ -92,6 +104,9 @@ std::string gemm_route();
 // Products done through at::native::mkldnn_matmul so far (see kDnnlMatmulMinWork), or -1 where that
 // path is closed (torch without the symbol, or the op refused this CPU): for the tests.
 int64_t dnnl_matmul_calls();
+// Step products (one per lane and scan) set up on oneDNN's micro-kernel so far, or -1 where it is not
+// available (torch without the symbol, or a CPU it refuses): for the tests.
+int64_t ukernel_step_products();
 void limit_gemm_route(const std::string& route);
 
 }  // namespace rnnkit
