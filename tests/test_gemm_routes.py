@@ -228,8 +228,8 @@ def test_small_step_products_take_onednns_micro_kernel_on_its_route(kernel, cell
     brgemm micro-kernel, one set-up per lane and scan, with torch.nn's numbers (forward and every gradient);
     a large U keeps the packed weight, and off the oneDNN route no product takes it."""
     ops = torch.ops.rnnkit_fused
-    if kernel.gemm_route() != "dnnl" or ops.ukernel_step_products() < 0:
-        pytest.skip(f"route {kernel.gemm_route()}, micro-kernel {ops.ukernel_step_products()}")
+    if kernel.gemm_route() != "dnnl" or ops.ukernel_products() < 0:
+        pytest.skip(f"route {kernel.gemm_route()}, micro-kernel {ops.ukernel_products()}")
     make = {"rnn": (rk.RNN, nn.RNN), "lstm": (rk.LSTM, nn.LSTM), "gru": (rk.GRU, nn.GRU)}[cell]
 
     def step(H, B, route):
@@ -239,10 +239,10 @@ def test_small_step_products_take_onednns_micro_kernel_on_its_route(kernel, cell
         layer = make[0](H, H, backend="engine")
         layer.load_state_dict(ref.state_dict(), strict=False)
         x = torch.randn(30, B, H, requires_grad=True)
-        before = ops.ukernel_step_products()
+        before = ops.ukernel_products()
         out, _ = layer(x)
         (out * torch.linspace(-1, 1, H)).sum().backward()
-        taken = ops.ukernel_step_products() - before
+        taken = ops.ukernel_products() - before
         want, _ = ref(x.detach())
         grads = [x.grad, *(p.grad for p in layer.parameters())]
         return taken, out.detach(), want.detach(), grads
@@ -254,3 +254,32 @@ def test_small_step_products_take_onednns_micro_kernel_on_its_route(kernel, cell
     for g, h in zip(grads, packed[3]):
         assert torch.allclose(g, h, rtol=1e-4, atol=1e-5)
     assert step(512, 64, "dnnl")[0] == 0                                  # U of 512 x 512 and more: packed
+
+
+def test_few_row_products_and_the_stream_step_take_the_micro_kernel(kernel):
+    """A general product with a few rows by a small right operand, not transposed, beta 0 or 1, runs on the
+    micro-kernel on the oneDNN route (rk.Stream's step is one); beta 1 adds into C; other betas and
+    transposed operands keep the paths before it."""
+    ops = torch.ops.rnnkit_fused
+    if kernel.gemm_route() != "dnnl" or ops.ukernel_products() < 0:
+        pytest.skip(f"route {kernel.gemm_route()}, micro-kernel {ops.ukernel_products()}")
+    torch.manual_seed(0)
+    a, b = torch.randn(5, 16), torch.randn(16, 32)
+    for beta, counted in ((0.0, 1), (1.0, 1), (0.5, 0)):
+        out = torch.randn(5, 32) if beta else torch.full((5, 32), math.nan)
+        want = (beta * out.double() if beta else 0) + a.double() @ b.double()
+        before = ops.ukernel_products()
+        ops.routed_addmm_(out, a, b, beta)
+        assert ops.ukernel_products() - before == counted
+        assert (out.double() - want).abs().max() < 1e-5
+    before = ops.ukernel_products()
+    ops.routed_addmm_(torch.zeros(5, 32), torch.randn(16, 5).t(), b, 0.0)       # a transposed: not taken
+    assert ops.ukernel_products() == before
+    lstm = rk.LSTM(8, 32).eval()
+    s = rk.Stream(lstm)
+    xs = torch.randn(4, 8)
+    before = ops.ukernel_products()
+    ys = torch.stack([s(x) for x in xs])
+    assert ops.ukernel_products() - before == 4
+    with torch.no_grad():
+        assert (ys - lstm(xs)[0]).abs().max() < 1e-5

@@ -289,7 +289,7 @@ bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float*
 
 }  // namespace
 
-int64_t ukernel_step_products() { return ukernel_works() ? g_ukernel_products.load() : -1; }
+int64_t ukernel_products() { return ukernel_works() ? g_ukernel_products.load() : -1; }
 
 int64_t dnnl_matmul_calls() {
   return at::native::mkldnn_matmul == nullptr || g_matmul_refused ? -1 : g_matmul_calls.load();
@@ -297,6 +297,12 @@ int64_t dnnl_matmul_calls() {
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (!ta && !tb && (beta == 0.0f || beta == 1.0f) && m > 0 && m <= kUkernelMaxRows && k > 0 &&
+      ukernel_pays(k * n, m) && use_dnnl() && ukernel_works()) {           // a few rows by a small B
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, beta == 1.0f, a, b, c, false);
+    g_ukernel_products.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
   if (dnnl_matmul(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)) return;
   if (m >= kDnnlMinSide && n >= kDnnlMinSide && k > 0 && m * n * k >= kDnnlMinWork && use_dnnl()) {
     // Not taken by dnnl_matmul (a strided operand, or a torch without the op, or a CPU it refuses):

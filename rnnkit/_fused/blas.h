@@ -64,6 +64,9 @@ constexpr int64_t kDnnlMatmulMinWork = int64_t(1) << 20;
 constexpr int64_t kUkernelMaxWeight = int64_t(1) << 16;
 constexpr int64_t kUkernelMaxWeightFewRows = int64_t(1) << 18;
 constexpr int64_t kUkernelFewRows = 4;
+// A general product (not transposed, beta 0 or 1) takes it too with at most this many rows: rk.Stream's step,
+// one row by the stacked weights (LSTM H = 32: 64 x 128).
+constexpr int64_t kUkernelMaxRows = 64;
 
 template <typename T>
 class StepProduct {
@@ -104,9 +107,9 @@ std::string gemm_route();
 // Products done through at::native::mkldnn_matmul so far (see kDnnlMatmulMinWork), or -1 where that
 // path is closed (torch without the symbol, or the op refused this CPU): for the tests.
 int64_t dnnl_matmul_calls();
-// Step products (one per lane and scan) set up on oneDNN's micro-kernel so far, or -1 where it is not
-// available (torch without the symbol, or a CPU it refuses): for the tests.
-int64_t ukernel_step_products();
+// Products on oneDNN's micro-kernel so far (a step product counts once per lane and scan, a general one per
+// call), or -1 where it is not available (torch without the symbol, or a CPU it refuses): for the tests.
+int64_t ukernel_products();
 void limit_gemm_route(const std::string& route);
 
 }  // namespace rnnkit

@@ -339,7 +339,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("gemm_route() -> str", &rnnkit::route);
   m.def("limit_gemm_route(str route) -> ()", &rnnkit::limit_route);
   m.def("dnnl_matmul_calls() -> int", &rnnkit::dnnl_matmul_calls);
-  m.def("ukernel_step_products() -> int", &rnnkit::ukernel_step_products);
+  m.def("ukernel_products() -> int", &rnnkit::ukernel_products);
   m.def("set_min_lane_rows(int rows) -> int", &rnnkit::set_min_lane_rows);
   m.def("pool_held_bytes() -> int", &rnnkit::pool_held_bytes);
   m.def("release_pool() -> ()", &rnnkit::release_pool);
