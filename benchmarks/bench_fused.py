@@ -71,7 +71,7 @@ def fused_scan(opts, x, weight_ih, bias_ih, state0, w, b, params=()):
 
 
 @contextlib.contextmanager
-def routed(scan_fn, gemm_route: str = "dnnl"):
+def routed(scan_fn, gemm_route: str = "dnnl+ukernel"):
     saved = rnnkit.layers.project_scan
     rnnkit.layers.project_scan = scan_fn
     _fused.build().limit_gemm_route(gemm_route)
@@ -79,7 +79,7 @@ def routed(scan_fn, gemm_route: str = "dnnl"):
         yield
     finally:
         rnnkit.layers.project_scan = saved
-        _fused.build().limit_gemm_route("dnnl")
+        _fused.build().limit_gemm_route("dnnl+ukernel")
 
 
 # -- one point -------------------------------------------------------------------------------------------
@@ -95,9 +95,9 @@ def contenders(cell: str, H: int, routes: bool) -> dict:
         return layer
 
     plain = mine()
-    out = {"torch": (ref, None, "dnnl", False), "pure": (plain, pure_scan, "dnnl", False)}
+    out = {"torch": (ref, None, "dnnl+ukernel", False), "pure": (plain, pure_scan, "dnnl+ukernel", False)}
     for name, extra in EXTRAS.items():
-        out[name] = (plain if not extra else mine(**extra), fused_scan, "dnnl", name == "trace")
+        out[name] = (plain if not extra else mine(**extra), fused_scan, "dnnl+ukernel", name == "trace")
     if routes:
         out["fused-packed"] = (plain, fused_scan, "packed", False)
         out["fused-blas"] = (plain, fused_scan, "blas", False)

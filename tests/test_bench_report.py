@@ -66,7 +66,7 @@ def test_quick_bench_renders_and_keeps_the_hand_written_tail(tmp_path):
     assert bench_layers.main(["--from-json", str(out.with_suffix(".json")), "--out", str(again)]) == 0
     assert (f"Rendered from `{out.with_suffix('.json')}`" in again.read_text()
             and f"rnnkit commit `{run['machine']['rnnkit_commit']}`" in again.read_text())
-    assert run["machine"]["gemm_route"] in ("dnnl", "packed", "blas", "aten", None)
+    assert run["machine"]["gemm_route"] in ("dnnl+ukernel", "dnnl", "packed", "blas", "aten", None)
 
 
 def test_report_sets_issue_5_of_runs_recorded_on_other_machines_beside_this_one(tmp_path):

@@ -63,8 +63,8 @@ TORCH_API void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_
 namespace rnnkit {
 namespace {
 
-enum class Route { kDnnl, kPacked, kBlas, kAten };
-Route g_limit = Route::kDnnl;                     // the best route allowed (benchmarks lower it)
+enum class Route { kUkernel, kDnnl, kPacked, kBlas, kAten };
+Route g_limit = Route::kUkernel;                  // the best route allowed (benchmarks lower it)
 
 // ---- oneDNN's float products, through torch's mkldnn::_linear_pointwise (y = x w^T) -------------------
 // On some CPUs torch's BLAS (MKL) does not use the vector units oneDNN does: on a 2-core AMD EPYC (Zen 4,
@@ -145,7 +145,8 @@ bool dnnl_measured_faster();
 // Also off while torch's oneDNN is switched off (torch.backends.mkldnn.flags(enabled=False)), as torch's
 // own ops are.
 bool use_dnnl() {
-  return g_limit == Route::kDnnl && at::globalContext().userEnabledMkldnn() && dnnl_measured_faster();
+  return (g_limit == Route::kUkernel || g_limit == Route::kDnnl) && at::globalContext().userEnabledMkldnn() &&
+         dnnl_measured_faster();
 }
 
 // oneDNN for a product of `work` multiply-adds that needs no operand copied (a step product, a projection).
@@ -204,7 +205,7 @@ StepDims step_dims(int64_t W, int64_t H, int64_t B, bool backward) {
 
 bool can_pack() {
   return sgemm_pack_get_size != nullptr && sgemm_pack != nullptr && sgemm_compute != nullptr &&
-         (g_limit == Route::kPacked || g_limit == Route::kDnnl);
+         (g_limit == Route::kPacked || g_limit == Route::kDnnl || g_limit == Route::kUkernel);
 }
 
 // U packed once into MKL's layout for the step product (see step_dims), and the product with it.
@@ -224,35 +225,68 @@ void mkl_packed_product(const float* packed, int64_t W, int64_t H, int64_t B, bo
 }
 
 std::atomic<int64_t> g_ukernel_products{0};
+std::atomic<bool> g_ukernel_refused{false};
 
 // The micro-kernel only where it beats the packed weights (see kUkernelMaxWeight).
 bool ukernel_pays(int64_t weight, int64_t rows) {
   return weight <= kUkernelMaxWeight || (rows <= kUkernelFewRows && weight <= kUkernelMaxWeightFewRows);
 }
 
-// Once per process: the micro-kernel is there and gives a small product right (torch refuses it on some CPUs
-// and builds, with an exception); otherwise the step products keep the paths below.
+void refuse_ukernel(const char* why) {
+  g_ukernel_refused.store(true);
+  if (std::getenv("RNNKIT_GEMM_DEBUG")) std::fprintf(stderr, "rnnkit gemm: brgemm refused: %s\n", why);
+}
+
+// C (m, n) = A (m, k) B (k, n) [+ C] on the micro-kernel, checked once against a double-precision product:
+// a shape with whole vectors and tails, both with C overwritten and added to. A NaN fails the check.
+bool ukernel_multiplies_right() {
+  constexpr int m = 3, n = 37, k = 20;
+  float a[m * k], b[k * n], c[m * n];
+  for (int i = 0; i < m * k; ++i) a[i] = float((i * 7) % 11) - 5.0f;
+  for (int i = 0; i < k * n; ++i) b[i] = float((i * 5) % 13) * 0.25f - 1.5f;
+  for (int add = 0; add < 2; ++add) {
+    for (int i = 0; i < m * n; ++i) c[i] = add ? float(i % 3) : std::nanf("");
+    at::native::cpublas::brgemm(m, n, k, k, n, n, add == 1, a, b, c, false);
+    for (int i = 0; i < m; ++i) {
+      for (int j = 0; j < n; ++j) {
+        double want = add ? double((i * n + j) % 3) : 0.0;
+        for (int q = 0; q < k; ++q) want += double(a[i * k + q]) * double(b[q * n + j]);
+        if (!(std::abs(double(c[i * n + j]) - want) <= 1e-4 * (1.0 + std::abs(want)))) return false;
+      }
+    }
+  }
+  return true;
+}
+
+// Once per process: the micro-kernel is there and gives products right (torch refuses it on some CPUs and
+// builds, with an exception); and it has not thrown since (then every product keeps the paths below).
 bool ukernel_works() {
   static const bool works = [] {
     if (at::native::cpublas::brgemm == nullptr) return false;
     try {
-      const float a[6] = {1, 2, 3, 4, 5, 6}, b[12] = {1, -1, 2, 0, 3, 1, -2, 5, 0.5f, 4, 1, -3};   // (2, 3), (3, 4)
-      float c[8] = {};
-      at::native::cpublas::brgemm(2, 4, 3, 3, 4, 4, false, a, b, c, false);
-      for (int i = 0; i < 2; ++i) {
-        for (int j = 0; j < 4; ++j) {
-          float want = 0;
-          for (int k = 0; k < 3; ++k) want += a[i * 3 + k] * b[k * 4 + j];
-          if (std::abs(c[i * 4 + j] - want) > 1e-5f) return false;
-        }
-      }
-      return true;
+      if (ukernel_multiplies_right()) return true;
+      refuse_ukernel("wrong numbers in the self-check");
     } catch (const std::exception& e) {
-      if (std::getenv("RNNKIT_GEMM_DEBUG")) std::fprintf(stderr, "rnnkit gemm: brgemm refused: %s\n", e.what());
-      return false;
+      refuse_ukernel(e.what());
     }
+    return false;
   }();
-  return works;
+  return works && !g_ukernel_refused.load(std::memory_order_relaxed);
+}
+
+bool use_ukernel() { return g_limit == Route::kUkernel && use_dnnl() && ukernel_works(); }
+
+// The micro-kernel's product; false (and the micro-kernel refused from then on) where it threw, so that the
+// caller computes the product on its other path and no exception leaves a lane's thread.
+bool ukernel_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                     bool add, float* c, int64_t ldc) {
+  try {
+    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, false);
+    return true;
+  } catch (const std::exception& e) {
+    refuse_ukernel(e.what());
+    return false;
+  }
 }
 
 std::atomic<bool> g_matmul_refused{false};
@@ -297,9 +331,9 @@ int64_t dnnl_matmul_calls() {
 
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (!ta && !tb && (beta == 0.0f || beta == 1.0f) && m > 0 && m <= kUkernelMaxRows && k > 0 &&
-      ukernel_pays(k * n, m) && use_dnnl() && ukernel_works()) {           // a few rows by a small B
-    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, beta == 1.0f, a, b, c, false);
+  if (!ta && !tb && (beta == 0.0f || beta == 1.0f) && m > 0 && n > 0 && m <= kUkernelMaxRows && k > 0 &&
+      ukernel_pays(k * n, m) && use_ukernel() &&                         // a few rows by a small B
+      ukernel_product(m, n, k, a, lda, b, ldb, beta == 1.0f, c, ldc)) {
     g_ukernel_products.fetch_add(1, std::memory_order_relaxed);
     return;
   }
@@ -358,7 +392,7 @@ template <typename T>
 StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool backward, int64_t steps)
     : u_(u), W_(W), H_(H), B_(B), backward_(backward) {
   if constexpr (std::is_same_v<T, float>) {
-    if (B > 0 && ukernel_pays(W * H, B) && use_dnnl() && ukernel_works()) {
+    if (B > 0 && W > 0 && H > 0 && ukernel_pays(W * H, B) && use_ukernel()) {
       ukernel_ = true;
       if (!backward) {                                             // the forward's right operand is U^T
         ukernel_ut_.reset(new float[static_cast<size_t>(W * H)]);
@@ -384,9 +418,8 @@ void StepProduct<T>::operator()(const T* x, T* y) const {
   if constexpr (std::is_same_v<T, float>) {
     if (ukernel_) {                                  // y (B, N) = x (B, K) times U^T (K = H) or U (K = W)
       const int64_t K = backward_ ? W_ : H_, N = backward_ ? H_ : W_;
-      at::native::cpublas::brgemm(B_, N, K, K, N, N, false, x, backward_ ? u_ : ukernel_ut_.get(), y, false);
-      return;
-    }
+      if (ukernel_product(B_, N, K, x, K, backward_ ? u_ : ukernel_ut_.get(), N, false, y, N)) return;
+    }                                                // it threw: the general product below
     if (dnnl_w_) {
       const int64_t K = backward_ ? W_ : H_, N = backward_ ? H_ : W_;
       copy_rows(dnnl_linear(wrap_f(x, B_, K, K), *dnnl_w_), y, B_, N, N, 0.0f);
@@ -454,13 +487,17 @@ bool dnnl_measured_faster() {
 
 std::string gemm_route() {
   if (sgemm_ == nullptr || dgemm_ == nullptr || g_limit == Route::kAten) return "aten";
+  if (use_ukernel()) return "dnnl+ukernel";
   if (use_dnnl()) return "dnnl";
   return can_pack() ? "packed" : "blas";
 }
 
 void limit_gemm_route(const std::string& route) {
-  g_limit = route == "aten" ? Route::kAten : route == "blas" ? Route::kBlas : route == "packed" ? Route::kPacked
-                                                                                               : Route::kDnnl;
+  g_limit = route == "aten"     ? Route::kAten
+            : route == "blas"   ? Route::kBlas
+            : route == "packed" ? Route::kPacked
+            : route == "dnnl"   ? Route::kDnnl
+                                : Route::kUkernel;
 }
 
 }  // namespace rnnkit

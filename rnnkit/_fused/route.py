@@ -1,15 +1,17 @@
-"""Which route the fused kernel's float matrix products take (blas.h): "dnnl" (oneDNN's, where a
-one-time measurement in each process finds them faster than torch's BLAS), "packed" (MKL's packed
-GEMM), "blas" or "aten". The routes round differently in the last bits, so a run resumed in a process
-that chose another route is not bitwise the run it continues: `Trainer` records the route in its
-checkpoints and warns on a change. RNNKIT_GEMM_ROUTE=packed (or another route) pins it for a process.
+"""Which route the fused kernel's float matrix products take (blas.h): "dnnl+ukernel" (oneDNN's, where a
+one-time measurement in each process finds them faster than torch's BLAS, with the small products on
+oneDNN's brgemm micro-kernel where torch has it), "dnnl" (the same without the micro-kernel: the numbers
+before it), "packed" (MKL's packed GEMM), "blas" or "aten". The routes round differently in the last
+bits, so a run resumed in a process that chose another route is not bitwise the run it continues: `Trainer`
+records the route in its checkpoints and warns on a change. RNNKIT_GEMM_ROUTE=packed (or another route)
+limits it for a process: the best route allowed, taken where this CPU and torch have it.
 """
 from __future__ import annotations
 
 import os
 import warnings
 
-ROUTES = ("dnnl", "packed", "blas", "aten")
+ROUTES = ("dnnl+ukernel", "dnnl", "packed", "blas", "aten")
 ENV = "RNNKIT_GEMM_ROUTE"
 
 

@@ -117,17 +117,29 @@ class DenormalMode {
 #endif
 };
 
+// A worker's own denormal mode, put back when the task ends, by an exception too (a worker left flushing
+// denormals would flush them in whatever torch runs on it next).
+class RestoreDenormalMode {
+ public:
+  RestoreDenormalMode() : saved_(DenormalMode::current()) {}
+  ~RestoreDenormalMode() { DenormalMode::restore(saved_); }
+  RestoreDenormalMode(const RestoreDenormalMode&) = delete;
+  RestoreDenormalMode& operator=(const RestoreDenormalMode&) = delete;
+
+ private:
+  unsigned saved_;
+};
+
 // f(i) for i in [0, n) on the intra-op threads, `grain` at least per thread, each worker running in
 // the calling thread's denormal mode.
 template <typename F>
 void parallel_in_mode(int64_t n, int64_t grain, const F& f) {
   const DenormalMode mode;
   at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
-    const unsigned saved = DenormalMode::current();
+    const RestoreDenormalMode restore;
     mode.apply();
     for (int64_t i = i0; i < i1; ++i) f(i);
     stream_fence();                                // the task's non-temporal stores (store.h), before its join
-    DenormalMode::restore(saved);
   });
 }
 
