@@ -16,14 +16,15 @@ ENV = "RNNKIT_GEMM_ROUTE"
 
 
 def apply_env(ops) -> None:
-    """Limit the kernel's route to RNNKIT_GEMM_ROUTE when that is set (called once the kernel loads)."""
+    """Limit the kernel's route to RNNKIT_GEMM_ROUTE when that is set, then settle it (called once the kernel
+    loads): the route's one-time timing of oneDNN against MKL runs here, on the loading thread with the
+    intra-op threads free, not single-threaded inside the first scan's lanes."""
     want = os.environ.get(ENV, "").strip()
-    if not want:
-        return
-    if want not in ROUTES:
+    if want and want not in ROUTES:
         warnings.warn(f"{ENV}={want!r} is not one of {', '.join(ROUTES)}; ignored", stacklevel=2)
-        return
-    ops.limit_gemm_route(want)
+    elif want:
+        ops.limit_gemm_route(want)
+    ops.gemm_route()
 
 
 def current() -> str | None:
