@@ -344,9 +344,12 @@ def test_a_faulty_micro_kernel_is_refused_and_the_products_go_on(kernel, tmp_pat
     subprocess.run(["g++", "-O1", "-shared", "-fPIC", str(src), "-o", str(lib), "-ldl"], check=True)
     env = {**os.environ, "LD_PRELOAD": str(lib), "FAULT": fault, "RNNKIT_GEMM_ROUTE": "",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-c", FAULTY_RUN], capture_output=True, text=True, env=env,
-                          timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
-    if not done.stdout.startswith("dnnl"):                         # the fresh process timed MKL faster (a
-        pytest.skip(f"the subprocess's route: {done.stdout.split()[0]}")   # busy machine): nothing to check
+    for _ in range(4):                                             # a fresh process times the routes once:
+        done = subprocess.run([sys.executable, "-c", FAULTY_RUN], capture_output=True, text=True, env=env,
+                              timeout=300, check=False)              # on a busy machine it can find MKL faster
+        assert done.returncode == 0, done.stderr[-2000:]
+        if done.stdout.startswith("dnnl"):
+            break
+    else:
+        pytest.skip(f"the subprocesses' route: {done.stdout.split()[0]}")
     assert done.stdout.split() == [before, "dnnl", "-1", "True", "0"]
