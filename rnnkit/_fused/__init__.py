@@ -45,7 +45,7 @@ from . import route
 __all__ = ["available", "bernoulli", "build", "release_pool", "scan", "scan_projected", "supports", "supports_projected"]
 
 _HERE = Path(__file__).resolve().parent
-_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp", "pool.cpp", "stream.cpp")
+_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp", "pool.cpp", "stream.cpp", "ukernel.cpp")
 # -march=native: built on the machine that runs it. No -ffast-math: NaN and Inf must keep
 # propagating (a NaN loss is detected downstream); exp/tanh are written to vectorise without it.
 # -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension itself is

@@ -3,6 +3,7 @@
 #include "blas.h"
 
 #include "pool.h"
+#include "ukernel.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Context.h>
@@ -54,13 +55,6 @@ namespace at::native {
 TORCH_API void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result, float beta,
                              float alpha) __attribute__((weak));
 }  // namespace at::native
-
-namespace at::native::cpublas {
-// C (M, N; ld_c) = A (M, K; ld_a) B (K, N; ld_b) [+ C], row-major, on oneDNN's brgemm micro-kernel (in torch's
-// installed CPUBlas.h; declared here again, weak, so that a torch without it still loads the kernel).
-TORCH_API void brgemm(int64_t M, int64_t N, int64_t K, int64_t ld_a, int64_t ld_b, int64_t ld_c, const bool add_C,
-                      const float* A, const float* B, float* C, bool is_vnni) __attribute__((weak));
-}  // namespace at::native::cpublas
 
 namespace rnnkit {
 namespace {
@@ -154,6 +148,9 @@ bool use_dnnl() {
 // oneDNN for a product of `work` multiply-adds that needs no operand copied (a step product, a projection).
 bool dnnl_without_copies(int64_t work) { return work >= kDnnlMinStepWork && use_dnnl(); }
 
+// oneDNN's micro-kernel (ukernel.h), on the best route only: limit_gemm_route("dnnl") keeps the numbers before it.
+bool use_ukernel() { return g_limit == Route::kUkernel && use_dnnl() && ukernel_works(); }
+
 bool fits_int(int64_t v) { return v >= 0 && v <= INT32_MAX; }
 
 bool blas_ok(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc) {
@@ -226,71 +223,6 @@ void mkl_packed_product(const float* packed, int64_t W, int64_t H, int64_t B, bo
   sgemm_compute("P", "N", &d.m, &d.n, &d.k, packed, &d.lda, x, &d.ldb, &zero, y, &d.ldc);
 }
 
-std::atomic<int64_t> g_ukernel_products{0};
-std::atomic<bool> g_ukernel_refused{false};
-
-// The micro-kernel only where it beats the packed weights (see kUkernelMaxWeight).
-bool ukernel_pays(int64_t weight, int64_t rows) {
-  return weight <= kUkernelMaxWeight || (rows <= kUkernelFewRows && weight <= kUkernelMaxWeightFewRows);
-}
-
-void refuse_ukernel(const char* why) {
-  g_ukernel_refused.store(true);
-  if (std::getenv("RNNKIT_GEMM_DEBUG")) std::fprintf(stderr, "rnnkit gemm: brgemm refused: %s\n", why);
-}
-
-// C (m, n) = A (m, k) B (k, n) [+ C] on the micro-kernel, checked once against a double-precision product:
-// a shape with whole vectors and tails, both with C overwritten and added to. A NaN fails the check.
-bool ukernel_multiplies_right() {
-  constexpr int m = 3, n = 37, k = 20;
-  float a[m * k], b[k * n], c[m * n];
-  for (int i = 0; i < m * k; ++i) a[i] = float((i * 7) % 11) - 5.0f;
-  for (int i = 0; i < k * n; ++i) b[i] = float((i * 5) % 13) * 0.25f - 1.5f;
-  for (int add = 0; add < 2; ++add) {
-    for (int i = 0; i < m * n; ++i) c[i] = add ? float(i % 3) : std::nanf("");
-    at::native::cpublas::brgemm(m, n, k, k, n, n, add == 1, a, b, c, false);
-    for (int i = 0; i < m; ++i) {
-      for (int j = 0; j < n; ++j) {
-        double want = add ? double((i * n + j) % 3) : 0.0;
-        for (int q = 0; q < k; ++q) want += double(a[i * k + q]) * double(b[q * n + j]);
-        if (!(std::abs(double(c[i * n + j]) - want) <= 1e-4 * (1.0 + std::abs(want)))) return false;
-      }
-    }
-  }
-  return true;
-}
-
-// Once per process: the micro-kernel is there and gives products right (torch refuses it on some CPUs and
-// builds, with an exception); and it has not thrown since (then every product keeps the paths below).
-bool ukernel_works() {
-  static const bool works = [] {
-    if (at::native::cpublas::brgemm == nullptr) return false;
-    try {
-      if (ukernel_multiplies_right()) return true;
-      refuse_ukernel("wrong numbers in the self-check");
-    } catch (const std::exception& e) {
-      refuse_ukernel(e.what());
-    }
-    return false;
-  }();
-  return works && !g_ukernel_refused.load(std::memory_order_relaxed);
-}
-
-bool use_ukernel() { return g_limit == Route::kUkernel && use_dnnl() && ukernel_works(); }
-
-// The micro-kernel's product; false (and the micro-kernel refused from then on) where it threw, so that the
-// caller computes the product on its other path and no exception leaves a lane's thread.
-bool ukernel_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                     bool add, float* c, int64_t ldc) {
-  try {
-    at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, false);
-    return true;
-  } catch (const std::exception& e) {
-    refuse_ukernel(e.what());
-    return false;
-  }
-}
-
 std::atomic<bool> g_matmul_refused{false};
 std::atomic<int64_t> g_matmul_calls{0};
 
@@ -325,8 +257,6 @@ bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float*
 
 }  // namespace
 
-int64_t ukernel_products() { return ukernel_works() ? g_ukernel_products.load() : -1; }
-
 int64_t dnnl_matmul_calls() {
   return at::native::mkldnn_matmul == nullptr || g_matmul_refused ? -1 : g_matmul_calls.load();
 }
@@ -336,7 +266,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
   if (!ta && !tb && (beta == 0.0f || beta == 1.0f) && m > 0 && n > 0 && m <= kUkernelMaxRows && k > 0 &&
       ukernel_pays(k * n, m) && use_ukernel() &&                         // a few rows by a small B
       ukernel_product(m, n, k, a, lda, b, ldb, beta == 1.0f, c, ldc)) {
-    g_ukernel_products.fetch_add(1, std::memory_order_relaxed);
+    count_ukernel_product();
     return;
   }
   if (dnnl_matmul(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)) return;
@@ -402,7 +332,7 @@ StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool ba
           for (int64_t h = 0; h < H; ++h) ukernel_ut_[h * W + w] = u[w * H + h];
         }
       }
-      g_ukernel_products.fetch_add(1, std::memory_order_relaxed);
+      count_ukernel_product();
       return;
     }
     if (steps >= kMinStepsToPack && B > 0 && dnnl_without_copies(B * W * H)) {   // U (forward) or U^T (backward) as linear's w

@@ -54,19 +54,6 @@ constexpr int64_t kDnnlCopyShare = 8;                       // and at most this 
 // set_float32_matmul_precision): on a CPU with bf16 kernels "bf16" makes their float products bf16 ones,
 // as torch's own; the MKL route ignores the setting, so there results would depend on the route taken.
 constexpr int64_t kDnnlMatmulMinWork = int64_t(1) << 20;
-// On the oneDNN route, a step product whose U is small goes to oneDNN's batch-reduce GEMM micro-kernel as
-// torch exports it (at::native::cpublas::brgemm: a kernel JIT-compiled once per shape, then called with no
-// per-call setup and U read in place, unpacked). Measured on the Zen 5 EPYC, two lanes of M rows at once,
-// against oneDNN's linear with a packed weight and MKL: M = 32, U 64 x 256: 9.1 us against 25.3 and 15.3;
-// U 128 x 512: 34.8 against 40.7 and 57.0; from 256 x 1024 (1 MB) the packed weight wins (104 against 185),
-// except with few rows (M <= 4: 28.5 against 33.3). Hence U of at most kUkernelMaxWeight elements, or
-// kUkernelMaxWeightFewRows with at most kUkernelFewRows rows.
-constexpr int64_t kUkernelMaxWeight = int64_t(1) << 16;
-constexpr int64_t kUkernelMaxWeightFewRows = int64_t(1) << 18;
-constexpr int64_t kUkernelFewRows = 4;
-// A general product (not transposed, beta 0 or 1) takes it too with at most this many rows: rk.Stream's step,
-// one row by the stacked weights (LSTM H = 32: 64 x 128).
-constexpr int64_t kUkernelMaxRows = 64;
 
 template <typename T>
 class StepProduct {
@@ -107,9 +94,6 @@ std::string gemm_route();
 // Products done through at::native::mkldnn_matmul so far (see kDnnlMatmulMinWork), or -1 where that
 // path is closed (torch without the symbol, or the op refused this CPU): for the tests.
 int64_t dnnl_matmul_calls();
-// Products on oneDNN's micro-kernel so far (a step product counts once per lane and scan, a general one per
-// call), or -1 where it is not available (torch without the symbol, or a CPU it refuses): for the tests.
-int64_t ukernel_products();
 void limit_gemm_route(const std::string& route);
 
 }  // namespace rnnkit

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "ukernel.h"
 #include "floating.h"
 #include "pool.h"
 #include "random.h"
