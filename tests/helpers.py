@@ -203,3 +203,40 @@ def cli_sigterm_in(method: str, when: str, argv: list[str]):
               f"sys.exit(main({argv!r}))\n")
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1], check=False)
+
+
+# -- streaming (test_stream.py, test_stream_updates.py) -------------------------------------------------
+
+def run_step(layer, x, state=None):
+    """Feed x (T, B, I) to `step` one time step at a time. Returns (T, B, H) outputs, final state."""
+    from rnnkit.stream import step
+    ys = []
+    for t in range(x.shape[0]):
+        y, state = step(layer, x[t], state)
+        ys.append(y)
+    return torch.stack(ys), state
+
+
+def run_stream(stream, x):
+    """Feed x (T, B, I) to a Stream one time step at a time: (T, B, H)."""
+    return torch.stack([stream(x[t]) for t in range(x.shape[0])])
+
+
+def layer_of(kind, I, H, L, **kw):
+    """An rnnkit layer of `kind`, the min-cells (mingru, minlstm) included."""
+    if kind in ("mingru", "minlstm"):
+        from rnnkit.minimal import MinGRU, MinLSTM
+        return {"mingru": MinGRU, "minlstm": MinLSTM}[kind](I, H, L, **kw)
+    return build(kind, rk, I, H, L, **kw)
+
+
+def stream_matches_step(layer, stream, steps=4, B=1, state=None, dtype=torch.float32):
+    """Feed `stream` and `step` the same inputs from `state`; the largest |difference| of the outputs."""
+    from rnnkit.stream import step
+    worst = 0.0
+    for _ in range(steps):
+        x = torch.randn(B, layer.input_size, dtype=dtype)
+        with torch.no_grad():
+            y, state = step(layer, x, state)
+        worst = max(worst, (stream(x) - y).abs().max().item())
+    return worst, state

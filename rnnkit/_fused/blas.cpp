@@ -325,12 +325,12 @@ StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool ba
     : u_(u), W_(W), H_(H), B_(B), backward_(backward) {
   if constexpr (std::is_same_v<T, float>) {
     if (B > 0 && W > 0 && H > 0 && ukernel_pays(W * H, B) && use_ukernel()) {
-      ukernel_ = true;
-      if (!backward) {                                             // the forward's right operand is U^T
+      if (backward) {
+        ukernel_b_ = u;                                            // y = x U: U as it is stored
+      } else {                                                     // y = x U^T: U^T, (H, W) row-major
         ukernel_ut_.reset(new float[static_cast<size_t>(W * H)]);
-        for (int64_t w = 0; w < W; ++w) {
-          for (int64_t h = 0; h < H; ++h) ukernel_ut_[h * W + w] = u[w * H + h];
-        }
+        transpose_into(u, W, H, H, ukernel_ut_.get());
+        ukernel_b_ = ukernel_ut_.get();
       }
       count_ukernel_product();
       return;
@@ -348,12 +348,9 @@ StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool ba
 template <typename T>
 void StepProduct<T>::operator()(const T* x, T* y) const {
   if constexpr (std::is_same_v<T, float>) {
-    if (ukernel_) {                                  // y (B, N) = x (B, K) times U^T (K = H) or U (K = W)
-      const int64_t K = backward_ ? W_ : H_, N = backward_ ? H_ : W_;
-      if (ukernel_product(B_, N, K, x, K, backward_ ? u_ : ukernel_ut_.get(), N, false, y, N)) return;
-    }                                                // it threw: the general product below
-    if (dnnl_w_) {
-      const int64_t K = backward_ ? W_ : H_, N = backward_ ? H_ : W_;
+    const int64_t K = backward_ ? W_ : H_, N = backward_ ? H_ : W_;    // y (B, N) = x (B, K) times U^T or U
+    if (ukernel_b_ != nullptr && ukernel_product(B_, N, K, x, K, ukernel_b_, N, false, y, N)) return;
+    if (dnnl_w_) {                                   // (a micro-kernel that threw goes on to the product below)
       copy_rows(dnnl_linear(wrap_f(x, B_, K, K), *dnnl_w_), y, B_, N, N, 0.0f);
       return;
     }

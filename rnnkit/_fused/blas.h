@@ -67,8 +67,8 @@ class StepProduct {
   bool backward_;
   std::unique_ptr<float[]> packed_;                // null: not packed (MKL asks for ~8 MB: not zeroed)
   std::shared_ptr<at::Tensor> dnnl_w_;             // oneDNN's packed weight, when that route is taken
-  bool ukernel_ = false;                           // oneDNN's micro-kernel (see kUkernelMaxWeight), with
-  std::unique_ptr<float[]> ukernel_ut_;            // U^T (H x W) row-major for the forward (null: backward)
+  const float* ukernel_b_ = nullptr;               // the right operand on oneDNN's micro-kernel (ukernel.h):
+  std::unique_ptr<float[]> ukernel_ut_;            // U (backward) or this copy of U^T (forward); null: not taken
 };
 
 // The leading dimension of a 2-D tensor stored row-major (unit column stride, rows that do not overlap; a
@@ -86,10 +86,11 @@ inline int64_t row_major_ld(const at::Tensor& t) {
 // (rnnkit/parallel.py; registered as rnnkit_fused::routed_linear).
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w);
 
-// Which route the products take: "dnnl" (oneDNN's float products where measured faster than MKL's, see
-// blas.cpp), "packed" (MKL's packed GEMM for the float step products, torch's
-// BLAS directly for the rest), "blas" (torch's BLAS directly) or "aten" (at::mm). A benchmark can
-// limit the route ("packed", "blas", "aten"; "dnnl" restores the default) to measure what each step saves.
+// Which route the products take: "dnnl+ukernel" (oneDNN's float products where measured faster than MKL's, see
+// blas.cpp, the small ones on its micro-kernel, ukernel.h), "dnnl" (the same without the micro-kernel),
+// "packed" (MKL's packed GEMM for the float step products, torch's BLAS directly for the rest), "blas" (torch's
+// BLAS directly) or "aten" (at::mm). A benchmark can limit the route ("dnnl", "packed", "blas", "aten";
+// "dnnl+ukernel" restores the default) to measure what each step saves.
 std::string gemm_route();
 // Products done through at::native::mkldnn_matmul so far (see kDnnlMatmulMinWork), or -1 where that
 // path is closed (torch without the symbol, or the op refused this CPU): for the tests.

@@ -69,6 +69,7 @@ bool ukernel_works() {
 
 bool ukernel_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                      bool add, float* c, int64_t ldc) {
+  if (g_ukernel_refused.load(std::memory_order_relaxed)) return false;   // it threw before: not every step again
   try {
     at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add, a, b, c, false);
     return true;

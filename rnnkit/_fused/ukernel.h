@@ -30,8 +30,9 @@ bool ukernel_pays(int64_t weight, int64_t rows);
 // call has thrown since.
 bool ukernel_works();
 
-// C = A B (+ C where `add`) on the micro-kernel: true when done; false when it threw (it is refused from then
-// on, and the caller computes the product on its other path: no exception leaves a lane's thread).
+// C = A B (+ C where `add`) on the micro-kernel: true when done; false once it has thrown, now or before (it is
+// refused from then on, and the caller computes the product on its other path: no exception leaves a lane's
+// thread, and a step loop does not retry a throwing kernel at every step).
 bool ukernel_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
                      bool add, float* c, int64_t ldc);
 
