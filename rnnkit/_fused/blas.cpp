@@ -18,6 +18,7 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <atomic>
 #include <cstdio>
@@ -28,6 +29,7 @@
 #include <utility>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -226,6 +228,21 @@ void mkl_packed_product(const float* packed, int64_t W, int64_t H, int64_t B, bo
 std::atomic<bool> g_matmul_refused{false};
 std::atomic<int64_t> g_matmul_calls{0};
 
+// Whether a product of this shape (kind: the caller's) is taken as it is: one of the first kExactShapes met
+// (blas.h, kShapeBlockMin).
+std::mutex g_shapes_mutex;
+std::set<std::array<int64_t, 4>> g_exact_shapes;
+int64_t g_exact_budget = kExactShapes;
+
+bool exact_shape(int kind, bool ta, bool tb, int64_t m, int64_t n, int64_t k) {
+  const std::array<int64_t, 4> key{kind * 4 + ta * 2 + tb, m, n, k};
+  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  if (g_exact_shapes.count(key) != 0) return true;
+  if (static_cast<int64_t>(g_exact_shapes.size()) >= g_exact_budget) return false;
+  g_exact_shapes.insert(key);
+  return true;
+}
+
 // Where oneDNN's products beat MKL's with no copy (see kDnnlMatmulMinWork), on the oneDNN route.
 bool dnnl_matmul_pays(int64_t m, int64_t n, int64_t k) {
   if (std::min(m, n) < 2 || k < 1) return false;                  // matrix-vector: MKL
@@ -236,6 +253,8 @@ bool dnnl_matmul_pays(int64_t m, int64_t n, int64_t k) {
 // C = op(A) op(B) + beta C through at::native::mkldnn_matmul where the route takes oneDNN and the operands
 // are as it takes them without a copy (see kDnnlMatmulMinWork). False when not done: the caller goes on.
 // The op checks the CPU first (it asks for AVX-512 or AVX-NE-CONVERT for float): a refusal is remembered.
+// The rows (op(A) stored as is), or else the depth (A^T and B stored as they are, C small), in shape blocks
+// (blas.h): the sides that are T*B, the input projection's and its gradients', take a handful of shapes.
 bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float beta, float* c, int64_t ldc) {
   if (at::native::mkldnn_matmul == nullptr || g_matmul_refused.load(std::memory_order_relaxed) ||
@@ -243,10 +262,27 @@ bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float*
     return false;
   }
   try {
-    const at::Tensor A = ta ? wrap_f(a, k, m, lda).t() : wrap_f(a, m, k, lda);
-    const at::Tensor B = tb ? wrap_f(b, n, k, ldb).t() : wrap_f(b, k, n, ldb);
-    at::native::mkldnn_matmul(A, B, wrap_f(c, m, n, ldc), beta, 1.0f);
-    g_matmul_calls.fetch_add(1, std::memory_order_relaxed);
+    const auto product = [&](int64_t i0, int64_t mm, int64_t k0, int64_t kk, float bt, bool dnnl) {
+      const float* ap = ta ? a + k0 * lda + i0 : a + i0 * lda + k0;
+      const float* bp = tb ? b + k0 : b + k0 * ldb;
+      float* cp = c + i0 * ldc;
+      if (!dnnl) return gemm_any(sgemm_, ta, tb, mm, n, kk, ap, lda, bp, ldb, bt, cp, ldc);
+      const at::Tensor A = ta ? wrap_f(ap, kk, mm, lda).t() : wrap_f(ap, mm, kk, lda);
+      const at::Tensor B = tb ? wrap_f(bp, n, kk, ldb).t() : wrap_f(bp, kk, n, ldb);
+      at::native::mkldnn_matmul(A, B, wrap_f(cp, mm, n, ldc), bt, 1.0f);
+      g_matmul_calls.fetch_add(1, std::memory_order_relaxed);
+    };
+    if (exact_shape(0, ta, tb, m, n, k)) {
+      product(0, m, 0, k, beta, true);
+    } else if (!ta) {
+      for_shape_blocks(m, [&](int64_t i0, int64_t mm, bool dnnl) { product(i0, mm, 0, k, beta, dnnl); });
+    } else if (!tb && m * n <= kShapeBlockMaxOut) {
+      for_shape_blocks(k, [&](int64_t k0, int64_t kk, bool dnnl) {
+        product(0, m, k0, kk, k0 == 0 ? beta : 1.0f, dnnl);
+      });
+    } else {
+      product(0, m, 0, k, beta, true);                // (not cut: a new shape)
+    }
     return true;
   } catch (const std::exception& e) {            // c10::Error (the CPU check), or oneDNN's own
     g_matmul_refused = true;
@@ -277,29 +313,39 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
     // k is T*B: whole copies raised a training step's peak memory by a third), each slice's product added to C.
     // The copies' buffers hold at most an eighth of what is copied (a step's peak memory stays below torch.nn's
     // at small sizes: GRU B=32 T=100 H=128 read 0.99x with 2 MB slices, 0.90x before).
+    // The slices are powers of two within k's shape blocks (blas.h), k's tail under kShapeBlockMin on BLAS.
     const int64_t copied = (ta ? m : 0) + (tb ? 0 : n);            // elements copied per unit of k
     const int64_t budget = std::min(kDnnlCopyElements, copied * k / kDnnlCopyShare);
-    const int64_t slice = copied == 0 ? k : std::min(k, std::max(kDnnlMinSide, budget / copied));
+    const int64_t wanted = copied == 0 ? k : std::min(k, std::max(kDnnlMinSide, budget / copied));
+    const bool exact = exact_shape(1, ta, tb, m, n, k);
+    int64_t slice = exact ? wanted : kShapeBlockMax;
+    while (slice > kShapeBlockMin && slice > wanted) slice /= 2;
     const auto opts = at::TensorOptions().dtype(at::kFloat);
     const at::Tensor a_buf = ta ? pooled_empty({m * slice}, opts) : at::Tensor();
     const at::Tensor b_buf = tb ? at::Tensor() : pooled_empty({n * slice}, opts);
-    for (int64_t k0 = 0; k0 < k; k0 += slice) {
-      const int64_t kk = std::min(slice, k - k0);
-      at::Tensor A, Wt;
-      if (ta) {
-        transpose_into(a + k0 * lda, kk, m, lda, a_buf.data_ptr<float>());
-        A = wrap_f(a_buf.data_ptr<float>(), m, kk, kk);
-      } else {
-        A = wrap_f(a + k0, m, kk, lda);
+    const auto blocks = [&](const auto& f) { exact ? f(int64_t(0), k, true) : for_shape_blocks(k, f); };
+    blocks([&](int64_t b0, int64_t bk, bool dnnl) {
+      const float* const ab = ta ? a + b0 * lda : a + b0;
+      const float* const bb = tb ? b + b0 : b + b0 * ldb;
+      if (!dnnl) return gemm_any(sgemm_, ta, tb, m, n, bk, ab, lda, bb, ldb, b0 == 0 ? beta : 1.0f, c, ldc);
+      for (int64_t k0 = b0; k0 < b0 + bk; k0 += slice) {
+        const int64_t kk = std::min(slice, b0 + bk - k0);
+        at::Tensor A, Wt;
+        if (ta) {
+          transpose_into(a + k0 * lda, kk, m, lda, a_buf.data_ptr<float>());
+          A = wrap_f(a_buf.data_ptr<float>(), m, kk, kk);
+        } else {
+          A = wrap_f(a + k0, m, kk, lda);
+        }
+        if (tb) {
+          Wt = wrap_f(b + k0, n, kk, ldb);
+        } else {
+          transpose_into(b + k0 * ldb, kk, n, ldb, b_buf.data_ptr<float>());
+          Wt = wrap_f(b_buf.data_ptr<float>(), n, kk, kk);
+        }
+        copy_rows(dnnl_linear(A, Wt), c, m, n, ldc, k0 == 0 ? beta : 1.0f);
       }
-      if (tb) {
-        Wt = wrap_f(b + k0, n, kk, ldb);
-      } else {
-        transpose_into(b + k0 * ldb, kk, n, ldb, b_buf.data_ptr<float>());
-        Wt = wrap_f(b_buf.data_ptr<float>(), n, kk, kk);
-      }
-      copy_rows(dnnl_linear(A, Wt), c, m, n, ldc, k0 == 0 ? beta : 1.0f);
-    }
+    });
     return;
   }
   gemm_any(sgemm_, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
@@ -425,6 +471,14 @@ std::string gemm_route() {
   if (use_ukernel()) return "dnnl+ukernel";
   if (use_dnnl()) return "dnnl";
   return can_pack() ? "packed" : "blas";
+}
+
+int64_t set_exact_shapes(int64_t shapes) {
+  std::lock_guard<std::mutex> lock(g_shapes_mutex);
+  const int64_t old = g_exact_budget;
+  g_exact_budget = std::max<int64_t>(shapes, 0);
+  g_exact_shapes.clear();
+  return old;
 }
 
 void limit_gemm_route(const std::string& route) {

@@ -55,6 +55,31 @@ constexpr int64_t kDnnlCopyShare = 8;                       // and at most this 
 // as torch's own; the MKL route ignores the setting, so there results would depend on the route taken.
 constexpr int64_t kDnnlMatmulMinWork = int64_t(1) << 20;
 
+// oneDNN compiles a kernel for each shape of product it meets and keeps up to 1024 of them (its primitive
+// cache; torch's brgemm keeps every one, per thread). A side that is T*B (the input projection's rows, the
+// weight gradients' depth) met a new shape at nearly every step of a training run on bucketed data: an LSTM
+// (H = 128) on random B in [16, 64] and T in [50, 150] grew by 700 MB over 400 steps (torch.nn: 115).
+// The first kExactShapes shapes met (a run with fixed sizes: a few per layer) are taken as they are, in one
+// call; after those such a side goes to oneDNN in blocks whose sizes are powers of two, the largest first,
+// from kShapeBlockMin to kShapeBlockMax rows, and what is left under kShapeBlockMin to BLAS, which compiles
+// nothing: at most 9 shapes a side. (Blocks always would cost fixed sizes a call each, ~8 us: RNN B=32 T=100
+// H=64 trained 15% slower.) The depth is cut only where the output is small (at most kShapeBlockMaxOut
+// elements), as each block reads and writes all of it.
+constexpr int64_t kExactShapes = 64;
+constexpr int64_t kShapeBlockMin = 64;
+constexpr int64_t kShapeBlockMax = int64_t(1) << 14;
+constexpr int64_t kShapeBlockMaxOut = int64_t(1) << 20;
+
+// f(offset, size, on_dnnl) over [0, n) in such blocks.
+template <typename F>
+void for_shape_blocks(int64_t n, const F& f) {
+  int64_t at = 0;
+  for (int64_t size = kShapeBlockMax; size >= kShapeBlockMin; size /= 2) {
+    for (; n - at >= size; at += size) f(at, size, true);
+  }
+  if (at < n) f(at, n - at, false);
+}
+
 template <typename T>
 class StepProduct {
  public:
@@ -96,5 +121,8 @@ std::string gemm_route();
 // path is closed (torch without the symbol, or the op refused this CPU): for the tests.
 int64_t dnnl_matmul_calls();
 void limit_gemm_route(const std::string& route);
+// How many shapes are taken as they are before the cut into shape blocks (kExactShapes), forgetting those met;
+// returns the previous number (for the tests: 0 cuts every product).
+int64_t set_exact_shapes(int64_t shapes);
 
 }  // namespace rnnkit

@@ -23,6 +23,12 @@ namespace {
 constexpr size_t kAlign = 64;                            // as c10's CPU allocator
 constexpr size_t kPage = 4096;
 size_t g_limit = size_t(1) << 30;
+// The free blocks held stay within this many times the most bytes the pool has had in use at once. Lengths
+// and batch sizes that vary from step to step (bucketed data) otherwise parked a block per size up to the
+// limit: an LSTM (H = 128) trained on random B in [16, 64] and T in [50, 150] held 518 MB after 400 steps,
+// whose largest step had ~60 MB in use. Twice: a training step and an evaluation of another size, taking
+// turns, both keep their blocks.
+constexpr size_t kHeldPerPeak = 2;
 
 struct Block {
   void* ptr;
@@ -48,6 +54,7 @@ class Pool final : public c10::Allocator {
         held_ -= bytes;
       }
       in_use = in_use_ += bytes;
+      peak_ = std::max(peak_, in_use_);
       held = held_;
     }
     if (ptr == nullptr && posix_memalign(&ptr, kAlign, bytes) != 0) {
@@ -69,11 +76,17 @@ class Pool final : public c10::Allocator {
     return static_cast<int64_t>(held_);
   }
 
+  int64_t peak() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return static_cast<int64_t>(peak_);
+  }
+
   void clear() {
     std::lock_guard<std::mutex> lock(mutex_);
     for (auto& kv : free_) std::free(kv.second.ptr);
     free_.clear();
     held_ = 0;
+    peak_ = in_use_;
   }
 
   static Pool& get() {
@@ -90,8 +103,9 @@ class Pool final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(pool.mutex_);
       pool.in_use_ -= block->bytes;
-      if (block->bytes <= g_limit) {                     // make room: the longest-unused blocks go first
-        while (pool.held_ + block->bytes > g_limit) pool.evict_oldest();
+      const size_t cap = std::min(g_limit, kHeldPerPeak * pool.peak_);
+      if (block->bytes <= cap) {                         // make room: the longest-unused blocks go first
+        while (pool.held_ + block->bytes > cap) pool.evict_oldest();
         pool.free_.emplace(block->bytes, Free{block->ptr, ++pool.clock_});
         pool.held_ += block->bytes;
         keep = true;
@@ -128,6 +142,7 @@ class Pool final : public c10::Allocator {
   };
   std::multimap<size_t, Free> free_;
   size_t held_ = 0, in_use_ = 0;
+  size_t peak_ = 0;                                      // the most bytes in use at once (since clear())
   uint64_t clock_ = 0;
 };
 
@@ -143,6 +158,8 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
 }
 
 int64_t pool_held_bytes() { return Pool::get().held(); }
+
+int64_t pool_peak_bytes() { return Pool::get().peak(); }
 
 void release_pool() { Pool::get().clear(); }
 

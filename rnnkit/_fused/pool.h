@@ -7,8 +7,9 @@
 // request it holds with at most a quarter to spare (the smallest such block). Tensors from it are
 // ordinary CPU tensors (resizable, any op accepts them); their memory is reported to torch's profiler
 // like the default allocator's, so memory measurements see it.
-// It holds at most 1 GiB of free blocks (set_pool_limit; 0 turns it off): a freed block that would pass
-// the limit evicts the longest-unused blocks first, so a new working set (another layer size) replaces
+// It holds at most 1 GiB of free blocks (set_pool_limit; 0 turns it off), and at most twice the most bytes
+// it has had in use at once (pool_peak_bytes): a freed block that would pass either evicts the
+// longest-unused blocks first, so a new working set (another layer size, another batch's length) replaces
 // an old one instead of finding the pool full.
 #pragma once
 
@@ -26,6 +27,8 @@ at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options)
 // Bytes of free blocks the pool holds now; release_pool() returns them all to the system.
 int64_t pool_held_bytes();
 void release_pool();
+// The most bytes of pooled tensors alive at once, since the last release_pool().
+int64_t pool_peak_bytes();
 // Sets the most bytes of free blocks held (returns the previous limit); 0: no pooling.
 int64_t set_pool_limit(int64_t bytes);
 

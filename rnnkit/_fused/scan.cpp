@@ -340,9 +340,11 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("gemm_route() -> str", &rnnkit::route);
   m.def("limit_gemm_route(str route) -> ()", &rnnkit::limit_route);
   m.def("dnnl_matmul_calls() -> int", &rnnkit::dnnl_matmul_calls);
+  m.def("set_exact_shapes(int shapes) -> int", &rnnkit::set_exact_shapes);
   m.def("ukernel_products() -> int", &rnnkit::ukernel_products);
   m.def("set_min_lane_rows(int rows) -> int", &rnnkit::set_min_lane_rows);
   m.def("pool_held_bytes() -> int", &rnnkit::pool_held_bytes);
+  m.def("pool_peak_bytes() -> int", &rnnkit::pool_peak_bytes);
   m.def("release_pool() -> ()", &rnnkit::release_pool);
   m.def("set_pool_limit(int bytes) -> int", &rnnkit::set_pool_limit);
 }
