@@ -82,18 +82,18 @@ def test_buffer_pool_evicts_old_blocks_for_a_new_working_set():
 
 
 @needs_kernel
-def test_buffer_pool_holds_at_most_twice_the_most_it_had_in_use():
+def test_buffer_pool_holds_at_most_three_times_the_most_it_had_in_use():
     """Lengths that change from batch to batch by more than the quarter a block may spare find no block to
     reuse, and each used to park its blocks up to the 1 GiB limit (an LSTM on random B and T: 518 MB held
-    after 400 steps whose largest had ~60 MB in use). The pool keeps at most twice its peak in use."""
+    after 400 steps whose largest had ~48 MB in use). The pool keeps at most three times its peak in use."""
     ops = _fused.build()
     _fused.release_pool()
     assert ops.pool_peak_bytes() == 0
-    for T in (20, 27, 36, 48, 64, 85):       # 1.33x apart: no block fits the next; kept, ~3.3x the peak
+    for T in (11, 14, 18, 23, 30, 39, 51, 66, 85):   # 1.3x apart: no block fits the next; all kept, ~4x the peak
         big_run("lstm", torch.float32, T, 32, 64)
     held, peak = ops.pool_held_bytes(), ops.pool_peak_bytes()
     assert peak >= 85 * 32 * 256 * 4                             # at least one d_xi of the last run
-    assert 0 < held <= 2 * peak                                  # old blocks evicted to stay there
+    assert 0 < held <= 3 * peak                                  # old blocks evicted to stay there
     again = big_run("lstm", torch.float32, 85, 32, 64)[0]["out"]
     assert ops.pool_held_bytes() <= held                         # the last size's blocks serve it again
     assert ops.pool_peak_bytes() == peak

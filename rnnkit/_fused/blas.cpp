@@ -253,7 +253,7 @@ bool dnnl_matmul_pays(int64_t m, int64_t n, int64_t k) {
 // C = op(A) op(B) + beta C through at::native::mkldnn_matmul where the route takes oneDNN and the operands
 // are as it takes them without a copy (see kDnnlMatmulMinWork). False when not done: the caller goes on.
 // The op checks the CPU first (it asks for AVX-512 or AVX-NE-CONVERT for float): a refusal is remembered.
-// The rows (op(A) stored as is), or else the depth (A^T and B stored as they are, C small), in shape blocks
+// The rows (op(A) stored as is), or else the depth (A^T and B stored as they are), in shape blocks
 // (blas.h): the sides that are T*B, the input projection's and its gradients', take a handful of shapes.
 bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
                  int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -276,7 +276,7 @@ bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float*
       product(0, m, 0, k, beta, true);
     } else if (!ta) {
       for_shape_blocks(m, [&](int64_t i0, int64_t mm, bool dnnl) { product(i0, mm, 0, k, beta, dnnl); });
-    } else if (!tb && m * n <= kShapeBlockMaxOut) {
+    } else if (!tb) {
       for_shape_blocks(k, [&](int64_t k0, int64_t kk, bool dnnl) {
         product(0, m, k0, kk, k0 == 0 ? beta : 1.0f, dnnl);
       });
@@ -308,21 +308,36 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
   if (dnnl_matmul(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)) return;
   if (m >= kDnnlMinSide && n >= kDnnlMinSide && k > 0 && m * n * k >= kDnnlMinWork && use_dnnl()) {
     // Not taken by dnnl_matmul (a strided operand, or a torch without the op, or a CPU it refuses):
-    // op(A) (m, k) and op(B)^T (n, k) as oneDNN's linear takes them: row-major, k contiguous. A transposed
-    // operand is copied so, in slices of k of at most kDnnlCopyElements copied elements (a weight gradient's
+    // op(A) (m, k) and op(B)^T (n, k) as oneDNN's linear takes them: row-major, k contiguous, dense. An
+    // operand not so (transposed, or a slice of a wider matrix: oneDNN then runs its reference kernel, 500x
+    // slower) is copied so, in slices of k of at most kDnnlCopyElements copied elements (a weight gradient's
     // k is T*B: whole copies raised a training step's peak memory by a third), each slice's product added to C.
     // The copies' buffers hold at most an eighth of what is copied (a step's peak memory stays below torch.nn's
-    // at small sizes: GRU B=32 T=100 H=128 read 0.99x with 2 MB slices, 0.90x before).
-    // The slices are powers of two within k's shape blocks (blas.h), k's tail under kShapeBlockMin on BLAS.
-    const int64_t copied = (ta ? m : 0) + (tb ? 0 : n);            // elements copied per unit of k
-    const int64_t budget = std::min(kDnnlCopyElements, copied * k / kDnnlCopyShare);
-    const int64_t wanted = copied == 0 ? k : std::min(k, std::max(kDnnlMinSide, budget / copied));
+    // at small sizes: GRU B=32 T=100 H=128 read 0.99x with 2 MB slices, 0.90x before). The slices are powers
+    // of two within k's shape blocks (blas.h) once the shape is not taken whole, k's tail under kShapeBlockMin
+    // on BLAS.
     const bool exact = exact_shape(1, ta, tb, m, n, k);
+    const bool a_whole = !ta && lda == k, b_whole = tb && ldb == k;   // dense as they are, k not sliced
+    const int64_t copied = (a_whole ? 0 : m) + (b_whole ? 0 : n);   // elements copied per unit of k
+    const int64_t budget = std::min(kDnnlCopyElements, std::max(copied, m + n) * k / kDnnlCopyShare);
+    const int64_t wanted = exact && copied == 0 ? k : std::min(k, std::max(kDnnlMinSide, budget / (m + n)));
     int64_t slice = exact ? wanted : kShapeBlockMax;
     while (slice > kShapeBlockMin && slice > wanted) slice /= 2;
     const auto opts = at::TensorOptions().dtype(at::kFloat);
-    const at::Tensor a_buf = ta ? pooled_empty({m * slice}, opts) : at::Tensor();
-    const at::Tensor b_buf = tb ? at::Tensor() : pooled_empty({n * slice}, opts);
+    at::Tensor a_buf, b_buf;                                       // made when a slice is not dense
+    // op(X)'s slice [k0, k0 + kk) as (rows, kk) dense: in place, or copied into buf (transposed where stored so)
+    const auto operand = [&](const float* x, int64_t ld, bool trans, int64_t rows, int64_t k0, int64_t kk,
+                             at::Tensor& buf) {
+      if (!trans && ld == kk) return wrap_f(x + k0, rows, kk, ld);
+      if (!buf.defined()) buf = pooled_empty({rows * slice}, opts);
+      float* const dst = buf.data_ptr<float>();
+      if (trans) {
+        transpose_into(x + k0 * ld, kk, rows, ld, dst);
+      } else {
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * kk, x + r * ld + k0, sizeof(float) * kk);
+      }
+      return wrap_f(dst, rows, kk, kk);
+    };
     const auto blocks = [&](const auto& f) { exact ? f(int64_t(0), k, true) : for_shape_blocks(k, f); };
     blocks([&](int64_t b0, int64_t bk, bool dnnl) {
       const float* const ab = ta ? a + b0 * lda : a + b0;
@@ -330,19 +345,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
       if (!dnnl) return gemm_any(sgemm_, ta, tb, m, n, bk, ab, lda, bb, ldb, b0 == 0 ? beta : 1.0f, c, ldc);
       for (int64_t k0 = b0; k0 < b0 + bk; k0 += slice) {
         const int64_t kk = std::min(slice, b0 + bk - k0);
-        at::Tensor A, Wt;
-        if (ta) {
-          transpose_into(a + k0 * lda, kk, m, lda, a_buf.data_ptr<float>());
-          A = wrap_f(a_buf.data_ptr<float>(), m, kk, kk);
-        } else {
-          A = wrap_f(a + k0, m, kk, lda);
-        }
-        if (tb) {
-          Wt = wrap_f(b + k0, n, kk, ldb);
-        } else {
-          transpose_into(b + k0 * ldb, kk, n, ldb, b_buf.data_ptr<float>());
-          Wt = wrap_f(b_buf.data_ptr<float>(), n, kk, kk);
-        }
+        const at::Tensor A = operand(a, lda, ta, m, k0, kk, a_buf), Wt = operand(b, ldb, !tb, n, k0, kk, b_buf);
         copy_rows(dnnl_linear(A, Wt), c, m, n, ldc, k0 == 0 ? beta : 1.0f);
       }
     });

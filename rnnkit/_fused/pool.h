@@ -7,8 +7,8 @@
 // request it holds with at most a quarter to spare (the smallest such block). Tensors from it are
 // ordinary CPU tensors (resizable, any op accepts them); their memory is reported to torch's profiler
 // like the default allocator's, so memory measurements see it.
-// It holds at most 1 GiB of free blocks (set_pool_limit; 0 turns it off), and at most twice the most bytes
-// it has had in use at once (pool_peak_bytes): a freed block that would pass either evicts the
+// It holds at most 1 GiB of free blocks (set_pool_limit; 0 turns it off), and at most three times the most
+// bytes it has had in use at once (pool_peak_bytes): a freed block that would pass either evicts the
 // longest-unused blocks first, so a new working set (another layer size, another batch's length) replaces
 // an old one instead of finding the pool full.
 #pragma once
