@@ -334,10 +334,10 @@ class MinGRU(_MinRecurrent):
     """minGRU (Feng et al. 2024). Arguments and forward as rk.GRU: out, h_n = layer(x, hx, lengths,
     padding=...) (not `truncate`: the scan is over the whole sequence).
     scan: "blocked" (`parallel.blocked_scan`, the fast path on CPU), "log" (Heinsen's log-space scan,
-    the paper's form, for GPUs) or "auto" (log on CUDA, blocked elsewhere). Second derivatives
-    (create_graph=True) through "log" are NaN wherever the gradient reaching some h_t is exactly zero
-    (a loss on the last step, padding): torch's logcumsumexp double backward takes log of it; use
-    scan="blocked" for gradient penalties (any device; exact to any order)."""
+    the paper's form, for GPUs) or "auto" (log on CUDA, blocked elsewhere). Both differentiate to any
+    order (create_graph=True: gradient penalties), also where the gradient reaching some h_t is exactly
+    zero (a loss on the last step, padding), where torch's own logcumsumexp double backward gives NaN
+    (parallel._LogCumSumExp)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None, *, scan="auto"):

@@ -177,3 +177,44 @@ def test_kept_projection_is_a_saved_tensor_and_serves_every_backward(monkeypatch
     with torch.no_grad():
         layer(x)
     assert seen == [(50, 3, 32)]                                   # h only: nothing kept
+
+
+@pytest.mark.parametrize("torch_first_order", [False, True])
+def test_logcumsumexp_differentiates_twice_where_the_gradient_is_zero(torch_first_order, monkeypatch):
+    """torch's logcumsumexp double backward takes the log of the incoming gradient: NaN where it is exactly
+    zero (a loss on the last step, padding). Ours: gradcheck and gradgradcheck in float64 with zero gradients
+    among them, with either first-order form (its recurrence on CPU, torch's formula elsewhere)."""
+    monkeypatch.setattr(parallel, "_torch_first_order", lambda x: torch_first_order)
+    f = parallel._LogCumSumExp.apply
+    x = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 6, 4, dtype=torch.float64)
+    g[:, :-1] = 0                                                 # only the last step's output is used
+    assert gradcheck(lambda t: f(t, 1), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: f(t, 1), (x,), (g.requires_grad_(),))
+    dx, = torch.autograd.grad(f(x, 1), x, g)
+    ref, = torch.autograd.grad(torch.logcumsumexp(x, 1), x, g)
+    assert torch.allclose(dx, ref)
+    dx, = torch.autograd.grad(f(x, 1), x, g, create_graph=True)
+    dx.square().sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("kind", [MinGRU, MinLSTM])
+def test_log_scan_second_derivatives_equal_the_blocked_scans(kind):
+    """A gradient penalty through scan="log" with the loss on the last step and padded rows: finite, and
+    the blocked scan's numbers (float64)."""
+    torch.manual_seed(4)
+    log_layer = kind(3, 5, scan="log").double()
+    blocked = kind(3, 5, scan="blocked").double()
+    blocked.load_state_dict(log_layer.state_dict())
+    x = torch.randn(70, 2, 3, dtype=torch.float64, requires_grad=True)
+    got = []
+    for layer in (log_layer, blocked):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        out, _ = layer(x, lengths=torch.tensor([70, 41]))
+        g, = torch.autograd.grad(out[-1].square().sum(), x, create_graph=True)
+        g.square().sum().backward()
+        got.append([x.grad.clone(), *(p.grad.clone() for p in layer.parameters())])
+    assert all(torch.isfinite(t).all() for t in got[0])
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(*got))
