@@ -119,10 +119,13 @@ def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None, chunk: int 
     if full < T:
         pieces.append((la[full:].unsqueeze(0), lb[full:].unsqueeze(0)))
     carry = la.new_zeros(la.shape[1:]) if h0 is None else h0.to(work)   # (B, H) entering chunk k
+    # torch.compile, torch.func, forward-mode AD, jit.trace and export take torch's op (their own derivatives)
+    plain = torch.compiler.is_compiling() or under_torch_func(la, lb, carry)
+    lcse = torch.logcumsumexp if plain else _LogCumSumExp.apply
     h = []
     for a, b in pieces:                                               # (n, C, B, H) each
         a_star = torch.cumsum(a, 1)                                   # log A within a chunk
-        part = torch.exp(a_star + _LogCumSumExp.apply(b - a_star, 1))  # from a zero start
+        part = torch.exp(a_star + lcse(b - a_star, 1))               # from a zero start
         A = torch.exp(a_star)
         starts = []
         for p_end, a_end in zip(part[:, -1].unbind(0), A[:, -1].unbind(0)):   # each chunk's last step

@@ -21,7 +21,8 @@ class Forecaster(nn.Module):
 
 @pytest.mark.parametrize("make", [lambda: rk.LSTM(3, 8, layer_norm=True),
                                   lambda: rk.GRU(3, 8, num_layers=2, backend="engine"),
-                                  lambda: rk.MinGRU(3, 8)], ids=["lstm_ln", "gru_engine", "mingru"])
+                                  lambda: rk.MinGRU(3, 8),
+                                  lambda: rk.MinLSTM(3, 8, scan="log")], ids=["lstm_ln", "gru_engine", "mingru", "minlstm_log"])
 def test_compiled_model_equals_eager(make):
     torch._dynamo.reset()
     model = Forecaster(make())
@@ -46,12 +47,13 @@ def test_importing_and_running_rnnkit_does_not_load_dynamo():
     assert out.stdout.strip() == "False"
 
 
-def test_min_layer_compiles_without_dynamo_tracing_into_the_scan():
+@pytest.mark.parametrize("scan", ["blocked", "log"])
+def test_min_layer_compiles_without_dynamo_tracing_into_the_scan(scan):
     """The min cells' blocked scan is opaque to compile too (was: Dynamo warned that it cannot trace
-    functorch's wrapped-tensor check inside it)."""
+    functorch's wrapped-tensor check inside it); the log scan is traced, with torch's logcumsumexp."""
     import warnings
     torch._dynamo.reset()
-    layer = rk.MinGRU(3, 8)
+    layer = rk.MinGRU(3, 8, scan=scan)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.compile(layer)(torch.randn(12, 4, 3))[0].sum().backward()

@@ -164,6 +164,7 @@ FUNC_LAYERS = {
     "lstm_engine_2layers": lambda: rk.LSTM(3, 4, num_layers=2, backend="engine", dtype=D64),
     "rnn_zoneout_eval": lambda: rk.RNN(3, 4, zoneout=0.3, dtype=D64).eval(),
     "mingru": lambda: rk.MinGRU(3, 4, dtype=D64),
+    "minlstm_log": lambda: rk.MinLSTM(3, 4, dtype=D64, scan="log"),     # torch.logcumsumexp under torch.func
 }
 
 
