@@ -96,3 +96,6 @@ def test_slices_of_wider_matrices_take_the_copy_path_with_the_same_numbers(ops, 
                  (G[:, :512].t(), X[:, 7:307])):              # a weight gradient from slices
         for beta in (0.0, 1.0):
             assert calls_and_error(ops, a, b, beta)[1] < 1e-5
+    want = X[:, :300].double() @ W[:, :300].double().t()
+    got = ops.routed_linear(X[:, :300], W[:, :300])                # a weight view: at::mm, not oneDNN's
+    assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-5

@@ -166,8 +166,9 @@ def bernoulli(shape, p: float, dtype=torch.float32, generator=None, device=None)
 
 
 def release_pool() -> int:
-    """Hand the buffers the kernel keeps between calls back to the system; returns the bytes freed.
-    (The pool holds at most 1 GiB of free blocks; a later call refills it.)"""
+    """Hand the buffers the kernel keeps between calls back to the system; returns the bytes freed. (The
+    pool holds at most 1 GiB of free blocks, and three times the most it had in use at once: for a loop
+    over many shapes in turn, torch.ops.rnnkit_fused.set_pool_peak_multiple(0) lifts the latter.)"""
     if _disabled() or _ops() is None:
         return 0
     held = int(_ops().pool_held_bytes())

@@ -308,27 +308,46 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
   if (dnnl_matmul(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc)) return;
   if (m >= kDnnlMinSide && n >= kDnnlMinSide && k > 0 && m * n * k >= kDnnlMinWork && use_dnnl()) {
     // Not taken by dnnl_matmul (a strided operand, or a torch without the op, or a CPU it refuses):
-    // op(A) (m, k) and op(B)^T (n, k) as oneDNN's linear takes them: row-major, k contiguous, dense. An
-    // operand not so (transposed, or a slice of a wider matrix: oneDNN then runs its reference kernel, 500x
-    // slower) is copied so, in slices of k of at most kDnnlCopyElements copied elements (a weight gradient's
-    // k is T*B: whole copies raised a training step's peak memory by a third), each slice's product added to C.
-    // The copies' buffers hold at most an eighth of what is copied (a step's peak memory stays below torch.nn's
-    // at small sizes: GRU B=32 T=100 H=128 read 0.99x with 2 MB slices, 0.90x before). The slices are powers
-    // of two within k's shape blocks (blas.h) once the shape is not taken whole, k's tail under kShapeBlockMin
-    // on BLAS.
+    // op(A) (m, k) and op(B)^T (n, k) as oneDNN's linear takes them: row-major, k contiguous. Operands stored
+    // so but as rows of a wider matrix (an input's features sliced out, a weight's columns) are first copied
+    // dense, whole (a strided weight sent oneDNN to its reference kernel: a product of 3 ms took 3.3 s; a
+    // strided source ran at half the speed of the copy and the dense product: 33 against 17 ms at 6400 x 300
+    // x 2048). A slice of a dense A is taken in place (a strided source, at half speed, but no copy); op(B)^T,
+    // the weight, only where dense. Else an operand is copied so, in slices of k of at most kDnnlCopyElements copied elements (a
+    // weight gradient's k is T*B: whole copies raised a training step's peak memory by a third), each slice's
+    // product added to C. The copies' buffers hold at most an eighth of what is copied (a step's peak memory
+    // stays below torch.nn's at small sizes: GRU B=32 T=100 H=128 read 0.99x with 2 MB slices, 0.90x before).
+    // The slices are powers of two within k's shape blocks (blas.h) once the shape is not taken whole, k's
+    // tail under kShapeBlockMin on BLAS.
+    if ((!ta && lda != k) || (tb && ldb != k)) {                 // rows of a wider matrix: made dense once
+      const auto dense = [](const float* x, int64_t rows, int64_t cols, int64_t ld) {
+        at::Tensor t = pooled_empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
+        float* const d = t.data_ptr<float>();
+        at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) std::memcpy(d + r * cols, x + r * ld, sizeof(float) * cols);
+        });
+        return t;
+      };
+      const at::Tensor ad = !ta && lda != k ? dense(a, m, k, lda) : at::Tensor();
+      const at::Tensor bd = tb && ldb != k ? dense(b, n, k, ldb) : at::Tensor();
+      gemm(ta, tb, m, n, k, ad.defined() ? ad.data_ptr<float>() : a, ad.defined() ? k : lda,
+           bd.defined() ? bd.data_ptr<float>() : b, bd.defined() ? k : ldb, beta, c, ldc);
+      return;
+    }
     const bool exact = exact_shape(1, ta, tb, m, n, k);
-    const bool a_whole = !ta && lda == k, b_whole = tb && ldb == k;   // dense as they are, k not sliced
-    const int64_t copied = (a_whole ? 0 : m) + (b_whole ? 0 : n);   // elements copied per unit of k
-    const int64_t budget = std::min(kDnnlCopyElements, std::max(copied, m + n) * k / kDnnlCopyShare);
-    const int64_t wanted = exact && copied == 0 ? k : std::min(k, std::max(kDnnlMinSide, budget / (m + n)));
+    const bool whole = exact && !ta && tb;                         // one call, both in place
+    const int64_t copied = (ta ? m : 0) + n;                      // per unit of k: sliced, B is never dense
+    const int64_t budget = std::min(kDnnlCopyElements, copied * k / kDnnlCopyShare);
+    const int64_t wanted = whole ? k : std::min(k, std::max(kDnnlMinSide, budget / copied));
     int64_t slice = exact ? wanted : kShapeBlockMax;
     while (slice > kShapeBlockMin && slice > wanted) slice /= 2;
     const auto opts = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor a_buf, b_buf;                                       // made when a slice is not dense
-    // op(X)'s slice [k0, k0 + kk) as (rows, kk) dense: in place, or copied into buf (transposed where stored so)
-    const auto operand = [&](const float* x, int64_t ld, bool trans, int64_t rows, int64_t k0, int64_t kk,
-                             at::Tensor& buf) {
-      if (!trans && ld == kk) return wrap_f(x + k0, rows, kk, ld);
+    at::Tensor a_buf, b_buf;                                       // made when first needed
+    // op(X)'s slice [k0, k0 + kk) as (rows, kk), row-major: in place where `strided_ok` or dense, else copied
+    // into buf (transposed where stored so)
+    const auto operand = [&](const float* x, int64_t ld, bool trans, bool strided_ok, int64_t rows, int64_t k0,
+                             int64_t kk, at::Tensor& buf) {
+      if (!trans && (strided_ok || ld == kk)) return wrap_f(x + k0, rows, kk, ld);
       if (!buf.defined()) buf = pooled_empty({rows * slice}, opts);
       float* const dst = buf.data_ptr<float>();
       if (trans) {
@@ -345,7 +364,8 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
       if (!dnnl) return gemm_any(sgemm_, ta, tb, m, n, bk, ab, lda, bb, ldb, b0 == 0 ? beta : 1.0f, c, ldc);
       for (int64_t k0 = b0; k0 < b0 + bk; k0 += slice) {
         const int64_t kk = std::min(slice, b0 + bk - k0);
-        const at::Tensor A = operand(a, lda, ta, m, k0, kk, a_buf), Wt = operand(b, ldb, !tb, n, k0, kk, b_buf);
+        const at::Tensor A = operand(a, lda, ta, true, m, k0, kk, a_buf);
+        const at::Tensor Wt = operand(b, ldb, !tb, false, n, k0, kk, b_buf);
         copy_rows(dnnl_linear(A, Wt), c, m, n, ldc, k0 == 0 ? beta : 1.0f);
       }
     });
@@ -357,8 +377,9 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
 at::Tensor linear_product(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
               "rnnkit routed_linear: expected (n, k) and (m, k) matrices, got ", x.sizes(), " and ", w.sizes());
+  // w dense: oneDNN runs a strided weight on its reference kernel (W[:, :300] of (512, 400): 1.6 s, not 1 ms)
   const bool dense = x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat && x.device().is_cpu() &&
-                     w.device().is_cpu() && row_major_ld(x) > 0 && row_major_ld(w) > 0;
+                     w.device().is_cpu() && row_major_ld(x) > 0 && w.dim() == 2 && row_major_ld(w) == w.size(1);
   const bool tracked = at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad());
   if (dense && !tracked && dnnl_matmul_pays(x.size(0), w.size(0), x.size(1)) && use_dnnl()) return dnnl_linear(x, w);
   return at::mm(x, w.t());

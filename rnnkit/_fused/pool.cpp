@@ -31,8 +31,10 @@ size_t g_limit = size_t(1) << 30;
 // from pass to pass are all of them; at twice, a stack of LSTMs 256 -> 512 -> 384 -> 256 (B = 64, T = 100)
 // evicted every block before its reuse and faulted 87 MB of fresh pages a pass (157 against 116 ms); at three
 // neither it nor a fourth layer (-> 192) did. Deeper stacks of unequal layers re-fault some, as torch's own
-// allocator does all. (Equal layers share their blocks: six of H = 256 held 44 MB, their peak.)
-constexpr size_t kHeldPerPeak = 3;
+// allocator does all. (Equal layers share their blocks: six of H = 256 held 44 MB, their peak.) So does a
+// cycle of many shapes, e.g. two layers' inference over 8 length buckets in turn: 644 against 582 ms a pass
+// without the cap; set_pool_peak_multiple(0) keeps every block (up to the limit) for such a workload.
+size_t g_held_per_peak = 3;                              // set_pool_peak_multiple; 0: no such cap
 
 struct Block {
   void* ptr;
@@ -107,7 +109,7 @@ class Pool final : public c10::Allocator {
     {
       std::lock_guard<std::mutex> lock(pool.mutex_);
       pool.in_use_ -= block->bytes;
-      const size_t cap = std::min(g_limit, kHeldPerPeak * pool.peak_);
+      const size_t cap = g_held_per_peak == 0 ? g_limit : std::min(g_limit, g_held_per_peak * pool.peak_);
       if (block->bytes <= cap) {                         // make room: the longest-unused blocks go first
         while (pool.held_ + block->bytes > cap) pool.evict_oldest();
         pool.free_.emplace(block->bytes, Free{block->ptr, ++pool.clock_});
@@ -166,6 +168,13 @@ int64_t pool_held_bytes() { return Pool::get().held(); }
 int64_t pool_peak_bytes() { return Pool::get().peak(); }
 
 void release_pool() { Pool::get().clear(); }
+
+int64_t set_pool_peak_multiple(int64_t multiple) {
+  TORCH_CHECK(multiple >= 0, "rnnkit fused scan: the pool's multiple of its peak must be >= 0 (0: no such cap)");
+  const int64_t old = static_cast<int64_t>(g_held_per_peak);
+  g_held_per_peak = static_cast<size_t>(multiple);
+  return old;
+}
 
 int64_t set_pool_limit(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "rnnkit fused scan: the pool limit must be >= 0 bytes");

@@ -8,7 +8,7 @@
 // ordinary CPU tensors (resizable, any op accepts them); their memory is reported to torch's profiler
 // like the default allocator's, so memory measurements see it.
 // It holds at most 1 GiB of free blocks (set_pool_limit; 0 turns it off), and at most three times the most
-// bytes it has had in use at once (pool_peak_bytes): a freed block that would pass either evicts the
+// bytes it has had in use at once (pool_peak_bytes, set_pool_peak_multiple): a freed block that would pass either evicts the
 // longest-unused blocks first, so a new working set (another layer size, another batch's length) replaces
 // an old one instead of finding the pool full.
 #pragma once
@@ -31,5 +31,8 @@ void release_pool();
 int64_t pool_peak_bytes();
 // Sets the most bytes of free blocks held (returns the previous limit); 0: no pooling.
 int64_t set_pool_limit(int64_t bytes);
+// Sets the most free bytes held as a multiple of the peak in use (default 3; returns the previous one); 0: the
+// byte limit only.
+int64_t set_pool_peak_multiple(int64_t multiple);
 
 }  // namespace rnnkit

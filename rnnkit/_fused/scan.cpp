@@ -347,4 +347,5 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("pool_peak_bytes() -> int", &rnnkit::pool_peak_bytes);
   m.def("release_pool() -> ()", &rnnkit::release_pool);
   m.def("set_pool_limit(int bytes) -> int", &rnnkit::set_pool_limit);
+  m.def("set_pool_peak_multiple(int multiple) -> int", &rnnkit::set_pool_peak_multiple);
 }
