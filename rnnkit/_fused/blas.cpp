@@ -313,12 +313,12 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
     // dense, whole (a strided weight sent oneDNN to its reference kernel: a product of 3 ms took 3.3 s; a
     // strided source ran at half the speed of the copy and the dense product: 33 against 17 ms at 6400 x 300
     // x 2048). A slice of a dense A is taken in place (a strided source, at half speed, but no copy); op(B)^T,
-    // the weight, only where dense. Else an operand is copied so, in slices of k of at most kDnnlCopyElements copied elements (a
-    // weight gradient's k is T*B: whole copies raised a training step's peak memory by a third), each slice's
-    // product added to C. The copies' buffers hold at most an eighth of what is copied (a step's peak memory
-    // stays below torch.nn's at small sizes: GRU B=32 T=100 H=128 read 0.99x with 2 MB slices, 0.90x before).
-    // The slices are powers of two within k's shape blocks (blas.h) once the shape is not taken whole, k's
-    // tail under kShapeBlockMin on BLAS.
+    // the weight, only where dense. Else an operand is copied so, in slices of k of at most kDnnlCopyElements
+    // copied elements (a weight gradient's k is T*B: whole copies raised a training step's peak memory by a
+    // third), each slice's product added to C. The copies' buffers hold at most an eighth of what is copied
+    // (a step's peak memory stays below torch.nn's at small sizes: GRU B=32 T=100 H=128 read 0.99x with 2 MB
+    // slices, 0.90x before). The slices are powers of two within k's shape blocks (blas.h) once the shape is
+    // not taken whole, k's tail under kShapeBlockMin on BLAS.
     if ((!ta && lda != k) || (tb && ldb != k)) {                 // rows of a wider matrix: made dense once
       const auto dense = [](const float* x, int64_t rows, int64_t cols, int64_t ld) {
         at::Tensor t = pooled_empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
