@@ -18,40 +18,26 @@ Speed (docs/benchmarks.md): with enough batch rows each thread runs the whole ti
 ("lanes", scan.h); large buffers come from a pool kept between calls (pool.h), so a step does not fault
 in fresh pages; layer norm is done per row inside the loop; products on the faster of MKL/oneDNN (route.py).
 
-Built on first use with torch.utils.cpp_extension (JIT, for this machine's CPU), cached in torch's
-extension folder or in $RNNKIT_EXT_DIR; torch's file lock makes concurrent builds safe. If the build
+Built on first use with torch.utils.cpp_extension (JIT, for this machine's CPU: extension.py), cached in
+torch's extension folder or in $RNNKIT_EXT_DIR; torch's file lock makes concurrent builds safe. If the build
 fails, one warning says why and `supports` answers False, so the engine runs its pure-torch path.
 RNNKIT_NO_FUSED=1 turns the fused path off; RNNKIT_GEMM_ROUTE pins the products' route (route.py).
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import platform
-import shutil
-import sys
 import threading
-import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from ..numerics import hand_backward
-from . import route
+from . import extension, route
 
 __all__ = ["available", "bernoulli", "build", "release_pool", "scan", "scan_projected", "supports", "supports_projected"]
 
-_HERE = Path(__file__).resolve().parent
-_SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp", "pool.cpp", "stream.cpp", "ukernel.cpp")
-# -march=native: built on the machine that runs it. No -ffast-math: NaN and Inf must keep
-# propagating (a NaN loss is detected downstream); exp/tanh are written to vectorise without it.
-# -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension itself is
-# compiled with OpenMP; it links libgomp.so.1, which resolves to the copy torch has already loaded.
-_CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp", "-w"]
-_LDFLAGS = ["-fopenmp"]
 _DTYPES = (torch.float32, torch.float64)
 _CELL_CODES = {"tanh": 0, "relu": 1, "lstm": 2, "gru": 3}      # scan.h's CellKind
 
@@ -66,68 +52,13 @@ def _disabled() -> bool:
     return os.environ.get("RNNKIT_NO_FUSED", "").strip() not in ("", "0")
 
 
-def _ext_name() -> str:
-    """Name of the compiled library: one per CPU model and flags, as -march=native ties it to the CPU."""
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                cpu += line
-    except OSError:
-        pass
-    return "rnnkit_fused_" + hashlib.sha1((cpu + " ".join(_CFLAGS)).encode()).hexdigest()[:10]
-
-
-def _ensure_ninja() -> None:
-    """torch's JIT builder runs `ninja` from PATH; a venv's own (pip package `ninja`) is not on it
-    unless the venv is activated, so put that folder on PATH when no system ninja is found."""
-    if shutil.which("ninja"):
-        return
-    dirs = [os.path.dirname(sys.executable)]
-    try:
-        import ninja  # the pip package
-        dirs.append(ninja.BIN_DIR)
-    except (ImportError, AttributeError):
-        pass
-    for d in dirs:
-        if shutil.which("ninja", path=d):
-            os.environ["PATH"] = d + os.pathsep + os.environ.get("PATH", "")
-            return
-
-
-def _build_directory(cpp_extension, name: str) -> str:
-    root = os.environ.get("RNNKIT_EXT_DIR")
-    path = os.path.join(root, name) if root else cpp_extension._get_build_directory(name, False)
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-def _clear_stale_lock(build_dir: str, max_age_s: float = 900.0) -> None:
-    """torch's build lock is a file that a killed build leaves behind, and the next build then waits
-    on it forever. A compile takes about a minute: a lock older than max_age_s is stale."""
-    lock = os.path.join(build_dir, "lock")
-    try:
-        if time.time() - os.path.getmtime(lock) > max_age_s:
-            os.remove(lock)
-    except OSError:
-        pass
-
-
 def build(verbose: bool = False):
     """Compile (or load the cached build of) the extension now; returns torch.ops.rnnkit_fused.
     Raises on failure, unlike the lazy loader, which warns once and falls back."""
     with _lock:
         if _loaded["ops"] is not None:
             return _loaded["ops"]
-        from torch.utils import cpp_extension
-        _ensure_ninja()
-        name = _ext_name()
-        build_dir = _build_directory(cpp_extension, name)
-        _clear_stale_lock(build_dir)
-        cpp_extension.load(name=name, sources=[str(_HERE / s) for s in _SOURCES], extra_cflags=_CFLAGS,
-                           extra_ldflags=_LDFLAGS,
-                           extra_include_paths=[str(_HERE)], build_directory=build_dir,
-                           is_python_module=False, verbose=verbose)
+        extension.load(verbose)
         _loaded["ops"] = torch.ops.rnnkit_fused
         route.apply_env(_loaded["ops"])                # RNNKIT_GEMM_ROUTE, when set
         return _loaded["ops"]

@@ -124,6 +124,13 @@ void transpose_into(const float* src, int64_t rows, int64_t cols, int64_t ld, fl
   });
 }
 
+// dst (rows, cols) dense = the first cols of each of src's rows (leading dimension ld).
+void gather_rows(const float* src, int64_t rows, int64_t cols, int64_t ld, float* dst) {
+  at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::memcpy(dst + r * cols, src + r * ld, sizeof(float) * cols);
+  });
+}
+
 // C (m, n, leading dimension ldc) = src + beta C; src: oneDNN's (m, n) output (contiguous, as it makes them).
 void copy_rows(const at::Tensor& src, float* c, int64_t m, int64_t n, int64_t ldc, float beta) {
   const at::Tensor dense = src.contiguous();
@@ -272,16 +279,15 @@ bool dnnl_matmul(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float*
       at::native::mkldnn_matmul(A, B, wrap_f(cp, mm, n, ldc), bt, 1.0f);
       g_matmul_calls.fetch_add(1, std::memory_order_relaxed);
     };
-    if (exact_shape(0, ta, tb, m, n, k)) {
-      product(0, m, 0, k, beta, true);
-    } else if (!ta) {
+    const bool exact = exact_shape(0, ta, tb, m, n, k);
+    if (!exact && !ta) {
       for_shape_blocks(m, [&](int64_t i0, int64_t mm, bool dnnl) { product(i0, mm, 0, k, beta, dnnl); });
-    } else if (!tb) {
+    } else if (!exact && !tb) {
       for_shape_blocks(k, [&](int64_t k0, int64_t kk, bool dnnl) {
         product(0, m, k0, kk, k0 == 0 ? beta : 1.0f, dnnl);
       });
     } else {
-      product(0, m, 0, k, beta, true);                // (not cut: a new shape)
+      product(0, m, 0, k, beta, true);                // an exact shape, or A^T B^T (not cut: a new shape)
     }
     return true;
   } catch (const std::exception& e) {            // c10::Error (the CPU check), or oneDNN's own
@@ -322,10 +328,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
     if ((!ta && lda != k) || (tb && ldb != k)) {                 // rows of a wider matrix: made dense once
       const auto dense = [](const float* x, int64_t rows, int64_t cols, int64_t ld) {
         at::Tensor t = pooled_empty({rows, cols}, at::TensorOptions().dtype(at::kFloat));
-        float* const d = t.data_ptr<float>();
-        at::parallel_for(0, rows, 256, [&](int64_t r0, int64_t r1) {
-          for (int64_t r = r0; r < r1; ++r) std::memcpy(d + r * cols, x + r * ld, sizeof(float) * cols);
-        });
+        gather_rows(x, rows, cols, ld, t.data_ptr<float>());
         return t;
       };
       const at::Tensor ad = !ta && lda != k ? dense(a, m, k, lda) : at::Tensor();
@@ -353,7 +356,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int
       if (trans) {
         transpose_into(x + k0 * ld, kk, rows, ld, dst);
       } else {
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + r * kk, x + r * ld + k0, sizeof(float) * kk);
+        gather_rows(x + k0, rows, kk, ld, dst);
       }
       return wrap_f(dst, rows, kk, kk);
     };

@@ -8,9 +8,9 @@
 // ordinary CPU tensors (resizable, any op accepts them); their memory is reported to torch's profiler
 // like the default allocator's, so memory measurements see it.
 // It holds at most 1 GiB of free blocks (set_pool_limit; 0 turns it off), and at most three times the most
-// bytes it has had in use at once (pool_peak_bytes, set_pool_peak_multiple): a freed block that would pass either evicts the
-// longest-unused blocks first, so a new working set (another layer size, another batch's length) replaces
-// an old one instead of finding the pool full.
+// bytes it has had in use at once (pool_peak_bytes, set_pool_peak_multiple): a freed block that would pass
+// either evicts the longest-unused blocks first, so a new working set (another layer size, another batch's
+// length) replaces an old one instead of finding the pool full.
 #pragma once
 
 #include <ATen/core/Tensor.h>
