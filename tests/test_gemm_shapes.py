@@ -65,6 +65,30 @@ def test_the_first_shapes_met_are_taken_whole(ops):
     assert calls_and_error(ops, a, b, 1.0)[0] == 1                          # a shape met before: whole
 
 
+def test_a_shape_in_steady_use_takes_the_place_of_one_long_unused(ops):
+    """Held shapes are not held for good: a later run's shapes, met product after product, are taken whole
+    in place of shapes not met for a while (shapes.cpp: kHotUses, kHotWindow); shapes met once each, as
+    random batch sizes make, never are, and neither is a shape while every held one is still in use."""
+    torch.manual_seed(4)
+    ops.set_exact_shapes(2)
+    b = torch.randn(300, 200)
+    first, second = torch.randn(357, 300), torch.randn(1000, 128).t()
+    assert calls_and_error(ops, first, b, 0.0)[0] == 1
+    assert calls_and_error(ops, second, torch.randn(1000, 96), 0.0)[0] == 1
+    late = torch.randn(359, 300)
+    assert [calls_and_error(ops, late, b, 0.0)[0] for _ in range(4)] == [2] * 4   # both held ones in use
+    for rows in range(400, 700):                                   # new sizes, each met once: all cut
+        assert calls_and_error(ops, torch.randn(rows, 300), b, 0.0)[0] == (rows >> 6).bit_count()
+    assert calls_and_error(ops, first, b, 0.0)[0] == 1             # still held: nothing took its place
+    steady = (torch.randn(128, 128), torch.randn(128, 64))        # rows 128: one block either way
+    for _ in range(1100):                                          # the second shape goes stale; steady in
+        ops.routed_addmm_(torch.empty(128, 64), *steady, 0.0)
+    assert ops.exact_shapes_held() == 2
+    assert [calls_and_error(ops, late, b, 0.0)[0] for _ in range(4)] == [2, 2, 1, 1]   # in place of first
+    assert calls_and_error(ops, second, torch.randn(1000, 96), 0.0)[0] == 4                # cut now
+    assert calls_and_error(ops, late, b, 1.0)[1] < 1e-5
+
+
 def test_training_on_ever_new_sizes_matches_the_engine_and_torch(ops):
     """The layer trained through cut products: torch.nn's numbers, batch after batch of new sizes."""
     torch.manual_seed(2)

@@ -27,9 +27,7 @@
 #include <cstring>
 #include <functional>
 #include <utility>
-#include <mutex>
 #include <optional>
-#include <set>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -234,21 +232,6 @@ void mkl_packed_product(const float* packed, int64_t W, int64_t H, int64_t B, bo
 
 std::atomic<bool> g_matmul_refused{false};
 std::atomic<int64_t> g_matmul_calls{0};
-
-// Whether a product of this shape (kind: the caller's) is taken as it is: one of the first kExactShapes met
-// (blas.h, kShapeBlockMin).
-std::mutex g_shapes_mutex;
-std::set<std::array<int64_t, 4>> g_exact_shapes;
-int64_t g_exact_budget = kExactShapes;
-
-bool exact_shape(int kind, bool ta, bool tb, int64_t m, int64_t n, int64_t k) {
-  const std::array<int64_t, 4> key{kind * 4 + ta * 2 + tb, m, n, k};
-  std::lock_guard<std::mutex> lock(g_shapes_mutex);
-  if (g_exact_shapes.count(key) != 0) return true;
-  if (static_cast<int64_t>(g_exact_shapes.size()) >= g_exact_budget) return false;
-  g_exact_shapes.insert(key);
-  return true;
-}
 
 // Where oneDNN's products beat MKL's with no copy (see kDnnlMatmulMinWork), on the oneDNN route.
 bool dnnl_matmul_pays(int64_t m, int64_t n, int64_t k) {
@@ -498,14 +481,6 @@ std::string gemm_route() {
   if (use_ukernel()) return "dnnl+ukernel";
   if (use_dnnl()) return "dnnl";
   return can_pack() ? "packed" : "blas";
-}
-
-int64_t set_exact_shapes(int64_t shapes) {
-  std::lock_guard<std::mutex> lock(g_shapes_mutex);
-  const int64_t old = g_exact_budget;
-  g_exact_budget = std::max<int64_t>(shapes, 0);
-  g_exact_shapes.clear();
-  return old;
 }
 
 void limit_gemm_route(const std::string& route) {

@@ -59,8 +59,8 @@ constexpr int64_t kDnnlMatmulMinWork = int64_t(1) << 20;
 // cache; torch's brgemm keeps every one, per thread). A side that is T*B (the input projection's rows, the
 // weight gradients' depth) met a new shape at nearly every step of a training run on bucketed data: an LSTM
 // (H = 128) on random B in [16, 64] and T in [50, 150] grew by 700 MB over 400 steps (torch.nn: 115).
-// The first kExactShapes shapes met (a run with fixed sizes: a few per layer) are taken as they are, in one
-// call; after those such a side goes to oneDNN in blocks whose sizes are powers of two, the largest first,
+// kExactShapes shapes at a time are taken as they are, in one call: the first met (a run with fixed sizes: a
+// few per layer), then shapes in steady use in place of ones long unused (shapes.cpp); any other such side goes to oneDNN in blocks whose sizes are powers of two, the largest first,
 // from kShapeBlockMin to kShapeBlockMax rows, and what is left under kShapeBlockMin to BLAS, which compiles
 // nothing: at most 9 shapes a side. (Blocks always would cost fixed sizes a call each, ~8 us: RNN B=32 T=100
 // H=64 trained 15% slower.) Cutting the depth adds C into itself once a block: measured within 2% of one
@@ -120,8 +120,11 @@ std::string gemm_route();
 // path is closed (torch without the symbol, or the op refused this CPU): for the tests.
 int64_t dnnl_matmul_calls();
 void limit_gemm_route(const std::string& route);
-// How many shapes are taken as they are before the cut into shape blocks (kExactShapes), forgetting those met;
-// returns the previous number (for the tests: 0 cuts every product).
+// Whether oneDNN gets a product of this shape whole (else in shape blocks); kind: the caller's. shapes.cpp.
+bool exact_shape(int kind, bool ta, bool tb, int64_t m, int64_t n, int64_t k);
+// How many shapes are taken whole at a time (kExactShapes), forgetting those met; returns the previous number
+// (for the tests: 0 cuts every product). exact_shapes_held: how many are held now.
 int64_t set_exact_shapes(int64_t shapes);
+int64_t exact_shapes_held();
 
 }  // namespace rnnkit

@@ -341,6 +341,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("limit_gemm_route(str route) -> ()", &rnnkit::limit_route);
   m.def("dnnl_matmul_calls() -> int", &rnnkit::dnnl_matmul_calls);
   m.def("set_exact_shapes(int shapes) -> int", &rnnkit::set_exact_shapes);
+  m.def("exact_shapes_held() -> int", &rnnkit::exact_shapes_held);
   m.def("ukernel_products() -> int", &rnnkit::ukernel_products);
   m.def("set_min_lane_rows(int rows) -> int", &rnnkit::set_min_lane_rows);
   m.def("pool_held_bytes() -> int", &rnnkit::pool_held_bytes);
