@@ -28,7 +28,8 @@ on preallocated buffers, under torch.inference_mode, with no validation beyond a
     kept apart, as torch.nn.GRU needs r * (U_n h + b_hn)); n = tanh(x_n + r * h_n); h.lerp_(n, 1 - z)
     (on CPU in float32/64 one call into the fused kernel, as the LSTM's);
   - Elman: tanh or relu of the product, into the buffer.
-The stacked weights are rebuilt when any parameter or buffer changes (its version counter or storage)
+The stacked weights are rebuilt when any parameter or buffer (a parametrization's too) changes (its version
+counter or storage)
 or any torch.optim step was taken (fused optimizer steps write without counting a version), so an
 optimizer step or load_state_dict between calls is picked up; weights that a forward pre-hook computes
 (torch.nn.utils.prune, the hook-based weight_norm and spectral_norm) are computed as forward would.
@@ -48,7 +49,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .boundary import check_state, h_size, positive_int
+from .boundary import autocast_input, check_state, h_size, positive_int
 from .cells import LayerNormCell
 from .cells.base import check_step, has_hand_backward
 from .layers import _Recurrent
@@ -114,23 +115,33 @@ def _check_streamable(layer) -> None:
                          "the layer's inference function: call layer.eval() first")
 
 
-def _subs(layer) -> list[_Sub]:
-    """Its stacked layers as _Sub objects, from the weights its forward would use now."""
-    _reparametrize(layer)
-    return [_Sub(layer, k) for k in range(layer.num_layers)]
+def _subs(layer, restore: bool = False) -> list[_Sub]:
+    """Its stacked layers as _Sub objects, from the weights its forward would use now. restore: the
+    weights the hooks computed are given back to the layer as they were (the stream computes them under
+    no_grad, and the layer's own, from its last forward, may carry a graph that a penalty reads)."""
+    replaced = _reparametrize(layer)
+    subs = [_Sub(layer, k) for k in range(layer.num_layers)]
+    if restore:
+        for name, old in reversed(replaced):
+            setattr(layer, name, old)
+    return subs
 
 
 _REPARAMETRIZATIONS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 
-def _reparametrize(layer) -> None:
+def _reparametrize(layer) -> list[tuple[str, object]]:
     """Run the forward pre-hooks that compute a weight from others (torch.nn.utils.prune's masks, the
     hook-based weight_norm and spectral_norm), as the layer's forward would before reading it: a stream
     reads the weights without calling forward. (torch.nn.utils.parametrize needs nothing: its weights are
-    computed when read.)"""
+    computed when read.) Returns (name, the layer's weight before) per hook run."""
+    replaced = []
     for hook in layer._forward_pre_hooks.values():
         if isinstance(hook, _REPARAMETRIZATIONS):
+            name = hook._tensor_name if isinstance(hook, prune.BasePruningMethod) else hook.name
+            replaced.append((name, getattr(layer, name, None)))
             hook(layer, ())
+    return replaced
 
 
 def _random_extras(layer) -> list[str]:
@@ -179,14 +190,16 @@ def step(layer, x_t: Tensor, state=None):
     _check_streamable(layer)
     subs = _subs(layer)
     x, unbatched = _check_input(layer, x_t)
+    x, state, amp = autocast_input(layer, x, state)                            # the layer's own dtype, as forward
     if x.dtype != layer.weight_ih_l0.dtype:
         raise TypeError(f"stream: x_t dtype {x.dtype} does not match the weights' {layer.weight_ih_l0.dtype}")
     state = _check_state(layer, state, x.shape[0], unbatched, x)
     finals = []
-    for k, sub in enumerate(subs):
-        new = sub(x, tuple(s[k] for s in state))
-        finals.append(new)
-        x = new[0]                                                             # (B, H) into layer k+1
+    with amp:
+        for k, sub in enumerate(subs):
+            new = sub(x, tuple(s[k] for s in state))
+            finals.append(new)
+            x = new[0]                                                         # (B, H) into layer k+1
     out = tuple(torch.stack([f[j] for f in finals]) for j in range(len(state)))   # (L, B, H) each
     if unbatched:
         x, out = x.squeeze(0), tuple(s.squeeze(1) for s in out)
@@ -225,7 +238,8 @@ class Stream:
     a new Parameter, pruning, layer.to(dtype or device) — the state is moved along); writes through `p.data`, and
     in-place writes to weights that are inference tensors (made under torch.inference_mode), bypass
     torch's version counter and need `s.refresh()`. A stream pickles and deep-copies (its layer and
-    state; buffers are rebuilt). An infinite input gives torch.nn's numbers on the CPU fused steps; the
+    state; buffers are rebuilt). Under torch.autocast it computes in the weights' dtype, as the layer's
+    engine does (`step` too: its state feeds back). An infinite input gives torch.nn's numbers on the CPU fused steps; the
     torch-op GRU step (CUDA, half precision, no compiler) turns ±inf into NaN (its one stacked product
     multiplies zero blocks by it)."""
 
@@ -289,9 +303,8 @@ class Stream:
     # -- the hot call -----------------------------------------------------------------------------------
     def __call__(self, x_t: Tensor) -> Tensor:
         with _inference_mode():
-            key, params = self._version_key()
-            if key != self._key:
-                self._build(key, params)
+            if self._version_key()[0] != self._key:
+                self._build()
             if self._random and self.layer.training:
                 _check_streamable(self.layer)                                  # raises: training mode
             unbatched = False
@@ -306,9 +319,8 @@ class Stream:
     def _sync(self) -> None:
         """Rebuild now if the layer changed since the last build (as a call would)."""
         with _inference_mode():
-            key, params = self._version_key()
-            if key != self._key:
-                self._build(key, params)
+            if self._version_key()[0] != self._key:
+                self._build()
 
     def _version_key(self):
         """What changes when a parameter or buffer (a pruning mask) does: the tensor itself, its version
@@ -321,7 +333,9 @@ class Stream:
         layer = self.layer
         params = [p for p in (layer.parameters() if layer._modules else layer._parameters.values())  # parametrizations
                   if p is not None]
-        if layer._buffers:
+        if layer._modules:                                                     # parametrizations' buffers too
+            params += list(layer.buffers())
+        elif layer._buffers:
             params += [b for b in layer._buffers.values() if b is not None]
         try:
             key = [(id(p), p._version, p.data_ptr()) for p in params]          # the hot path: no per-tensor test
@@ -343,10 +357,13 @@ class Stream:
                             f"convert x_t (x_t.to({self._dtype})) or the layer (layer.to(...))")
         return (x_t.unsqueeze(0) if unbatched else x_t), unbatched
 
-    def _build(self, key, params) -> None:
+    def _build(self) -> None:
         """Stacked weights and the per-layer kernels, from the layer's current parameters."""
         with torch.inference_mode(False), torch.no_grad():                      # weights it sets stay normal tensors
-            subs = _subs(self.layer)
+            subs = _subs(self.layer, restore=True)
+        # keyed after the hooks ran: spectral_norm's power iteration (training mode) writes its buffers, and
+        # keyed before, the next call rebuilt, iterating again, a new weight at every step (forward: one a call)
+        key, params = self._version_key()
         like = self.layer.weight_ih_l0
         if like.dtype != self._buf.dtype or like.device != self._buf.device:  # layer.to(...) since
             self._alloc(like, (self._buf, *self._rest))

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from . import _fused
+from .boundary import autocasting
 from .cells import ElmanCell, GRUCell, LSTMCell, ProjectedLSTMCell
 from .layers import _Recurrent
 
@@ -135,7 +136,11 @@ class GenericKernel:
         self.x = window[:, :window.shape[1] - h.shape[1]]
 
     def __call__(self):
-        new = self.sub(self.x, (self.h, *self.rest))
+        if autocasting(self.x):                                                # the weights' dtype, as forward
+            with torch.autocast(self.x.device.type, enabled=False):
+                new = self.sub(self.x, (self.h, *self.rest))
+        else:
+            new = self.sub(self.x, (self.h, *self.rest))
         for dst, src in zip((self.h, *self.rest), new):
             dst.copy_(src)
 

@@ -170,6 +170,27 @@ def test_wrong_dtypes_are_refused_with_a_message():
         step(layer, torch.randn(2, 3), torch.zeros(1, 2, 4, dtype=D64))
 
 
+@pytest.mark.parametrize("make", [lambda: rk.RNN(3, 8, 2), lambda: rk.LSTM(3, 8, proj_size=4),
+                                  lambda: rk.GRU(3, 8, 2, layer_norm=True), lambda: MinGRU(3, 8, 2)])
+def test_under_autocast_step_and_stream_compute_in_the_weights_dtype(make):
+    """As the layer's engine does under autocast: the weights' dtype, so `step`'s state feeds back (it came
+    out bfloat16 and was refused on the next call) and the stream's generic path is not bfloat16."""
+    torch.manual_seed(3)
+    layer = make()
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        ref, _ = layer(x)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        s, state, ys = Stream(layer, 2), None, []
+        for t in range(5):
+            y, state = step(layer, x[t], state)
+            assert y.dtype == torch.float32 and all(p.dtype == torch.float32 for p in as_tuple(state))
+            ys.append(y)
+        streamed = run_stream(s, x)
+    assert (torch.stack(ys) - ref).abs().max() < 1e-5
+    assert (streamed - ref).abs().max() < 1e-5
+
+
 def test_training_mode_switched_on_after_building_is_refused():
     layer = rk.GRU(3, 4, zoneout=0.3).eval()
     s = Stream(layer)

@@ -66,7 +66,7 @@ def test_unusual_layers(monkeypatch):
     assert stream_matches_step(built, s, 3)[0] < 1e-6
     builds = []
     monkeypatch.setattr(Stream, "_build",
-                        lambda self, key, params, _b=Stream._build: builds.append(key) or _b(self, key, params))
+                        lambda self, _b=Stream._build: builds.append(1) or _b(self))
     for _ in range(5):
         s(torch.randn(3))
     assert builds == []                                          # built once, not once per call (8x slower)
@@ -131,6 +131,66 @@ def test_hook_reparametrized_weights_are_picked_up(how):
         with torch.no_grad():
             ref, _ = layer(x)
         assert (ys - ref).abs().max() < 1e-6
+
+
+def test_a_parametrization_buffer_written_or_replaced_is_picked_up():
+    """A parametrize module with a buffer (a mask): writing or replacing the buffer changes the weight."""
+    from torch.nn.utils import parametrize
+
+    class Mask(nn.Module):
+        def __init__(self, shape):
+            super().__init__()
+            self.register_buffer("mask", torch.ones(shape))
+
+        def forward(self, w):
+            return w * self.mask
+
+    torch.manual_seed(1)
+    layer = rk.GRU(3, 4)
+    parametrize.register_parametrization(layer, "weight_hh_l0", Mask(layer.weight_hh_l0.shape))
+    x = torch.randn(4, 1, 3)
+    s = Stream(layer)
+    s(x[0])
+    mask = layer.parametrizations.weight_hh_l0[0]
+    for change in (lambda: mask.mask.bernoulli_(0.5), lambda: setattr(mask, "mask", torch.zeros(12, 4))):
+        with torch.no_grad():
+            change()
+        s.reset()
+        with torch.no_grad():
+            ref, _ = layer(x)
+        assert (run_stream(s, x) - ref).abs().max() < 1e-6          # was 0.18 off: the old weight kept
+
+
+def test_training_mode_spectral_norm_iterates_once_a_build_and_hooks_leave_the_layer_as_it_was():
+    """The hooks write the layer: spectral_norm's power iteration its u and v (training mode), every hook
+    the weight it computes. The stream keys its weights after running them (keyed before, it rebuilt and
+    iterated at every call: a new weight each step), and gives the layer its own weight back (computed
+    under no_grad, it had lost the graph that a penalty on the pruned weight reads)."""
+    import copy
+    import warnings
+
+    from torch.nn.utils import prune
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        layer = torch.nn.utils.spectral_norm(rk.GRU(3, 4), "weight_hh_l0")        # left in training mode
+    x = torch.randn(6, 1, 3)
+    with torch.no_grad():
+        ref, _ = copy.deepcopy(layer)(x)                              # one power iteration for the sequence
+    s = Stream(layer)
+    u = layer.weight_hh_l0_u.clone()
+    ys = run_stream(s, x)
+    assert torch.equal(layer.weight_hh_l0_u, u) and (ys - ref).abs().max() < 1e-6
+    pruned = rk.GRU(3, 4)
+    prune.l1_unstructured(pruned, "weight_hh_l0", 0.5)
+    pruned(x)                                                         # forward: weight = orig * mask, a graph
+    s = Stream(pruned)
+    with torch.no_grad():
+        pruned.weight_hh_l0_orig.add_(0.01)                           # the stream rebuilds on its next call
+    s(x[0])
+    assert pruned.weight_hh_l0.grad_fn is not None
+    pruned.weight_hh_l0.abs().sum().backward()
+    assert pruned.weight_hh_l0_orig.grad.abs().sum() > 0
 
 
 def test_state_reset_and_copies_follow_a_layer_moved_before_the_next_call():
