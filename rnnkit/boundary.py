@@ -161,3 +161,10 @@ def length_mask(lengths: Tensor, T: int, padding: str, dtype) -> Tensor:
     L = lengths.unsqueeze(0)
     real = t < L if padding == "right" else t >= T - L
     return real.to(dtype).unsqueeze(2)
+
+
+def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
+    """x (T, B, I) with its padded steps (mask 0) set to zero. The scans ignore a padded step by factors of
+    0 and 1, and a NaN or inf there (a series padded with NaN) would pass through them (NaN * 0 = NaN) into
+    the final state, the weight gradients and the reverse direction's outputs."""
+    return x if mask is None else x.masked_fill(mask == 0, 0)

@@ -41,6 +41,7 @@ from .boundary import (
     length_mask,
     repack_like,
     untraced,
+    zero_padding,
 )
 from .cells import (
     ElmanCell,
@@ -190,6 +191,7 @@ class _Recurrent:
             x = x.transpose(0, 1)
         T, B = x.shape[:2]
         mask = None if lengths is None else length_mask(lengths.to(x.device), T, padding, x.dtype)
+        x = zero_padding(x, mask)
         D = self._directions()
         cell = LayerNormCell(self._cell, normalize_input=True) if self.layer_norm else self._cell
         sink = self._trace_sink.new_call() if self._trace_sink is not None else None

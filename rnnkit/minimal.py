@@ -36,6 +36,7 @@ from .boundary import (
     length_mask,
     repack_like,
     untraced,
+    zero_padding,
 )
 from .cells.base import uniform_init_
 from .engine import TraceSlot
@@ -240,6 +241,7 @@ class _MinRecurrent(nn.Module):
         if self.batch_first:
             x = x.transpose(0, 1)                                        # (T, B, I)
         mask = None if lengths is None else length_mask(lengths.to(x.device), x.shape[0], padding, x.dtype)
+        x = zero_padding(x, mask)
         sink = self._trace_sink.new_call() if self._trace_sink is not None else None
         D, finals = self._directions(), []
         for layer in range(self.num_layers):

@@ -268,3 +268,28 @@ def test_trace_norm_of_a_vanishing_gradient_is_not_flushed(path):
     want = torch.stack([q.grad.double().norm(dim=1) for q in hs])     # its norms summed in float64
     assert 0 < want[0].max() < 1e-19                                  # normal floats, denormal squares
     torch.testing.assert_close(tr.grad_norm[0].double(), want, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("make", [lambda: rk.GRU(3, 4, bidirectional=True, backend="engine"),
+                                  lambda: rk.LSTM(3, 4, 2, layer_norm=True),
+                                  lambda: rk.MinGRU(3, 4, bidirectional=True),
+                                  lambda: rk.MinLSTM(3, 4, bidirectional=True, scan="log")])
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_nan_or_inf_in_padded_steps_changes_nothing(make, padding, path):
+    """Padding is ignored whatever it holds (a series padded with NaN): the scans' factors of 0 let NaN
+    through into h_n, the weight gradients and the reverse direction, until padded steps were zeroed."""
+    torch.manual_seed(4)
+    m = make().double()
+    x, lengths = torch.randn(6, 2, 3, dtype=torch.float64), torch.tensor([6, 3])
+    t = torch.arange(6)[:, None]
+    real = (t < lengths if padding == "right" else t >= 6 - lengths)[..., None]
+    results = []
+    for fill in (0.0, float("nan"), float("inf")):
+        xx = x.masked_fill(~real, fill).requires_grad_()
+        out, state = m(xx, lengths=lengths, padding=padding)
+        state = state if isinstance(state, tuple) else (state,)
+        grads = torch.autograd.grad(out.sum() + sum(s.square().sum() for s in state), [xx, *m.parameters()])
+        results.append((out, *state, *grads))
+    for got in results[1:]:
+        for a, b in zip(results[0], got):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-12)
