@@ -49,13 +49,16 @@ SCANS = ("auto", "blocked", "log")
 
 def g(x: Tensor) -> Tensor:
     """The paper's positive activation for h~: x + 0.5 for x >= 0, sigmoid(x) below, written as
-    sigmoid(min(x, 0)) + max(x, 0) (on CPU several times faster than torch.where, backward included)."""
-    return torch.sigmoid(-F.relu(-x)) + F.relu(x)
+    sigmoid(min(x, 0)) + max(x, 0) (on CPU several times faster than torch.where, backward included).
+    At x = 0 autograd takes g' = sigmoid'(0) = 1/4 (clamp passes the gradient at its bound, relu does
+    not), as the hand backwards do (_g_backward, minimal.cpp): with -relu(-x) it took 0, and a layer's
+    gradient changed with create_graph and between its scans."""
+    return torch.clamp(x, max=0).sigmoid() + F.relu(x)
 
 
 def log_g(x: Tensor) -> Tensor:
-    """log g(x), computed without forming g(x) for x < 0."""
-    return torch.where(x >= 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
+    """log g(x), computed without forming g(x) for x < 0; at x = 0 the sigmoid side (g'/g = 1/2, as g)."""
+    return torch.where(x > 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
 
 
 def _g_fast(x: Tensor) -> Tensor:

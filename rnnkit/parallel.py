@@ -55,18 +55,20 @@ from torch import Tensor
 
 from . import _fused
 from .engine import processing_order
-from .numerics import hand_backward, opaque_to_compile, trace_norm, under_torch_func
+from .numerics import (
+    hand_backward,
+    opaque_to_compile,
+    recording_graph,
+    trace_norm,
+    transformed,
+    under_torch_func,
+)
 
 # Pre-activations per block (float32: 4 bytes each), measured best on the 2-core box at T = 4096:
 BLOCK_ELEMENTS = 1 << 17          # torch ops: ~a dozen passes over the block, so it must stay in L2
 FUSED_BLOCK_ELEMENTS = 1 << 19    # the C++ pass reads the block once: fewer, larger products pay more
 LOG_CHUNK = 64                    # log_scan's chunk: float32 error grows with the chunk's |sum log a|
 KEEP_MIN_INPUT = 64               # the fused path keeps P for the backward from this input size I up
-
-
-def _torch_first_order(x: Tensor) -> bool:
-    """Whether _LogCumSumExp's first-order backward is torch's own (off the CPU)."""
-    return x.device.type != "cpu"
 
 
 class _LogCumSumExp(torch.autograd.Function):
@@ -79,29 +81,46 @@ class _LogCumSumExp(torch.autograd.Function):
     (y rises along dim), no log of g, a loop over dim's length (a log-scan chunk: LOG_CHUNK steps) in
     autograd ops. On CPU always: torch's backward there measured 4x slower (T = 4096 as 64 chunks, B = 8,
     H = 256: forward and backward 130 against 540 ms); elsewhere (a GPU, where the loop's 64 steps would
-    be launch-bound) only when the backward is itself differentiated, else torch's own formula."""
+    be launch-bound) only when the backward is itself differentiated, else torch's own formula
+    (torch_first_order). Written for torch.func too (setup_context, a generated vmap rule, a jvp by the
+    same kind of loop: dy_t = exp(y_{t-1} - y_t) dy_{t-1} + exp(x_t - y_t) dx_t), as torch's op under a
+    gradient penalty taken with torch.func was NaN in the same places."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: Tensor, dim: int) -> Tensor:
-        y = torch.logcumsumexp(x, dim)
-        ctx.save_for_backward(x, y)
-        ctx.dim = dim
-        return y
+    def forward(x: Tensor, dim: int, torch_first_order: bool) -> Tensor:
+        return torch.logcumsumexp(x, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, ctx.dim, ctx.torch_first_order = inputs
+        ctx.save_for_backward(x, output)
+        ctx.save_for_forward(x, output)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         x, y = ctx.saved_tensors
-        if not torch.is_grad_enabled() and _torch_first_order(x):   # first order: torch's formula
+        if ctx.torch_first_order and not torch.is_grad_enabled():     # first order: torch's formula
             with torch.enable_grad():
                 xx = x.detach().requires_grad_()
-                return torch.autograd.grad(torch.logcumsumexp(xx, ctx.dim), xx, g)[0], None
+                return torch.autograd.grad(torch.logcumsumexp(xx, ctx.dim), xx, g)[0], None, None
         xs, ys, gs = x.unbind(ctx.dim), y.unbind(ctx.dim), g.unbind(ctx.dim)
         total = gs[-1]
         dx = [torch.exp(xs[-1] - ys[-1]) * total]
         for s in range(len(xs) - 2, -1, -1):
             total = gs[s] + torch.exp(ys[s] - ys[s + 1]) * total
             dx.append(torch.exp(xs[s] - ys[s]) * total)
-        return torch.stack(dx[::-1], ctx.dim), None
+        return torch.stack(dx[::-1], ctx.dim), None, None
+
+    @staticmethod
+    def jvp(ctx, dx: Tensor, *_):
+        x, y = ctx.saved_tensors
+        xs, ys, dxs = x.unbind(ctx.dim), y.unbind(ctx.dim), dx.unbind(ctx.dim)
+        dy = [dxs[0]]                                                  # y_0 = x_0
+        for t in range(1, len(xs)):
+            dy.append(torch.exp(ys[t - 1] - ys[t]) * dy[-1] + torch.exp(xs[t] - ys[t]) * dxs[t])
+        return torch.stack(dy, ctx.dim)
 
 
 def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None, chunk: int = LOG_CHUNK) -> Tensor:
@@ -119,9 +138,15 @@ def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None, chunk: int 
     if full < T:
         pieces.append((la[full:].unsqueeze(0), lb[full:].unsqueeze(0)))
     carry = la.new_zeros(la.shape[1:]) if h0 is None else h0.to(work)   # (B, H) entering chunk k
-    # torch.compile, torch.func, forward-mode AD, jit.trace and export take torch's op (their own derivatives)
-    plain = torch.compiler.is_compiling() or under_torch_func(la, lb, carry)
-    lcse = torch.logcumsumexp if plain else _LogCumSumExp.apply
+    # torch.compile, jit.trace and export take torch's op (they record ops; no Function there); torch.func
+    # and forward-mode AD the Function, always by its own backward
+    if torch.compiler.is_compiling() or recording_graph():
+        lcse = torch.logcumsumexp
+    else:
+        torch_first = la.device.type != "cpu" and not transformed(la, lb, carry)   # see _LogCumSumExp
+
+        def lcse(v: Tensor, dim: int) -> Tensor:
+            return _LogCumSumExp.apply(v, dim, torch_first)
     h = []
     for a, b in pieces:                                               # (n, C, B, H) each
         a_star = torch.cumsum(a, 1)                                   # log A within a chunk

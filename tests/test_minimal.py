@@ -145,6 +145,48 @@ def test_float32_blocked_is_exact_at_long_length(kind, min_route):
     assert (out - ref).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("k_f,k_i", [(-800.0, 0.0), (0.0, -800.0), (-800.0, -1600.0), (-2000.0, 30.0)])
+def test_minlstm_float64_gradients_where_exp_underflows(k_f, k_i, min_route):
+    """Gate pre-activations below -745: e^{-k} scaled by e^{-m} underflows to 0 in double, and the kernel's
+    sigmoid(-k) = e / u was 0/0 (NaN gradients, the forward fine). Against the log scan and the paper."""
+    grads = []
+    for scan in SCANS:
+        layer = make("minlstm", 1, 1, scan=scan)
+        with torch.no_grad():
+            layer.weight_ih_l0.copy_(torch.tensor([[k_f], [k_i], [0.3]], dtype=D64))
+            layer.bias_ih_l0.zero_()
+        x = torch.ones(3, 1, 1, dtype=D64, requires_grad=True)
+        out, h_n = layer(x)
+        grads.append(torch.autograd.grad(weighted(out, h_n), [x, layer.weight_ih_l0]))
+        log_f, log_i = torch.nn.functional.logsigmoid(torch.tensor([k_f, k_i], dtype=D64))
+        f_share = torch.sigmoid(log_f - log_i)
+        h, want = 0.0, []                                                   # the paper's f / (f + i), stably
+        for _ in range(3):
+            h = f_share * h + (1 - f_share) * 0.8                             # g(0.3) = 0.8
+            want.append(h)
+        assert (out.flatten() - torch.stack(want)).abs().max() < 1e-12
+    for a, b in zip(*grads):
+        assert torch.isfinite(a).all() and (a - b).abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("kind", CLASSES)
+def test_g_prime_at_zero_is_one_quarter_on_every_path(kind, min_route):
+    """k_h exactly 0 (zero input and bias): g'(0) = sigmoid'(0) on every path, first order or replayed
+    with create_graph, blocked or log (autograd of relu took 0 there, the hand backward 1/4)."""
+    grads = []
+    for scan in SCANS:
+        layer = make(kind, 3, 4, scan=scan)
+        with torch.no_grad():
+            layer.bias_ih_l0.zero_()
+        x = torch.zeros(5, 2, 3, dtype=D64)
+        for create_graph in (False, True):
+            out, _ = layer(x)
+            grads.append(torch.autograd.grad(out.sum(), layer.bias_ih_l0, create_graph=create_graph)[0][-4:])
+    assert all(torch.allclose(g, grads[0], rtol=0, atol=1e-12) for g in grads[1:])
+    # h_t = a h_{t-1} + (1 - a) g(0) from h_0 = 0, a = 1/2 (z = 1/2; f' = 1/2): dh_t/dk_h = (1 - a^t) g'(0)
+    assert torch.allclose(grads[0], torch.full((4,), sum(1 - 0.5 ** t for t in range(1, 6)) * 2 * 0.25, dtype=D64))
+
+
 # -- the trace -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", CLASSES)

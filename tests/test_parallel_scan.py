@@ -180,16 +180,17 @@ def test_kept_projection_is_a_saved_tensor_and_serves_every_backward(monkeypatch
 
 
 @pytest.mark.parametrize("torch_first_order", [False, True])
-def test_logcumsumexp_differentiates_twice_where_the_gradient_is_zero(torch_first_order, monkeypatch):
+def test_logcumsumexp_differentiates_twice_where_the_gradient_is_zero(torch_first_order):
     """torch's logcumsumexp double backward takes the log of the incoming gradient: NaN where it is exactly
-    zero (a loss on the last step, padding). Ours: gradcheck and gradgradcheck in float64 with zero gradients
-    among them, with either first-order form (its recurrence on CPU, torch's formula elsewhere)."""
-    monkeypatch.setattr(parallel, "_torch_first_order", lambda x: torch_first_order)
-    f = parallel._LogCumSumExp.apply
+    zero (a loss on the last step, padding). Ours: gradcheck (forward mode too: its jvp) and gradgradcheck in
+    float64 with zero gradients among them, with either first-order form (its recurrence on CPU, torch's
+    formula elsewhere)."""
+    def f(t, dim):
+        return parallel._LogCumSumExp.apply(t, dim, torch_first_order)
     x = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, 6, 4, dtype=torch.float64)
     g[:, :-1] = 0                                                 # only the last step's output is used
-    assert gradcheck(lambda t: f(t, 1), (x,))
+    assert gradcheck(lambda t: f(t, 1), (x,), check_forward_ad=True)
     assert torch.autograd.gradgradcheck(lambda t: f(t, 1), (x,), (g.requires_grad_(),))
     dx, = torch.autograd.grad(f(x, 1), x, g)
     ref, = torch.autograd.grad(torch.logcumsumexp(x, 1), x, g)
@@ -197,6 +198,30 @@ def test_logcumsumexp_differentiates_twice_where_the_gradient_is_zero(torch_firs
     dx, = torch.autograd.grad(f(x, 1), x, g, create_graph=True)
     dx.square().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("kind", [MinGRU, MinLSTM])
+def test_log_scan_gradient_penalty_under_torch_func_is_finite(kind):
+    """torch.func.grad of a torch.func.grad through scan="log", the loss on the last step: it took torch's
+    logcumsumexp there, whose double backward is NaN where the gradient is zero; now the Function (its
+    vmap rule and jvp too), with autograd's create_graph numbers."""
+    from torch.func import functional_call, grad
+    torch.manual_seed(6)
+    layer = kind(3, 4, scan="log").double()
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, x):
+        return functional_call(layer, p, (x,))[0][-1].square().sum()
+
+    got = grad(lambda p: grad(loss, argnums=1)(p, x).square().sum())(params)
+    xr = x.clone().requires_grad_()
+    gx, = torch.autograd.grad(loss(dict(layer.named_parameters()), xr), xr, create_graph=True)
+    want = torch.autograd.grad(gx.square().sum(), list(layer.parameters()))
+    for (name, a), b in zip(got.items(), want):
+        assert torch.isfinite(a).all() and (a - b).abs().max() < 1e-12, name
+    hess = torch.func.hessian(lambda v: functional_call(layer, params, (v,))[0][-1].square().sum())(x)
+    assert torch.isfinite(hess).all()
 
 
 @pytest.mark.parametrize("kind", [MinGRU, MinLSTM])

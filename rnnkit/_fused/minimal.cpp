@@ -68,8 +68,10 @@ inline Gates<T> gates(const T* p, const T* c, int64_t H, int64_t j) {
     r.gt = g_(r.kh);
     r.a = u * inv;                                 // f'
     r.b = v * inv * r.gt;                          // i' g~
-    r.s1 = ef / v;                                 // sigmoid(-k_f)
-    r.s2 = ei / u;                                 // sigmoid(-k_i)
+    // sigmoid(-k_f), sigmoid(-k_i). In double e^{-m} underflows past m ~ 745 and then u or v is 0 (0/0):
+    // there f' i' is 0 too, so any finite value serves (float's exp_ clamps: never 0).
+    r.s1 = v > T(0) ? ef / v : T(0);
+    r.s2 = u > T(0) ? ei / u : T(0);
   }
   return r;
 }
