@@ -213,6 +213,10 @@ class _MinRecurrent(nn.Module):
     _directions = _Recurrent._directions
     _suffix = staticmethod(param_suffix)
 
+    def flatten_parameters(self) -> None:
+        """Nothing to do (the weights are used as they are): here for code written for torch.nn's layers,
+        which calls it (after DataParallel's replicas, before a packed forward)."""
+
     def extra_repr(self) -> str:
         s = f"{self.input_size}, {self.hidden_size}"
         if self.num_layers != 1:

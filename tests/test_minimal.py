@@ -238,6 +238,9 @@ def test_parameters_names_and_dropout():
     assert not torch.equal(layer(x)[0], layer(x)[0])                            # dropout between layers
     layer.eval()
     assert torch.equal(layer(x)[0], layer(x)[0])
+    before = layer(x)[0]
+    layer.flatten_parameters()                                                  # torch.nn code calls it
+    assert torch.equal(layer(x)[0], before)
 
 
 @pytest.mark.parametrize("call,match", [
