@@ -67,8 +67,9 @@ def test_the_first_shapes_met_are_taken_whole(ops):
 
 def test_a_shape_in_steady_use_takes_the_place_of_one_long_unused(ops):
     """Held shapes are not held for good: a later run's shapes, met product after product, are taken whole
-    in place of shapes not met for a while (shapes.cpp: kHotUses, kHotWindow); shapes met once each, as
-    random batch sizes make, never are, and neither is a shape while every held one is still in use."""
+    in place of shapes not met for a while (shapes.cpp: kHotUses, kHotWindow, kStaleAfter); shapes met once
+    each, as random batch sizes make, never are, nor one met again only after many other products, nor a
+    shape while every held one is still in use."""
     torch.manual_seed(4)
     ops.set_exact_shapes(2)
     b = torch.randn(300, 200)
@@ -76,7 +77,7 @@ def test_a_shape_in_steady_use_takes_the_place_of_one_long_unused(ops):
     assert calls_and_error(ops, first, b, 0.0)[0] == 1
     assert calls_and_error(ops, second, torch.randn(1000, 96), 0.0)[0] == 1
     late = torch.randn(359, 300)
-    assert [calls_and_error(ops, late, b, 0.0)[0] for _ in range(4)] == [2] * 4   # both held ones in use
+    assert [calls_and_error(ops, late, b, 0.0)[0] for _ in range(5)] == [2] * 5   # both held ones in use
     for rows in range(400, 700):                                   # new sizes, each met once: all cut
         assert calls_and_error(ops, torch.randn(rows, 300), b, 0.0)[0] == (rows >> 6).bit_count()
     assert calls_and_error(ops, first, b, 0.0)[0] == 1             # still held: nothing took its place
@@ -84,7 +85,12 @@ def test_a_shape_in_steady_use_takes_the_place_of_one_long_unused(ops):
     for _ in range(1100):                                          # the second shape goes stale; steady in
         ops.routed_addmm_(torch.empty(128, 64), *steady, 0.0)
     assert ops.exact_shapes_held() == 2
-    assert [calls_and_error(ops, late, b, 0.0)[0] for _ in range(4)] == [2, 2, 1, 1]   # in place of first
+    sparse = torch.randn(361, 300)                                 # met again only after 200 other products
+    for _ in range(5):
+        assert calls_and_error(ops, sparse, b, 0.0)[0] == 2          # cut each time
+        for _ in range(200):
+            ops.routed_addmm_(torch.empty(128, 64), *steady, 0.0)
+    assert [calls_and_error(ops, late, b, 0.0)[0] for _ in range(5)] == [2, 2, 2, 1, 1]   # in place of first
     assert calls_and_error(ops, second, torch.randn(1000, 96), 0.0)[0] == 4                # cut now
     assert calls_and_error(ops, late, b, 1.0)[1] < 1e-5
 

@@ -4,12 +4,16 @@
 // bucketed data, so only kExactShapes shapes at a time are taken whole, the rest cut into a handful of
 // block shapes. The first ones met are taken as they come (a run with fixed sizes meets a few per layer).
 // Once that many are held, a new shape is cut, and it takes the place of the longest-unused shape held only
-// when it is in steady use (met kHotUses times, each within kHotWindow products of the one before) and the
-// shape it replaces has not been met for kHotWindow products. Without that, a long-lived process (a
-// notebook, a sweep of models, `make bench`) cut every product of its later runs for good: `make bench` used
-// up the 64 on its first 24 grid points, and the 24 after ran on cut products (up to 15% slower at small
-// sizes, RNN B=32 T=100 H=64). Shapes that come and go with the batches (random T*B) are met too rarely to
-// be taken in, so such a run compiles no kernel per size, as before.
+// when it is in steady use (met kHotUses times, each within kHotWindow products of the one before: a model
+// of fixed sizes meets each of its shapes once a training step) and the shape it replaces has not been met
+// for kStaleAfter products. Without that, a long-lived process (a notebook, a sweep of models, `make bench`)
+// cut every product of its later runs for good: `make bench` used up the 64 on its first 24 grid points, and
+// the 24 after ran on cut products (up to 15% slower at small sizes, RNN B=32 T=100 H=64). Shapes that come
+// and go with the batches (random T*B) must not get in: oneDNN keeps the kernel of every shape taken whole,
+// and forgetting the shape here frees nothing. Many (B, T) pairs share a T*B, so a random T*B does recur:
+// with 3 uses within 1024 products, a run on random B in [16, 64] and T in [50, 150] (3 such products a step)
+// took in 169 shapes over 3600 steps and grew by 400 MB (a review's 4000-step run); with 4 uses within 128,
+// a simulation of the policy on 50,000 such steps takes in none.
 #include "blas.h"
 
 #include <algorithm>
@@ -22,8 +26,9 @@
 namespace rnnkit {
 namespace {
 
-constexpr int64_t kHotUses = 3;
-constexpr int64_t kHotWindow = 1024;
+constexpr int64_t kHotUses = 4;
+constexpr int64_t kHotWindow = 128;
+constexpr int64_t kStaleAfter = 1024;
 constexpr size_t kPendingMax = 4096;               // shapes under watch, stale ones dropped past this
 
 using Key = std::array<int64_t, 4>;
@@ -50,7 +55,7 @@ bool take_in(const Key& key) {
   for (auto it = g_held.begin(); it != g_held.end(); ++it) {
     if (it->second < oldest->second) oldest = it;
   }
-  if (oldest == g_held.end() || g_tick - oldest->second <= kHotWindow) return false;
+  if (oldest == g_held.end() || g_tick - oldest->second <= kStaleAfter) return false;
   g_held.erase(oldest);
   g_held.emplace(key, g_tick);
   return true;
