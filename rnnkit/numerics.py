@@ -72,6 +72,24 @@ def transformed(*tensors) -> bool:
     return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+def forward_mode_or_functionalized(*tensors) -> bool:
+    """Forward-mode AD (a tangent on one of the tensors, or torch.func's jvp/jacfwd/hessian) or
+    torch.func.functionalize is at work. An autograd Function's jvp sees no outer tangent in its saved tensors,
+    so forward over forward comes out wrong, and functionalize has no rule for a Function: code that has one
+    for reverse mode takes plain ops under these."""
+    try:
+        from torch._functorch import pyfunctorch
+        keys = {i.key() for i in pyfunctorch.retrieve_all_functorch_interpreters()}
+        TT = torch._C._functorch.TransformType
+        if keys & {TT.Jvp, TT.Functionalize}:
+            return True
+    except (ImportError, AttributeError):                  # a torch without them: tangents only
+        pass
+    if getattr(forward_ad, "_current_level", -1) < 0:
+        return False
+    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def hand_backward(replay, records=None):
     """Decorator for the backward of an autograd Function written by hand (it builds no graph).
 

@@ -56,6 +56,7 @@ from torch import Tensor
 from . import _fused
 from .engine import processing_order
 from .numerics import (
+    forward_mode_or_functionalized,
     hand_backward,
     opaque_to_compile,
     recording_graph,
@@ -84,7 +85,9 @@ class _LogCumSumExp(torch.autograd.Function):
     be launch-bound) only when the backward is itself differentiated, else torch's own formula
     (torch_first_order). Written for torch.func too (setup_context, a generated vmap rule, a jvp by the
     same kind of loop: dy_t = exp(y_{t-1} - y_t) dy_{t-1} + exp(x_t - y_t) dx_t), as torch's op under a
-    gradient penalty taken with torch.func was NaN in the same places."""
+    gradient penalty taken with torch.func was NaN in the same places. Its jvp sees no outer tangent in
+    the saved tensors (torch's limit for a Function), so forward over forward (jacfwd of jacfwd) would be
+    wrong: log_scan takes torch's op under forward-mode AD and functionalize."""
 
     generate_vmap_rule = True
 
@@ -138,9 +141,10 @@ def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None, chunk: int 
     if full < T:
         pieces.append((la[full:].unsqueeze(0), lb[full:].unsqueeze(0)))
     carry = la.new_zeros(la.shape[1:]) if h0 is None else h0.to(work)   # (B, H) entering chunk k
-    # torch.compile, jit.trace and export take torch's op (they record ops; no Function there); torch.func
-    # and forward-mode AD the Function, always by its own backward
-    if torch.compiler.is_compiling() or recording_graph():
+    # torch.compile, jit.trace and export take torch's op (they record ops; no Function there), and so do
+    # forward-mode AD and functionalize (see forward_mode_or_functionalized); torch.func's reverse-mode
+    # transforms the Function, always by its own backward
+    if torch.compiler.is_compiling() or recording_graph() or forward_mode_or_functionalized(la, lb, carry):
         lcse = torch.logcumsumexp
     else:
         torch_first = la.device.type != "cpu" and not transformed(la, lb, carry)   # see _LogCumSumExp

@@ -115,33 +115,23 @@ def _check_streamable(layer) -> None:
                          "the layer's inference function: call layer.eval() first")
 
 
-def _subs(layer, restore: bool = False) -> list[_Sub]:
-    """Its stacked layers as _Sub objects, from the weights its forward would use now. restore: the
-    weights the hooks computed are given back to the layer as they were (the stream computes them under
-    no_grad, and the layer's own, from its last forward, may carry a graph that a penalty reads)."""
-    replaced = _reparametrize(layer)
-    subs = [_Sub(layer, k) for k in range(layer.num_layers)]
-    if restore:
-        for name, old in reversed(replaced):
-            setattr(layer, name, old)
-    return subs
+def _subs(layer) -> list[_Sub]:
+    """Its stacked layers as _Sub objects, from the weights its forward would use now."""
+    _reparametrize(layer)
+    return [_Sub(layer, k) for k in range(layer.num_layers)]
 
 
 _REPARAMETRIZATIONS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 
-def _reparametrize(layer) -> list[tuple[str, object]]:
+def _reparametrize(layer) -> None:
     """Run the forward pre-hooks that compute a weight from others (torch.nn.utils.prune's masks, the
     hook-based weight_norm and spectral_norm), as the layer's forward would before reading it: a stream
     reads the weights without calling forward. (torch.nn.utils.parametrize needs nothing: its weights are
-    computed when read.) Returns (name, the layer's weight before) per hook run."""
-    replaced = []
+    computed when read.)"""
     for hook in layer._forward_pre_hooks.values():
         if isinstance(hook, _REPARAMETRIZATIONS):
-            name = hook._tensor_name if isinstance(hook, prune.BasePruningMethod) else hook.name
-            replaced.append((name, getattr(layer, name, None)))
             hook(layer, ())
-    return replaced
 
 
 def _random_extras(layer) -> list[str]:
@@ -359,8 +349,10 @@ class Stream:
 
     def _build(self) -> None:
         """Stacked weights and the per-layer kernels, from the layer's current parameters."""
-        with torch.inference_mode(False), torch.no_grad():                      # weights it sets stay normal tensors
-            subs = _subs(self.layer, restore=True)
+        # the hooks set the weights they compute on the layer, as its forward would: with their graph (a
+        # penalty on a pruned weight reads it; computed under no_grad it had none), normal tensors
+        with torch.inference_mode(False), torch.enable_grad():
+            subs = _subs(self.layer)
         # keyed after the hooks ran: spectral_norm's power iteration (training mode) writes its buffers, and
         # keyed before, the next call rebuilt, iterating again, a new weight at every step (forward: one a call)
         key, params = self._version_key()

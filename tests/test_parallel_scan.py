@@ -225,6 +225,23 @@ def test_log_scan_gradient_penalty_under_torch_func_is_finite(kind):
 
 
 @pytest.mark.parametrize("kind", [MinGRU, MinLSTM])
+def test_log_scan_forward_over_forward_and_functionalize(kind):
+    """Forward mode and functionalize take torch's op: the Function's jvp sees no outer tangent (jacfwd of
+    jacfwd was 0.22 off autograd's Hessian through it), and functionalize has no rule for a Function."""
+    from torch.func import functionalize, jacfwd
+    torch.manual_seed(7)
+    layer = kind(3, 4, scan="log").double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+
+    def f(v):
+        return layer(v)[0][-1].square().sum()
+
+    want = torch.autograd.functional.hessian(f, x)
+    assert (jacfwd(jacfwd(f))(x) - want).abs().max() < 1e-10
+    assert torch.equal(functionalize(lambda v: layer(v)[0])(x), layer(x)[0])
+
+
+@pytest.mark.parametrize("kind", [MinGRU, MinLSTM])
 def test_log_scan_second_derivatives_equal_the_blocked_scans(kind):
     """A gradient penalty through scan="log" with the loss on the last step and padded rows: finite, and
     the blocked scan's numbers (float64)."""
