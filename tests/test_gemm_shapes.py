@@ -85,14 +85,29 @@ def test_a_shape_in_steady_use_takes_the_place_of_one_long_unused(ops):
     for _ in range(1100):                                          # the second shape goes stale; steady in
         ops.routed_addmm_(torch.empty(128, 64), *steady, 0.0)
     assert ops.exact_shapes_held() == 2
-    sparse = torch.randn(361, 300)                                 # met again only after 200 other products
+    sparse = torch.randn(361, 300)                                 # met again only after 600 other products
     for _ in range(5):
         assert calls_and_error(ops, sparse, b, 0.0)[0] == 2          # cut each time
-        for _ in range(200):
+        for _ in range(600):
             ops.routed_addmm_(torch.empty(128, 64), *steady, 0.0)
     assert [calls_and_error(ops, late, b, 0.0)[0] for _ in range(5)] == [2, 2, 2, 1, 1]   # in place of first
     assert calls_and_error(ops, second, torch.randn(1000, 96), 0.0)[0] == 4                # cut now
     assert calls_and_error(ops, late, b, 1.0)[1] < 1e-5
+
+
+def test_shapes_taken_in_later_are_capped(ops):
+    """However the workload looks, at most so many shapes are taken in after the first (each is a kernel
+    oneDNN keeps): with a cap of 1, a second shape in steady use stays cut."""
+    torch.manual_seed(5)
+    ops.set_exact_shapes(1, 1)
+    b, first = torch.randn(300, 200), torch.randn(357, 300)
+    assert calls_and_error(ops, first, b, 0.0)[0] == 1
+    a = torch.randn(128, 128)
+    for rows in (359, 361):                                        # each in steady use, after the held went stale
+        for n in range(64, 64 + 1100):                             # products met once each: none taken in
+            ops.routed_addmm_(torch.empty(128, n), a, torch.randn(128, n), 0.0)
+        calls = [calls_and_error(ops, torch.randn(rows, 300), b, 0.0)[0] for _ in range(6)]
+        assert calls == ([2, 2, 2, 1, 1, 1] if rows == 359 else [2] * 6), (rows, calls)
 
 
 def test_training_on_ever_new_sizes_matches_the_engine_and_torch(ops):

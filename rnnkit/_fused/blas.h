@@ -122,9 +122,10 @@ int64_t dnnl_matmul_calls();
 void limit_gemm_route(const std::string& route);
 // Whether oneDNN gets a product of this shape whole (else in shape blocks); kind: the caller's. shapes.cpp.
 bool exact_shape(int kind, bool ta, bool tb, int64_t m, int64_t n, int64_t k);
-// How many shapes are taken whole at a time (kExactShapes), forgetting those met; returns the previous number
-// (for the tests: 0 cuts every product). exact_shapes_held: how many are held now.
-int64_t set_exact_shapes(int64_t shapes);
+// How many shapes are taken whole at a time (kExactShapes) and how many may be taken in later (taken_in < 0:
+// the default), forgetting those met; returns the previous number (for the tests: 0 cuts every product).
+// exact_shapes_held: how many are held now.
+int64_t set_exact_shapes(int64_t shapes, int64_t taken_in);
 int64_t exact_shapes_held();
 
 }  // namespace rnnkit

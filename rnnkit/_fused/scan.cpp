@@ -340,7 +340,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("gemm_route() -> str", &rnnkit::route);
   m.def("limit_gemm_route(str route) -> ()", &rnnkit::limit_route);
   m.def("dnnl_matmul_calls() -> int", &rnnkit::dnnl_matmul_calls);
-  m.def("set_exact_shapes(int shapes) -> int", &rnnkit::set_exact_shapes);
+  m.def("set_exact_shapes(int shapes, int taken_in=-1) -> int", &rnnkit::set_exact_shapes);
   m.def("exact_shapes_held() -> int", &rnnkit::exact_shapes_held);
   m.def("ukernel_products() -> int", &rnnkit::ukernel_products);
   m.def("set_min_lane_rows(int rows) -> int", &rnnkit::set_min_lane_rows);
