@@ -121,6 +121,20 @@ def _subs(layer) -> list[_Sub]:
     return [_Sub(layer, k) for k in range(layer.num_layers)]
 
 
+def _subs_as_forward(layer) -> list[_Sub]:
+    """_subs in the caller's grad and inference modes, so that the weights the hooks leave on the layer are
+    what its forward would leave there (with a graph under grad: a penalty on a pruned weight reads it; none
+    under no_grad: deepcopy takes only leaves). Where the hooks cannot run with grad (a mask made under
+    inference_mode, as the layer's own forward then cannot) they run without: a stream computes no gradient."""
+    try:
+        return _subs(layer)
+    except RuntimeError as e:
+        if not torch.is_grad_enabled() or "Inference tensors" not in str(e):
+            raise
+    with torch.no_grad():
+        return _subs(layer)
+
+
 _REPARAMETRIZATIONS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 
@@ -292,9 +306,9 @@ class Stream:
 
     # -- the hot call -----------------------------------------------------------------------------------
     def __call__(self, x_t: Tensor) -> Tensor:
+        if self._version_key()[0] != self._key:
+            self._build()
         with _inference_mode():
-            if self._version_key()[0] != self._key:
-                self._build()
             if self._random and self.layer.training:
                 _check_streamable(self.layer)                                  # raises: training mode
             unbatched = False
@@ -308,9 +322,8 @@ class Stream:
 
     def _sync(self) -> None:
         """Rebuild now if the layer changed since the last build (as a call would)."""
-        with _inference_mode():
-            if self._version_key()[0] != self._key:
-                self._build()
+        if self._version_key()[0] != self._key:
+            self._build()
 
     def _version_key(self):
         """What changes when a parameter or buffer (a pruning mask) does: the tensor itself, its version
@@ -349,23 +362,21 @@ class Stream:
 
     def _build(self) -> None:
         """Stacked weights and the per-layer kernels, from the layer's current parameters."""
-        # the hooks set the weights they compute on the layer, as its forward would: with their graph (a
-        # penalty on a pruned weight reads it; computed under no_grad it had none), normal tensors
-        with torch.inference_mode(False), torch.enable_grad():
-            subs = _subs(self.layer)
+        subs = _subs_as_forward(self.layer)
         # keyed after the hooks ran: spectral_norm's power iteration (training mode) writes its buffers, and
         # keyed before, the next call rebuilt, iterating again, a new weight at every step (forward: one a call)
         key, params = self._version_key()
-        like = self.layer.weight_ih_l0
-        if like.dtype != self._buf.dtype or like.device != self._buf.device:  # layer.to(...) since
-            self._alloc(like, (self._buf, *self._rest))
-        make = KERNELS.get(self._fast, GenericKernel)
-        I, P = self.layer.input_size, h_size(self.layer)
-        self._kernels = []
-        for k, sub in enumerate(subs):
-            lo = 0 if k == 0 else I + (k - 1) * P
-            window = self._buf[:, lo:I + (k + 1) * P]                          # (B, I_k + P) [x_k | h_k]
-            self._kernels.append(make(sub, window, self._h[k], [r[k] for r in self._rest]))
+        with _inference_mode():
+            like = self.layer.weight_ih_l0
+            if like.dtype != self._buf.dtype or like.device != self._buf.device:  # layer.to(...) since
+                self._alloc(like, (self._buf, *self._rest))
+            make = KERNELS.get(self._fast, GenericKernel)
+            I, P = self.layer.input_size, h_size(self.layer)
+            self._kernels = []
+            for k, sub in enumerate(subs):
+                lo = 0 if k == 0 else I + (k - 1) * P
+                window = self._buf[:, lo:I + (k + 1) * P]                      # (B, I_k + P) [x_k | h_k]
+                self._kernels.append(make(sub, window, self._h[k], [r[k] for r in self._rest]))
         self._key, self._held = key, params                                  # held: their ids stay theirs
 
     # -- copies -----------------------------------------------------------------------------------------

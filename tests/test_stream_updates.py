@@ -201,6 +201,33 @@ def test_training_mode_spectral_norm_iterates_once_a_build_and_hooks_leave_weigh
     assert (run_stream(s, x.double()) - ref).abs().max() < 1e-12
 
 
+def test_hooks_run_in_the_callers_modes():
+    """The hooks run as the layer's forward would in the caller's modes: under no_grad the pruned weight
+    left on the layer is a leaf (deepcopy takes only leaves: a stream that ran them with grad broke it), and
+    a mask made under inference_mode, with which the forward itself cannot run with grad, still streams."""
+    import copy
+
+    from torch.nn.utils import prune
+    torch.manual_seed(5)
+    x = torch.randn(4, 1, 3)
+    layer = rk.GRU(3, 4)
+    prune.l1_unstructured(layer, "weight_hh_l0", 0.5)
+    with torch.no_grad():
+        s = Stream(layer)
+        s(x[0])
+    assert layer.weight_hh_l0.grad_fn is None
+    twin = copy.deepcopy(s)
+    copy.deepcopy(layer)
+    assert torch.equal(twin(x[1]), s(x[1]))
+    other = rk.GRU(3, 4)
+    with torch.inference_mode():
+        prune.l1_unstructured(other, "weight_hh_l0", 0.5)
+    s = Stream(other)
+    with torch.no_grad():
+        ref, _ = other(x)
+    assert (run_stream(s, x) - ref).abs().max() < 1e-6
+
+
 def test_chained_hooks_reach_the_stream():
     """weight_norm of U with its v pruned: torch runs the weight_norm hook first, so forward lags the mask by
     one call; the stream, which had put each hook's old weight back after a build, never caught up."""
