@@ -134,6 +134,7 @@ def _logcumsumexp_ops(x: Tensor, dim: int) -> Tensor:
     torch's own forward-mode derivative of logcumsumexp loses the entries more than ~30 below the running
     maximum (jvp of arange(40) with tangents 1: 1.2e-4 at index 0, not 1), a loop over the chunk."""
     c = torch.logcumsumexp(x.detach(), dim)
+    c = c.masked_fill(c == -torch.inf, 0)               # a run of -inf first: S = 0 there, y = log 0 = -inf
     xs, cs = x.unbind(dim), c.unbind(dim)
     S = torch.exp(xs[0] - cs[0])
     ys = [cs[0] + torch.log(S)]

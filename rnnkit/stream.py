@@ -121,20 +121,6 @@ def _subs(layer) -> list[_Sub]:
     return [_Sub(layer, k) for k in range(layer.num_layers)]
 
 
-def _subs_as_forward(layer) -> list[_Sub]:
-    """_subs in the caller's grad and inference modes, so that the weights the hooks leave on the layer are
-    what its forward would leave there (with a graph under grad: a penalty on a pruned weight reads it; none
-    under no_grad: deepcopy takes only leaves). Where the hooks cannot run with grad (a mask made under
-    inference_mode, as the layer's own forward then cannot) they run without: a stream computes no gradient."""
-    try:
-        return _subs(layer)
-    except RuntimeError as e:
-        if not torch.is_grad_enabled() or "Inference tensors" not in str(e):
-            raise
-    with torch.no_grad():
-        return _subs(layer)
-
-
 _REPARAMETRIZATIONS = (prune.BasePruningMethod, WeightNorm, SpectralNorm)
 
 
@@ -362,7 +348,11 @@ class Stream:
 
     def _build(self) -> None:
         """Stacked weights and the per-layer kernels, from the layer's current parameters."""
-        subs = _subs_as_forward(self.layer)
+        # the hooks set the weights they compute on the layer, as a forward under no_grad would: normal tensors
+        # without a graph (deepcopy takes only leaves; a mask made under inference_mode cannot enter a graph).
+        # A penalty on such a weight reads it after a forward, not after a stream call.
+        with torch.inference_mode(False), torch.no_grad():
+            subs = _subs(self.layer)
         # keyed after the hooks ran: spectral_norm's power iteration (training mode) writes its buffers, and
         # keyed before, the next call rebuilt, iterating again, a new weight at every step (forward: one a call)
         key, params = self._version_key()

@@ -246,6 +246,8 @@ def test_log_scan_forward_mode_and_functionalize(kind):
     for got in (hessian(f)(x), jacfwd(jacfwd(f))(x)):
         assert (got - want).abs().max() < 1e-10 * want.abs().max()
     assert (functionalize(lambda t: layer(t)[0])(x) - layer(x)[0]).abs().max() < 1e-12
+    v = torch.tensor([-torch.inf, -torch.inf, 1.0, 2.0], dtype=torch.float64)   # a run of -inf first
+    torch.testing.assert_close(parallel._logcumsumexp_ops(v, 0), torch.logcumsumexp(v, 0), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("kind", [MinGRU, MinLSTM])
