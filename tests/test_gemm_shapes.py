@@ -110,6 +110,17 @@ def test_shapes_taken_in_later_are_capped(ops):
         assert calls == ([2, 2, 2, 1, 1, 1] if rows == 359 else [2] * 6), (rows, calls)
 
 
+def test_forget_shapes_starts_the_table_afresh(ops):
+    torch.manual_seed(6)
+    ops.set_exact_shapes(1, 0)
+    b = torch.randn(300, 200)
+    assert calls_and_error(ops, torch.randn(357, 300), b, 0.0)[0] == 1
+    later = torch.randn(359, 300)
+    assert calls_and_error(ops, later, b, 0.0)[0] == 2                  # the table is full: cut
+    _fused.forget_shapes()
+    assert calls_and_error(ops, later, b, 0.0)[0] == 1 and ops.exact_shapes_held() == 1
+
+
 def test_training_on_ever_new_sizes_matches_the_engine_and_torch(ops):
     """The layer trained through cut products: torch.nn's numbers, batch after batch of new sizes."""
     torch.manual_seed(2)

@@ -13,6 +13,7 @@ after the loop. The C++ mirrors `rnnkit/cells/*.py` line by line (`cells.h`).
     build(verbose=False)                                     compile now (the install step may call it)
     bernoulli(shape, p, dtype)                               fast 0/1 masks (zoneout), see random.h
     release_pool()                                           hand the kernel's kept buffers back (pool.h)
+    forget_shapes()                                          start the table of whole product shapes afresh
 
 Speed (docs/benchmarks.md): with enough batch rows each thread runs the whole time loop on its own rows
 ("lanes", scan.h); large buffers come from a pool kept between calls (pool.h), so a step does not fault
@@ -36,7 +37,8 @@ from ..cells import ElmanCell, GRUCell, LayerNormCell, LSTMCell
 from ..numerics import hand_backward
 from . import extension, route
 
-__all__ = ["available", "bernoulli", "build", "release_pool", "scan", "scan_projected", "supports", "supports_projected"]
+__all__ = ["available", "bernoulli", "build", "forget_shapes", "release_pool", "scan", "scan_projected", "supports",
+           "supports_projected"]
 
 _DTYPES = (torch.float32, torch.float64)
 _CELL_CODES = {"tanh": 0, "relu": 1, "lstm": 2, "gru": 3}      # scan.h's CellKind
@@ -105,6 +107,18 @@ def release_pool() -> int:
     held = int(_ops().pool_held_bytes())
     _ops().release_pool()
     return held
+
+
+def forget_shapes() -> None:
+    """Start afresh the kernel's table of matrix-product shapes that oneDNN gets whole (rnnkit/_fused/
+    shapes.cpp): after its first 64 shapes a process takes in at most 96 more, and a long-lived one that has
+    trained many models (a notebook, a sweep) runs a later model's input projections and weight gradients in
+    cut blocks (up to 15% slower at small sizes). Each shape taken whole is a kernel oneDNN compiles and keeps
+    (0.5-1.5 MB), which this does not free."""
+    if _disabled() or _ops() is None:
+        return
+    ops = _ops()
+    ops.set_exact_shapes(ops.set_exact_shapes(0))
 
 
 # -- which scans it runs -----------------------------------------------------------------------------
