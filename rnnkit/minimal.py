@@ -346,7 +346,7 @@ class MinGRU(_MinRecurrent):
     the paper's form, for GPUs) or "auto" (log on CUDA, blocked elsewhere). Both differentiate to any
     order (create_graph=True: gradient penalties), also where the gradient reaching some h_t is exactly
     zero (a loss on the last step, padding), where torch's own logcumsumexp double backward gives NaN
-    (parallel._LogCumSumExp)."""
+    (logcumsumexp.LogCumSumExp)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=None, *, scan="auto"):

@@ -62,14 +62,28 @@ _WRAPPED = tuple(f for f in (getattr(getattr(torch._C, "_functorch", None), name
                              for name in ("is_functorch_wrapped_tensor", "is_legacy_batchedtensor")) if f)
 
 
+def has_tangent(*tensors) -> bool:
+    """One of the tensors carries a forward-mode tangent (torch.autograd.forward_ad)."""
+    if getattr(forward_ad, "_current_level", -1) < 0:      # no dual level open: no tangents anywhere
+        return False
+    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def transformed(*tensors) -> bool:
     """A torch.func transform wraps one of the tensors, or one carries a forward-mode tangent."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and any(wrapped(t) for wrapped in _WRAPPED):
             return True
-    if getattr(forward_ad, "_current_level", -1) < 0:      # no dual level open: no tangents anywhere
-        return False
-    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return has_tangent(*tensors)
+
+
+try:                                                       # torch.func's stack of transforms at work
+    from torch._functorch import pyfunctorch
+    _interpreters = pyfunctorch.retrieve_all_functorch_interpreters
+    _TT = torch._C._functorch.TransformType
+    _FORWARD_OR_FUNCTIONAL = {_TT.Jvp, _TT.Functionalize}
+except (ImportError, AttributeError):                      # a torch without them: tangents only
+    _interpreters, _FORWARD_OR_FUNCTIONAL = None, set()
 
 
 def forward_mode_or_functionalized(*tensors) -> bool:
@@ -77,17 +91,9 @@ def forward_mode_or_functionalized(*tensors) -> bool:
     torch.func.functionalize is at work. An autograd Function's jvp sees no outer tangent in its saved tensors,
     so forward over forward comes out wrong, and functionalize has no rule for a Function: code that has one
     for reverse mode takes plain ops under these."""
-    try:
-        from torch._functorch import pyfunctorch
-        keys = {i.key() for i in pyfunctorch.retrieve_all_functorch_interpreters()}
-        TT = torch._C._functorch.TransformType
-        if keys & {TT.Jvp, TT.Functionalize}:
-            return True
-    except (ImportError, AttributeError):                  # a torch without them: tangents only
-        pass
-    if getattr(forward_ad, "_current_level", -1) < 0:
-        return False
-    return any(isinstance(t, torch.Tensor) and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if _interpreters is not None and any(i.key() in _FORWARD_OR_FUNCTIONAL for i in _interpreters()):
+        return True
+    return has_tangent(*tensors)
 
 
 def hand_backward(replay, records=None):

@@ -55,15 +55,8 @@ from torch import Tensor
 
 from . import _fused
 from .engine import processing_order
-from .numerics import (
-    forward_mode_or_functionalized,
-    hand_backward,
-    opaque_to_compile,
-    recording_graph,
-    trace_norm,
-    transformed,
-    under_torch_func,
-)
+from .logcumsumexp import logcumsumexp_for
+from .numerics import hand_backward, opaque_to_compile, trace_norm, under_torch_func
 
 # Pre-activations per block (float32: 4 bytes each), measured best on the 2-core box at T = 4096:
 BLOCK_ELEMENTS = 1 << 17          # torch ops: ~a dozen passes over the block, so it must stay in L2
@@ -72,84 +65,12 @@ LOG_CHUNK = 64                    # log_scan's chunk: float32 error grows with t
 KEEP_MIN_INPUT = 64               # the fused path keeps P for the backward from this input size I up
 
 
-class _LogCumSumExp(torch.autograd.Function):
-    """torch.logcumsumexp along dim, whose backward differentiates again without NaN.
-
-    torch's backward takes the log of the incoming gradient (split by sign), so a second derivative
-    (create_graph=True) is NaN wherever that gradient is exactly zero: a loss on the last step only, or
-    padding. Here, with y = logcumsumexp(x), the same gradient dx_s = sum_{t>=s} g_t exp(x_s - y_t) is
-    formed as exp(x_s - y_s) S_s with S_s = g_s + exp(y_s - y_{s+1}) S_{s+1}: every factor at most 1
-    (y rises along dim), no log of g, a loop over dim's length (a log-scan chunk: LOG_CHUNK steps) in
-    autograd ops. On CPU always: torch's backward there measured 4x slower (T = 4096 as 64 chunks, B = 8,
-    H = 256: forward and backward 130 against 540 ms); elsewhere (a GPU, where the loop's 64 steps would
-    be launch-bound) only when the backward is itself differentiated, else torch's own formula
-    (torch_first_order). Written for torch.func too (setup_context, a generated vmap rule, a jvp by the
-    same kind of loop: dy_t = exp(y_{t-1} - y_t) dy_{t-1} + exp(x_t - y_t) dx_t), as torch's op under a
-    gradient penalty taken with torch.func was NaN in the same places. Its jvp sees no outer tangent in
-    the saved tensors (torch's limit for a Function), so forward over forward (jacfwd of jacfwd) would be
-    wrong: log_scan takes _logcumsumexp_ops under forward-mode AD and functionalize."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x: Tensor, dim: int, torch_first_order: bool) -> Tensor:
-        return torch.logcumsumexp(x, dim)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, ctx.dim, ctx.torch_first_order = inputs
-        ctx.save_for_backward(x, output)
-        ctx.save_for_forward(x, output)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):
-        x, y = ctx.saved_tensors
-        if ctx.torch_first_order and not torch.is_grad_enabled():     # first order: torch's formula
-            with torch.enable_grad():
-                xx = x.detach().requires_grad_()
-                return torch.autograd.grad(torch.logcumsumexp(xx, ctx.dim), xx, g)[0], None, None
-        xs, ys, gs = x.unbind(ctx.dim), y.unbind(ctx.dim), g.unbind(ctx.dim)
-        total = gs[-1]
-        dx = [torch.exp(xs[-1] - ys[-1]) * total]
-        for s in range(len(xs) - 2, -1, -1):
-            total = gs[s] + torch.exp(ys[s] - ys[s + 1]) * total
-            dx.append(torch.exp(xs[s] - ys[s]) * total)
-        return torch.stack(dx[::-1], ctx.dim), None, None
-
-    @staticmethod
-    def jvp(ctx, dx: Tensor, *_):
-        x, y = ctx.saved_tensors
-        xs, ys, dxs = x.unbind(ctx.dim), y.unbind(ctx.dim), dx.unbind(ctx.dim)
-        dy = [dxs[0]]                                                  # y_0 = x_0
-        for t in range(1, len(xs)):
-            dy.append(torch.exp(ys[t - 1] - ys[t]) * dy[-1] + torch.exp(xs[t] - ys[t]) * dxs[t])
-        return torch.stack(dy, ctx.dim)
-
-
-def _logcumsumexp_ops(x: Tensor, dim: int) -> Tensor:
-    """logcumsumexp in plain autograd ops whose derivatives of every order, forward or reverse mode, are
-    exact: y_t = c_t + log S_t, S_t = e^{c_{t-1} - c_t} S_{t-1} + e^{x_t - c_t}, with c = logcumsumexp(x) taken
-    without derivatives (y does not depend on c: any c gives the same function; this one keeps every factor
-    at most 1). For forward-mode AD and functionalize, where the Function cannot serve (see _LogCumSumExp):
-    torch's own forward-mode derivative of logcumsumexp loses the entries more than ~30 below the running
-    maximum (jvp of arange(40) with tangents 1: 1.2e-4 at index 0, not 1), a loop over the chunk."""
-    c = torch.logcumsumexp(x.detach(), dim)
-    c = c.masked_fill(c == -torch.inf, 0)               # a run of -inf first: S = 0 there, y = log 0 = -inf
-    xs, cs = x.unbind(dim), c.unbind(dim)
-    S = torch.exp(xs[0] - cs[0])
-    ys = [cs[0] + torch.log(S)]
-    for t in range(1, len(xs)):
-        S = torch.exp(cs[t - 1] - cs[t]) * S + torch.exp(xs[t] - cs[t])
-        ys.append(cs[t] + torch.log(S))
-    return torch.stack(ys, dim)
-
-
 def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None, chunk: int = LOG_CHUNK) -> Tensor:
     """h from log a_t <= 0 and log b_t (T, B, H), h0 (B, H) or None (zeros). Heinsen 2023, in chunks.
 
     Within each chunk of `chunk` steps the log-space formula from a zero start (all chunks at once;
     a shorter last chunk separately, as padding would put zero gradients into logcumsumexp; its
-    double backward is _LogCumSumExp's, finite there); the state entering chunk k is carried from chunk
+    double backward is logcumsumexp.LogCumSumExp's, finite there); the state entering chunk k is carried from chunk
     k-1 in linear space (T / chunk small steps) and adds exp(a*_t) * carry. The cancellation between
     a* and the logcumsumexp then spans one chunk, not the whole sequence. Computed in at least float32
     (half and bfloat16 are cast up and back)."""
@@ -159,18 +80,7 @@ def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None, chunk: int 
     if full < T:
         pieces.append((la[full:].unsqueeze(0), lb[full:].unsqueeze(0)))
     carry = la.new_zeros(la.shape[1:]) if h0 is None else h0.to(work)   # (B, H) entering chunk k
-    # torch.compile, jit.trace and export take torch's op (they record ops; no Function there); forward-mode
-    # AD and functionalize the same in plain ops (see _logcumsumexp_ops); torch.func's reverse-mode
-    # transforms the Function, always by its own backward
-    if torch.compiler.is_compiling() or recording_graph():
-        lcse = torch.logcumsumexp
-    elif forward_mode_or_functionalized(la, lb, carry):
-        lcse = _logcumsumexp_ops
-    else:
-        torch_first = la.device.type != "cpu" and not transformed(la, lb, carry)   # see _LogCumSumExp
-
-        def lcse(v: Tensor, dim: int) -> Tensor:
-            return _LogCumSumExp.apply(v, dim, torch_first)
+    lcse = logcumsumexp_for(la, lb, carry)
     h = []
     for a, b in pieces:                                               # (n, C, B, H) each
         a_star = torch.cumsum(a, 1)                                   # log A within a chunk

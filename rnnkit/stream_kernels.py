@@ -5,6 +5,8 @@ it advances that layer by one time step in place.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -136,10 +138,9 @@ class GenericKernel:
         self.x = window[:, :window.shape[1] - h.shape[1]]
 
     def __call__(self):
-        if autocasting(self.x):                                                # the weights' dtype, as forward
-            with torch.autocast(self.x.device.type, enabled=False):
-                new = self.sub(self.x, (self.h, *self.rest))
-        else:
+        # under autocast the weights' dtype, as forward
+        amp = torch.autocast(self.x.device.type, enabled=False) if autocasting(self.x) else contextlib.nullcontext()
+        with amp:
             new = self.sub(self.x, (self.h, *self.rest))
         for dst, src in zip((self.h, *self.rest), new):
             dst.copy_(src)

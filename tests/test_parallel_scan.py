@@ -6,7 +6,7 @@ import torch
 from test_minimal import CLASSES, D64
 from torch.autograd import gradcheck
 
-from rnnkit import _fused, parallel
+from rnnkit import _fused, logcumsumexp, parallel
 from rnnkit.minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
 from rnnkit.parallel import blocked_scan, log_scan, reverse_total
 
@@ -186,7 +186,7 @@ def test_logcumsumexp_differentiates_twice_where_the_gradient_is_zero(torch_firs
     float64 with zero gradients among them, with either first-order form (its recurrence on CPU, torch's
     formula elsewhere)."""
     def f(t, dim):
-        return parallel._LogCumSumExp.apply(t, dim, torch_first_order)
+        return logcumsumexp.LogCumSumExp.apply(t, dim, torch_first_order)
     x = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
     g = torch.randn(3, 6, 4, dtype=torch.float64)
     g[:, :-1] = 0                                                 # only the last step's output is used
@@ -226,7 +226,7 @@ def test_log_scan_gradient_penalty_under_torch_func_is_finite(kind):
 
 @pytest.mark.parametrize("kind", [MinGRU, MinLSTM])
 def test_log_scan_forward_mode_and_functionalize(kind):
-    """Forward mode and functionalize take plain ops (_logcumsumexp_ops): the Function's jvp sees no outer
+    """Forward mode and functionalize take plain ops (logcumsumexp_ops): the Function's jvp sees no outer
     tangent (jacfwd of jacfwd was 0.22 off), functionalize has no rule for a Function, and torch's own
     forward-mode derivative of logcumsumexp drops entries ~30 below the running maximum, which a 64-step
     chunk reaches (jvp and hessian were 0.5-15x off at T = 64)."""
@@ -247,7 +247,7 @@ def test_log_scan_forward_mode_and_functionalize(kind):
         assert (got - want).abs().max() < 1e-10 * want.abs().max()
     assert (functionalize(lambda t: layer(t)[0])(x) - layer(x)[0]).abs().max() < 1e-12
     v = torch.tensor([-torch.inf, -torch.inf, 1.0, 2.0], dtype=torch.float64)   # a run of -inf first
-    torch.testing.assert_close(parallel._logcumsumexp_ops(v, 0), torch.logcumsumexp(v, 0), rtol=1e-15, atol=0)
+    torch.testing.assert_close(logcumsumexp.logcumsumexp_ops(v, 0), torch.logcumsumexp(v, 0), rtol=1e-15, atol=0)
 
 
 @pytest.mark.parametrize("kind", [MinGRU, MinLSTM])
