@@ -56,9 +56,24 @@ def g(x: Tensor) -> Tensor:
     return torch.clamp(x, max=0).sigmoid() + F.relu(x)
 
 
+# F.softplus(x) returns x itself above its threshold (20), an absolute error of log1p(e^-x), up to
+# e^-20 = 2.1e-9: below float32's rounding of x there, but in float64 it puts up to 2e-9 into
+# d = softplus(-k_f) - softplus(-k_i) (a difference, so absolute errors count) whenever a gate's
+# pre-activation is below -20: f' and i' off by 2e-9 relative, the output by ~1e-10 over a sequence,
+# where minimal.cpp (which forms f' and i' from exponentials) is exact. From 37 up x + log1p(e^-x)
+# rounds to x in float64 (e^-37 < ulp(37) / 2), so the threshold moves there; exp(37) stays finite.
+# Every softplus of this module takes it.
+_SOFTPLUS_THRESHOLD = {torch.float64: 37.0}
+
+
+def _softplus(x: Tensor) -> Tensor:
+    """softplus(x) = log(1 + e^x), exact to the dtype's rounding (see _SOFTPLUS_THRESHOLD)."""
+    return F.softplus(x, threshold=_SOFTPLUS_THRESHOLD.get(x.dtype, 20.0))
+
+
 def log_g(x: Tensor) -> Tensor:
     """log g(x), computed without forming g(x) for x < 0; at x = 0 the sigmoid side (g'/g = 1/2, as g)."""
-    return torch.where(x > 0, torch.log(F.relu(x) + 0.5), -F.softplus(-x))
+    return torch.where(x > 0, torch.log(F.relu(x) + 0.5), -_softplus(-x))
 
 
 def _g_fast(x: Tensor) -> Tensor:
@@ -93,7 +108,7 @@ class MinGRUCell:
 
     def log_coefficients(self, xi: Tensor):
         k_z, k_h = xi.chunk(2, -1)
-        return -F.softplus(k_z), log_g(k_h) - F.softplus(-k_z)
+        return -_softplus(k_z), log_g(k_h) - _softplus(-k_z)
 
     def gates(self, xi: Tensor) -> Tensor:
         k_z, k_h = xi.chunk(2, -1)
@@ -134,7 +149,7 @@ class MinLSTMCell(MinGRUCell):
 
     @staticmethod
     def _d(k_f, k_i):
-        return F.softplus(-k_f) - F.softplus(-k_i)                         # log(i / f)
+        return _softplus(-k_f) - _softplus(-k_i)                           # log(i / f)
 
     def coefficients(self, xi: Tensor):
         k_f, k_i, k_h = xi.chunk(3, -1)
@@ -144,7 +159,7 @@ class MinLSTMCell(MinGRUCell):
     def log_coefficients(self, xi: Tensor):
         k_f, k_i, k_h = xi.chunk(3, -1)
         d = self._d(k_f, k_i)
-        return -F.softplus(d), log_g(k_h) - F.softplus(-d)
+        return -_softplus(d), log_g(k_h) - _softplus(-d)
 
     def gates(self, xi: Tensor) -> Tensor:
         k_f, k_i, k_h = xi.chunk(3, -1)

@@ -169,6 +169,27 @@ def test_minlstm_float64_gradients_where_exp_underflows(k_f, k_i, min_route):
         assert torch.isfinite(a).all() and (a - b).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("scan", SCANS)
+def test_minlstm_float64_closed_gates_at_round_off(scan, min_route):
+    """Both gates' pre-activations mostly below -20, where F.softplus returns x itself (off by up to
+    e^-20 = 2e-9): d = softplus(-k_f) - softplus(-k_i) took that error whole, and f', i' with it (outputs
+    1e-10 off over 300 steps on the torch paths, stream included; the C++ pass was exact)."""
+    from rnnkit.stream import Stream
+    layer = make("minlstm", 3, 4, scan=scan)
+    with torch.no_grad():
+        layer.weight_ih_l0.mul_(8)
+        layer.bias_ih_l0[:8] -= 26.0                                         # k_f, k_i ~ -26 +- 10
+        layer.bias_ih_l0[8:] += 20.0                                         # h~ ~ 20: |h| tens
+    x = torch.randn(300, 2, 3, dtype=D64, generator=torch.Generator().manual_seed(5))
+    stream = Stream(layer, batch_size=2)
+    with torch.no_grad():
+        ref, _ = reference("minlstm", layer, x)                               # f / (f + i) as it stands
+        out, _ = layer(x)
+        streamed = torch.stack([stream(x[t]) for t in range(x.shape[0])])
+    tol = 2e-13 * float(ref.abs().max())                                      # was 6e-11 relative
+    assert float((out - ref).abs().max()) < tol and float((streamed - ref).abs().max()) < tol
+
+
 @pytest.mark.parametrize("kind", CLASSES)
 def test_g_prime_at_zero_is_one_quarter_on_every_path(kind, min_route):
     """k_h exactly 0 (zero input and bias): g'(0) = sigmoid'(0) on every path, first order or replayed
