@@ -119,7 +119,7 @@ def test_cli_memory_refuses_duplicate_list_entries(flag, value, message, tmp_pat
 
 
 def test_cell_lists_parse_alike_in_both_commands(tmp_path, capsys):
-    assert memory_cli.parse_cells("rnn, gru") == ("rnn", "gru")
+    assert memory_cli.parse_cells("rnn, gru", memory.CELLS) == ("rnn", "gru")
     for command in ("memory", "gradflow"):
         assert main([command, "--cell", ",", "--out", str(tmp_path)]) == 2
         assert "--cell is empty; pass e.g. --cell rnn,lstm,gru" in _error(capsys)

@@ -89,6 +89,43 @@ def test_lstm_learns_short_adding_problem():
     json.dumps(r.to_dict())
 
 
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_min_cells_learn_short_adding_problem(cell):
+    cfg = memory.MemoryConfig(task="adding", length=10, cell=cell, hidden_size=32, steps=400,
+                              batch_size=32, lr=1e-2, seed=0)
+    r = memory.train(cfg, progress=False)
+    assert not r.diverged and r.steps_done == 400
+    assert r.test["mse"] < 0.02 < r.baseline                          # baseline 0.167
+    model = memory.SequenceModel(cfg, memory.task_spec("adding", 10))
+    assert type(model.rnn).__name__ == {"mingru": "MinGRU", "minlstm": "MinLSTM"}[cell]
+    assert not any(name.startswith("weight_hh") for name, _ in model.rnn.named_parameters())
+
+
+def test_min_cells_refuse_what_needs_a_recurrent_weight():
+    for flags in ({"backend": "engine"}, {"recurrent_init": "identity"}, {"recurrent_scale": 0.5}):
+        with pytest.raises(UserError, match="recurrent weight U"):
+            memory.MemoryConfig(cell="minlstm", **flags)
+    base = memory.MemoryConfig(cell="lstm", backend="engine", recurrent_init="orthogonal", recurrent_scale=0.9)
+    mixed = memory.for_cell(base, "mingru")                           # in a list: the min cell takes neither
+    assert (mixed.backend, mixed.recurrent_init, mixed.recurrent_scale) == ("auto", "default", 1.0)
+    assert memory.for_cell(base, "gru").backend == "engine"
+    # the size bound counts V only for a min cell (no U): 2 blocks of H x I
+    (weights, _), *_ = memory.size_terms(memory.MemoryConfig(cell="mingru", hidden_size=16))
+    assert weights == 2 * 16 * 2
+
+
+def test_cli_memory_min_cells_beside_a_cell_with_u(tmp_path, capsys):
+    rc = main(["memory", "--task", "adding", "--length", "12", "--cell", "mingru,lstm,minlstm", "--steps", "3",
+               "--hidden-size", "8", "--backend", "engine", "--recurrent-init", "orthogonal", "--test-size", "20",
+               "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    runs = {r["config"]["cell"]: r["config"] for r in json.loads((tmp_path / "results.json").read_text())["runs"]}
+    assert set(runs) == {"mingru", "lstm", "minlstm"}
+    assert (runs["lstm"]["backend"], runs["lstm"]["recurrent_init"]) == ("engine", "orthogonal")
+    assert (runs["minlstm"]["backend"], runs["minlstm"]["recurrent_init"]) == ("auto", "default")
+    assert "minlstm " in capsys.readouterr().out
+
+
 def test_clip_study_diverges_without_and_learns_with_clipping():
     cfg = memory.MemoryConfig(task="adding", length=30, cell="rnn", nonlinearity="relu",
                               recurrent_init="identity", optimizer="sgd", lr=0.01, hidden_size=64, steps=300)
@@ -126,6 +163,9 @@ def test_cli_clip_study_writes_curves(tmp_path):
     ["memory", "--length", "10,x"],
     ["memory", "--steps", "0"],
     ["gradflow", "--cell", "rnn,bad"],
+    ["gradflow", "--cell", "mingru"],
+    ["memory", "--cell", "mingru", "--backend", "engine"],
+    ["memory", "--cell", "minlstm,mingru", "--recurrent-init", "identity"],
     ["gradflow", "--length", "1"],
 ])
 def test_cli_bad_arguments_exit_2(argv, tmp_path, capsys):

@@ -19,7 +19,6 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..tasks import BACKENDS, MODES, SCHEDULES, TrainConfig
-from ..tasks.memory import CELLS
 
 
 def positive_int(text: str) -> int:
@@ -195,12 +194,12 @@ def comma_list(text: str, flag: str, example: str, convert=str) -> list:
     return values
 
 
-def parse_cells(text: str) -> tuple[str, ...]:
-    """--cell of `rnnkit memory` and `rnnkit gradflow`: cells among rnn, lstm, gru."""
-    cells = tuple(comma_list(text, "--cell", "rnn,lstm,gru"))
-    bad = [c for c in cells if c not in CELLS]
+def parse_cells(text: str, known) -> tuple[str, ...]:
+    """--cell of `rnnkit memory` and `rnnkit gradflow`: a comma list of cells among `known`."""
+    cells = tuple(comma_list(text, "--cell", ",".join(list(known)[:3])))
+    bad = [c for c in cells if c not in known]
     if bad:
-        raise UserError(f"--cell: unknown cell(s) {', '.join(bad)}; choose among rnn, lstm, gru")
+        raise UserError(f"--cell: unknown cell(s) {', '.join(bad)}; choose among {', '.join(known)}")
     return cells
 
 

@@ -1,7 +1,7 @@
 """`rnnkit gradflow`: measure ||dL/dh_t|| over t per cell, its memory horizon, at init and after training."""
 from __future__ import annotations
 
-from ..tasks import BACKENDS, gradflow
+from ..tasks import BACKENDS, gradflow, memory
 from .common import finite_float, output_folder, parse_cells, seed_int
 
 EPILOG = """examples:
@@ -40,7 +40,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    cfg = gradflow.GradflowConfig(cells=parse_cells(args.cell), length=args.length, hidden_size=args.hidden_size,
+    cfg = gradflow.GradflowConfig(cells=parse_cells(args.cell, memory.RECURRENT), length=args.length, hidden_size=args.hidden_size,
                                   batch_size=args.batch_size, trained_steps=args.trained_steps, lr=args.lr,
                                   clip_norm=args.clip_norm,
                                   seed=args.seed, num_seeds=args.num_seeds, checkpoints=args.checkpoints,

@@ -15,6 +15,7 @@ from .common import SEEDS, comma_list, finite_float, output_folder, parse_cells
 EPILOG = """examples:
   rnnkit memory --task adding --length 50,100 --cell rnn,lstm,gru --steps 2000 --seed 0,1,2
   rnnkit memory --task digits --length 8 --cell gru --steps 1500
+  rnnkit memory --task adding --length 200 --cell mingru,minlstm --lr 1e-2 --batch-size 64
   rnnkit memory --clip-study --clip-norm 1        # IRNN (relu, U = I), SGD: without and with clipping
 writes OUT/results.json (every run: config, test metric, baseline, loss and gradient-norm curves);
 --clip-study writes OUT/clip_study.json and OUT/clip_study.png instead.
@@ -47,7 +48,8 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser("memory", help="long-range memory benchmarks (adding, copy, order, digits, mnist1d)",
                               description=__doc__, epilog=EPILOG)
     p.add_argument("--length", default=None, help="sequence length(s) T, comma-separated (default per task)")
-    p.add_argument("--cell", default=None, help="cells, comma-separated among rnn,lstm,gru (default lstm)")
+    p.add_argument("--cell", default=None, help=f"cells, comma-separated among {','.join(memory.CELLS)} (default lstm; "
+                                                "mingru, minlstm: Feng et al.'s minimal cells, a parallel scan)")
     p.add_argument("--seed", default="0", help="seed(s), comma-separated; results are averaged over them")
     for flag, dest, typ, text in FLAGS:
         p.add_argument(flag, dest=dest, type=typ, default=None, help=text)
@@ -59,12 +61,13 @@ def add_parser(subparsers) -> None:
 
 
 def _cells(args) -> tuple[str, ...]:
-    return parse_cells(args.cell or ("rnn" if args.clip_study else "lstm"))
+    return parse_cells(args.cell or ("rnn" if args.clip_study else "lstm"), memory.CELLS)
 
 
 def base_config(args) -> memory.MemoryConfig:
-    """MemoryConfig from the flags given (the clip preset under them in --clip-study mode), for the first
-    rnn among --cell (else the first cell): the other cells get theirs from memory.for_cell."""
+    """MemoryConfig from the flags given (the clip preset under them in --clip-study mode), for the rnn
+    among --cell (else the first cell with a recurrent weight U, else the first cell): the other cells get
+    theirs from memory.for_cell."""
     cells = _cells(args)
     given = {f.name: getattr(args, f.name) for f in fields(memory.MemoryConfig)
              if f.name not in ("length", "cell", "seed") and getattr(args, f.name, None) is not None}
@@ -77,7 +80,10 @@ def base_config(args) -> memory.MemoryConfig:
             raise UserError(f"--nonlinearity applies to the Elman RNN (--cell rnn) only; --cell {','.join(cells)} "
                             "has none: leave --nonlinearity out")
         preset.pop("nonlinearity", None)
-    cell = "rnn" if "rnn" in cells else cells[0]
+    with_u = [c for c in cells if c in memory.RECURRENT]
+    if not with_u:                                                  # the min cells: no U to initialise
+        preset.pop("recurrent_init", None)
+    cell = "rnn" if "rnn" in cells else (with_u or cells)[0]
     cfg = {"length": memory.DEFAULT_LENGTH.get(task, 100), **preset, **given, "cell": cell}
     return memory.MemoryConfig(**cfg)
 
@@ -116,20 +122,20 @@ def run(args) -> int:
         for s in summarise(results):
             mean = "diverged" if s["mean"] is None else f"{s['mean']:.4f}"
             per = ", ".join("diverged" if v is None else f"{v:.4f}" for v in s["per_seed"])
-            print(f"  {s['task']:<8} T={s['length']:<5} {s['cell']:<5} {s['metric']} {mean} "
+            print(f"  {s['task']:<8} T={s['length']:<5} {s['cell']:<7} {s['metric']} {mean} "
                   f"(per seed {per}; baseline {s['baseline']:.4f})")
     print(f"wrote {out / 'results.json'} ({len(results)} runs)")
     return 0
 
 
 def _header() -> str:
-    return f"{'task':<8} {'T':>5} {'cell':<5} {'seed':>4} {'metric':<14} {'test':>9} {'baseline':>9} {'steps':>6} {'time s':>7}"
+    return f"{'task':<8} {'T':>5} {'cell':<7} {'seed':>4} {'metric':<14} {'test':>9} {'baseline':>9} {'steps':>6} {'time s':>7}"
 
 
 def _row(r: memory.RunResult) -> str:
     c = r.config
     score = "diverged" if r.diverged else f"{r.test[r.metric]:.4f}"
-    return (f"{c.task:<8} {c.length:>5} {c.cell:<5} {c.seed:>4} {r.metric:<14} {score:>9} "
+    return (f"{c.task:<8} {c.length:>5} {c.cell:<7} {c.seed:>4} {r.metric:<14} {score:>9} "
             f"{r.baseline:>9.4f} {r.steps_done:>6} {r.seconds:>7.1f}")
 
 
@@ -160,8 +166,8 @@ def run_clip_study(cfg: memory.MemoryConfig, out: Path, progress: bool) -> int:
     data = {label: r.to_dict() for label, r in runs.items()}
     (out / "clip_study.json").write_text(json.dumps(data, indent=1))
     cell = f"{cfg.cell} {cfg.nonlinearity}" if cfg.cell == "rnn" else cfg.cell
-    title = (f"{cfg.task} T={cfg.length}, {cell} H={cfg.hidden_size}, U init "
-             f"{cfg.recurrent_init} x{cfg.recurrent_scale:g}, {cfg.optimizer} lr {cfg.lr:g}")
+    init = f", U init {cfg.recurrent_init} x{cfg.recurrent_scale:g}" if cfg.cell in memory.RECURRENT else ""
+    title = f"{cfg.task} T={cfg.length}, {cell} H={cfg.hidden_size}{init}, {cfg.optimizer} lr {cfg.lr:g}"
     plots.training_curves(data, out / "clip_study.png", title)
     print(f"wrote {out / 'clip_study.json'}, {out / 'clip_study.png'}", file=sys.stderr)
     return 0

@@ -42,7 +42,7 @@ class GradflowConfig:
     threshold: float = 1e-3
 
     def __post_init__(self):
-        bad = [c for c in self.cells if c not in memory.CELLS]
+        bad = [c for c in self.cells if c not in memory.RECURRENT]
         if not self.cells or bad:
             raise UserError(f"--cell must list cells among rnn, lstm, gru; got {','.join(self.cells) or 'nothing'}")
         if len(set(self.cells)) < len(self.cells):

@@ -1,4 +1,6 @@
-"""Long-range memory benchmarks: train an RNN/LSTM/GRU + linear head and score it on a held-out set.
+"""Long-range memory benchmarks: train a recurrent layer + linear head and score it on a held-out set.
+Cells: the tanh/relu RNN, LSTM and GRU (rnnkit's layers, torch.nn's API), and minGRU / minLSTM
+(`rnnkit.minimal`: gates that see only x_t, trained by a parallel scan over time).
 
     adding   many-to-one regression, MSE; baseline: always answer 1 (MSE 1/6 ≈ 0.167)
     copy     many-to-many classification, cross-entropy per step; baseline 10 ln 8 / (T + 20)
@@ -27,13 +29,16 @@ from .. import layers as rk
 from ..cells import ElmanCell, GRUCell, LSTMCell
 from ..data import synthetic
 from ..errors import UserError, at_least, check_all, finite_positive
+from ..minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
 from ..numerics import flushing_denormals
 
 TASKS = ("adding", "copy", "order", "digits", "mnist1d")
-CELLS = {"rnn": rk.RNN, "lstm": rk.LSTM, "gru": rk.GRU}
+RECURRENT = {"rnn": rk.RNN, "lstm": rk.LSTM, "gru": rk.GRU}    # with a recurrent weight U (and a backend)
+CELLS = {**RECURRENT, "mingru": MinGRU, "minlstm": MinLSTM}     # the min cells: no U, one scan over time
 DEFAULT_LENGTH = {"adding": 100, "copy": 50, "order": 100, "digits": 8, "mnist1d": 40}
 MIN_LENGTH = synthetic.MIN_LENGTH
-GATES = {"rnn": ElmanCell.num_gates, "lstm": LSTMCell.num_gates, "gru": GRUCell.num_gates}   # blocks of H in U
+GATES = {"rnn": ElmanCell.num_gates, "lstm": LSTMCell.num_gates, "gru": GRUCell.num_gates,   # blocks of H
+         "mingru": MinGRUCell.num_gates, "minlstm": MinLSTMCell.num_gates}         # in U (V for min)
 
 
 @dataclass(frozen=True)
@@ -55,7 +60,7 @@ class MemoryConfig:
     seed: int = 0
     test_size: int = 1000               # synthetic tasks only
     diverge_factor: float = 1e4         # stop when the loss exceeds this x the first loss
-    backend: str = "auto"               # the layer's: auto (torch's kernel when plain) | engine (rnnkit's)
+    backend: str = "auto"               # rnn/lstm/gru: auto (torch's kernel when plain) | engine (rnnkit's)
 
     def __post_init__(self):
         checks = [
@@ -68,6 +73,9 @@ class MemoryConfig:
              f"--recurrent-init must be default, identity or orthogonal, got {self.recurrent_init!r}"),
             (self.cell == "rnn" or self.nonlinearity == "tanh",
              f"--nonlinearity {self.nonlinearity} applies to the Elman RNN (--cell rnn) only; the {self.cell} has none"),
+            (self.cell in RECURRENT or (self.recurrent_init, self.recurrent_scale, self.backend) == ("default", 1, "auto"),
+             (f"--recurrent-init, --recurrent-scale and --backend apply to cells with a recurrent weight U "
+              f"({', '.join(RECURRENT)}); the {self.cell} has none (it always runs rnnkit's scan): leave them out")),
             (self.length >= MIN_LENGTH.get(self.task, 1),
              f"--task {self.task} needs --length >= {MIN_LENGTH.get(self.task, 1)}, got {self.length}"),
             *(at_least(flag, value, 1) for flag, value in (
@@ -110,8 +118,10 @@ def task_spec(task: str, length: int) -> TaskSpec:
 
 
 def for_cell(base: MemoryConfig, cell: str, **changes) -> MemoryConfig:
-    """`base` for one cell of a list: its nonlinearity kept for the Elman RNN only (gated cells have none)."""
-    return replace(base, cell=cell, nonlinearity=base.nonlinearity if cell == "rnn" else "tanh", **changes)
+    """`base` for one cell of a list: its nonlinearity kept for the Elman RNN only (gated cells have none),
+    its U init and backend for the cells with a U (the min cells have neither)."""
+    keep = {} if cell in RECURRENT else {"recurrent_init": "default", "recurrent_scale": 1.0, "backend": "auto"}
+    return replace(base, cell=cell, nonlinearity=base.nonlinearity if cell == "rnn" else "tanh", **keep | changes)
 
 
 # -- will a run fit in memory? ------------------------------------------------------------------------------
@@ -127,8 +137,9 @@ def size_terms(cfg: MemoryConfig) -> list[tuple[float, dict[str, int]]]:
     spec = task_spec(cfg.task, cfg.length)
     T = cfg.length + (2 * synthetic.COPY_LEN if cfg.task == "copy" else 0)
     GH, L = GATES[cfg.cell] * cfg.hidden_size, cfg.num_layers
+    U = cfg.hidden_size if cfg.cell in RECURRENT else 0                                     # the min cells: V only
     flags = size_flags(cfg)
-    terms = [(L * GH * (cfg.hidden_size + spec.input_size),                                  # the weights U, W
+    terms = [(L * GH * (U + spec.input_size),                                                 # the weights U, V
               {f: v for f, v in flags.items() if f in ("--hidden-size", "--num-layers")}),
              (L * cfg.batch_size * T * GH, flags)]                                            # gates kept for BPTT
     if cfg.task in MIN_LENGTH:                                                                # a synthetic test set
@@ -176,8 +187,8 @@ class SequenceModel(nn.Module):
     def __init__(self, cfg: MemoryConfig, spec: TaskSpec):
         super().__init__()
         kw = {"nonlinearity": cfg.nonlinearity} if cfg.cell == "rnn" else {}
-        self.rnn = CELLS[cfg.cell](spec.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True,
-                                   backend=cfg.backend, **kw)
+        kw |= {"backend": cfg.backend} if cfg.cell in RECURRENT else {}
+        self.rnn = CELLS[cfg.cell](spec.input_size, cfg.hidden_size, cfg.num_layers, batch_first=True, **kw)
         self.head = nn.Linear(cfg.hidden_size, spec.output_size)
         self.every_step = spec.kind == "classify_all"
         init_recurrent_(self.rnn, cfg.recurrent_init, cfg.recurrent_scale)
