@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,7 +164,7 @@ def test_cli_clip_study_writes_curves(tmp_path):
     ["memory", "--length", "10,x"],
     ["memory", "--steps", "0"],
     ["gradflow", "--cell", "rnn,bad"],
-    ["gradflow", "--cell", "mingru"],
+    ["gradflow", "--cell", "mingru,gru,bad"],
     ["memory", "--cell", "mingru", "--backend", "engine"],
     ["memory", "--cell", "minlstm,mingru", "--recurrent-init", "identity"],
     ["gradflow", "--length", "1"],
@@ -196,3 +197,46 @@ def test_cli_diverged_runs_give_strict_json(tmp_path):
     data = json.loads(text)
     assert all(r["diverged"] and r["score"] is None for r in data["runs"])
     assert data["summary"][0]["mean"] is None
+
+
+def test_cli_gradflow_min_cells(tmp_path, capsys):
+    """The minimal cells in the gradient-flow study: no U (no spectra), their own gates, and a profile
+    that is the closed form of their recurrence: dL/dh_t = dL/dh_T * prod_{s > t} a_s (elementwise)."""
+    rc = main(["gradflow", "--cell", "mingru,minlstm", "--length", "12", "--hidden-size", "8", "--num-seeds", "1",
+               "--trained-steps", "3", "--checkpoints", "2", "--batch-size", "4", "--out", str(tmp_path),
+               "--no-progress"])
+    assert rc == 0
+    data = json.loads((tmp_path / "gradflow.json").read_text())
+    for cell, gates in (("mingru", {"z", "h~"}), ("minlstm", {"f'", "i'", "h~"})):
+        init = data["cells"][cell]["init"]
+        assert init["spectra_seed0"] == [] and set(init["saturation_seed0"]["saturated"]) == gates
+        assert len(init["jacobian_seed0"]["spectral"]) == 12 and "trained" in data["cells"][cell]
+    assert (tmp_path / "gradflow_heatmap_minlstm.png").exists()
+    assert "minlstm " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cell", ["mingru", "minlstm"])
+def test_gradflow_profile_of_a_min_cell_is_its_closed_form(cell):
+    from rnnkit.tasks import gradflow as gf
+    torch.manual_seed(0)
+    cfg = memory.MemoryConfig(task="adding", length=15, cell=cell, hidden_size=6)
+    model = memory.SequenceModel(cfg, memory.task_spec("adding", 15))
+    x, y = synthetic.adding(5, 15, 3)
+    m = gf.measure(model, x, y, cell, jacobian=False)
+    rnn = model.rnn
+    a, _ = rnn._cell.coefficients(F.linear(x, rnn.weight_ih_l0, rnn.bias_ih_l0))      # (B, T, H)
+    out, _ = rnn(x)
+    g_T = torch.autograd.grad(F.mse_loss(model.head(out[:, -1]), y), out)[0][:, -1]    # (B, H)
+    rest = torch.cat([a[:, 1:].flip(1).cumprod(1).flip(1), torch.ones_like(a[:, :1])], 1)   # prod_{s>t} a_s
+    want = (g_T.unsqueeze(1) * rest).norm(dim=-1).mean(0)                               # (T,)
+    assert np.allclose(m["profile"], want.detach().numpy(), rtol=1e-5, atol=0)
+    assert m["horizon"].steps >= 1
+
+
+def test_saturation_of_the_min_cells_candidate_has_no_upper_end():
+    from rnnkit.diagnostics import gate_saturation
+    z = torch.full((4, 2, 3), 0.5)
+    h = torch.tensor([0.001, 0.5, 7.0]).expand(4, 2, 3)                 # g(k): ~0 (saturated), mid, large (not)
+    s = gate_saturation(torch.cat((z, h), -1), "mingru")
+    assert s.low["h~"] == pytest.approx(1 / 3) and s.high["h~"] == 0 and s.saturated["z"] == 0
+    assert GradflowConfig(cells=("mingru",)).cells == ("mingru",)

@@ -7,6 +7,7 @@ from .common import finite_float, output_folder, parse_cells, seed_int
 EPILOG = """examples:
   rnnkit gradflow --cell rnn,lstm,gru --length 100                      # at initialisation
   rnnkit gradflow --cell rnn,lstm,gru --length 100 --trained-steps 1000 # and after training on adding
+  rnnkit gradflow --cell gru,mingru,minlstm --length 200                # the minimal cells (no U) beside the GRU
 The loss is on the last step only (adding problem, MSE); the memory horizon is the number of steps
 back at which the batch-mean ||dL/dh_t|| first falls below --threshold x its last-step value
 (= T and flagged "censored" when it never does). Writes OUT/gradflow.json, OUT/gradflow.png
@@ -17,7 +18,7 @@ back at which the batch-mean ||dL/dh_t|| first falls below --threshold x its las
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("gradflow", help="measure how the gradient vanishes or explodes back through time",
                               description=__doc__, epilog=EPILOG)
-    p.add_argument("--cell", default="rnn,lstm,gru", help="cells, comma-separated among rnn,lstm,gru")
+    p.add_argument("--cell", default="rnn,lstm,gru", help="cells, comma-separated among rnn,lstm,gru,mingru,minlstm (default rnn,lstm,gru)")
     p.add_argument("--length", type=int, default=100, help="sequence length T (default 100)")
     p.add_argument("--hidden-size", type=int, default=128, help="hidden units H (default 128)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences in the measuring batch (default 64)")
@@ -40,14 +41,14 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    cfg = gradflow.GradflowConfig(cells=parse_cells(args.cell, memory.RECURRENT), length=args.length, hidden_size=args.hidden_size,
+    cfg = gradflow.GradflowConfig(cells=parse_cells(args.cell, memory.CELLS), length=args.length, hidden_size=args.hidden_size,
                                   batch_size=args.batch_size, trained_steps=args.trained_steps, lr=args.lr,
                                   clip_norm=args.clip_norm,
                                   seed=args.seed, num_seeds=args.num_seeds, checkpoints=args.checkpoints,
                                   threshold=args.threshold)
     out = output_folder(args.out)
     summary = gradflow.run(cfg, out, progress=not args.no_progress)
-    print(f"{'cell':<5} {'when':<8} {'horizon (mean)':>14}  per seed          {'median growth/step':>18}  exploding  test MSE")
+    print(f"{'cell':<7} {'when':<8} {'horizon (mean)':>14}  per seed          {'median growth/step':>18}  exploding  test MSE")
     gone = []                                                # (cell, when, seeds) whose gradient is 0 one step back
     for cell, s in summary["cells"].items():
         for when in ("init", "trained"):
@@ -58,7 +59,7 @@ def run(args) -> int:
             geo = sum(e["median"] for e in d["explosion_per_seed"]) / len(d["explosion_per_seed"])
             expl = any(e["exploding"] for e in d["explosion_per_seed"])
             mse = f"{s['training']['test_mse_mean']:.4f}" if when == "trained" else ""
-            print(f"{cell:<5} {when:<8} {d['horizon_mean']:>14.1f}  {per:<17} {geo:>18.3f}  {str(expl):<9}  {mse}")
+            print(f"{cell:<7} {when:<8} {d['horizon_mean']:>14.1f}  {per:<17} {geo:>18.3f}  {str(expl):<9}  {mse}")
             seeds = [str(cfg.seed + i) for i, e in enumerate(d["explosion_per_seed"]) if e["vanished_at"] == 1]
             if seeds:
                 gone.append(f"{cell} {when}: the gradient is exactly 0 one step back on seed {','.join(seeds)} "

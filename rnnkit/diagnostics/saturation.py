@@ -12,11 +12,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-# gate layout of tr.gates[k] (blocks of H) and each block's activation
+# gate layout of tr.gates[k] (blocks of H) and each block's activation. The minimal cells' candidate h~ = g(k)
+# (rnnkit/minimal.py: sigmoid below 0, k + 1/2 above) saturates only at its low end, where g' = g (1 - g) -> 0;
+# minLSTM's f', i' are its normalised gates f / (f + i), i / (f + i).
 GATES = {
     "lstm": (("i", "sigmoid"), ("f", "sigmoid"), ("g", "tanh"), ("o", "sigmoid")),
     "gru": (("r", "sigmoid"), ("z", "sigmoid"), ("n", "tanh")),
     "rnn": (("h", "tanh"),),
+    "mingru": (("z", "sigmoid"), ("h~", "g")),
+    "minlstm": (("f'", "sigmoid"), ("i'", "sigmoid"), ("h~", "g")),
 }
 
 
@@ -35,7 +39,8 @@ class Saturation:
 
 
 def gate_saturation(gates: Tensor, cell: str, eps: float = 0.01) -> Saturation:
-    """gates: tr.gates[k] (T, B, G*H) for "lstm"/"gru", or tr.hidden[k] (T, B, H) for a tanh "rnn"."""
+    """gates: tr.gates[k] (T, B, G*H) for "lstm", "gru", "mingru", "minlstm", or tr.hidden[k] (T, B, H) for a
+    tanh "rnn"."""
     if cell not in GATES:
         raise ValueError(f"gate_saturation: cell must be one of {sorted(GATES)}, got {cell!r}")
     if gates is None:
@@ -46,9 +51,9 @@ def gate_saturation(gates: Tensor, cell: str, eps: float = 0.01) -> Saturation:
         raise ValueError(f"gate_saturation: expected (T, B, {len(spec)}*H) for {cell}, got {tuple(a.shape)}")
     sat, low, high, n_sat = {}, {}, {}, 0.0
     for (name, act), block in zip(spec, a.chunk(len(spec), -1)):
-        lo_end = 0.0 if act == "sigmoid" else -1.0
+        lo_end = -1.0 if act == "tanh" else 0.0
         lo = (block <= lo_end + eps).double().mean().item()
-        hi = (block >= 1.0 - eps).double().mean().item()
+        hi = 0.0 if act == "g" else (block >= 1.0 - eps).double().mean().item()   # g has no upper bound
         low[name], high[name], sat[name] = lo, hi, lo + hi
         n_sat += lo + hi
     return Saturation(cell, eps, sat, low, high, n_sat / len(spec))

@@ -24,7 +24,7 @@ from ..tracing import trace
 from ..numerics import flushing_denormals
 from . import memory
 
-CELL_LABEL = {"rnn": "tanh RNN", "lstm": "LSTM", "gru": "GRU"}
+CELL_LABEL = {"rnn": "tanh RNN", "lstm": "LSTM", "gru": "GRU", "mingru": "minGRU", "minlstm": "minLSTM"}
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,10 @@ class GradflowConfig:
     threshold: float = 1e-3
 
     def __post_init__(self):
-        bad = [c for c in self.cells if c not in memory.RECURRENT]
+        bad = [c for c in self.cells if c not in memory.CELLS]
         if not self.cells or bad:
-            raise UserError(f"--cell must list cells among rnn, lstm, gru; got {','.join(self.cells) or 'nothing'}")
+            raise UserError(f"--cell must list cells among {', '.join(memory.CELLS)}; "
+                            f"got {','.join(self.cells) or 'nothing'}")
         if len(set(self.cells)) < len(self.cells):
             raise UserError(f"--cell lists a cell more than once ({','.join(self.cells)}); give each cell once")
         check_all([at_least("--length", self.length, 2), at_least("--trained-steps", self.trained_steps, 0),
@@ -72,7 +73,8 @@ def size_terms(cfg: GradflowConfig) -> list[tuple[float, dict[str, int]]]:
     """Floats one cell's study certainly holds at once (a lower bound), by the flags that scale them."""
     T, H = cfg.length, cfg.hidden_size
     GH = max(memory.GATES[c] for c in cfg.cells) * H
-    terms = [(GH * (H + 2), {"--hidden-size": H}),                                  # the weights U, W
+    weights = max(memory.GATES[c] * H * ((H if c in memory.RECURRENT else 0) + 2) for c in cfg.cells)
+    terms = [(weights, {"--hidden-size": H}),                                       # U (min cells: none), V
              (cfg.batch_size * T * GH, size_flags(cfg)),                            # the traced gates
              (H * T * GH, {"--hidden-size": H, "--length": T})]                     # Jacobians: H copies of x
     if cfg.trained_steps:                                                           # its training batches
@@ -104,7 +106,7 @@ def measure(model: memory.SequenceModel, x, y, cell: str, threshold: float = 1e-
             "explosion": dg.explosion(profile),
             "jacobian": jac,
             "saturation": dg.gate_saturation(gates, "rnn" if cell == "rnn" else cell),
-            "spectra": dg.recurrent_spectra(model.rnn),
+            "spectra": dg.recurrent_spectra(model.rnn) if cell in memory.RECURRENT else [],   # min cells: no U
             "hidden": tr.hidden[k][:, 0].numpy()}                            # (T, H) first sequence
 
 
