@@ -167,6 +167,7 @@ def test_cli_clip_study_writes_curves(tmp_path):
     ["gradflow", "--cell", "mingru,gru,bad"],
     ["memory", "--cell", "mingru", "--backend", "engine"],
     ["memory", "--cell", "minlstm,mingru", "--recurrent-init", "identity"],
+    ["gradflow", "--cell", "mingru,minlstm", "--backend", "engine"],
     ["gradflow", "--length", "1"],
 ])
 def test_cli_bad_arguments_exit_2(argv, tmp_path, capsys):
@@ -240,3 +241,29 @@ def test_saturation_of_the_min_cells_candidate_has_no_upper_end():
     s = gate_saturation(torch.cat((z, h), -1), "mingru")
     assert s.low["h~"] == pytest.approx(1 / 3) and s.high["h~"] == 0 and s.saturated["z"] == 0
     assert GradflowConfig(cells=("mingru",)).cells == ("mingru",)
+
+
+def test_cli_clip_study_with_a_min_cell_drops_the_preset_u_init(tmp_path):
+    rc = main(["memory", "--clip-study", "--cell", "mingru", "--steps", "3", "--hidden-size", "8", "--test-size", "20",
+               "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    runs = json.loads((tmp_path / "clip_study.json").read_text())
+    assert {r["config"]["cell"] for r in runs.values()} == {"mingru"}
+    assert {r["config"]["recurrent_init"] for r in runs.values()} == {"default"}
+
+
+def test_size_bound_of_a_min_cell_counts_h_not_gates():
+    """The min cells' scan keeps no gates for the backward (it recomputes them): h of every layer and the
+    gradient reaching the top layer's are what a step certainly holds."""
+    for cell in ("mingru", "minlstm"):
+        for L in (1, 3):
+            cfg = memory.MemoryConfig(cell=cell, length=100, batch_size=10, hidden_size=16, num_layers=L)
+            (_, _), (bptt, _), _ = memory.size_terms(cfg)
+            assert bptt == (L + 1) * 10 * 100 * 16
+
+
+@pytest.mark.parametrize("command", ["memory", "gradflow"])
+def test_cli_backend_with_min_cells_only_says_why(command, tmp_path, capsys):
+    assert main([command, "--cell", "minlstm", "--backend", "engine", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "recurrent weight U" in err and "leave" in err and "Traceback" not in err

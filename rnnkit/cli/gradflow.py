@@ -1,6 +1,7 @@
 """`rnnkit gradflow`: measure ||dL/dh_t|| over t per cell, its memory horizon, at init and after training."""
 from __future__ import annotations
 
+from ..errors import UserError
 from ..tasks import BACKENDS, gradflow, memory
 from .common import finite_float, output_folder, parse_cells, seed_int
 
@@ -34,14 +35,19 @@ def add_parser(subparsers) -> None:
     p.add_argument("--threshold", type=finite_float, default=1e-3, help="horizon threshold (default 1e-3)")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="what the --trained-steps training runs: auto (torch's fused kernel) or engine (rnnkit's; "
-                        "faster on CPU); the traced measurements always run the engine (default auto)")
+                        "faster on CPU); the traced measurements always run the engine; the min cells always run their own "
+                        "scan (default auto)")
     p.add_argument("--out", default="runs/gradflow", help="output folder (default runs/gradflow)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    cfg = gradflow.GradflowConfig(cells=parse_cells(args.cell, memory.CELLS), length=args.length, hidden_size=args.hidden_size,
+    cells = parse_cells(args.cell, memory.CELLS)
+    if args.backend not in (None, "auto") and not any(c in memory.RECURRENT for c in cells):
+        raise UserError(f"--backend applies to cells with a recurrent weight U ({', '.join(memory.RECURRENT)}); "
+                        f"--cell {','.join(cells)} has none (it always runs rnnkit's scan): leave --backend out")
+    cfg = gradflow.GradflowConfig(cells=cells, length=args.length, hidden_size=args.hidden_size,
                                   batch_size=args.batch_size, trained_steps=args.trained_steps, lr=args.lr,
                                   clip_norm=args.clip_norm,
                                   seed=args.seed, num_seeds=args.num_seeds, checkpoints=args.checkpoints,

@@ -139,9 +139,12 @@ def size_terms(cfg: MemoryConfig) -> list[tuple[float, dict[str, int]]]:
     GH, L = GATES[cfg.cell] * cfg.hidden_size, cfg.num_layers
     U = cfg.hidden_size if cfg.cell in RECURRENT else 0                                     # the min cells: V only
     flags = size_flags(cfg)
+    # kept for BPTT: the gates of every step (rnn, lstm, gru); the min cells' scan recomputes its gates in the
+    # backward and keeps h of every layer only, beside which the gradient reaching the top layer's h arrives
+    bptt = L * GH if cfg.cell in RECURRENT else (L + 1) * cfg.hidden_size
     terms = [(L * GH * (U + spec.input_size),                                                 # the weights U, V
               {f: v for f, v in flags.items() if f in ("--hidden-size", "--num-layers")}),
-             (L * cfg.batch_size * T * GH, flags)]                                            # gates kept for BPTT
+             (cfg.batch_size * T * bptt, flags)]
     if cfg.task in MIN_LENGTH:                                                                # a synthetic test set
         terms.append((cfg.test_size * T * spec.input_size, {"--test-size": cfg.test_size, "--length": cfg.length}))
     return terms
