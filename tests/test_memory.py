@@ -262,8 +262,17 @@ def test_size_bound_of_a_min_cell_counts_h_not_gates():
             assert bptt == (L + 1) * 10 * 100 * 16
 
 
-@pytest.mark.parametrize("command", ["memory", "gradflow"])
+@pytest.mark.parametrize("command", [["memory"], ["gradflow"], ["forecast"], ["textgen", "train"], ["classify", "train"],
+                                     ["seq2seq", "train"]])
 def test_cli_backend_with_min_cells_only_says_why(command, tmp_path, capsys):
-    assert main([command, "--cell", "minlstm", "--backend", "engine", "--out", str(tmp_path)]) == 2
+    assert main([*command, "--cell", "minlstm", "--backend", "engine", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "recurrent weight U" in err and "leave" in err and "Traceback" not in err
+
+
+def test_cli_forecast_on_a_min_cell(tmp_path):
+    """Every training command builds its model from rnnkit.models.cells: the minimal cells too."""
+    rc = main(["forecast", "--cell", "minlstm", "--epochs", "3", "--no-sarima", "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["model"]["cell"] == "minlstm" and math.isfinite(metrics["model"]["epochs_run"])

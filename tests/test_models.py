@@ -17,7 +17,7 @@ from rnnkit.models.seq2seq import Seq2Seq, Seq2SeqConfig
 
 # -- language model ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru", "mingru", "minlstm"])
 def test_lm_shapes_and_stateful_windows_equal_one_pass(cell):
     lm = LanguageModel(LanguageModelConfig(vocab_size=11, embed_dim=8, hidden_size=16, num_layers=2, cell=cell)).eval()
     ids = torch.randint(0, 11, (3 * 10 + 1,))
@@ -126,7 +126,7 @@ def _sample_by_layer_calls(lm, prompt, n, temperature, generator, seen):
     return out
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn", "mingru", "minlstm"])
 def test_sampling_streams_the_same_tokens_as_calling_the_layer(cell, monkeypatch):
     """Same tokens, and each drawn from the same logits (to float32 rounding) as the per-call path."""
     from rnnkit.models import language
@@ -169,7 +169,8 @@ def test_lm_config_is_validated():
 
 @pytest.mark.parametrize("cell,bidirectional,pooling,layers", [
     ("lstm", False, "last", 1), ("lstm", True, "last", 2), ("gru", True, "mean", 1), ("rnn", False, "max", 2),
-    ("gru", False, "max", 1), ("lstm", True, "mean", 1)])
+    ("gru", False, "max", 1), ("lstm", True, "mean", 1), ("mingru", True, "last", 2), ("minlstm", True, "mean", 1),
+    ("minlstm", False, "max", 2)])
 def test_classifier_padding_never_influences_the_result(cell, bidirectional, pooling, layers):
     cfg = ClassifierConfig(vocab_size=20, num_classes=3, embed_dim=8, hidden_size=12, num_layers=layers,
                            cell=cell, bidirectional=bidirectional, pooling=pooling, dropout=0.3)
@@ -204,7 +205,7 @@ def _s2s(vocab, attention=True, cell="gru", hidden=64):
                                  embed_dim=16, hidden_size=hidden, cell=cell, attention=attention))
 
 
-@pytest.mark.parametrize("attention,cell", [(True, "gru"), (False, "lstm")])
+@pytest.mark.parametrize("attention,cell", [(True, "gru"), (False, "lstm"), (True, "minlstm"), (False, "mingru")])
 def test_seq2seq_shapes_padding_and_step_by_step_decoding(attention, cell):
     pairs = reversal_pairs(5, seed=0)
     vocab = build_vocab(pairs)
@@ -264,7 +265,8 @@ def _greedy_by_decode_calls(model, src, src_lengths, max_len, seen):
     return ids, lengths
 
 
-@pytest.mark.parametrize("cell,attention,eos_bias", [("gru", True, 1.0), ("lstm", False, 0.0), ("rnn", True, 1.0)])
+@pytest.mark.parametrize("cell,attention,eos_bias", [("gru", True, 1.0), ("lstm", False, 0.0), ("rnn", True, 1.0),
+                                                     ("mingru", True, 1.0), ("minlstm", False, 3.0)])
 def test_greedy_decode_streams_the_same_tokens_as_calling_decode(cell, attention, eos_bias):
     """Streamed decoding: same ids and lengths as decode() per step, each argmax over the same logits
     (to float32 rounding); sequences end at different steps, so the <eos> bookkeeping is exercised."""

@@ -12,7 +12,7 @@ import sys
 
 from ..errors import UserError
 from ..tasks import BACKENDS, TrainingError, TrainingInterrupted, backend_scope
-from .common import RawTextParser
+from .common import RawTextParser, check_backend_has_cells
 
 COMMANDS = ("forecast", "textgen", "classify", "seq2seq", "memory", "gradflow")
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     backend = getattr(args, "backend", None)                # --backend: the whole command, evaluation too
     try:
+        check_backend_has_cells(backend, getattr(args, "cell", None))
         with backend_scope(backend if backend in BACKENDS else None):   # a bad name: the task's own message
             return int(args.run(args) or 0)
     except (UserError, ValueError, FileNotFoundError) as e:

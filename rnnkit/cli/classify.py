@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..tasks.classify import (DATASETS, ClassifyConfig, load_model, load_texts, predict, run_classify,
                               write_outputs)
+from ..models.cells import CELLS
 from .common import (add_common_flags, add_task, add_train_flags, config_from, epochs_summary, finite_float, positive_float,
                      positive_int, train_config)
 
@@ -60,7 +61,7 @@ def _add_train(sub) -> None:
     m.add_argument("--lower", action=argparse.BooleanOptionalAction, default=D.lower, help="fold case (default on)")
     m.add_argument("--min-freq", type=positive_int, default=D.min_freq, help=f"rarer words become <unk> (default {D.min_freq})")
     m.add_argument("--max-len", type=positive_int, default=D.max_len, help=f"words read per text (default {D.max_len})")
-    m.add_argument("--cell", choices=("rnn", "lstm", "gru"), default=D.cell, help=f"recurrent cell (default {D.cell})")
+    m.add_argument("--cell", choices=tuple(CELLS), default=D.cell, help=f"recurrent cell (default {D.cell})")
     m.add_argument("--embed-dim", type=positive_int, default=D.embed_dim, help=f"word embedding size (default {D.embed_dim})")
     m.add_argument("--bidirectional", action=argparse.BooleanOptionalAction, default=D.bidirectional,
                    help="read each text both ways (default off)")

@@ -18,6 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..models.cells import CELLS, RECURRENT
 from ..tasks import BACKENDS, MODES, SCHEDULES, TrainConfig
 
 
@@ -201,6 +202,15 @@ def parse_cells(text: str, known) -> tuple[str, ...]:
     if bad:
         raise UserError(f"--cell: unknown cell(s) {', '.join(bad)}; choose among {', '.join(known)}")
     return cells
+
+
+def check_backend_has_cells(backend: str | None, cells: str | None) -> None:
+    """--backend engine picks what rnnkit's RNN/LSTM/GRU run; a command whose --cell lists only minimal cells
+    (no U; they always run rnnkit's scan) has nothing it could change: refused rather than ignored."""
+    names = [c.strip() for c in str(cells or "").split(",") if c.strip()]
+    if backend not in (None, "auto") and names and all(c in CELLS and c not in RECURRENT for c in names):
+        raise UserError(f"--backend applies to cells with a recurrent weight U ({', '.join(RECURRENT)}); "
+                        f"--cell {','.join(names)} has none (it always runs rnnkit's scan): leave --backend out")
 
 
 def output_folder(text: str) -> Path:

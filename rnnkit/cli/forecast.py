@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from ..tasks.forecast import LOG, SCALES, STRATEGIES, ForecastConfig, load_series, run_forecast, write_outputs
+from ..models.cells import CELLS
 from .common import (add_common_flags, add_train_flags, config_from, epochs_summary, finite_float, nonnegative_int, positive_int,
                      train_config)
 
@@ -47,7 +48,7 @@ def add_parser(subparsers) -> None:
                    help=f"steps forecast, and held out per fold (default {D.horizon})")
     f.add_argument("--strategy", choices=STRATEGIES, default=D.strategy,
                    help=f"direct: the head emits H values; recursive: 1 step fed back H times (default {D.strategy})")
-    f.add_argument("--cell", choices=("rnn", "lstm", "gru"), default=D.cell, help=f"recurrent cell (default {D.cell})")
+    f.add_argument("--cell", choices=tuple(CELLS), default=D.cell, help=f"recurrent cell (default {D.cell})")
     f.add_argument("--dropout", type=finite_float, default=D.dropout, help="dropout between stacked layers (default 0)")
     f.add_argument("--log", choices=LOG, default=D.log, help=f"log transform; auto: when all values > 0 (default {D.log})")
     f.add_argument("--diff", action=argparse.BooleanOptionalAction, default=D.diff,

@@ -1,7 +1,6 @@
 """`rnnkit gradflow`: measure ||dL/dh_t|| over t per cell, its memory horizon, at init and after training."""
 from __future__ import annotations
 
-from ..errors import UserError
 from ..tasks import BACKENDS, gradflow, memory
 from .common import finite_float, output_folder, parse_cells, seed_int
 
@@ -43,11 +42,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    cells = parse_cells(args.cell, memory.CELLS)
-    if args.backend not in (None, "auto") and not any(c in memory.RECURRENT for c in cells):
-        raise UserError(f"--backend applies to cells with a recurrent weight U ({', '.join(memory.RECURRENT)}); "
-                        f"--cell {','.join(cells)} has none (it always runs rnnkit's scan): leave --backend out")
-    cfg = gradflow.GradflowConfig(cells=cells, length=args.length, hidden_size=args.hidden_size,
+    cfg = gradflow.GradflowConfig(cells=parse_cells(args.cell, memory.CELLS), length=args.length, hidden_size=args.hidden_size,
                                   batch_size=args.batch_size, trained_steps=args.trained_steps, lr=args.lr,
                                   clip_norm=args.clip_norm,
                                   seed=args.seed, num_seeds=args.num_seeds, checkpoints=args.checkpoints,

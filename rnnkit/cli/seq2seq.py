@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ..tasks.seq2seq import Seq2SeqTaskConfig, load_model, output_caveats, run_seq2seq, translate, write_outputs
+from ..models.cells import CELLS
 from .common import (add_common_flags, add_task, add_train_flags, config_from, epochs_summary, finite_float, positive_float,
                      positive_int, train_config)
 
@@ -54,7 +55,7 @@ def _add_train(sub) -> None:
     g.add_argument("--val-size", type=positive_int, default=D.val_size, help=f"validation pairs (default {D.val_size})")
     g.add_argument("--test-size", type=positive_int, default=D.test_size, help=f"test pairs (default {D.test_size})")
     g.add_argument("--data-seed", type=int, default=D.data_seed, help="seed that draws the pairs (default 0)")
-    g.add_argument("--cell", choices=("rnn", "lstm", "gru"), default=D.cell, help=f"recurrent cell (default {D.cell})")
+    g.add_argument("--cell", choices=tuple(CELLS), default=D.cell, help=f"recurrent cell (default {D.cell})")
     g.add_argument("--embed-dim", type=positive_int, default=D.embed_dim, help=f"embedding size (default {D.embed_dim})")
     g.add_argument("--attention", action=argparse.BooleanOptionalAction, default=D.attention,
                    help="Luong attention over the encoder states (default on)")

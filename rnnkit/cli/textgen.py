@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..tasks.textgen import DATASETS, TextgenConfig, generate, load_corpus, load_model, run_textgen, write_outputs
+from ..models.cells import CELLS
 from .common import (add_common_flags, add_task, add_train_flags, config_from, finite_float, nonnegative_int,
                      seed_int, positive_float, positive_int, train_config)
 
@@ -61,7 +62,7 @@ def _add_train(sub) -> None:
                    help=f"word level: rarer words become <unk> (default {D.min_freq})")
     d.add_argument("--val-fraction", type=finite_float, default=D.val_fraction, help="held-out tail (default 0.1)")
     m = p.add_argument_group("model")
-    m.add_argument("--cell", choices=("rnn", "lstm", "gru"), default=D.cell, help=f"recurrent cell (default {D.cell})")
+    m.add_argument("--cell", choices=tuple(CELLS), default=D.cell, help=f"recurrent cell (default {D.cell})")
     m.add_argument("--embed-dim", type=positive_int, default=D.embed_dim, help=f"token embedding size (default {D.embed_dim})")
     m.add_argument("--dropout", type=finite_float, default=D.dropout, help="dropout (default 0)")
     m.add_argument("--tbptt", "--bptt", dest="tbptt", type=positive_int, default=64, metavar="K",

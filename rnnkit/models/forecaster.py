@@ -1,6 +1,6 @@
 """Forecaster: a recurrent encoder over the lookback window and a linear head on its last state.
 
-    h_t = cell(x_t, h_{t-1})  for t = 1..L        (rk.RNN / rk.LSTM / rk.GRU, batch first)
+    h_t = cell(x_t, h_{t-1})  for t = 1..L        (rk.RNN / LSTM / GRU / MinGRU / MinLSTM, batch first)
     y   = W h_L + b'                               (outputs values: H for direct, 1 for recursive)
 
 Direct: the head emits all H future values at once. Recursive: the head emits one step; `rollout`
@@ -14,10 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import layers
 from ..errors import check_at_least_one, check_choice, check_dropout
-
-CELLS = {"rnn": layers.RNN, "lstm": layers.LSTM, "gru": layers.GRU}
+from .cells import CELLS
 
 
 @dataclass(frozen=True)

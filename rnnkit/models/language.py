@@ -1,4 +1,5 @@
-"""Character- or word-level language model: embedding -> rk.LSTM / GRU / RNN -> linear to the vocabulary.
+"""Character- or word-level language model: embedding -> rk.LSTM / GRU / RNN (or MinGRU / MinLSTM) ->
+linear to the vocabulary.
 
     x_t = E[token_t]                      embedding
     h_t = cell(x_t, h_{t-1})              V, U in the recurrent layer (weight_ih_l{k}, weight_hh_l{k})
@@ -26,10 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..layers import GRU, LSTM, RNN
 from ..stream import Stream
-
-CELLS = {"rnn": RNN, "lstm": LSTM, "gru": GRU}
+from .cells import CELLS
 
 
 @dataclass(frozen=True)

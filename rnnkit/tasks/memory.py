@@ -29,12 +29,11 @@ from .. import layers as rk
 from ..cells import ElmanCell, GRUCell, LSTMCell
 from ..data import synthetic
 from ..errors import UserError, at_least, check_all, finite_positive
-from ..minimal import MinGRU, MinGRUCell, MinLSTM, MinLSTMCell
+from ..minimal import MinGRUCell, MinLSTMCell
+from ..models.cells import CELLS, RECURRENT
 from ..numerics import flushing_denormals
 
 TASKS = ("adding", "copy", "order", "digits", "mnist1d")
-RECURRENT = {"rnn": rk.RNN, "lstm": rk.LSTM, "gru": rk.GRU}    # with a recurrent weight U (and a backend)
-CELLS = {**RECURRENT, "mingru": MinGRU, "minlstm": MinLSTM}     # the min cells: no U, one scan over time
 DEFAULT_LENGTH = {"adding": 100, "copy": 50, "order": 100, "digits": 8, "mnist1d": 40}
 MIN_LENGTH = synthetic.MIN_LENGTH
 GATES = {"rnn": ElmanCell.num_gates, "lstm": LSTMCell.num_gates, "gru": GRUCell.num_gates,   # blocks of H
