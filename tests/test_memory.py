@@ -270,6 +270,13 @@ def test_cli_backend_with_min_cells_only_says_why(command, tmp_path, capsys):
     assert "recurrent weight U" in err and "leave" in err and "Traceback" not in err
 
 
+def test_cli_bad_backend_name_with_min_cells_says_so(tmp_path, capsys):
+    """memory's --backend has no argparse choices: a bad name gets the name's message, not 'leave it out'."""
+    assert main(["memory", "--cell", "mingru", "--backend", "bogus", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "must be auto or engine" in err and "recurrent weight U" not in err
+
+
 def test_cli_forecast_on_a_min_cell(tmp_path):
     """Every training command builds its model from rnnkit.models.cells: the minimal cells too."""
     rc = main(["forecast", "--cell", "minlstm", "--epochs", "3", "--no-sarima", "--out", str(tmp_path), "--no-progress"])

@@ -208,7 +208,9 @@ def check_backend_has_cells(backend: str | None, cells: str | None) -> None:
     """--backend engine picks what rnnkit's RNN/LSTM/GRU run; a command whose --cell lists only minimal cells
     (no U; they always run rnnkit's scan) has nothing it could change: refused rather than ignored."""
     names = [c.strip() for c in str(cells or "").split(",") if c.strip()]
-    if backend not in (None, "auto") and names and all(c in CELLS and c not in RECURRENT for c in names):
+    if backend not in BACKENDS or backend == "auto":       # None, auto, or a bad name (the task's own message)
+        return
+    if names and all(c in CELLS and c not in RECURRENT for c in names):
         raise UserError(f"--backend applies to cells with a recurrent weight U ({', '.join(RECURRENT)}); "
                         f"--cell {','.join(names)} has none (it always runs rnnkit's scan): leave --backend out")
 
