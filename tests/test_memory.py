@@ -147,6 +147,7 @@ def test_cli_memory_grid_table_and_json(tmp_path, capsys):
     assert {(s["length"], s["cell"]) for s in data["summary"]} == {(20, "rnn"), (20, "gru"), (24, "rnn"), (24, "gru")}
     out = capsys.readouterr().out
     assert "accuracy" in out and "mean over seeds" in out
+    assert (tmp_path / "curves.png").stat().st_size > 1000 and "curves.png" in out
 
 
 def test_cli_clip_study_writes_curves(tmp_path):

@@ -17,7 +17,8 @@ EPILOG = """examples:
   rnnkit memory --task digits --length 8 --cell gru --steps 1500
   rnnkit memory --task adding --length 200 --cell mingru,minlstm --lr 1e-2 --batch-size 64
   rnnkit memory --clip-study --clip-norm 1        # IRNN (relu, U = I), SGD: without and with clipping
-writes OUT/results.json (every run: config, test metric, baseline, loss and gradient-norm curves);
+writes OUT/results.json (every run: config, test metric, baseline, loss and gradient-norm curves) and
+OUT/curves.png (those curves, every run);
 --clip-study writes OUT/clip_study.json and OUT/clip_study.png instead.
 """
 
@@ -124,7 +125,11 @@ def run(args) -> int:
             per = ", ".join("diverged" if v is None else f"{v:.4f}" for v in s["per_seed"])
             print(f"  {s['task']:<8} T={s['length']:<5} {s['cell']:<7} {s['metric']} {mean} "
                   f"(per seed {per}; baseline {s['baseline']:.4f})")
-    print(f"wrote {out / 'results.json'} ({len(results)} runs)")
+    curves = {f"{r.config.cell} T={r.config.length} seed {r.config.seed}": r.to_dict() for r in results}
+    title = f"{base.task}: training loss and gradient norm, {len(results)} run(s)"
+    from ..diagnostics import plots
+    plots.training_curves(curves, out / "curves.png", title)
+    print(f"wrote {out / 'results.json'} ({len(results)} runs), {out / 'curves.png'}")
     return 0
 
 
