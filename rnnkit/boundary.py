@@ -163,8 +163,12 @@ def length_mask(lengths: Tensor, T: int, padding: str, dtype) -> Tensor:
     return real.to(dtype).unsqueeze(2)
 
 
-def zero_padding(x: Tensor, mask: Tensor | None) -> Tensor:
-    """x (T, B, I) with its padded steps (mask 0) set to zero. The scans ignore a padded step by factors of
-    0 and 1, and a NaN or inf there (a series padded with NaN) would pass through them (NaN * 0 = NaN) into
-    the final state, the weight gradients and the reverse direction's outputs."""
-    return x if mask is None else x.masked_fill(mask == 0, 0)
+def padded_input(x: Tensor, lengths: Tensor | None, padding: str) -> tuple[Tensor, Tensor | None]:
+    """x (T, B, I) with its padded steps set to zero, and the (T, B, 1) length mask (None without lengths).
+    The scans ignore a padded step by factors of 0 and 1, and a NaN or inf there (a series padded with NaN)
+    would pass through them (NaN * 0 = NaN) into the final state, the weight gradients and the reverse
+    direction's outputs."""
+    if lengths is None:
+        return x, None
+    mask = length_mask(lengths.to(x.device), x.shape[0], padding, x.dtype)
+    return x.masked_fill(mask == 0, 0), mask

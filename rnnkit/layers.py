@@ -38,10 +38,9 @@ from .boundary import (
     check_state,
     check_truncate,
     h_size,
-    length_mask,
+    padded_input,
     repack_like,
     untraced,
-    zero_padding,
 )
 from .cells import (
     ElmanCell,
@@ -190,8 +189,7 @@ class _Recurrent:
         if self.batch_first:
             x = x.transpose(0, 1)
         T, B = x.shape[:2]
-        mask = None if lengths is None else length_mask(lengths.to(x.device), T, padding, x.dtype)
-        x = zero_padding(x, mask)
+        x, mask = padded_input(x, lengths, padding)
         D = self._directions()
         cell = LayerNormCell(self._cell, normalize_input=True) if self.layer_norm else self._cell
         sink = self._trace_sink.new_call() if self._trace_sink is not None else None

@@ -33,10 +33,9 @@ from .boundary import (
     check_input,
     check_lengths,
     check_state,
-    length_mask,
+    padded_input,
     repack_like,
     untraced,
-    zero_padding,
 )
 from .cells.base import uniform_init_
 from .engine import TraceSlot
@@ -262,8 +261,7 @@ class _MinRecurrent(nn.Module):
         x, hx, lengths, unbatched = self._check(input, hx, lengths)
         if self.batch_first:
             x = x.transpose(0, 1)                                        # (T, B, I)
-        mask = None if lengths is None else length_mask(lengths.to(x.device), x.shape[0], padding, x.dtype)
-        x = zero_padding(x, mask)
+        x, mask = padded_input(x, lengths, padding)
         sink = self._trace_sink.new_call() if self._trace_sink is not None else None
         D, finals = self._directions(), []
         for layer in range(self.num_layers):

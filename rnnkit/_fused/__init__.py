@@ -118,7 +118,7 @@ def forget_shapes() -> None:
     if _disabled() or _ops() is None:
         return
     ops = _ops()
-    ops.set_exact_shapes(ops.set_exact_shapes(0))
+    ops.set_exact_shapes(ops.set_exact_shapes(0))           # the size it had (0 returns it), the table cleared
 
 
 # -- which scans it runs -----------------------------------------------------------------------------

@@ -73,8 +73,7 @@ def size_terms(cfg: GradflowConfig) -> list[tuple[float, dict[str, int]]]:
     """Floats one cell's study certainly holds at once (a lower bound), by the flags that scale them."""
     T, H = cfg.length, cfg.hidden_size
     GH = max(memory.GATES[c] for c in cfg.cells) * H
-    weights = max(memory.GATES[c] * H * ((H if c in memory.RECURRENT else 0) + 2) for c in cfg.cells)
-    terms = [(weights, {"--hidden-size": H}),                                       # U (min cells: none), V
+    terms = [(max(memory.weight_floats(c, H, 2) for c in cfg.cells), {"--hidden-size": H}),   # U, V
              (cfg.batch_size * T * GH, size_flags(cfg)),                            # the traced gates
              (H * T * GH, {"--hidden-size": H, "--length": T})]                     # Jacobians: H copies of x
     if cfg.trained_steps:                                                           # its training batches

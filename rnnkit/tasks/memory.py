@@ -131,17 +131,22 @@ def size_flags(cfg: MemoryConfig) -> dict[str, int]:
     return flags | ({"--num-layers": cfg.num_layers} if cfg.num_layers > 1 else {})
 
 
+def weight_floats(cell: str, hidden_size: int, input_size: int) -> int:
+    """Floats in one layer's weights: U (G*H, H) and V (G*H, I); the min cells have V only."""
+    U = hidden_size if cell in RECURRENT else 0
+    return GATES[cell] * hidden_size * (U + input_size)
+
+
 def size_terms(cfg: MemoryConfig) -> list[tuple[float, dict[str, int]]]:
     """Floats one training run certainly holds at once (a lower bound), by what scales them."""
     spec = task_spec(cfg.task, cfg.length)
     T = cfg.length + (2 * synthetic.COPY_LEN if cfg.task == "copy" else 0)
     GH, L = GATES[cfg.cell] * cfg.hidden_size, cfg.num_layers
-    U = cfg.hidden_size if cfg.cell in RECURRENT else 0                                     # the min cells: V only
     flags = size_flags(cfg)
     # kept for BPTT: the gates of every step (rnn, lstm, gru); the min cells' scan recomputes its gates in the
     # backward and keeps h of every layer only, beside which the gradient reaching the top layer's h arrives
     bptt = L * GH if cfg.cell in RECURRENT else (L + 1) * cfg.hidden_size
-    terms = [(L * GH * (U + spec.input_size),                                                 # the weights U, V
+    terms = [(L * weight_floats(cfg.cell, cfg.hidden_size, spec.input_size),                   # the weights U, V
               {f: v for f, v in flags.items() if f in ("--hidden-size", "--num-layers")}),
              (cfg.batch_size * T * bptt, flags)]
     if cfg.task in MIN_LENGTH:                                                                # a synthetic test set
