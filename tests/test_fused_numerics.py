@@ -3,6 +3,8 @@ backward as the engine flushes them, NaN carried through, its float tanh over it
 precision of its layer norm's moments. (Equality over cells and options: test_fused.py.)"""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from test_fused import (
@@ -14,6 +16,7 @@ from test_fused import (
     scan_inputs,
 )
 
+import rnnkit as rk
 from rnnkit.cells import ElmanCell
 
 
@@ -82,9 +85,10 @@ def test_kernel_tanh_is_within_a_few_ulp_of_torch_over_its_whole_range():
 @needs_kernel
 @pytest.mark.parametrize("kind", ["lnx_lstm", "lnx_rnn_tanh", "ln_gru"])
 def test_float32_layer_norm_keeps_its_precision_when_a_row_has_an_outlier(kind):
-    """The kernel's LN moments are two passes (mean, then squares about it). A one-pass sum of squares
-    shifted by the row's first element loses ~30x when that element is an outlier (measured 3.9e-6
-    here); the float32 kernel stays within 1e-6 of the float64 engine."""
+    """The kernel normalises rows whose mean is zero by construction (U, b_hh, b_ih and xi come centred)
+    and sums their squares in one pass. A one-pass sum of squares shifted by the row's first element
+    instead loses ~30x when that element is an outlier (measured 3.9e-6 here); the float32 kernel stays
+    within 1e-6 of the float64 engine."""
     cell, xi, w, b, state0, params = scan_inputs(kind, torch.float64, T_=6, B_=4, H_=64)
     with torch.no_grad():
         xi[:, :, 0] += 30.0                                   # 30 standard deviations off its row's mean
@@ -95,6 +99,48 @@ def test_float32_layer_norm_keeps_its_precision_when_a_row_has_an_outlier(kind):
     out, _ = fused_scan(options(cell, torch.float32, T_=6, B_=4, H_=64), f32(xi), tuple(map(f32, state0)), f32(w),
                         f32(b), tuple(map(f32, params)))
     assert float((out.double() - ref.detach()).abs().max()) <= 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["lnx_lstm", "lnx_rnn_tanh", "ln_gru"])
+def test_float32_layer_norm_keeps_its_precision_when_the_weights_share_an_offset(kind):
+    """LN's mean is taken out of U, b_hh and b_ih (centred in double) before the products, not out of
+    U h after them: rows of U h with a large common offset (every entry of U and b_hh + 10) lose nothing
+    to cancellation. Float32 kernel against the float64 engine on the same float32 inputs: ~2e-7 (the
+    two-pass moments of U h gave 4e-6 to 2.5e-5 here)."""
+    cell, xi, w, b, state0, params = scan_inputs(kind, torch.float64, T_=6, B_=4, H_=64)
+
+    def f32(t):
+        return (t.detach() + 10.0 if t is w or t is b else t.detach()).float()
+    args = (f32(xi), tuple(map(f32, state0)), f32(w), f32(b), tuple(map(f32, params)))
+    ref, _ = pure_scan(options(cell, torch.float64, T_=6, B_=4, H_=64), args[0].double(),
+                       tuple(s.double() for s in args[1]), args[2].double(), args[3].double(),
+                       tuple(p.double() for p in args[4]))
+    out, _ = fused_scan(options(cell, torch.float32, T_=6, B_=4, H_=64), *args)
+    assert float((out.double() - ref).abs().max()) <= 1e-6
+
+
+@needs_kernel
+@pytest.mark.parametrize("cls", [rk.LSTM, rk.GRU])
+def test_float32_layer_norm_of_the_input_keeps_its_precision_when_w_ih_shares_an_offset(cls):
+    """The same for xi = x W_ih^T + b_ih: W_ih's columns are centred (in double) before the product, so
+    a common offset in W_ih (+ 10) costs the float32 layer nothing against its float64 copy; outputs
+    and gradients."""
+    torch.manual_seed(0)
+    layer = cls(16, 64, layer_norm=True, backend="engine")
+    with torch.no_grad():
+        layer.weight_ih_l0 += 10.0
+        layer.bias_ih_l0 += 10.0
+    wide = copy.deepcopy(layer).double()
+    x = torch.randn(6, 4, 16)
+    out = layer(x)[0]
+    ref = wide(x.double())[0]
+    assert float((out.double() - ref).abs().max()) <= 1e-6
+    out.square().sum().backward()
+    ref.square().sum().backward()
+    for (name, p), q in zip(layer.named_parameters(), wide.parameters()):
+        scale = float(q.grad.abs().max())
+        assert float((p.grad.double() - q.grad).abs().max()) <= 1e-5 * max(scale, 1.0), name
 
 
 def _zero_state_run(fn, kind, dtype, grad_h0, poison=None, **opt):

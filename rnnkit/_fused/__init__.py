@@ -267,6 +267,15 @@ def _kernel_args(n: int, weight_hh, bias_hh, rest) -> tuple:
             gamma, beta, gamma_x, beta_x)
 
 
+def _centered(t, dim: int):
+    """t less its mean along dim: xi's rows as the kernel normalises them (their mean is not computed
+    there, cells.h: layernorm_rows). W_ih's columns centred (the kernel's own op, in double: scan.cpp)
+    give xi rows of zero mean (mean(x W^T) = x mean(W)^T) at the cost of a (G*H, I) pass; xi handed over
+    as it is gets its rows centred here. No gradient correction follows: LN's gradient has zero mean
+    along the row, which a centring leaves as it is."""
+    return _ops().centered(t) if dim == 0 else (t - t.mean(dim, keepdim=True)).contiguous()
+
+
 _KERNEL_SAVED = 10                  # saved first: the kernel's outputs the backward reads, and x2
 
 
@@ -279,15 +288,16 @@ class _FusedScan(torch.autograd.Function):
         # weight_ih None: x is xi itself; else xi = x W_ih^T here, and b_ih goes to the kernel
         code, ln = _cell_code(opts.cell)
         keep = opts.keeps(ctx.needs_input_grad)
+        w, b, h0, c0, gamma, beta, gamma_x, beta_x = _kernel_args(n, weight_hh, bias_hh, rest)
         x2 = xb = None
         if weight_ih is None:
-            xi = x.contiguous()
+            xi = x.contiguous() if gamma_x is None else _centered(x, -1)
         else:
             x2 = x.reshape(-1, x.shape[2])
-            xi = _ops().pooled_mm(x2, weight_ih.t()).view(x.shape[0], x.shape[1], weight_ih.shape[0])
+            w_ih = weight_ih if gamma_x is None else _centered(weight_ih, 0)
+            xi = _ops().pooled_mm(x2, w_ih.t()).view(x.shape[0], x.shape[1], weight_ih.shape[0])
             xb = _c(bias_ih)
         mask, rec, zone = _options(opts, xi)
-        w, b, h0, c0, gamma, beta, gamma_x, beta_x = _kernel_args(n, weight_hh, bias_hh, rest)
         out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_T, c_T = _ops().forward(
             code, ln, opts.reverse, keep, xi, w, b, h0, c0, gamma, beta, gamma_x, beta_x, xb, mask, rec, *zone)
         del xi                                                 # back to the pool now: d_xi reuses it

@@ -91,8 +91,17 @@ void forward_step(const Problem& p, const Views<T>& v, const Lane& lane, const S
   } else {
     std::fill(gh, gh + lane.rows() * W, T(0));
   }
+  // Under LN, row b of xi for the step processed next, fetched a step ahead: the LN's first pass over
+  // the row otherwise waits on it (perf: 41% of layernorm_forward's samples on that load; LSTM B=64
+  // T=200 H=64 forward with layer_norm 4.29 -> 4.10 ms, alternating processes). Only under LN, where
+  // it was measured.
+  const bool fetch = p.ln && i + 1 < p.T;
+  const int64_t next = fetch ? p.time(i + 1) * B * W : 0;
   for_lane_rows(p, lane, [&](int64_t b) {
     const int64_t r = b - b0;
+    if (fetch) {
+      for (int64_t j = 0; j < W; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(v.xi + next + b * W + j);
+    }
     forward_row(p, v, gh + r * W, xn + r * W, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr);
   });
 }

@@ -6,6 +6,7 @@
 // to a few seconds (no torch/extension.h).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
@@ -160,9 +161,60 @@ void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& 
   forward_loop<T>(p, v);
 }
 
+// dst = src (rows, cols) less its column means, taken and subtracted in double: a float32 weight whose
+// entries share a large offset keeps the relative precision of its centred entries (the product of the
+// centred U then has no cancellation; taking the mean out of U h after the product, as the two-pass LN
+// moments did, cancels it there: float32 LSTM with U + 10 in every entry, 4.4e-6 off the float64 engine
+// that way, 2.2e-5 with the centring in float, ~1e-7 in double).
+template <typename T>
+void center_columns(int64_t rows, int64_t cols, const T* src, T* dst) {
+  std::vector<double> mean(cols, 0.0);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) mean[j] += double(src[r * cols + j]);
+  }
+  for (int64_t j = 0; j < cols; ++j) mean[j] /= double(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t j = 0; j < cols; ++j) dst[r * cols + j] = T(double(src[r * cols + j]) - mean[j]);
+  }
+}
+
+// Under LN the forward runs on U, b_hh and b_ih with their means over the G*H rows taken out: the
+// products' rows then have zero mean (mean(U h + b) = mean(U) h + mean(b)) and the loop does not compute
+// it (cells.h: layernorm_rows). Copies here, a pass over U; the backward reads the weights as given.
+template <typename T>
+struct Centered {
+  std::vector<T> w, b, xb;
+
+  static const T* copy(int64_t rows, int64_t cols, const T* src, std::vector<T>& dst) {
+    dst.resize(rows * cols);
+    center_columns(rows, cols, src, dst.data());
+    return dst.data();
+  }
+
+  void into(const Problem& p, Views<T>& v) {
+    v.w = copy(p.W(), p.H, v.w, w);
+    v.b = copy(p.W(), 1, v.b, b);
+    if (v.xb != nullptr && v.gamma_x != nullptr) v.xb = copy(p.W(), 1, v.xb, xb);   // b_ih inside xi's LN
+  }
+};
+
+// centered(t): t (rows, ...) less its mean over dim 0, as the forward centres U: for W_ih, whose product
+// gives xi rows of zero mean (mean(x W^T) = x mean(W)^T).
+Tensor centered(const Tensor& t) {
+  TORCH_CHECK(t.dim() >= 1 && t.size(0) > 0, "rnnkit centered: expected a tensor with rows");
+  const Tensor src = t.contiguous();
+  Tensor out = at::empty_like(src);
+  with_floating(src, "rnnkit centered", [&](auto zero) {
+    using S = decltype(zero);
+    center_columns(src.size(0), src.numel() / src.size(0), ptr<S>(src), ptr<S>(out));
+  });
+  return out;
+}
+
 // Returns [out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_final, c_final]; absent entries are
-// undefined (None). gamma_x, beta_x: xi comes raw, and is layer-normalised here (LN cells only). xb: xi
-// comes without the input projection's bias b_ih, which is added here.
+// undefined (None). gamma_x, beta_x: xi comes raw, and is layer-normalised here (LN cells only); its rows
+// must have zero mean (the caller takes W_ih's mean over its rows out: _fused/__init__.py). xb: xi comes
+// without the input projection's bias b_ih, which is added here.
 std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, const Tensor& xi, const Tensor& w,
                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta,
                             const Opt& gamma_x, const Opt& beta_x, const Opt& xb, const Opt& mask,
@@ -182,8 +234,10 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
   const Buffers f = allocate(p, keep, has(mask) || has(zh) || has(zc), has(mask), has(rec), has(gamma_x), o);
   auto run = [&](auto zero) {
     using S = decltype(zero);
-    run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, row_xb, mask, rec, zh, zc),
-                   xi, f, keep);
+    Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, row_xb, mask, rec, zh, zc);
+    Centered<S> centred;
+    if (p.ln) centred.into(p, v);
+    run_forward<S>(p, v, xi, f, keep);
   };
   with_floating(xi, "rnnkit fused scan", run);
   const int64_t last = reverse ? 0 : p.T - 1;
@@ -337,6 +391,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
         "bool need_b, bool need_xb, bool need_h0=True) -> Tensor[]",
         &rnnkit::backward);
   m.def("bernoulli_mask(int[] shape, float p, int seed, ScalarType dtype) -> Tensor", &rnnkit::bernoulli_mask);
+  m.def("centered(Tensor t) -> Tensor", &rnnkit::centered);
   m.def("gemm_route() -> str", &rnnkit::route);
   m.def("limit_gemm_route(str route) -> ()", &rnnkit::limit_route);
   m.def("dnnl_matmul_calls() -> int", &rnnkit::dnnl_matmul_calls);
