@@ -231,6 +231,23 @@ def test_gru_backward_streaming_its_rows_equals_engine(H_, lanes):
 
 
 @needs_kernel
+@pytest.mark.parametrize("lanes", [16, 0], ids=["lanes", "no_lanes"])
+@pytest.mark.parametrize(("kind", "H_"), [("lnx_lstm", 64), ("lnx_gru", 90)], ids=["lstm_1kb", "gru_1080b"])
+def test_layer_norm_forward_streaming_its_saved_rows_equals_engine(kind, H_, lanes):
+    """Under LN the forward writes the saved xhat and xhat_x rows with non-temporal stores once they pass
+    8 MB in rows of 1 KB or more (store.h), from a scratch row per batch row: LSTM H = 64, 1 KB float32
+    rows of whole 16-byte chunks; GRU H = 90, 1080-byte rows, which take memcpy. Both threads, in lanes
+    or splitting each step; the backward reads the rows back."""
+    G = 4 if "lstm" in kind else 3
+    with two_threads(lanes):
+        for dtype, tol in TOL.items():
+            T_ = -(-(8 << 20) // (G * H_ * dtype.itemsize * 64))          # (T, 64, G*H) xhat of >= 8 MB
+            for opt in ({}, {"reverse": True, "padding": "right", "zone": "train"}):
+                outs = big_run(kind, dtype, T_, 64, H_, **opt)
+                assert_same(*outs, 10 * tol, f"{kind} {dtype} {opt}")
+
+
+@needs_kernel
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru", "ln_lstm"])
 def test_equals_engine_with_broadcast_and_strided_output_gradients(kind):
     """out.sum() sends a scalar expanded to (T, B, H); a loss on out.transpose(0, 1) a strided gradient.
