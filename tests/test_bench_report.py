@@ -18,6 +18,7 @@ import bench_fused  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_minimal  # noqa: E402
 import bench_stream  # noqa: E402
+import extras_ab  # noqa: E402
 from common import interleaved, matmul_peak_gflops  # noqa: E402
 from report import KEEP_MARKER, render  # noqa: E402
 
@@ -142,6 +143,12 @@ def test_fused_kernel_benchmark_runs_every_contender():
     (bench_backend.main, ["--rounds", "0"], "argument --rounds: expected an integer >= 1, got 0"),
     (bench_backend.main, ["--only", "forecast,fast"], "--only: unknown ['fast']; choose among adding, dates"),
     (bench_backend.main, ["--only", ","], "--only: unknown empty list"),
+    (extras_ab.main, ["--points", "lstm:64:x:64"], "'lstm:64:x:64': expected cell:B:T:H with cell rnn, lstm or gru"),
+    (extras_ab.main, ["--points", "min:1:2:3"], "'min:1:2:3': expected cell:B:T:H"),
+    (extras_ab.main, ["--extra", "layer_norm,zoneout"], "--extra takes one of layer_norm, zoneout"),
+    (extras_ab.main, ["--extra", "dropout"], "unknown name(s) ['dropout']"),
+    (extras_ab.main, ["--base", "{tmp}"], "--base {tmp}: not an rnnkit checkout"),
+    (extras_ab.main, ["--reps", "2"], "argument --reps: expected an integer >= 3, got 2"),
 ])
 def test_bad_arguments_exit_2_before_measuring(main, argv, message, tmp_path, capsys):
     """Every benchmark script refuses a bad value with one line and exit status 2, before it measures or
@@ -163,3 +170,16 @@ def test_bench_backend_reads_each_commands_own_seconds_and_tabulates_medians(tmp
     text = bench_backend.table({"forecast": {"auto": [3.0, 2.0, 9.0], "engine": [1.0, 1.5, 2.5]}}, 3)
     assert "| `forecast --no-sarima --threads 2` |" in text and "| 3.00 | 1.50 | 2.00× |" in text
     assert bench_backend.parse_args(["--only", "forecast, adding,forecast"]).names == ["forecast", "adding"]
+
+
+def test_extras_ab_times_plain_and_extra_in_one_process_and_tabulates_cost_per_checkout():
+    """The child's measurement on a tiny point (both layers run, in both modes), then the table: per
+    checkout the medians over rounds and the cost's median (min-max) over rounds."""
+    res = extras_ab.measure_here("zoneout", extras_ab.points("gru:2:3:4"), reps=3)
+    assert set(res["points"]) == {"gru B=2 T=3 H=4 forward", "gru B=2 T=3 H=4 train"}
+    assert all(v["plain"] > 0 and v["extra"] > 0 for v in res["points"].values())
+    key = "lstm B=1 T=2 H=3 train"
+    runs = {"base": [{"points": {key: {"plain": p, "extra": e}}} for p, e in ((1.0, 1.5), (2.0, 2.4), (1.0, 1.2))],
+            "this": [{"points": {key: {"plain": 4.0, "extra": 5.0}}}]}
+    text = extras_ab.table(runs)
+    assert f"| {key} | 1.00 | 1.50 | 1.200x (1.200-1.500) | 4.00 | 5.00 | 1.250x (1.250-1.250) |" in text
