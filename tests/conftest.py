@@ -25,3 +25,13 @@ def min_route(request, monkeypatch):
     elif request.param == "fused-kept":
         monkeypatch.setattr(rnnkit.parallel, "KEEP_MIN_INPUT", 1)
     return request.param
+
+
+@pytest.fixture(params=["rule", "centred"])
+def ln_centring(request, monkeypatch):
+    """Under layer normalisation the fused kernel takes U, b_hh, W_ih and b_ih centred (so that its rows
+    have zero mean) only in calls of enough rows (rnnkit._fused._centres); the tests' small scans run
+    both ways: as the rule has it (not centred: LN computes the rows' means) and always centred."""
+    if request.param == "centred":
+        monkeypatch.setattr(rnnkit._fused, "CENTRE_ROWS_PER_UNIT", 0)
+    return request.param

@@ -143,7 +143,7 @@ GRID = list(itertools.product([False, True], [None, "right", "left"], [None, 2],
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("kind", CELL_KINDS)
-def test_equals_engine_over_option_grid(kind, dtype):
+def test_equals_engine_over_option_grid(kind, dtype, ln_centring):
     """Every combination of reverse x padding x truncation x recurrent dropout x zoneout x trace."""
     for reverse, padding, truncate, rec, zone, trace in GRID:
         opt = dict(reverse=reverse, padding=padding, truncate=truncate, rec=rec, zone=zone, trace=trace)
@@ -153,7 +153,7 @@ def test_equals_engine_over_option_grid(kind, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("kind", CELL_KINDS)
-def test_equals_engine_with_broadcast_zoneout_no_bias_and_partial_losses(kind):
+def test_equals_engine_with_broadcast_zoneout_no_bias_and_partial_losses(kind, ln_centring):
     for opt in (dict(zone="eval", padding="right"), dict(loss_on=("out",), bias=False, truncate=1),
                 dict(loss_on=("final",), reverse=True, trace=True), dict(truncate=T + 2, zone="eval")):
         for dtype in TOL:
@@ -236,8 +236,9 @@ def test_gru_backward_streaming_its_rows_equals_engine(H_, lanes):
 def test_layer_norm_forward_streaming_its_saved_rows_equals_engine(kind, H_, lanes):
     """Under LN the forward writes the saved xhat and xhat_x rows with non-temporal stores once they pass
     8 MB in rows of 1 KB or more (store.h), from a scratch row per batch row: LSTM H = 64, 1 KB float32
-    rows of whole 16-byte chunks; GRU H = 90, 1080-byte rows, which take memcpy. Both threads, in lanes
-    or splitting each step; the backward reads the rows back."""
+    rows of whole 16-byte chunks; GRU H = 90, 1080-byte float32 rows, whose last 8 bytes take memcpy
+    (2160-byte float64 rows are whole chunks). Both threads, in lanes or splitting each step; the
+    backward reads the rows back."""
     G = 4 if "lstm" in kind else 3
     with two_threads(lanes):
         for dtype, tol in TOL.items():
@@ -307,7 +308,7 @@ def test_layers_through_the_fused_path_equal_the_engine(monkeypatch):
 @pytest.mark.parametrize("opt", [dict(), dict(reverse=True, padding="left", zone="train", rec=True)],
                          ids=["plain", "extras"])
 @pytest.mark.parametrize("kind", CELL_KINDS)
-def test_fused_scan_gradcheck(kind, opt):
+def test_fused_scan_gradcheck(kind, opt, ln_centring):
     cell, xi, w, b, state0, params = scan_inputs(kind, torch.float64, T_=4, B_=3, H_=3)
     opts = options(cell, torch.float64, T_=4, B_=3, H_=3, **opt)
     n = len(state0)

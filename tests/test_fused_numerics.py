@@ -17,6 +17,7 @@ from test_fused import (
 )
 
 import rnnkit as rk
+from rnnkit import _fused
 from rnnkit.cells import ElmanCell
 
 
@@ -84,11 +85,12 @@ def test_kernel_tanh_is_within_a_few_ulp_of_torch_over_its_whole_range():
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["lnx_lstm", "lnx_rnn_tanh", "ln_gru"])
-def test_float32_layer_norm_keeps_its_precision_when_a_row_has_an_outlier(kind):
+def test_float32_layer_norm_keeps_its_precision_when_a_row_has_an_outlier(kind, ln_centring):
     """The kernel normalises rows whose mean is zero by construction (U, b_hh, b_ih and xi come centred)
-    and sums their squares in one pass. A one-pass sum of squares shifted by the row's first element
-    instead loses ~30x when that element is an outlier (measured 3.9e-6 here); the float32 kernel stays
-    within 1e-6 of the float64 engine."""
+    and sums their squares in one pass, or, in a call too short to centre the weights, takes the mean and
+    then the squares about it. A one-pass sum of squares shifted by the row's first element instead loses
+    ~30x when that element is an outlier (measured 3.9e-6 here); the float32 kernel stays within 1e-6 of
+    the float64 engine either way."""
     cell, xi, w, b, state0, params = scan_inputs(kind, torch.float64, T_=6, B_=4, H_=64)
     with torch.no_grad():
         xi[:, :, 0] += 30.0                                   # 30 standard deviations off its row's mean
@@ -103,29 +105,42 @@ def test_float32_layer_norm_keeps_its_precision_when_a_row_has_an_outlier(kind):
 
 @needs_kernel
 @pytest.mark.parametrize("kind", ["lnx_lstm", "lnx_rnn_tanh", "ln_gru"])
-def test_float32_layer_norm_keeps_its_precision_when_the_weights_share_an_offset(kind):
+def test_float32_layer_norm_keeps_its_precision_when_the_weights_share_an_offset(kind, monkeypatch):
     """LN's mean is taken out of U, b_hh and b_ih (centred in double) before the products, not out of
     U h after them: rows of U h with a large common offset (every entry of U and b_hh + 10) lose nothing
-    to cancellation. Float32 kernel against the float64 engine on the same float32 inputs: ~2e-7 (the
-    two-pass moments of U h gave 4e-6 to 2.5e-5 here)."""
+    to cancellation, and the backward multiplies by the same centred U (d_h = d_gh U). Float32 kernel
+    against the float64 engine on the same float32 inputs: outputs 1-2.4e-7, every gradient within
+    3e-7 of its largest entry (the two-pass moments of U h gave 3e-6 to 4.2e-5 on the outputs; the raw U
+    in the backward 3e-6 to 9e-6 on the gradients). Centring forced: these 24 rows are a call too short
+    for it by the rule (_fused._centres)."""
+    monkeypatch.setattr(_fused, "CENTRE_ROWS_PER_UNIT", 0)
     cell, xi, w, b, state0, params = scan_inputs(kind, torch.float64, T_=6, B_=4, H_=64)
 
-    def f32(t):
-        return (t.detach() + 10.0 if t is w or t is b else t.detach()).float()
-    args = (f32(xi), tuple(map(f32, state0)), f32(w), f32(b), tuple(map(f32, params)))
-    ref, _ = pure_scan(options(cell, torch.float64, T_=6, B_=4, H_=64), args[0].double(),
-                       tuple(s.double() for s in args[1]), args[2].double(), args[3].double(),
-                       tuple(p.double() for p in args[4]))
-    out, _ = fused_scan(options(cell, torch.float32, T_=6, B_=4, H_=64), *args)
-    assert float((out.double() - ref).abs().max()) <= 1e-6
+    def leaves(dtype, shift):
+        return [(t.detach() + (shift if t is w or t is b else 0.0)).to(dtype).requires_grad_()
+                for t in (xi, w, b, *state0, *params)]
+    narrow = leaves(torch.float32, 10.0)
+    wide = [t.detach().double().requires_grad_() for t in narrow]
+    n = len(state0)
+    results = []
+    for fn, dtype, ts in ((fused_scan, torch.float32, narrow), (pure_scan, torch.float64, wide)):
+        out, _ = fn(options(cell, dtype, T_=6, B_=4, H_=64), ts[0], tuple(ts[3:3 + n]), ts[1], ts[2],
+                    tuple(ts[3 + n:]))
+        out.square().sum().backward()
+        results.append(out)
+    assert float((results[0].detach().double() - results[1].detach()).abs().max()) <= 1e-6
+    for k, (p, q) in enumerate(zip(narrow, wide, strict=True)):
+        assert float((p.grad.double() - q.grad).abs().max()) <= 1e-6 * float(q.grad.abs().max()), k
 
 
 @needs_kernel
 @pytest.mark.parametrize("cls", [rk.LSTM, rk.GRU])
-def test_float32_layer_norm_of_the_input_keeps_its_precision_when_w_ih_shares_an_offset(cls):
-    """The same for xi = x W_ih^T + b_ih: W_ih's columns are centred (in double) before the product, so
-    a common offset in W_ih (+ 10) costs the float32 layer nothing against its float64 copy; outputs
-    and gradients."""
+def test_float32_layer_norm_of_the_input_keeps_its_precision_when_w_ih_shares_an_offset(cls, monkeypatch):
+    """The same for xi = x W_ih^T + b_ih: W_ih's columns and b_ih are centred (in double) before the
+    product, and d_x is formed through the centred W_ih, so a common offset in W_ih and b_ih (+ 10) costs
+    the float32 layer nothing against a float64 copy run by the pure-torch engine; outputs and gradients
+    (measured ~3e-7 of each gradient's largest entry). Centring forced, as above."""
+    monkeypatch.setattr(_fused, "CENTRE_ROWS_PER_UNIT", 0)
     torch.manual_seed(0)
     layer = cls(16, 64, layer_norm=True, backend="engine")
     with torch.no_grad():
@@ -133,14 +148,44 @@ def test_float32_layer_norm_of_the_input_keeps_its_precision_when_w_ih_shares_an
         layer.bias_ih_l0 += 10.0
     wide = copy.deepcopy(layer).double()
     x = torch.randn(6, 4, 16)
-    out = layer(x)[0]
-    ref = wide(x.double())[0]
-    assert float((out.double() - ref).abs().max()) <= 1e-6
+    x32, x64 = x.clone().requires_grad_(), x.double().requires_grad_()
+    out = layer(x32)[0]
+    with monkeypatch.context() as m:
+        m.setenv("RNNKIT_NO_FUSED", "1")                 # the reference: the pure-torch engine
+        ref = wide(x64)[0]
+        ref.square().sum().backward()
     out.square().sum().backward()
+    assert float((out.double() - ref).abs().max()) <= 1e-6
+    named = [("x", x32, x64)] + [(n, p, q) for (n, p), q in zip(layer.named_parameters(), wide.parameters())]
+    for name, p, q in named:
+        assert float((p.grad.double() - q.grad).abs().max()) <= 2e-6 * float(q.grad.abs().max()), name
+
+
+@needs_kernel
+@pytest.mark.parametrize("T_, B_, copies", [(1, 1, 0), (8, 64, 3)])
+def test_layer_norm_centres_the_weights_only_in_calls_long_enough_to_pay_for_it(T_, B_, copies, monkeypatch):
+    """Centring copies U, b_hh and W_ih (and b_ih) each call: a step at a time through the layer (T = B = 1,
+    H = 64) keeps the weights and lets LN take the rows' means (was: LSTM H=2048 80 ms a call against
+    5.3); 512 rows, 8 per unit, take them centred (4 copies with W_ih, whose product the kernel makes).
+    Both give the pure engine's numbers."""
+    calls = []
+    real = _fused._centered
+    monkeypatch.setattr(_fused, "_centered", lambda t, dim: (calls.append(dim), real(t, dim))[1])
+    torch.manual_seed(0)
+    layer = rk.LSTM(64, 64, layer_norm=True, backend="engine")
+    x = torch.randn(T_, B_, 64, requires_grad=True)
+    out = layer(x)[0]
+    out.square().sum().backward()
+    assert calls.count(0) == copies + (copies > 0)
+    grads = [x.grad] + [p.grad for p in layer.parameters()]
+    layer.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    monkeypatch.setenv("RNNKIT_NO_FUSED", "1")
+    ref = layer(x2)[0]
     ref.square().sum().backward()
-    for (name, p), q in zip(layer.named_parameters(), wide.parameters()):
-        scale = float(q.grad.abs().max())
-        assert float((p.grad.double() - q.grad).abs().max()) <= 1e-5 * max(scale, 1.0), name
+    assert float((out - ref).abs().max()) <= 2e-6
+    for g, r in zip(grads, [x2.grad] + [p.grad for p in layer.parameters()], strict=True):
+        assert float((g - r).abs().max()) <= 1e-5 * float(r.abs().max())
 
 
 def _zero_state_run(fn, kind, dtype, grad_h0, poison=None, **opt):

@@ -59,7 +59,7 @@ OPTS = [dict(), dict(reverse=True, padding="left", zone="train", rec=True),
 @needs_kernel
 @pytest.mark.parametrize("opt", OPTS, ids=["plain", "extras", "truncated"])
 @pytest.mark.parametrize("kind", CELL_KINDS)
-def test_projected_equals_pure_engine_on_the_projection(kind, opt):
+def test_projected_equals_pure_engine_on_the_projection(kind, opt, ln_centring):
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         assert_same(run(True, kind, dtype, **opt), run(False, kind, dtype, **opt), tol, f"{kind} {dtype} {opt}")
 
@@ -81,7 +81,7 @@ def test_projected_without_input_bias_or_input_gradient(kind):
 @pytest.mark.parametrize("opt", [dict(), dict(reverse=True, padding="left", zone="train", rec=True)],
                          ids=["plain", "extras"])
 @pytest.mark.parametrize("kind", CELL_KINDS)
-def test_projected_gradcheck(kind, opt):
+def test_projected_gradcheck(kind, opt, ln_centring):
     sizes = dict(T_=4, B_=3, H_=3)
     cell, x, w_ih, b_ih, w, b, state0, params = projected_inputs(kind, torch.float64, **sizes)
     opts = options(cell, torch.float64, **sizes, **opt)

@@ -268,15 +268,29 @@ def _kernel_args(n: int, weight_hh, bias_hh, rest) -> tuple:
 
 
 def _centered(t, dim: int):
-    """t less its mean along dim: xi's rows as the kernel normalises them (their mean is not computed
-    there, cells.h: layernorm_rows). W_ih's columns centred (the kernel's own op, in double: scan.cpp)
-    give xi rows of zero mean (mean(x W^T) = x mean(W)^T) at the cost of a (G*H, I) pass; xi handed over
-    as it is gets its rows centred here. No gradient correction follows: LN's gradient has zero mean
-    along the row, which a centring leaves as it is."""
+    """t less its mean along dim. Under LN (cells.h: layernorm_rows) U, b_hh, W_ih and b_ih taken centred
+    over their G*H rows (the kernel's own op, in double: scan.cpp) give products whose rows have zero mean
+    (mean(U h + b) = mean(U) h + mean(b)), so the loop does not compute it; xi handed over as it is gets
+    its rows centred here. No gradient correction follows: LN's gradient has zero mean along the row, so
+    the centred and the given weights get the same gradients, and the backward's products through the
+    centred U and W_ih (d_h = d_gh U, d_x = d_xi W_ih) lose nothing to the weights' offset."""
     return _ops().centered(t) if dim == 0 else (t - t.mean(dim, keepdim=True)).contiguous()
 
 
-_KERNEL_SAVED = 10                  # saved first: the kernel's outputs the backward reads, and x2
+CENTRE_ROWS_PER_UNIT = 8
+
+
+def _centres(ln: bool, rows: int, H: int) -> bool:
+    """Whether a layer-normalised call takes its weights centred (above): that costs passes over U and
+    W_ih, (G*H, H + I), each call, and saves a pass over each of its T*B rows, (T*B, G*H), per norm. Worth
+    it from about CENTRE_ROWS_PER_UNIT rows per hidden unit (LSTM training step with layer_norm, centred
+    over not: H = 64 at 2, 8, 32 rows a unit 1.085, 1.007, 0.968; H = 1024 1.051, 1.010, 1.008). A short
+    call (a step at a time through the layer, T = B = 1) keeps its weights and computes the rows' means:
+    LSTM H=2048 T=1 B=1 74 ms a call centring (15.6x plain), 4.7-4.9 ms without."""
+    return ln and rows >= CENTRE_ROWS_PER_UNIT * H
+
+
+_KERNEL_SAVED = 12                  # saved first: the kernel's outputs the backward reads, x2, its U and W_ih
 
 
 class _FusedScan(torch.autograd.Function):
@@ -289,22 +303,27 @@ class _FusedScan(torch.autograd.Function):
         code, ln = _cell_code(opts.cell)
         keep = opts.keeps(ctx.needs_input_grad)
         w, b, h0, c0, gamma, beta, gamma_x, beta_x = _kernel_args(n, weight_hh, bias_hh, rest)
-        x2 = xb = None
+        centre = _centres(ln, x.shape[0] * x.shape[1], weight_hh.shape[1])
+        if centre:
+            w, b = _centered(w, 0), None if b is None else _centered(b, 0)
+        x2 = xb = w_ih = None
+        centre_x = centre and gamma_x is not None          # xi's LN here too
         if weight_ih is None:
-            xi = x.contiguous() if gamma_x is None else _centered(x, -1)
+            xi = _centered(x, -1) if centre_x else x.contiguous()
         else:
             x2 = x.reshape(-1, x.shape[2])
-            w_ih = weight_ih if gamma_x is None else _centered(weight_ih, 0)
+            w_ih = _centered(weight_ih, 0) if centre_x else weight_ih
             xi = _ops().pooled_mm(x2, w_ih.t()).view(x.shape[0], x.shape[1], weight_ih.shape[0])
-            xb = _c(bias_ih)
+            xb = _c(bias_ih) if bias_ih is None or not centre_x else _centered(bias_ih, 0)
         mask, rec, zone = _options(opts, xi)
         out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_T, c_T = _ops().forward(
-            code, ln, opts.reverse, keep, xi, w, b, h0, c0, gamma, beta, gamma_x, beta_x, xb, mask, rec, *zone)
+            code, ln, opts.reverse, keep, xi, w, b, h0, c0, gamma, beta, gamma_x, beta_x, xb, mask, rec, *zone,
+            centred=centre)
         del xi                                                 # back to the pool now: d_xi reuses it
         if opts.trace is not None:
             _record_forward(opts.trace, code, hs, cs, act)
         if keep:
-            ctx.save_for_backward(hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2,
+            ctx.save_for_backward(hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2, w, w_ih,
                                   x, weight_ih, bias_ih, weight_hh, bias_hh, *rest)
             ctx.opts, ctx.code, ctx.ln, ctx.n, ctx.aux_opts = opts, code, ln, n, (mask, rec, *zone)
             ctx.set_materialize_grads(False)                   # an unused output sends None: skip it
@@ -329,9 +348,9 @@ class _FusedScan(torch.autograd.Function):
     def _backward(ctx, d_out, *d_final):
         opts, n = ctx.opts, ctx.n
         saved = ctx.saved_tensors
-        hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2 = saved[:_KERNEL_SAVED]
+        hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2, w, w_ih_k = saved[:_KERNEL_SAVED]
         x, w_ih, bias_ih, weight_hh, bias_hh, *rest = saved[_KERNEL_SAVED:]
-        w, b, h0, c0, gamma, _, gamma_x, _ = _kernel_args(n, weight_hh, bias_hh, rest)
+        _, b, h0, c0, gamma, _, gamma_x, _ = _kernel_args(n, weight_hh, bias_hh, rest)   # w: the forward's U
         mask, rec, zh, zc = ctx.aux_opts
         gn = opts.trace.grad_norm if opts.trace is not None else None
         d_hT, d_cT = _c(d_final[0]), (_c(d_final[1]) if n == 2 else None)
@@ -350,7 +369,7 @@ class _FusedScan(torch.autograd.Function):
         if w_ih is None:
             return (None, None, d_xi, None, None, d_w, d_b, *states, *params)
         d2 = d_xi.view(-1, d_xi.shape[2])                      # through xi = x W_ih^T
-        d_x = _ops().pooled_mm(d2, w_ih).view(x.shape) if need[2] else None
+        d_x = _ops().pooled_mm(d2, w_ih_k).view(x.shape) if need[2] else None
         d_w_ih = _ops().routed_mm(d2.t(), x2) if need[3] else None
         return (None, None, d_x, d_w_ih, d_xb if need_xb else None, d_w, d_b, *states, *params)
 

@@ -126,34 +126,50 @@ void gru_backward(int64_t H, const T* __restrict__ dh, const T* __restrict__ gat
 
 constexpr double kLayerNormEps = 1e-5;
 
-// y = xhat * gamma + beta, xhat = a / s over the row's W features of a = x + add (add: a bias row, or
-// null), whose mean is zero by construction: the scan takes U, b_hh, b_ih and the rows of xi with their
-// means over the W features taken out (scan.cpp: center_columns), so LN's mean is not computed per row,
-// a pass and a sum fewer (RNN B=64 T=200 H=64 training step with layer_norm 1.31x -> 1.29x the plain
-// engine, alternating processes). The centring is algebra (mean(U h + b) = mean(U) h + mean(b)), done
-// on the weights in double: no cancellation in the rows whatever their offset (the two-pass moments of
-// U h before lost up to 2.5e-5 in float32 when U's entries shared an offset). Saves xhat, returns 1/s.
-// y may be x itself (the recurrent product is normalised in place). The bias is added inside the
-// passes as they read x: the bias used to be added by a pass of its own, written back, which made a
-// row's forward LN 1.7x slower (W = 256, measured alone).
-template <typename T, typename... Rows>
+// y = xhat * gamma + beta, xhat = (a - mean(a)) / s over the row's W features of a = x + add (add: a bias
+// row, or null). Saves xhat, returns 1/s. y may be x itself (the recurrent product is normalised in place).
+// kCentred: the row's mean is zero by construction, and is not computed (a pass and a sum fewer: RNN
+// B=64 T=200 H=64 training step with layer_norm 1.35x -> 1.28x the plain engine, alternating processes):
+// the caller took the mean over the W features out of U, b_hh, W_ih and b_ih, or out of raw xi's rows
+// (_fused/__init__.py: _centered; mean(U h + b) = mean(U) h + mean(b)), in double, so the rows have no
+// cancellation whatever the weights' offset. Else two passes for the moments (the mean, then the squares
+// about it). The bias is added inside the passes as they read x: the bias used to be added by a pass of
+// its own, written back, which made a row's forward LN 1.7x slower (W = 256, measured alone).
+template <bool kCentred, typename T, typename... Rows>
 T layernorm_rows(int64_t W, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ xhat, T* y,
                  const Rows*... rows) {
   const auto a = [](auto... r) { return (r + ...); };                  // x, or x + add
-  const T ss = row_sum<T>(W, [&](auto... r) { return a(r...) * a(r...); }, rows...);
+  T mu = T(0);
+  if constexpr (!kCentred) mu = row_sum<T>(W, a, rows...) / T(W);
+  const auto d = [&](auto... r) {                                      // a less its mean
+    if constexpr (kCentred) {
+      return a(r...);
+    } else {
+      return a(r...) - mu;
+    }
+  };
+  const T ss = row_sum<T>(W, [&](auto... r) { return d(r...) * d(r...); }, rows...);
   const T inv = T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
   for (int64_t j = 0; j < W; ++j) {
-    const T xh = a(rows[j]...) * inv;
+    const T xh = d(rows[j]...) * inv;
     xhat[j] = xh;
     y[j] = xh * gamma[j] + beta[j];
   }
   return inv;
 }
 
-template <typename T>
+template <bool kCentred, typename T>
 T layernorm_forward(int64_t W, const T* x, const T* __restrict__ add, const T* __restrict__ gamma,
                     const T* __restrict__ beta, T* __restrict__ xhat, T* y) {
-  return add == nullptr ? layernorm_rows(W, gamma, beta, xhat, y, x) : layernorm_rows(W, gamma, beta, xhat, y, x, add);
+  return add == nullptr ? layernorm_rows<kCentred>(W, gamma, beta, xhat, y, x)
+                        : layernorm_rows<kCentred>(W, gamma, beta, xhat, y, x, add);
+}
+
+template <typename T>
+T layernorm_forward(bool centred, int64_t W, const T* x, const T* __restrict__ add, const T* __restrict__ gamma,
+                    const T* __restrict__ beta, T* __restrict__ xhat, T* y) {
+  return centred ? layernorm_forward<true>(W, x, add, gamma, beta, xhat, y)
+                 : layernorm_forward<false>(W, x, add, gamma, beta, xhat, y);
 }
 
 // dxhat = dy gamma;  dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / s.  dx may be dy itself. LN's

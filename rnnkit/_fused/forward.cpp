@@ -48,11 +48,11 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, T* xs, int64
   }
   if (p.ln) {                                      // LN(U h + b_hh) in place; LN(xi + b_ih) into xn
     T* xhat = v.xhat + slot * W;
-    v.inv[slot] = layernorm_forward(W, gh, v.b, v.gamma, v.beta, xs ? xs : xhat, gh);
+    v.inv[slot] = layernorm_forward(p.centred, W, gh, v.b, v.gamma, v.beta, xs ? xs : xhat, gh);
     if (xs) stream_row(xhat, xs, W);
     if (ln_x) {
       T* xhat_x = v.xhat_x + slot * W;
-      v.inv_x[slot] = layernorm_forward(W, xi, v.xb, v.gamma_x, v.beta_x, xs ? xs : xhat_x, xn);
+      v.inv_x[slot] = layernorm_forward(p.centred, W, xi, v.xb, v.gamma_x, v.beta_x, xs ? xs : xhat_x, xn);
       if (xs) stream_row(xhat_x, xs, W);
       xi = xn;
     }

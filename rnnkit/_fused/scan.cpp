@@ -163,9 +163,10 @@ void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& 
 
 // dst = src (rows, cols) less its column means, taken and subtracted in double: a float32 weight whose
 // entries share a large offset keeps the relative precision of its centred entries (the product of the
-// centred U then has no cancellation; taking the mean out of U h after the product, as the two-pass LN
-// moments did, cancels it there: float32 LSTM with U + 10 in every entry, 4.4e-6 off the float64 engine
-// that way, 2.2e-5 with the centring in float, ~1e-7 in double).
+// centred U then has no cancellation; taking the mean out of U h after the product, as LN's two-pass
+// moments do in a call too short to centre (_fused/__init__.py: _centres), cancels it there: float32 LSTM
+// with U + 10 in every entry, 4.4e-6 off the float64 engine that way, 2.2e-5 with the centring in float,
+// ~1e-7 in double).
 template <typename T>
 void center_columns(int64_t rows, int64_t cols, const T* src, T* dst) {
   std::vector<double> mean(cols, 0.0);
@@ -178,28 +179,9 @@ void center_columns(int64_t rows, int64_t cols, const T* src, T* dst) {
   }
 }
 
-// Under LN the forward runs on U, b_hh and b_ih with their means over the G*H rows taken out: the
-// products' rows then have zero mean (mean(U h + b) = mean(U) h + mean(b)) and the loop does not compute
-// it (cells.h: layernorm_rows). Copies here, a pass over U; the backward reads the weights as given.
-template <typename T>
-struct Centered {
-  std::vector<T> w, b, xb;
-
-  static const T* copy(int64_t rows, int64_t cols, const T* src, std::vector<T>& dst) {
-    dst.resize(rows * cols);
-    center_columns(rows, cols, src, dst.data());
-    return dst.data();
-  }
-
-  void into(const Problem& p, Views<T>& v) {
-    v.w = copy(p.W(), p.H, v.w, w);
-    v.b = copy(p.W(), 1, v.b, b);
-    if (v.xb != nullptr && v.gamma_x != nullptr) v.xb = copy(p.W(), 1, v.xb, xb);   // b_ih inside xi's LN
-  }
-};
-
-// centered(t): t (rows, ...) less its mean over dim 0, as the forward centres U: for W_ih, whose product
-// gives xi rows of zero mean (mean(x W^T) = x mean(W)^T).
+// centered(t): t (rows, ...) less its mean over dim 0: under LN, U, b_hh, W_ih and b_ih, whose products'
+// rows then have zero mean (mean(U h + b) = mean(U) h + mean(b)), which the forward, told `centred`, does
+// not compute (cells.h: layernorm_rows).
 Tensor centered(const Tensor& t) {
   TORCH_CHECK(t.dim() >= 1 && t.size(0) > 0, "rnnkit centered: expected a tensor with rows");
   const Tensor src = t.contiguous();
@@ -212,15 +194,17 @@ Tensor centered(const Tensor& t) {
 }
 
 // Returns [out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_final, c_final]; absent entries are
-// undefined (None). gamma_x, beta_x: xi comes raw, and is layer-normalised here (LN cells only); its rows
-// must have zero mean (the caller takes W_ih's mean over its rows out: _fused/__init__.py). xb: xi comes
-// without the input projection's bias b_ih, which is added here.
+// undefined (None). gamma_x, beta_x: xi comes raw, and is layer-normalised here (LN cells only). xb: xi
+// comes without the input projection's bias b_ih, which is added here. centred (under LN): the caller
+// promises rows of zero mean, U h + b and xi + xb alike (U, b, xb, and W_ih or xi's rows, taken centred:
+// `centered` below), and LN does not compute their mean.
 std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, const Tensor& xi, const Tensor& w,
                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta,
                             const Opt& gamma_x, const Opt& beta_x, const Opt& xb, const Opt& mask,
-                            const Opt& rec, const Opt& zh, const Opt& zc) {
+                            const Opt& rec, const Opt& zh, const Opt& zc, bool centred) {
   TORCH_CHECK(xi.dim() == 3, "rnnkit fused scan: xi must be (T, B, G*H)");
-  const Problem p = problem(cell, ln, reverse, xi.size(0), xi.size(1), w);
+  Problem p = problem(cell, ln, reverse, xi.size(0), xi.size(1), w);
+  p.centred = ln && centred;
   for (auto* t : {&xi, &w, &h0}) check(*t, xi, "every input");
   for (auto* t : {&b, &c0, &gamma, &beta, &gamma_x, &beta_x, &xb, &mask, &rec, &zh, &zc}) check(*t, xi, "every input");
   TORCH_CHECK(!has(xb) || (xb->dim() == 1 && xb->size(0) == p.W()), "rnnkit fused scan: b_ih must be (G*H,)");
@@ -235,8 +219,6 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
   auto run = [&](auto zero) {
     using S = decltype(zero);
     Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, row_xb, mask, rec, zh, zc);
-    Centered<S> centred;
-    if (p.ln) centred.into(p, v);
     run_forward<S>(p, v, xi, f, keep);
   };
   with_floating(xi, "rnnkit fused scan", run);
@@ -381,7 +363,7 @@ int64_t set_min_lane_rows(int64_t rows) {
 TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("forward(int cell, bool ln, bool reverse, bool keep, Tensor xi, Tensor w, Tensor? b, Tensor h0, "
         "Tensor? c0, Tensor? gamma, Tensor? beta, Tensor? gamma_x, Tensor? beta_x, Tensor? xb, Tensor? mask, "
-        "Tensor? rec, Tensor? zone_h, Tensor? zone_c) -> Tensor[]",
+        "Tensor? rec, Tensor? zone_h, Tensor? zone_c, bool centred=False) -> Tensor[]",
         &rnnkit::forward);
   m.def("backward(int cell, bool ln, bool reverse, int truncate, Tensor w, Tensor? b, Tensor h0, Tensor? c0, "
         "Tensor? gamma, Tensor? gamma_x, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor? cut, "

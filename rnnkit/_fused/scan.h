@@ -24,6 +24,7 @@ struct Problem {
   bool ln;          // LayerNormCell around the cell
   bool reverse;
   int64_t T, B, H, G;
+  bool centred = false;   // under LN: the rows come with zero mean (the caller centred the weights)
   int64_t W() const { return G * H; }
   bool lstm() const { return cell == CellKind::kLSTM; }
   bool gru() const { return cell == CellKind::kGRU; }

@@ -1,5 +1,6 @@
-// Non-temporal stores, for rows the time loop writes and does not read again before the loop ends (the
-// GRU backward's d_xi and d_gh n block: dU and dV read them after the loop, as one product each).
+// Non-temporal stores, for rows the time loop writes and does not read again before the loop ends: the
+// GRU backward's d_xi and d_gh n block (dU and dV read them after the loop, as one product each), and
+// under layer normalisation the forward's saved xhat and xhat_x rows (read only by the backward).
 //
 // An ordinary store first reads the line it writes into the cache (read for ownership): for a row that is
 // written once, that read is wasted traffic, and it evicts lines the loop is about to use. A non-temporal
