@@ -165,8 +165,8 @@ def test_float32_layer_norm_of_the_input_keeps_its_precision_when_w_ih_shares_an
 @pytest.mark.parametrize("T_, B_, copies", [(1, 1, 0), (8, 64, 3)])
 def test_layer_norm_centres_the_weights_only_in_calls_long_enough_to_pay_for_it(T_, B_, copies, monkeypatch):
     """Centring copies U, b_hh and W_ih (and b_ih) each call: a step at a time through the layer (T = B = 1,
-    H = 64) keeps the weights and lets LN take the rows' means (was: LSTM H=2048 80 ms a call against
-    5.3); 512 rows, 8 per unit, take them centred (4 copies with W_ih, whose product the kernel makes).
+    H = 64) keeps the weights and lets LN take the rows' means (was: LSTM H=2048 74 ms a call against
+    4.7); 512 rows, 8 per unit, take them centred (4 copies with W_ih, whose product the kernel makes).
     Both give the pure engine's numbers."""
     calls = []
     real = _fused._centered
