@@ -353,9 +353,9 @@ class _FusedScan(torch.autograd.Function):
     def _backward(ctx, d_out, *d_final):
         opts, n = ctx.opts, ctx.n
         saved = ctx.saved_tensors
-        hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2, w, w_ih_k = saved[:_KERNEL_SAVED]
-        x, w_ih, bias_ih, weight_hh, bias_hh, *rest = saved[_KERNEL_SAVED:]
-        _, b, h0, c0, gamma, _, gamma_x, _ = _kernel_args(n, weight_hh, bias_hh, rest)   # w: the forward's U
+        hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2, w_k, w_ih_k = saved[:_KERNEL_SAVED]
+        x, w_ih, bias_ih, _, bias_hh, *rest = saved[_KERNEL_SAVED:]
+        w, b, h0, c0, gamma, _, gamma_x, _ = _kernel_args(n, w_k, bias_hh, rest)   # w_k: the forward's U, as it is
         mask, rec, zh, zc = ctx.aux_opts
         gn = opts.trace.grad_norm if opts.trace is not None else None
         d_hT, d_cT = _c(d_final[0]), (_c(d_final[1]) if n == 2 else None)
