@@ -29,14 +29,25 @@ def _error(capsys) -> str:
 
 # -- 1. a projected LSTM: U is (4H x P), not square ----------------------------------------------------
 
-def test_recurrent_spectra_of_a_projected_lstm_gives_h_by_p_gate_blocks_without_radius():
+def test_recurrent_spectra_of_a_projected_lstm_gives_h_by_p_gate_blocks_then_w_hr_u_g_with_radius():
+    """U's H x P gate blocks by their singular values only; then each gate seen through the projection,
+    W_hr U_g (P x P), the factor of the step's Jacobian dh_{t+1}/dh_t, with its spectral radius: the same
+    nonzero eigenvalues as U_g W_hr (H x H)."""
+    torch.manual_seed(0)
     lstm = torch.nn.LSTM(3, 6, proj_size=2)
     specs = dg.recurrent_spectra(lstm)
-    assert [(s.gate, s.shape) for s in specs] == [("all", (24, 2)), ("i", (6, 2)), ("f", (6, 2)),
-                                                  ("g", (6, 2)), ("o", (6, 2))]
-    assert all(s.spectral_radius is None for s in specs)
+    assert [(s.name, s.gate, s.shape) for s in specs] == (
+        [("weight_hh_l0", "all", (24, 2))] + [("weight_hh_l0", g, (6, 2)) for g in "ifgo"]
+        + [("weight_hr_l0 @ weight_hh_l0", g, (2, 2)) for g in "ifgo"])
+    assert all(s.spectral_radius is None for s in specs[:5])
     want = torch.linalg.svdvals(lstm.weight_hh_l0.detach().double()[6:12])
     np.testing.assert_allclose(specs[2].singular_values, want.numpy(), rtol=1e-12)
+    U, W_hr = lstm.weight_hh_l0.detach().double(), lstm.weight_hr_l0.detach().double()
+    for k, s in enumerate(specs[5:]):
+        U_g = U[6 * k:6 * (k + 1)]
+        np.testing.assert_allclose(s.singular_values, torch.linalg.svdvals(W_hr @ U_g).numpy(), rtol=1e-12)
+        big = torch.linalg.eigvals(U_g @ W_hr).abs().max()                # H x H, rank P
+        assert s.spectral_radius == pytest.approx(float(big), rel=1e-10) and s.spectral_radius > 0
 
 
 def test_jacobian_norms_of_a_projected_lstm_against_functional_jacobian():

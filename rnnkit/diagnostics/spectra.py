@@ -4,8 +4,11 @@ The Jacobian of one step is diag(g'(a_t)) U with |g'| <= 1 for tanh, so ||U||_2 
 vanishing gradient and a spectral radius > 1 is necessary for an exploding one (Pascanu et al.
 2013). For LSTM/GRU, U stacks one H x H block per gate (LSTM i, f, g, o; GRU r, z, n); each block
 is reported on its own, and the whole stack (G*H x H, not square) by its singular values only.
-An LSTM with proj_size P feeds back the projected h_t (P units): its U is G*H x P, and so are its
-gate blocks H x P, reported by their singular values only (no spectral radius: not square).
+An LSTM with proj_size P feeds back the projected h_t = W_hr (o * tanh c_t) (P units): its U is G*H x P,
+and so are its gate blocks H x P, reported by their singular values only (no spectral radius: not
+square). The step's Jacobian there goes through both, dh_{t+1}/dh_t = W_hr diag(.) U_g ..., so each gate's
+P x P product W_hr U_g is reported after them, square, with its spectral radius (the same nonzero
+eigenvalues as U_g W_hr, H x H, which maps o * tanh c_t to the gate's next pre-activation).
 """
 from __future__ import annotations
 
@@ -49,9 +52,15 @@ def recurrent_spectra(module: nn.Module) -> list[MatrixSpectrum]:
     matrix, then each gate block (hidden_size rows each) when there are several."""
     out = []
     for mname, owner in module.named_modules():
-        for name, W in owner.named_parameters(prefix=mname, recurse=False):
-            if "weight_hh" in name.rsplit(".", 1)[-1]:
-                out += _spectra(W, name, getattr(owner, "hidden_size", W.shape[1]))
+        params = dict(owner.named_parameters(prefix=mname, recurse=False))
+        for name, W in params.items():
+            head, _, last = name.rpartition(".")
+            if "weight_hh" in last:
+                H = getattr(owner, "hidden_size", W.shape[1])
+                out += _spectra(W, name, H)
+                hr_name = (head + "." if head else "") + last.replace("weight_hh", "weight_hr")
+                if hr_name in params:                      # a projected LSTM: W_hr U_g per gate
+                    out += _projected_spectra(W, params[hr_name], name, hr_name, H)
     if not out:
         raise ValueError(f"recurrent_spectra: {type(module).__name__} has no weight_hh parameter")
     return out
@@ -69,3 +78,11 @@ def _spectra(W: torch.Tensor, pname: str, H: int) -> list[MatrixSpectrum]:
     for gate, block in zip(GATE_NAMES.get(G, tuple(str(j) for j in range(G))), W.split(H, 0)):
         out.append(matrix_spectrum(block, pname, gate))
     return out
+
+
+def _projected_spectra(W: torch.Tensor, W_hr: torch.Tensor, pname: str, hr_name: str, H: int) -> list[MatrixSpectrum]:
+    """Each gate block U_g (H x P) of a projected LSTM seen through its projection: W_hr U_g (P x P)."""
+    G = W.shape[0] // H
+    hr = W_hr.detach().double()
+    return [matrix_spectrum(hr @ block.detach().double(), f"{hr_name} @ {pname}", gate)
+            for gate, block in zip(GATE_NAMES.get(G, tuple(str(j) for j in range(G))), W.split(H, 0))]
