@@ -10,12 +10,6 @@ from torch import Tensor
 
 from .numerics import forward_mode_or_functionalized, recording_graph, transformed
 
-# Longest dim the backward's loop serves in first order: past it torch's formula, a few whole-tensor ops,
-# is faster than a loop of that many steps (log_scan T=4096 B=1 H=16, forward and backward, loop against
-# torch's: chunk 256 4.7 against 5.0 ms, 1024 12.6 against 5.1, 4096 42.1 against 6.5). A differentiated
-# backward (create_graph) keeps the loop at any length: torch's is NaN there.
-LOOP_MAX = 256
-
 
 class LogCumSumExp(torch.autograd.Function):
     """torch.logcumsumexp along dim, whose backward differentiates again without NaN.
@@ -25,10 +19,10 @@ class LogCumSumExp(torch.autograd.Function):
     padding. Here, with y = logcumsumexp(x), the same gradient dx_s = sum_{t>=s} g_t exp(x_s - y_t) is
     formed as exp(x_s - y_s) S_s with S_s = g_s + exp(y_s - y_{s+1}) S_{s+1}: every factor at most 1
     (y rises along dim), no log of g, a loop over dim's length (a log-scan chunk: LOG_CHUNK steps) in
-    autograd ops. On CPU always up to LOOP_MAX steps: torch's backward there measured 4x slower (T = 4096 as
-    64 chunks, B = 8, H = 256: forward and backward 130 against 540 ms); past LOOP_MAX (a long `chunk`
-    given to log_scan), and elsewhere (a GPU, where the loop's 64 steps would be launch-bound), only when
-    the backward is itself differentiated, else torch's own formula (torch_first_order). Written for torch.func too (setup_context, a generated vmap rule, a jvp by the
+    autograd ops. On CPU always: torch's backward there measured 4x slower (T = 4096 as 64 chunks, B = 8,
+    H = 256: forward and backward 130 against 540 ms); elsewhere (a GPU, where the loop's 64 steps would
+    be launch-bound) only when the backward is itself differentiated, else torch's own formula
+    (torch_first_order). Written for torch.func too (setup_context, a generated vmap rule, a jvp by the
     same kind of loop: dy_t = exp(y_{t-1} - y_t) dy_{t-1} + exp(x_t - y_t) dx_t), as torch's op under a
     gradient penalty taken with torch.func was NaN in the same places. Its jvp sees no outer tangent in
     the saved tensors (torch's limit for a Function), so forward over forward (jacfwd of jacfwd) would be
@@ -49,8 +43,7 @@ class LogCumSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x, y = ctx.saved_tensors
-        first_order = not torch.is_grad_enabled()
-        if first_order and (ctx.torch_first_order or x.shape[ctx.dim] > LOOP_MAX):     # torch's formula
+        if ctx.torch_first_order and not torch.is_grad_enabled():     # first order: torch's formula
             with torch.enable_grad():
                 xx = x.detach().requires_grad_()
                 return torch.autograd.grad(torch.logcumsumexp(xx, ctx.dim), xx, g)[0], None, None

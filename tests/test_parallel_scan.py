@@ -200,37 +200,6 @@ def test_logcumsumexp_differentiates_twice_where_the_gradient_is_zero(torch_firs
     assert torch.isfinite(x.grad).all()
 
 
-def test_logcumsumexp_past_loop_max_takes_torchs_formula_in_first_order_only(monkeypatch):
-    """A long chunk (past LOOP_MAX steps; here 4, to keep the test small) gets torch's first-order
-    formula, a few whole-tensor ops instead of a loop of that many steps (log_scan chunk=4096: 42 against
-    6.5 ms), with the loop's numbers; a differentiated backward keeps the loop (torch's is NaN where the
-    gradient is zero)."""
-    monkeypatch.setattr(logcumsumexp, "LOOP_MAX", 4)
-    calls = []
-    real = torch.logcumsumexp
-    monkeypatch.setattr(torch, "logcumsumexp", lambda *a: calls.append(1) or real(*a))
-    la = -torch.rand(16, 2, 3, dtype=torch.float64)
-    lb = torch.randn(16, 2, 3, dtype=torch.float64)
-
-    def grads(chunk, create_graph=False):                        # a loss on the last step: zero gradients
-        a, b = la.clone().requires_grad_(), lb.clone().requires_grad_()
-        h = parallel.log_scan(a, b, chunk=chunk)
-        d = torch.autograd.grad(h[-1].sum(), (a, b), create_graph=create_graph)
-        return torch.autograd.grad(d[1].square().sum(), a) if create_graph else d
-    calls.clear()
-    long_ = grads(8)                                              # 8 > LOOP_MAX: torch's formula
-    assert len(calls) == 2                                        # the forward, and torch's backward
-    monkeypatch.setattr(logcumsumexp, "LOOP_MAX", 8)
-    calls.clear()
-    looped = grads(8)                                             # the loop
-    assert len(calls) == 1
-    for a, b in zip(long_, looped, strict=True):
-        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
-    monkeypatch.setattr(logcumsumexp, "LOOP_MAX", 4)
-    dd, = grads(8, create_graph=True)                             # the loop, differentiated again
-    assert torch.isfinite(dd).all() and float(dd.abs().max()) > 0
-
-
 @pytest.mark.parametrize("kind", [MinGRU, MinLSTM])
 def test_log_scan_gradient_penalty_under_torch_func_is_finite(kind):
     """torch.func.grad of a torch.func.grad through scan="log", the loss on the last step: it took torch's
