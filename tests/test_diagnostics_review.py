@@ -50,6 +50,37 @@ def test_recurrent_spectra_of_a_projected_lstm_gives_h_by_p_gate_blocks_then_w_h
         assert s.spectral_radius == pytest.approx(float(big), rel=1e-10) and s.spectral_radius > 0
 
 
+@pytest.mark.parametrize("wrap", ["parametrize", "hook_weight_norm", "hook_spectral_norm"])
+def test_recurrent_spectra_read_the_weights_the_forward_uses_under_weight_norms(wrap):
+    """U and W_hr under torch.nn.utils.parametrizations.weight_norm (not parameters of the module any
+    more), or under the hook-based weight_norm / spectral_norm (parameters name_g, name_v / name_orig): the
+    spectra are those of the weights the forward multiplies by, under their own names. Was: no weight_hh
+    found (parametrize), the 20 x 1 magnitude vector taken for U (weight_norm), or the un-normalised
+    weight_hh_orig (spectral_norm)."""
+    import warnings
+    torch.manual_seed(1)
+    lstm = torch.nn.LSTM(3, 5, proj_size=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)                 # the hook-based ones are deprecated
+        for name in ("weight_hh_l0", "weight_hr_l0"):
+            if wrap == "parametrize":
+                torch.nn.utils.parametrizations.weight_norm(lstm, name)
+            elif wrap == "hook_weight_norm":
+                torch.nn.utils.weight_norm(lstm, name)
+            else:
+                torch.nn.utils.spectral_norm(lstm, name)
+    lstm(torch.randn(4, 1, 3))                                         # the hooks compute the weights
+    specs = dg.recurrent_spectra(lstm)
+    assert [(s.name, s.gate, s.shape) for s in specs] == (
+        [("weight_hh_l0", "all", (20, 2))] + [("weight_hh_l0", g, (5, 2)) for g in "ifgo"]
+        + [("weight_hr_l0 @ weight_hh_l0", g, (2, 2)) for g in "ifgo"])
+    U, W_hr = lstm.weight_hh_l0.detach().double(), lstm.weight_hr_l0.detach().double()
+    np.testing.assert_allclose(specs[0].singular_values, torch.linalg.svdvals(U).numpy(), rtol=1e-12)
+    for k, s in enumerate(specs[5:]):
+        want = torch.linalg.eigvals(W_hr @ U[5 * k:5 * (k + 1)]).abs().max()
+        assert s.spectral_radius == pytest.approx(float(want), rel=1e-10)
+
+
 def test_jacobian_norms_of_a_projected_lstm_against_functional_jacobian():
     torch.manual_seed(4)
     lstm = torch.nn.LSTM(3, 5, proj_size=2, dtype=torch.float64)

@@ -12,6 +12,7 @@ eigenvalues as U_g W_hr, H x H, which maps o * tanh c_t to the gate's next pre-a
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,17 +53,37 @@ def recurrent_spectra(module: nn.Module) -> list[MatrixSpectrum]:
     matrix, then each gate block (hidden_size rows each) when there are several."""
     out = []
     for mname, owner in module.named_modules():
-        params = dict(owner.named_parameters(prefix=mname, recurse=False))
-        for name, W in params.items():
-            head, _, last = name.rpartition(".")
-            if "weight_hh" in last:
-                H = getattr(owner, "hidden_size", W.shape[1])
-                out += _spectra(W, name, H)
-                hr_name = (head + "." if head else "") + last.replace("weight_hh", "weight_hr")
-                if hr_name in params:                      # a projected LSTM: W_hr U_g per gate
-                    out += _projected_spectra(W, params[hr_name], name, hr_name, H)
+        prefix = mname + "." if mname else ""
+        for last in _recurrent_names(owner):
+            W, name = getattr(owner, last), prefix + last
+            H = getattr(owner, "hidden_size", W.shape[1])
+            out += _spectra(W, name, H)
+            hr = last.replace("weight_hh", "weight_hr")
+            W_hr = getattr(owner, hr, None)
+            if isinstance(W_hr, torch.Tensor):             # a projected LSTM: W_hr U_g per gate
+                out += _projected_spectra(W, W_hr, name, prefix + hr, H)
     if not out:
         raise ValueError(f"recurrent_spectra: {type(module).__name__} has no weight_hh parameter")
+    return out
+
+
+_RECURRENT = re.compile(r"weight_hh(_l\d+(_reverse)?)?")
+
+
+def _recurrent_names(owner: nn.Module) -> list[str]:
+    """The names of owner's U matrices (weight_hh_l{k}[_reverse], or a cell's weight_hh), read as the
+    forward reads them: a plain parameter, a weight under torch.nn.utils.parametrize (owner.parametrizations),
+    or one the hook-based weight_norm / spectral_norm recompute from name_g and name_v / name_orig."""
+    names = [n for n, _ in owner.named_parameters(recurse=False)]
+    names += list(getattr(owner, "parametrizations", {}) or {})
+    out = []
+    for n in names:
+        for suffix in ("_orig", "_g", "_v", ""):
+            base = n[: len(n) - len(suffix)]
+            if n.endswith(suffix) and _RECURRENT.fullmatch(base) and base not in out:
+                if isinstance(getattr(owner, base, None), torch.Tensor):
+                    out.append(base)
+                break
     return out
 
 
