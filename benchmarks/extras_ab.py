@@ -24,11 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench_layers import CELLS, EXTRAS, extras_layers, train_step
 from common import int_at_least, interleaved, names_from
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parents[1]
-EXTRAS = {"layer_norm": {"layer_norm": True}, "zoneout": {"zoneout": 0.1}}
 DEFAULT_POINTS = "rnn:64:200:64,lstm:64:200:64,lstm:64:200:128"
 
 
@@ -50,21 +50,21 @@ def measure_here(extra: str, pts, reps: int) -> dict:
     import torch
 
     import rnnkit as rk
-    classes = {"rnn": rk.RNN, "lstm": rk.LSTM, "gru": rk.GRU}
     torch.manual_seed(0)
     from rnnkit import _fused
     if not _fused.available():       # the pure-torch fallback would time something else entirely
         sys.exit(f"the fused kernel of {rk.__file__} did not build or load; see rnnkit._fused.build(verbose=True)")
     res = {"rnnkit": rk.__file__, "points": {}}
     for cell, B, T, H in pts:
-        plain = classes[cell](H, H, backend="engine").train()
-        with_extra = classes[cell](H, H, backend="engine", **EXTRAS[extra]).train()
+        rk_cls, _, _, kw = CELLS[cell]
+        layers = extras_layers(cell, rk_cls(H, H, backend="engine", **kw).train())   # the same weights
+        plain, with_extra = layers["engine"], layers[extra]
         x = torch.randn(T, B, H)
 
         def train(layer, x=x):
-            return lambda: (layer.zero_grad(set_to_none=True), layer(x)[0].sum().backward())
+            return train_step(layer, x, False)
 
-        def forward(layer, x=x):
+        def forward(layer, x=x):                  # a training step's forward: what the backward needs is kept
             return lambda: layer(x)
         for mode, make in (("forward", forward), ("train", train)):
             steps = {"plain": make(plain), "extra": make(with_extra)}

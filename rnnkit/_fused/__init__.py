@@ -319,7 +319,7 @@ class _FusedScan(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[2])
             w_ih = _centered(weight_ih, 0) if centre_x else weight_ih
             xi = _ops().pooled_mm(x2, w_ih.t()).view(x.shape[0], x.shape[1], weight_ih.shape[0])
-            xb = _c(bias_ih) if bias_ih is None or not centre_x else _centered(bias_ih, 0)
+            xb = _centered(bias_ih, 0) if centre_x and bias_ih is not None else _c(bias_ih)
         mask, rec, zone = _options(opts, xi)
         out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_T, c_T = _ops().forward(
             code, ln, opts.reverse, keep, xi, w, b, h0, c0, gamma, beta, gamma_x, beta_x, xb, mask, rec, *zone,

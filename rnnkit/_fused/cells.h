@@ -132,9 +132,9 @@ constexpr double kLayerNormEps = 1e-5;
 // B=64 T=200 H=64 training step with layer_norm 1.35x -> 1.28x the plain engine, alternating processes):
 // the caller took the mean over the W features out of U, b_hh, W_ih and b_ih in double, or out of raw
 // xi's rows in their own dtype (_fused/__init__.py: _centered; mean(U h + b) = mean(U) h + mean(b)), so
-// the rows have no cancellation whatever the weights' offset. Else two passes for the moments (the mean, then the squares
-// about it). The bias is added inside the passes as they read x: the bias used to be added by a pass of
-// its own, written back, which made a row's forward LN 1.7x slower (W = 256, measured alone).
+// the rows have no cancellation whatever the weights' offset. Else two passes for the moments (the mean,
+// then the squares about it). The bias is added inside the passes as they read x: the bias used to be
+// added by a pass of its own, written back, which made a row's forward LN 1.7x slower (W = 256, alone).
 template <bool kCentred, typename T, typename... Rows>
 T layernorm_rows(int64_t W, const T* __restrict__ gamma, const T* __restrict__ beta, T* __restrict__ xhat, T* y,
                  const Rows*... rows) {
@@ -158,6 +158,8 @@ T layernorm_rows(int64_t W, const T* __restrict__ gamma, const T* __restrict__ b
   return inv;
 }
 
+// Two levels, not one four-way dispatch: written as one, the forward with layer_norm measured 3.5% slower
+// (LSTM B=64 T=200 H=64, 1.385x against 1.337x the plain engine, 6 alternating processes; inlining).
 template <bool kCentred, typename T>
 T layernorm_forward(int64_t W, const T* x, const T* __restrict__ add, const T* __restrict__ gamma,
                     const T* __restrict__ beta, T* __restrict__ xhat, T* y) {

@@ -67,24 +67,18 @@ def recurrent_spectra(module: nn.Module) -> list[MatrixSpectrum]:
     return out
 
 
-_RECURRENT = re.compile(r"weight_hh(_l\d+(_reverse)?)?")
+# A U matrix's name (weight_hh_l{k}[_reverse], or a cell's weight_hh), with the suffix of the parameters
+# the hook-based weight_norm (_g, _v) and spectral_norm (_orig) recompute it from.
+_RECURRENT = re.compile(r"(weight_hh(?:_l\d+(?:_reverse)?)?)(?:_orig|_g|_v)?")
 
 
 def _recurrent_names(owner: nn.Module) -> list[str]:
-    """The names of owner's U matrices (weight_hh_l{k}[_reverse], or a cell's weight_hh), read as the
-    forward reads them: a plain parameter, a weight under torch.nn.utils.parametrize (owner.parametrizations),
-    or one the hook-based weight_norm / spectral_norm recompute from name_g and name_v / name_orig."""
+    """The names of owner's U matrices, read as the forward reads them (getattr): a plain parameter, a
+    weight under torch.nn.utils.parametrize (owner.parametrizations), or one of the hook-based norms'."""
     names = [n for n, _ in owner.named_parameters(recurse=False)]
     names += list(getattr(owner, "parametrizations", {}) or {})
-    out = []
-    for n in names:
-        for suffix in ("_orig", "_g", "_v", ""):
-            base = n[: len(n) - len(suffix)]
-            if n.endswith(suffix) and _RECURRENT.fullmatch(base) and base not in out:
-                if isinstance(getattr(owner, base, None), torch.Tensor):
-                    out.append(base)
-                break
-    return out
+    matched = (m.group(1) for m in map(_RECURRENT.fullmatch, names) if m)
+    return [n for n in dict.fromkeys(matched) if isinstance(getattr(owner, n, None), torch.Tensor)]
 
 
 def _spectra(W: torch.Tensor, pname: str, H: int) -> list[MatrixSpectrum]:
@@ -95,15 +89,18 @@ def _spectra(W: torch.Tensor, pname: str, H: int) -> list[MatrixSpectrum]:
                          f"hidden_size {H}")
     if G == 1:
         return [matrix_spectrum(W, pname, "h")]
-    out = [matrix_spectrum(W, pname, "all")]
-    for gate, block in zip(GATE_NAMES.get(G, tuple(str(j) for j in range(G))), W.split(H, 0)):
-        out.append(matrix_spectrum(block, pname, gate))
-    return out
+    return [matrix_spectrum(W, pname, "all")] + [matrix_spectrum(block, pname, gate)
+                                                 for gate, block in _gate_blocks(W, H)]
+
+
+def _gate_blocks(W: torch.Tensor, H: int):
+    """(gate name, H-row block) of a stacked U."""
+    G = W.shape[0] // H
+    return zip(GATE_NAMES.get(G, tuple(str(j) for j in range(G))), W.split(H, 0))
 
 
 def _projected_spectra(W: torch.Tensor, W_hr: torch.Tensor, pname: str, hr_name: str, H: int) -> list[MatrixSpectrum]:
     """Each gate block U_g (H x P) of a projected LSTM seen through its projection: W_hr U_g (P x P)."""
-    G = W.shape[0] // H
     hr = W_hr.detach().double()
     return [matrix_spectrum(hr @ block.detach().double(), f"{hr_name} @ {pname}", gate)
-            for gate, block in zip(GATE_NAMES.get(G, tuple(str(j) for j in range(G))), W.split(H, 0))]
+            for gate, block in _gate_blocks(W, H)]
