@@ -7,11 +7,16 @@
 // The bias b_hh is passed as its own row `b`: for Elman and LSTM the engine folds it into xi (one
 // pre-activation a = xi + b + U h), for GRU it belongs to gh = U h + b. Under layer normalisation the
 // bias goes into the normalised sum instead, and the cell gets a row of zeros; xi is normalised too
-// when the layer hands it over raw (its own gamma and beta), else it comes in normalised.
+// when the layer hands it over raw (its own gamma and beta), else it comes in normalised. Elman and LSTM
+// add the two normalised rows, so there both norms run as one (layernorm_pair_rows, and
+// layernorm_backward_pair under their one gradient) and the cell gets zeros for xi as well.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <tuple>
+#include <type_traits>
 
 #include "fastmath.h"
 #include "rowsum.h"
@@ -174,6 +179,53 @@ T layernorm_forward(bool centred, int64_t W, const T* x, const T* __restrict__ a
                  : layernorm_forward<false>(W, x, add, gamma, beta, xhat, y);
 }
 
+// Both layer norms of a row whose normalised rows the cell adds (Elman, LSTM: a = xi + gh), fused:
+// y = LN(x + add) gamma + beta + LN(x2 + add2) gamma_x + beta_x, the moments of both rows taken in the same
+// passes (independent chains) and y written once, so the cell reads one row (with zeros for xi and b).
+// Saves xhat, xhat_x; returns (1/s, 1/s_x). y may be x itself.
+template <bool kCentred, typename T>
+std::array<T, 2> layernorm_pair_rows(int64_t W, const T* x, const T* __restrict__ add, const T* __restrict__ x2,
+                                     const T* __restrict__ add2, const T* __restrict__ gamma,
+                                     const T* __restrict__ beta, const T* __restrict__ gamma_x,
+                                     const T* __restrict__ beta_x, T* __restrict__ xhat, T* __restrict__ xhat_x,
+                                     T* y) {
+  T mu = T(0), mu_x = T(0);
+  if constexpr (!kCentred) {
+    const auto [s, s_x] = row_sums<T>(W, std::tuple{[](auto a, auto b, auto, auto) { return a + b; },
+                                                    [](auto, auto, auto a, auto b) { return a + b; }},
+                                      x, add, x2, add2);
+    mu = s / T(W);
+    mu_x = s_x / T(W);
+  }
+  const auto dev = [](auto a, auto b, T m) {                          // a + b less its row's mean m
+    if constexpr (kCentred) {
+      return a + b;
+    } else {
+      return a + b - m;
+    }
+  };
+  const auto [ss, ss_x] = row_sums<T>(W, std::tuple{[&](auto a, auto b, auto, auto) { return dev(a, b, mu) * dev(a, b, mu); },
+                                                    [&](auto, auto, auto a, auto b) { return dev(a, b, mu_x) * dev(a, b, mu_x); }},
+                                      x, add, x2, add2);
+  const T inv = T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
+  const T inv_x = T(1) / std::sqrt(ss_x / T(W) + T(kLayerNormEps));
+  for (int64_t j = 0; j < W; ++j) {
+    const T xh = dev(x[j], add[j], mu) * inv, xx = dev(x2[j], add2[j], mu_x) * inv_x;
+    xhat[j] = xh;
+    xhat_x[j] = xx;
+    y[j] = (xh * gamma[j] + beta[j]) + (xx * gamma_x[j] + beta_x[j]);
+  }
+  return {inv, inv_x};
+}
+
+template <typename T>
+std::array<T, 2> layernorm_pair_forward(bool centred, int64_t W, const T* x, const T* add, const T* x2,
+                                        const T* add2, const T* gamma, const T* beta, const T* gamma_x,
+                                        const T* beta_x, T* xhat, T* xhat_x, T* y) {
+  return centred ? layernorm_pair_rows<true>(W, x, add, x2, add2, gamma, beta, gamma_x, beta_x, xhat, xhat_x, y)
+                 : layernorm_pair_rows<false>(W, x, add, x2, add2, gamma, beta, gamma_x, beta_x, xhat, xhat_x, y);
+}
+
 // dxhat = dy gamma;  dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / s.  dx may be dy itself. LN's
 // own gradient, its mean term kept: dx has zero mean, so U, b_hh, W_ih and b_ih taken centred in the
 // forward get their gradients as they are (dx^T h is the gradient of U and of its centred copy alike).
@@ -181,15 +233,61 @@ T layernorm_forward(bool centred, int64_t W, const T* x, const T* __restrict__ a
 template <typename T>
 void layernorm_backward(int64_t W, const T* dy, const T* __restrict__ xhat, T inv, const T* __restrict__ gamma,
                         T* __restrict__ dgamma, T* __restrict__ dbeta, T* dx) {
-  T s1, s2;
-  row_sums<T>(W, s1, s2, [](auto d, auto g, auto) { return d * g; }, [](auto d, auto g, auto xh) { return d * g * xh; },
-              dy, gamma, xhat);
+  const auto [s1, s2] = row_sums<T>(W, std::tuple{[](auto d, auto g, auto) { return d * g; },
+                                                   [](auto d, auto g, auto xh) { return d * g * xh; }},
+                                     dy, gamma, xhat);
   for (int64_t j = 0; j < W; ++j) {
     dgamma[j] += dy[j] * xhat[j];
     dbeta[j] += dy[j];
   }
   const T m1 = s1 / T(W), m2 = s2 / T(W);
   for (int64_t j = 0; j < W; ++j) dx[j] = inv * (dy[j] * gamma[j] - m1 - xhat[j] * m2);
+}
+
+// Both layer norms of a row whose normalised rows the cell adds (Elman, LSTM: a = xi + gh), so one d_y is
+// the gradient of both: layernorm_backward twice, fused. d_y is read once, the four sums taken in one pass
+// (four independent chains), and the second pass writes d_gh, d_xi (over d_y, in place) and adds the row
+// into d gamma, d beta, d gamma_x and, when wanted (non-null), d b_hh (the sum of d_gh) and d b_ih (of d_xi).
+// d beta_x is d beta's very sum: the caller copies it.
+template <bool kB, bool kXb, typename T>
+void layernorm_backward_pair(int64_t W, T* d_y, const T* __restrict__ xhat, T inv, const T* __restrict__ gamma,
+                             const T* __restrict__ xhat_x, T inv_x, const T* __restrict__ gamma_x,
+                             T* __restrict__ dgamma, T* __restrict__ dbeta, T* __restrict__ dgamma_x,
+                             T* __restrict__ d_b, T* __restrict__ d_xb, T* __restrict__ d_gh) {
+  const auto [s1, s2, s3, s4] = row_sums<T>(W, std::tuple{[](auto d, auto g, auto, auto, auto) { return d * g; },
+                                                         [](auto d, auto g, auto xh, auto, auto) { return d * g * xh; },
+                                                         [](auto d, auto, auto, auto gx, auto) { return d * gx; },
+                                                         [](auto d, auto, auto, auto gx, auto xx) { return d * gx * xx; }},
+                                             static_cast<const T*>(d_y), gamma, xhat, gamma_x, xhat_x);
+  const T m1 = s1 / T(W), m2 = s2 / T(W), m3 = s3 / T(W), m4 = s4 / T(W);
+  for (int64_t j = 0; j < W; ++j) {
+    const T d = d_y[j];
+    dgamma[j] += d * xhat[j];
+    dbeta[j] += d;
+    dgamma_x[j] += d * xhat_x[j];
+    const T g = inv * (d * gamma[j] - m1 - xhat[j] * m2);
+    const T gx = inv_x * (d * gamma_x[j] - m3 - xhat_x[j] * m4);
+    d_gh[j] = g;
+    d_y[j] = gx;
+    if constexpr (kB) d_b[j] = g + d_b[j];
+    if constexpr (kXb) d_xb[j] = gx + d_xb[j];
+  }
+}
+
+template <typename T>
+void layernorm_backward_pair(int64_t W, T* d_y, const T* xhat, T inv, const T* gamma, const T* xhat_x, T inv_x,
+                             const T* gamma_x, T* dgamma, T* dbeta, T* dgamma_x, T* d_b, T* d_xb, T* d_gh) {
+  const auto call = [&](auto kb, auto kxb) {
+    layernorm_backward_pair<decltype(kb)::value, decltype(kxb)::value>(W, d_y, xhat, inv, gamma, xhat_x, inv_x, gamma_x,
+                                                                       dgamma, dbeta, dgamma_x, d_b, d_xb, d_gh);
+  };
+  using Y = std::true_type;
+  using N = std::false_type;
+  if (d_b != nullptr) {
+    d_xb != nullptr ? call(Y{}, Y{}) : call(Y{}, N{});
+  } else {
+    d_xb != nullptr ? call(N{}, Y{}) : call(N{}, N{});
+  }
 }
 
 }  // namespace rnnkit

@@ -46,7 +46,20 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, T* xs, int64
     for (int64_t j = 0; j < W; ++j) xn[j] = xi[j] + v.xb[j];
     xi = xn;
   }
-  if (p.ln) {                                      // LN(U h + b_hh) in place; LN(xi + b_ih) into xn
+  if (ln_x && !p.gru()) {                          // both norms, summed into gh; the cell adds zeros
+    T* xhat = v.xhat + slot * W;
+    T* xhat_x = v.xhat_x + slot * W;
+    const auto [inv, inv_x] = layernorm_pair_forward(p.centred, W, gh, v.b, xi, v.xb ? v.xb : v.cell_b, v.gamma,
+                                                     v.beta, v.gamma_x, v.beta_x, xs ? xs : xhat,
+                                                     xs ? xs + W : xhat_x, gh);
+    v.inv[slot] = inv;
+    v.inv_x[slot] = inv_x;
+    if (xs) {
+      stream_row(xhat, xs, W);
+      stream_row(xhat_x, xs + W, W);
+    }
+    xi = v.cell_b;
+  } else if (p.ln) {                               // LN(U h + b_hh) in place; LN(xi + b_ih) into xn
     T* xhat = v.xhat + slot * W;
     v.inv[slot] = layernorm_forward(p.centred, W, gh, v.b, v.gamma, v.beta, xs ? xs : xhat, gh);
     if (xs) stream_row(xhat, xs, W);
@@ -108,7 +121,8 @@ void forward_step(const Problem& p, const Views<T>& v, const Lane& lane, const S
     if (fetch) {
       for (int64_t j = 0; j < W; j += 64 / int64_t(sizeof(T))) __builtin_prefetch(v.xi + next + b * W + j);
     }
-    forward_row(p, v, gh + r * W, xn + r * W, xs ? xs + r * W : nullptr, t, b, h_prev + b * H, c_prev ? c_prev + b * H : nullptr);
+    forward_row(p, v, gh + r * W, xn + r * W, xs ? xs + 2 * r * W : nullptr, t, b, h_prev + b * H,
+                c_prev ? c_prev + b * H : nullptr);
   });
 }
 
@@ -126,7 +140,7 @@ void forward_loop(const Problem& p, const Views<T>& v) {
     // the buffers outgrow the caches: LSTM B=64 T=200 H=128 (2 KB rows, 26 MB each) forward with
     // layer_norm 13.0 -> 12.3 ms, training step 33.8 -> 31.8 (plain 26.7, 25.6), alternating processes.
     const bool stream = p.ln && v.keep && worth_streaming(p.T * p.B, p.W() * int64_t(sizeof(T)));
-    std::vector<T> xs(stream ? rows_w : 0);                        // a row each: rows may run on several threads
+    std::vector<T> xs(stream ? 2 * rows_w : 0);                    // two rows each: rows may run on several threads
     for (int64_t i = 0; i < p.T; ++i) {
       forward_step(p, v, lane, times_ut, gh.data(), xn.data(), stream ? xs.data() : nullptr, i, i > 0 || !first_zero);
     }

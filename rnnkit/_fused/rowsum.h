@@ -8,9 +8,11 @@
 // elements that do not fill a vector are added after, one by one.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -71,22 +73,22 @@ T row_sum(int64_t W, const F& f, const Rows*... rows) {
   return s;
 }
 
-// Two such sums in one pass over the rows.
-template <typename T, typename F1, typename F2, typename... Rows>
-void row_sums(int64_t W, T& s1, T& s2, const F1& f1, const F2& f2, const Rows*... rows) {
+// Several such sums in one pass over the rows, one vector of partial sums each: fs is a tuple of generic
+// lambdas, the result an array of their sums in the same order.
+template <typename T, typename Fs, size_t... K, typename... Rows>
+std::array<T, sizeof...(K)> row_sums(int64_t W, const Fs& fs, std::index_sequence<K...>, const Rows*... rows) {
   using S = Simd<T>;
-  typename S::V a1 = {}, a2 = {};
+  typename S::V acc[sizeof...(K)] = {};
   int64_t j = 0;
-  for (; j + S::kLanes <= W; j += S::kLanes) {
-    a1 += f1(load<T>(rows + j)...);
-    a2 += f2(load<T>(rows + j)...);
-  }
-  s1 = S::fold(a1);
-  s2 = S::fold(a2);
-  for (; j < W; ++j) {
-    s1 += f1(rows[j]...);
-    s2 += f2(rows[j]...);
-  }
+  for (; j + S::kLanes <= W; j += S::kLanes) ((acc[K] += std::get<K>(fs)(load<T>(rows + j)...)), ...);
+  std::array<T, sizeof...(K)> s{S::fold(acc[K])...};
+  for (; j < W; ++j) ((s[K] += std::get<K>(fs)(rows[j]...)), ...);
+  return s;
+}
+
+template <typename T, typename... F, typename... Rows>
+std::array<T, sizeof...(F)> row_sums(int64_t W, const std::tuple<F...>& fs, const Rows*... rows) {
+  return row_sums<T>(W, fs, std::index_sequence_for<F...>{}, rows...);
 }
 
 }  // namespace rnnkit

@@ -299,7 +299,8 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   TORCH_CHECK(has(gamma_x) == (has(xhat_x) && has(inv_x)), "rnnkit fused scan: xi's LN needs xhat_x and inv_x");
   const bool want_b = need_b && has(b), xb_is_b = xb_folds_into_b(p);
   // the slots of Views::acc to sum: LN's four (two when xi comes normalised), d b_hh, d b_ih
-  const bool wanted[kAccSlots] = {p.ln, p.ln, p.ln && has(gamma_x), p.ln && has(gamma_x),
+  const bool shared_dy = p.ln && !p.gru() && has(gamma_x);   // one d_y for both norms: d beta_x = d beta
+  const bool wanted[kAccSlots] = {p.ln, p.ln, p.ln && has(gamma_x), p.ln && has(gamma_x) && !shared_dy,
                                   want_b || (need_xb && xb_is_b), need_xb && !xb_is_b};
   const bool any_sum = std::any_of(wanted, wanted + kAccSlots, [](bool x) { return x; });
   Tensor acc = any_sum ? at::zeros({at::get_num_threads(), kAccSlots, W}, o) : Tensor();
@@ -341,6 +342,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
       if (wanted[k]) sums[k] = total[k].clone();
     }
   }
+  if (shared_dy) sums[3] = sums[1].clone();           // backward.cpp: layernorm_backward_pair
   Tensor d_b = want_b ? sums[4] : Tensor();
   Tensor d_xb = !need_xb ? Tensor() : !xb_is_b ? sums[5] : want_b ? sums[4].clone() : sums[4];   // own storage
   return {d_xi, d_w, d_b, d_h0, d_c0, sums[0], sums[1], sums[2], sums[3], d_xb};
