@@ -62,6 +62,13 @@ from .numerics import hand_backward, opaque_to_compile, trace_norm, under_torch_
 BLOCK_ELEMENTS = 1 << 17          # torch ops: ~a dozen passes over the block, so it must stay in L2
 FUSED_BLOCK_ELEMENTS = 1 << 19    # the C++ pass reads the block once: fewer, larger products pay more
 LOG_CHUNK = 64                    # log_scan's chunk: float32 error grows with the chunk's |sum log a|
+# log_scan's floor under log a, per working dtype: a_t below e^floor (a forgetting gate shut to within
+# 4e-18 in float32) counts as e^floor, which changes h_t by at most e^floor |h_{t-1}|, under float32's
+# rounding of h_t while |h_{t-1}| < 1.4e10 |h_t| (float64: e^-708, its smallest normal's order). Without
+# it one huge pre-activation put a* out of reach of the logcumsumexp it must cancel: MinGRU with
+# log a = -2.6e29 at one step gave h = 1.0 where the recurrence gives 3.6e29 and 0.67 after it, and
+# log a = -inf (a = 0) gave NaN.
+LOG_A_FLOOR = {torch.float32: -40.0, torch.float64: -708.0}
 KEEP_MIN_INPUT = 64               # the fused path keeps P for the backward from this input size I up
 
 
@@ -72,10 +79,11 @@ def log_scan(log_a: Tensor, log_b: Tensor, h0: Tensor | None = None, chunk: int 
     a shorter last chunk separately, as padding would put zero gradients into logcumsumexp; its
     double backward is logcumsumexp.LogCumSumExp's, finite there); the state entering chunk k is carried from chunk
     k-1 in linear space (T / chunk small steps) and adds exp(a*_t) * carry. The cancellation between
-    a* and the logcumsumexp then spans one chunk, not the whole sequence. Computed in at least float32
-    (half and bfloat16 are cast up and back)."""
+    a* and the logcumsumexp then spans one chunk, not the whole sequence, and log a is floored
+    (LOG_A_FLOOR) so that no one step puts it out of reach. Computed in at least float32 (half and
+    bfloat16 are cast up and back)."""
     T, work = log_a.shape[0], torch.promote_types(log_a.dtype, torch.float32)
-    la, lb, full = log_a.to(work), log_b.to(work), T - T % chunk
+    la, lb, full = log_a.to(work).clamp(min=LOG_A_FLOOR[work]), log_b.to(work), T - T % chunk
     pieces = [(la[:full].unflatten(0, (-1, chunk)), lb[:full].unflatten(0, (-1, chunk)))] if full else []
     if full < T:
         pieces.append((la[full:].unsqueeze(0), lb[full:].unsqueeze(0)))
