@@ -17,6 +17,8 @@ from test_fused import (
 from torch.autograd import gradcheck
 from torch.nn.functional import linear
 
+import rnnkit as rk
+import rnnkit.layers
 from rnnkit import _fused, engine
 
 I_ = 4                                                    # input size
@@ -105,3 +107,68 @@ def test_project_scan_routes_supported_scans_through_the_node_and_others_through
         assert not _fused.supports_projected(opts, *args, state0, w, b, params)  # F.linear / scan say why
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         engine.project_scan(opts, x, w_ih[:, :-1], b_ih, state0, w, b, params)
+
+
+
+FROZEN = {                                                # parameter names left without requires_grad
+    "all trainable": (),
+    "b_hh frozen": ("bias_hh_l0",),
+    "b_ih frozen": ("bias_ih_l0",),
+    "norms frozen": ("ln_ih_weight_l0", "ln_ih_bias_l0", "ln_hh_weight_l0", "ln_hh_bias_l0"),
+    "only beta_x": "all but ln_ih_bias_l0",
+    "only b_ih": "all but bias_ih_l0",
+    "only b_hh": "all but bias_hh_l0",
+}
+FROZEN_CASES = [(f, True) for f in FROZEN] + [(f, False) for f in ("all trainable", "norms frozen", "only beta_x")]
+
+
+@needs_kernel
+@pytest.mark.parametrize(("frozen", "bias"), FROZEN_CASES, ids=[f"{f}, bias={b}" for f, b in FROZEN_CASES])
+@pytest.mark.parametrize("cls", ["RNN", "LSTM", "GRU"])
+def test_layer_norm_layers_with_frozen_parameters_equal_the_pure_engine(cls, frozen, bias, monkeypatch,
+                                                                        ln_centring):
+    """A layer with layer_norm (both norms in the kernel's loop; for Elman and LSTM one fused pair, whose
+    backward forms d b_hh, d b_ih and d beta_x only when wanted) with some parameters frozen, or without
+    biases, in float64: every output and every gradient that exists equals the pure engine's, and the
+    frozen parameters get none."""
+    torch.manual_seed(5)
+    layer = getattr(rk, cls)(3, 4, layer_norm=True, bias=bias, backend="engine").double()
+    with torch.no_grad():
+        for p in layer.parameters():                      # norms' gamma, beta away from 1, 0
+            p.add_(torch.randn_like(p) * 0.5)
+    names = dict(layer.named_parameters())
+    spec = FROZEN[frozen]
+    if isinstance(spec, str):
+        spec = tuple(n for n in names if n != spec.removeprefix("all but "))
+    for n in spec:
+        names[n].requires_grad_(False)
+    x = torch.randn(7, 3, 3, dtype=torch.float64, requires_grad=frozen == "all trainable")
+    fused_calls, scan_projected = [], _fused.scan_projected
+
+    def fused(*args):
+        fused_calls.append(1)
+        return scan_projected(*args)
+
+    def pure(opts, x_, w_ih, b_ih, state0, w_hh, b_hh, params=()):
+        return engine.pure_scan(opts, linear(x_, w_ih, b_ih), state0, w_hh, b_hh, params)
+
+    def step(fn):
+        monkeypatch.setattr(rnnkit.layers, "project_scan", fn)
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out, state = layer(x)
+        final = state if isinstance(state, tuple) else (state,)
+        g = torch.Generator().manual_seed(9)
+        loss = (out * torch.randn(out.shape, generator=g, dtype=out.dtype)).sum()
+        loss = loss + sum((s * torch.randn(s.shape, generator=g, dtype=s.dtype)).sum() for s in final)
+        loss.backward()
+        got = {"out": out, "d_x": x.grad, **{f"final{j}": s for j, s in enumerate(final)}}
+        got.update({f"d {n}": p.grad for n, p in layer.named_parameters()})
+        return got
+
+    monkeypatch.setattr(_fused, "scan_projected", fused)
+    got, ref = step(engine.project_scan), step(pure)
+    assert fused_calls, "the layer did not run the fused kernel"
+    assert_same(got, ref, 1e-10, f"{cls} {frozen} bias={bias}")
+    for n, p in layer.named_parameters():
+        assert (got[f"d {n}"] is None) == (not p.requires_grad), n

@@ -149,7 +149,7 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
     }
   }
   T* acc = v.acc == nullptr ? nullptr : v.acc + thread * kAccSlots * W;   // scan.h: Views::acc
-  if (p.ln && !p.gru() && v.gamma_x != nullptr) {   // both norms under one d_y (Elman, LSTM), fused
+  if (p.ln_paired(v.gamma_x != nullptr)) {          // both norms under one d_y (Elman, LSTM), fused
     layernorm_backward_pair(W, d_xi, v.xhat + row * W, v.inv[row], v.gamma, v.xhat_x + row * W, v.inv_x[row],
                             v.gamma_x, acc, acc + W, acc + 2 * W, v.acc_b ? acc + 4 * W : nullptr,
                             v.acc_xb ? acc + 5 * W : nullptr, v.d_gh + row * W);

@@ -131,6 +131,45 @@ void gru_backward(int64_t H, const T* __restrict__ dh, const T* __restrict__ gat
 
 constexpr double kLayerNormEps = 1e-5;
 
+// Shared by the single and the paired norms below.
+// A row's value a less the row's mean m; kCentred: the mean is zero by construction, nothing subtracted.
+template <bool kCentred, typename V, typename T>
+inline V less_mean(V a, T m) {
+  if constexpr (kCentred) {
+    return a;
+  } else {
+    return a - m;
+  }
+}
+
+// 1/s from the sum ss of a row's W squared deviations.
+template <typename T>
+inline T ln_inv(T ss, int64_t W) {
+  return T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
+}
+
+// LN's gradient at one feature: dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / s with dxhat = dy gamma;
+// m1 = mean(dy gamma), m2 = mean(dy gamma xhat) over the row.
+template <typename T>
+inline T ln_dx(T inv, T dy, T gamma, T xhat, T m1, T m2) {
+  return inv * (dy * gamma - m1 - xhat * m2);
+}
+
+// f(std::bool_constant<flag>{}...): run-time switches made template parameters, so each combination is
+// compiled as its own loop (no tests inside it). Not for the forward norms' `centred`: through it gcc
+// inlined them differently, and the RNN B=64 T=200 H=64 forward with layer_norm measured 1.36x against
+// 1.25x the plain engine with the plain ternary (4 alternating processes); the backward's measured the same.
+template <typename F>
+decltype(auto) with_flags(const F& f) {
+  return f();
+}
+
+template <typename F, typename... Flags>
+decltype(auto) with_flags(const F& f, bool flag, Flags... rest) {
+  if (flag) return with_flags([&](auto... k) { return f(std::true_type{}, k...); }, rest...);
+  return with_flags([&](auto... k) { return f(std::false_type{}, k...); }, rest...);
+}
+
 // y = xhat * gamma + beta, xhat = (a - mean(a)) / s over the row's W features of a = x + add (add: a bias
 // row, or null). Saves xhat, returns 1/s. y may be x itself (the recurrent product is normalised in place).
 // kCentred: the row's mean is zero by construction, and is not computed (a pass and a sum fewer: RNN
@@ -146,15 +185,8 @@ T layernorm_rows(int64_t W, const T* __restrict__ gamma, const T* __restrict__ b
   const auto a = [](auto... r) { return (r + ...); };                  // x, or x + add
   T mu = T(0);
   if constexpr (!kCentred) mu = row_sum<T>(W, a, rows...) / T(W);
-  const auto d = [&](auto... r) {                                      // a less its mean
-    if constexpr (kCentred) {
-      return a(r...);
-    } else {
-      return a(r...) - mu;
-    }
-  };
-  const T ss = row_sum<T>(W, [&](auto... r) { return d(r...) * d(r...); }, rows...);
-  const T inv = T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
+  const auto d = [&](auto... r) { return less_mean<kCentred>(a(r...), mu); };
+  const T inv = ln_inv(row_sum<T>(W, [&](auto... r) { return d(r...) * d(r...); }, rows...), W);
   for (int64_t j = 0; j < W; ++j) {
     const T xh = d(rows[j]...) * inv;
     xhat[j] = xh;
@@ -182,13 +214,15 @@ T layernorm_forward(bool centred, int64_t W, const T* x, const T* __restrict__ a
 // Both layer norms of a row whose normalised rows the cell adds (Elman, LSTM: a = xi + gh), fused:
 // y = LN(x + add) gamma + beta + LN(x2 + add2) gamma_x + beta_x, the moments of both rows taken in the same
 // passes (independent chains) and y written once, so the cell reads one row (with zeros for xi and b).
-// Saves xhat, xhat_x; returns (1/s, 1/s_x). y may be x itself.
+// layernorm_rows' passes with a second row beside the first. add and add2 are rows (never null: the
+// caller passes a row of zeros for an absent bias). Saves xhat, xhat_x; returns (1/s, 1/s_x). y may be x.
 template <bool kCentred, typename T>
 std::array<T, 2> layernorm_pair_rows(int64_t W, const T* x, const T* __restrict__ add, const T* __restrict__ x2,
                                      const T* __restrict__ add2, const T* __restrict__ gamma,
                                      const T* __restrict__ beta, const T* __restrict__ gamma_x,
                                      const T* __restrict__ beta_x, T* __restrict__ xhat, T* __restrict__ xhat_x,
                                      T* y) {
+  // row_sums' lambdas take the rows in the order passed: (x, add, x2, add2)
   T mu = T(0), mu_x = T(0);
   if constexpr (!kCentred) {
     const auto [s, s_x] = row_sums<T>(W, std::tuple{[](auto a, auto b, auto, auto) { return a + b; },
@@ -197,18 +231,11 @@ std::array<T, 2> layernorm_pair_rows(int64_t W, const T* x, const T* __restrict_
     mu = s / T(W);
     mu_x = s_x / T(W);
   }
-  const auto dev = [](auto a, auto b, T m) {                          // a + b less its row's mean m
-    if constexpr (kCentred) {
-      return a + b;
-    } else {
-      return a + b - m;
-    }
-  };
+  const auto dev = [](auto a, auto b, T m) { return less_mean<kCentred>(a + b, m); };
   const auto [ss, ss_x] = row_sums<T>(W, std::tuple{[&](auto a, auto b, auto, auto) { return dev(a, b, mu) * dev(a, b, mu); },
                                                     [&](auto, auto, auto a, auto b) { return dev(a, b, mu_x) * dev(a, b, mu_x); }},
                                       x, add, x2, add2);
-  const T inv = T(1) / std::sqrt(ss / T(W) + T(kLayerNormEps));
-  const T inv_x = T(1) / std::sqrt(ss_x / T(W) + T(kLayerNormEps));
+  const T inv = ln_inv(ss, W), inv_x = ln_inv(ss_x, W);
   for (int64_t j = 0; j < W; ++j) {
     const T xh = dev(x[j], add[j], mu) * inv, xx = dev(x2[j], add2[j], mu_x) * inv_x;
     xhat[j] = xh;
@@ -226,13 +253,14 @@ std::array<T, 2> layernorm_pair_forward(bool centred, int64_t W, const T* x, con
                  : layernorm_pair_rows<false>(W, x, add, x2, add2, gamma, beta, gamma_x, beta_x, xhat, xhat_x, y);
 }
 
-// dxhat = dy gamma;  dx = (dxhat - mean(dxhat) - xhat mean(dxhat xhat)) / s.  dx may be dy itself. LN's
-// own gradient, its mean term kept: dx has zero mean, so U, b_hh, W_ih and b_ih taken centred in the
-// forward get their gradients as they are (dx^T h is the gradient of U and of its centred copy alike).
-// The row's share of the parameters' gradients is added on the way: dgamma += dy xhat, dbeta += dy.
+// LN's own gradient (ln_dx), its mean term kept: dx has zero mean, so U, b_hh, W_ih and b_ih taken centred
+// in the forward get their gradients as they are (dx^T h is the gradient of U and of its centred copy
+// alike). dx may be dy itself. The row's share of the parameters' gradients is added on the way:
+// dgamma += dy xhat, dbeta += dy.
 template <typename T>
 void layernorm_backward(int64_t W, const T* dy, const T* __restrict__ xhat, T inv, const T* __restrict__ gamma,
                         T* __restrict__ dgamma, T* __restrict__ dbeta, T* dx) {
+  // row_sums' lambdas take the rows in the order passed: (dy, gamma, xhat)
   const auto [s1, s2] = row_sums<T>(W, std::tuple{[](auto d, auto g, auto) { return d * g; },
                                                    [](auto d, auto g, auto xh) { return d * g * xh; }},
                                      dy, gamma, xhat);
@@ -241,19 +269,21 @@ void layernorm_backward(int64_t W, const T* dy, const T* __restrict__ xhat, T in
     dbeta[j] += dy[j];
   }
   const T m1 = s1 / T(W), m2 = s2 / T(W);
-  for (int64_t j = 0; j < W; ++j) dx[j] = inv * (dy[j] * gamma[j] - m1 - xhat[j] * m2);
+  for (int64_t j = 0; j < W; ++j) dx[j] = ln_dx(inv, dy[j], gamma[j], xhat[j], m1, m2);
 }
 
 // Both layer norms of a row whose normalised rows the cell adds (Elman, LSTM: a = xi + gh), so one d_y is
 // the gradient of both: layernorm_backward twice, fused. d_y is read once, the four sums taken in one pass
 // (four independent chains), and the second pass writes d_gh, d_xi (over d_y, in place) and adds the row
-// into d gamma, d beta, d gamma_x and, when wanted (non-null), d b_hh (the sum of d_gh) and d b_ih (of d_xi).
-// d beta_x is d beta's very sum: the caller copies it.
+// into d gamma, d beta, d gamma_x and, when wanted (kB, kXb), d b_hh (the sum of d_gh) and d b_ih (of d_xi)
+// there too: backward.cpp's add_into would read the rows once more. d beta_x is d beta's very sum: the
+// caller copies it.
 template <bool kB, bool kXb, typename T>
-void layernorm_backward_pair(int64_t W, T* d_y, const T* __restrict__ xhat, T inv, const T* __restrict__ gamma,
-                             const T* __restrict__ xhat_x, T inv_x, const T* __restrict__ gamma_x,
-                             T* __restrict__ dgamma, T* __restrict__ dbeta, T* __restrict__ dgamma_x,
-                             T* __restrict__ d_b, T* __restrict__ d_xb, T* __restrict__ d_gh) {
+void layernorm_backward_pair_rows(int64_t W, T* d_y, const T* __restrict__ xhat, T inv, const T* __restrict__ gamma,
+                                  const T* __restrict__ xhat_x, T inv_x, const T* __restrict__ gamma_x,
+                                  T* __restrict__ dgamma, T* __restrict__ dbeta, T* __restrict__ dgamma_x,
+                                  T* __restrict__ d_b, T* __restrict__ d_xb, T* __restrict__ d_gh) {
+  // row_sums' lambdas take the rows in the order passed: (d_y, gamma, xhat, gamma_x, xhat_x)
   const auto [s1, s2, s3, s4] = row_sums<T>(W, std::tuple{[](auto d, auto g, auto, auto, auto) { return d * g; },
                                                          [](auto d, auto g, auto xh, auto, auto) { return d * g * xh; },
                                                          [](auto d, auto, auto, auto gx, auto) { return d * gx; },
@@ -265,8 +295,8 @@ void layernorm_backward_pair(int64_t W, T* d_y, const T* __restrict__ xhat, T in
     dgamma[j] += d * xhat[j];
     dbeta[j] += d;
     dgamma_x[j] += d * xhat_x[j];
-    const T g = inv * (d * gamma[j] - m1 - xhat[j] * m2);
-    const T gx = inv_x * (d * gamma_x[j] - m3 - xhat_x[j] * m4);
+    const T g = ln_dx(inv, d, gamma[j], xhat[j], m1, m2);
+    const T gx = ln_dx(inv_x, d, gamma_x[j], xhat_x[j], m3, m4);
     d_gh[j] = g;
     d_y[j] = gx;
     if constexpr (kB) d_b[j] = g + d_b[j];
@@ -274,20 +304,14 @@ void layernorm_backward_pair(int64_t W, T* d_y, const T* __restrict__ xhat, T in
   }
 }
 
+// d_b, d_xb: null when not wanted.
 template <typename T>
 void layernorm_backward_pair(int64_t W, T* d_y, const T* xhat, T inv, const T* gamma, const T* xhat_x, T inv_x,
                              const T* gamma_x, T* dgamma, T* dbeta, T* dgamma_x, T* d_b, T* d_xb, T* d_gh) {
-  const auto call = [&](auto kb, auto kxb) {
-    layernorm_backward_pair<decltype(kb)::value, decltype(kxb)::value>(W, d_y, xhat, inv, gamma, xhat_x, inv_x, gamma_x,
-                                                                       dgamma, dbeta, dgamma_x, d_b, d_xb, d_gh);
-  };
-  using Y = std::true_type;
-  using N = std::false_type;
-  if (d_b != nullptr) {
-    d_xb != nullptr ? call(Y{}, Y{}) : call(Y{}, N{});
-  } else {
-    d_xb != nullptr ? call(N{}, Y{}) : call(N{}, N{});
-  }
+  with_flags([&](auto kb, auto kxb) {
+    layernorm_backward_pair_rows<decltype(kb)::value, decltype(kxb)::value>(W, d_y, xhat, inv, gamma, xhat_x, inv_x, gamma_x, dgamma,
+                                                      dbeta, dgamma_x, d_b, d_xb, d_gh);
+  }, d_b != nullptr, d_xb != nullptr);
 }
 
 }  // namespace rnnkit

@@ -32,9 +32,9 @@ void blend(int64_t H, const T* nw, const T* prev, const T* z, const T* m, T* s) 
 }
 
 // One batch row b of step t: the cell, then zoneout and padding, then the output.
-// xn: the row's scratch for xi + b_ih and for xi normalised, when xi comes without them. xs: under LN, a
-// row in which the normalised rows are made before they are streamed out to xhat, xhat_x (null: written
-// there directly).
+// xn: the row's scratch for xi + b_ih, or for xi normalised by its own LN (GRU; xn_needed). xs: under LN,
+// two rows in which the normalised rows are made before they are streamed out to xhat, xhat_x (null:
+// written there directly).
 template <typename T>
 void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, T* xs, int64_t t, int64_t b,
                  const T* h_prev, const T* c_prev) {
@@ -46,9 +46,11 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, T* xs, int64
     for (int64_t j = 0; j < W; ++j) xn[j] = xi[j] + v.xb[j];
     xi = xn;
   }
-  if (ln_x && !p.gru()) {                          // both norms, summed into gh; the cell adds zeros
+  if (p.ln_paired(ln_x)) {                         // both norms, summed into gh; the cell adds zeros
     T* xhat = v.xhat + slot * W;
     T* xhat_x = v.xhat_x + slot * W;
+    // without b_ih, xi's norm adds cell_b: under LN the cell's bias row is all zeros (the biases are
+    // inside the norms), so it serves as an absent bias
     const auto [inv, inv_x] = layernorm_pair_forward(p.centred, W, gh, v.b, xi, v.xb ? v.xb : v.cell_b, v.gamma,
                                                      v.beta, v.gamma_x, v.beta_x, xs ? xs : xhat,
                                                      xs ? xs + W : xhat_x, gh);
@@ -59,7 +61,7 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, T* xs, int64
       stream_row(xhat_x, xs + W, W);
     }
     xi = v.cell_b;
-  } else if (p.ln) {                               // LN(U h + b_hh) in place; LN(xi + b_ih) into xn
+  } else if (p.ln) {                               // LN(U h + b_hh) in place; GRU's LN(xi + b_ih) into xn
     T* xhat = v.xhat + slot * W;
     v.inv[slot] = layernorm_forward(p.centred, W, gh, v.b, v.gamma, v.beta, xs ? xs : xhat, gh);
     if (xs) stream_row(xhat, xs, W);
@@ -128,6 +130,14 @@ void forward_step(const Problem& p, const Views<T>& v, const Lane& lane, const S
 
 }  // namespace
 
+// forward_row writes xi + b_ih, or xi's own LN, into the row's scratch: when xi comes raw without the
+// paired norms (which add b_ih and normalise xi as they go).
+template <typename T>
+bool xn_needed(const Problem& p, const Views<T>& v) {
+  const bool ln_x = p.ln && v.gamma_x != nullptr;
+  return ln_x ? !p.ln_paired(ln_x) : v.xb != nullptr;
+}
+
 template <typename T>
 void forward_loop(const Problem& p, const Views<T>& v) {
   const bool first_zero = v.h0_zero && all_finite(p.W() * p.H, v.w);   // h0 U exactly zero (0 * NaN is not)
@@ -135,7 +145,7 @@ void forward_loop(const Problem& p, const Views<T>& v) {
     const StepProduct<T> times_ut(v.w, p.W(), p.H, lane.rows(), false, p.T);
     const size_t rows_w = static_cast<size_t>(lane.rows() * p.W());
     std::vector<T> gh(rows_w);                                     // the step's recurrent product, reused
-    std::vector<T> xn(v.gamma_x != nullptr || v.xb != nullptr ? rows_w : 0);   // xi + b_ih, normalised
+    std::vector<T> xn(xn_needed(p, v) ? rows_w : 0);               // xi + b_ih, or xi normalised
     // LN's saved rows, read again only by the backward, go out by non-temporal stores (store.h) when
     // the buffers outgrow the caches: LSTM B=64 T=200 H=128 (2 KB rows, 26 MB each) forward with
     // layer_norm 13.0 -> 12.3 ms, training step 33.8 -> 31.8 (plain 26.7, 25.6), alternating processes.

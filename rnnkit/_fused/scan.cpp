@@ -298,8 +298,9 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
   TORCH_CHECK(has(gamma_x) == (has(xhat_x) && has(inv_x)), "rnnkit fused scan: xi's LN needs xhat_x and inv_x");
   const bool want_b = need_b && has(b), xb_is_b = xb_folds_into_b(p);
-  // the slots of Views::acc to sum: LN's four (two when xi comes normalised), d b_hh, d b_ih
-  const bool shared_dy = p.ln && !p.gru() && has(gamma_x);   // one d_y for both norms: d beta_x = d beta
+  // the slots of Views::acc to sum: LN's four (two when xi comes normalised, three when the norms are
+  // paired), d b_hh, d b_ih
+  const bool shared_dy = p.ln_paired(has(gamma_x));          // one d_y for both norms: d beta_x = d beta
   const bool wanted[kAccSlots] = {p.ln, p.ln, p.ln && has(gamma_x), p.ln && has(gamma_x) && !shared_dy,
                                   want_b || (need_xb && xb_is_b), need_xb && !xb_is_b};
   const bool any_sum = std::any_of(wanted, wanted + kAccSlots, [](bool x) { return x; });

@@ -29,6 +29,9 @@ struct Problem {
   bool lstm() const { return cell == CellKind::kLSTM; }
   bool gru() const { return cell == CellKind::kGRU; }
   bool elman() const { return cell == CellKind::kTanh || cell == CellKind::kRelu; }
+  // Under LN with xi normalised here too, Elman and LSTM add the two normalised rows: both norms run as
+  // one (cells.h: layernorm_pair_rows, layernorm_backward_pair), under one d_y, so d beta_x = d beta.
+  bool ln_paired(bool ln_x) const { return ln && ln_x && !gru(); }
   int64_t time(int64_t i) const { return reverse ? T - 1 - i : i; }     // i-th processed step
   int64_t before(int64_t t) const { return reverse ? t + 1 : t - 1; }   // step processed before t
 };
@@ -64,7 +67,8 @@ struct Views {
   // Parameter gradients summed per thread as the rows go by (no pass over (T, B, W) after the loop):
   // thread k adds its rows into acc + k * kAccSlots * W, laid out [d gamma, d beta, d gamma_x, d beta_x,
   // d b_hh, d b_ih] (W each); the threads' sums are added after the loop. Null: none wanted;
-  // acc_b, acc_xb: d b_hh, d b_ih (the sum of d_xi) wanted.
+  // acc_b, acc_xb: d b_hh, d b_ih (the sum of d_xi) wanted. The d beta_x slot stays unused when the
+  // norms are paired (Problem::ln_paired): scan.cpp copies d beta's sum there.
   T* acc;
   bool acc_b, acc_xb;
   bool stream;                                     // GRU without LN: d_xi, d_ghn rows go out non-temporal (store.h)
