@@ -25,17 +25,34 @@ namespace rnnkit {
 
 // ---- Elman (rnn.py): h = g(a),  a = xi + gh ---------------------------------------------------------
 
-template <typename T>
-void elman_forward(int64_t H, bool relu, const T* __restrict__ xi, const T* __restrict__ b,
-                   const T* __restrict__ gh, T* __restrict__ h) {
+// The cell's pre-activation at j: xi + b + gh, or gh alone (kWhole: the paired layer norms wrote all of it
+// there; the other two rows would be zeros).
+template <bool kWhole, typename T>
+inline T preact(const T* __restrict__ xi, const T* __restrict__ b, const T* __restrict__ gh, int64_t j) {
+  if constexpr (kWhole) {
+    return gh[j];
+  } else {
+    return xi[j] + b[j] + gh[j];
+  }
+}
+
+template <bool kWhole, typename T>
+void elman_forward_rows(int64_t H, bool relu, const T* __restrict__ xi, const T* __restrict__ b,
+                        const T* __restrict__ gh, T* __restrict__ h) {
   if (relu) {
     for (int64_t j = 0; j < H; ++j) {
-      T a = xi[j] + b[j] + gh[j];
+      T a = preact<kWhole>(xi, b, gh, j);
       h[j] = a < T(0) ? T(0) : a;                  // relu, NaN kept
     }
   } else {
-    for (int64_t j = 0; j < H; ++j) h[j] = tanh_(xi[j] + b[j] + gh[j]);
+    for (int64_t j = 0; j < H; ++j) h[j] = tanh_(preact<kWhole>(xi, b, gh, j));
   }
+}
+
+// xi null: gh is the whole pre-activation.
+template <typename T>
+void elman_forward(int64_t H, bool relu, const T* xi, const T* b, const T* gh, T* h) {
+  xi == nullptr ? elman_forward_rows<true>(H, relu, xi, b, gh, h) : elman_forward_rows<false>(H, relu, xi, b, gh, h);
 }
 
 // da = dh * g'(a), with g' read off h: tanh' = 1 - h^2; relu: da = 0 where h <= 0, else dh (a select, as
@@ -53,19 +70,26 @@ void elman_backward(int64_t H, bool relu, const T* __restrict__ dh, const T* __r
 // ---- LSTM (lstm.py), gate blocks i, f, g, o -------------------------------------------------------
 
 // act = [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)];  c = f c_prev + i g;  h = o tanh(c)
-template <typename T>
-void lstm_forward(int64_t H, const T* __restrict__ xi, const T* __restrict__ b, const T* __restrict__ gh,
-                  const T* __restrict__ c_prev, T* __restrict__ act, T* __restrict__ tc, T* __restrict__ h,
-                  T* __restrict__ c) {
-  for (int64_t j = 0; j < 2 * H; ++j) act[j] = sigmoid_(xi[j] + b[j] + gh[j]);
-  for (int64_t j = 2 * H; j < 3 * H; ++j) act[j] = tanh_(xi[j] + b[j] + gh[j]);
-  for (int64_t j = 3 * H; j < 4 * H; ++j) act[j] = sigmoid_(xi[j] + b[j] + gh[j]);
+template <bool kWhole, typename T>
+void lstm_forward_rows(int64_t H, const T* __restrict__ xi, const T* __restrict__ b, const T* __restrict__ gh,
+                       const T* __restrict__ c_prev, T* __restrict__ act, T* __restrict__ tc, T* __restrict__ h,
+                       T* __restrict__ c) {
+  for (int64_t j = 0; j < 2 * H; ++j) act[j] = sigmoid_(preact<kWhole>(xi, b, gh, j));
+  for (int64_t j = 2 * H; j < 3 * H; ++j) act[j] = tanh_(preact<kWhole>(xi, b, gh, j));
+  for (int64_t j = 3 * H; j < 4 * H; ++j) act[j] = sigmoid_(preact<kWhole>(xi, b, gh, j));
   const T *i = act, *f = act + H, *g = act + 2 * H, *o = act + 3 * H;
   for (int64_t j = 0; j < H; ++j) {
     c[j] = f[j] * c_prev[j] + i[j] * g[j];
     tc[j] = tanh_(c[j]);
     h[j] = o[j] * tc[j];
   }
+}
+
+// xi null: gh is the whole pre-activation.
+template <typename T>
+void lstm_forward(int64_t H, const T* xi, const T* b, const T* gh, const T* c_prev, T* act, T* tc, T* h, T* c) {
+  xi == nullptr ? lstm_forward_rows<true>(H, xi, b, gh, c_prev, act, tc, h, c)
+                : lstm_forward_rows<false>(H, xi, b, gh, c_prev, act, tc, h, c);
 }
 
 // do = dh tanh(c);  dc += dh o (1 - tanh(c)^2);  d[i, f, g, o] = [dc g, dc c_prev, dc i, do] times

@@ -24,7 +24,9 @@ LDFLAGS = ["-fopenmp"]
 
 
 def ext_name() -> str:
-    """Name of the compiled library: one per CPU model and flags, as -march=native ties it to the CPU."""
+    """Name of the compiled library: one per CPU model and flags, as -march=native ties it to the CPU.
+    The sources need no place in it: `load` runs cpp_extension.load in each process, whose ninja build
+    recompiles whatever source or header changed since (gcc's depfiles)."""
     cpu = platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

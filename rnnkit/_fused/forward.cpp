@@ -60,7 +60,7 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, T* xs, int64
       stream_row(xhat, xs, W);
       stream_row(xhat_x, xs + W, W);
     }
-    xi = v.cell_b;
+    xi = nullptr;                                  // gh holds the whole pre-activation
   } else if (p.ln) {                               // LN(U h + b_hh) in place; GRU's LN(xi + b_ih) into xn
     T* xhat = v.xhat + slot * W;
     v.inv[slot] = layernorm_forward(p.centred, W, gh, v.b, v.gamma, v.beta, xs ? xs : xhat, gh);
