@@ -249,6 +249,34 @@ def test_layer_norm_forward_streaming_its_saved_rows_equals_engine(kind, H_, lan
 
 
 @needs_kernel
+def test_layer_norm_lstm_forms_its_gates_again_unless_the_trace_keeps_them(monkeypatch):
+    """Under both norms (xi normalised in the loop) the LSTM's forward keeps no (T, B, 4H) gates buffer:
+    the backward forms each row's gates again from the saved xhat and xhat_x (cells.h: lstm_gates_again).
+    The kernel's act has one step's slot without a trace and T with one (the trace records the gates);
+    the gradients of both ways agree to float64 rounding, and with the pure engine."""
+    seen, ops = [], _fused._ops()
+
+    class Spy:                                            # the kernel's ops, its forward watched
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def forward(self, *args, **kw):
+            res = ops.forward(*args, **kw)
+            seen.append((kw.get("gates"), res[3].shape[0]))   # res[3]: act
+            return res
+
+    monkeypatch.setitem(_fused._loaded, "ops", Spy())
+    grads = {}
+    for trace in (False, True):
+        got = run(fused_scan, "lnx_lstm", torch.float64, reverse=True, padding="right", zone="train", trace=trace)
+        grads[trace] = {k: v for k, v in got.items() if k.startswith("d_") or k in ("out", "final0", "final1")}
+    assert seen == [(False, 1), (True, T)], seen
+    assert_same(grads[False], grads[True], 1e-12, "gates formed again vs kept")
+    ref = run(pure_scan, "lnx_lstm", torch.float64, reverse=True, padding="right", zone="train")
+    assert_same(grads[False], {k: ref[k] for k in grads[False]}, 1e-10, "against the pure engine")
+
+
+@needs_kernel
 @pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru", "ln_lstm"])
 def test_equals_engine_with_broadcast_and_strided_output_gradients(kind):
     """out.sum() sends a scalar expanded to (T, B, H); a loss on out.transpose(0, 1) a strided gradient.

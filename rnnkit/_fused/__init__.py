@@ -323,7 +323,7 @@ class _FusedScan(torch.autograd.Function):
         mask, rec, zone = _options(opts, xi)
         out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_T, c_T = _ops().forward(
             code, ln, opts.reverse, keep, xi, w, b, h0, c0, gamma, beta, gamma_x, beta_x, xb, mask, rec, *zone,
-            centred=centre)
+            centred=centre, gates=opts.trace is not None)          # gates: the trace records every step's
         del xi                                                 # back to the pool now: d_xi reuses it
         if opts.trace is not None:
             _record_forward(opts.trace, code, hs, cs, act)
@@ -355,7 +355,7 @@ class _FusedScan(torch.autograd.Function):
         saved = ctx.saved_tensors
         hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, x2, w_k, w_ih_k = saved[:_KERNEL_SAVED]
         x, w_ih, bias_ih, _, bias_hh, *rest = saved[_KERNEL_SAVED:]
-        w, b, h0, c0, gamma, _, gamma_x, _ = _kernel_args(n, w_k, bias_hh, rest)   # w_k: the forward's U, as it is
+        w, b, h0, c0, gamma, beta, gamma_x, beta_x = _kernel_args(n, w_k, bias_hh, rest)   # w_k: the forward's U
         mask, rec, zh, zc = ctx.aux_opts
         gn = opts.trace.grad_norm if opts.trace is not None else None
         d_hT, d_cT = _c(d_final[0]), (_c(d_final[1]) if n == 2 else None)
@@ -366,7 +366,7 @@ class _FusedScan(torch.autograd.Function):
         every, rows = truncation_cuts(opts)                    # every k steps, or per row (padding)
         rows = None if rows is None else rows.to(hs.dtype).reshape(mask.shape).contiguous()
         d_xi, d_w, d_b, d_h0, d_c0, *d_ln, d_xb = _ops().backward(
-            ctx.code, ctx.ln, opts.reverse, every or 0, w, b, h0, c0, gamma, gamma_x,
+            ctx.code, ctx.ln, opts.reverse, every or 0, w, b, h0, c0, gamma, beta, gamma_x, beta_x,
             mask, rec, zh, zc, rows, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, _grad_out(d_out), d_hT,
             d_cT, gn, need_w, need_b, need_xb, need_h0)
         states = (d_h0,) if n == 1 else (d_h0, d_c0)

@@ -25,7 +25,8 @@ namespace {
 template <typename T>
 struct Carry {
   std::vector<T> h, c, gw, dh, dc, dy;   // carries to step t-1; d_gh U; d_new of h; d_new of c (LSTM)
-                                         // or the direct dh z (GRU, when a d_pass must be added)
+                                         // or the direct dh z (GRU, when a d_pass must be added); dy: per
+                                         // row (W), the GRU's d_y under LN, or the LSTM's gates formed again
   std::vector<T> xs;                     // per thread, (W): a d_xi row before it is streamed out
 };
 
@@ -134,7 +135,13 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
     elman_backward(H, p.cell == CellKind::kRelu, dh, hc, d_xi);
   } else if (p.lstm()) {
     T* cc = k.c.data() + b * H;
-    lstm_backward(H, dh, around ? dc : cc, v.act + row * W, v.aux + row * H, c_prev, d_xi);
+    const T* act = v.act + row * W;
+    if (v.act_again) {                                 // the gates, not kept: formed again, in the row's scratch
+      T* a = k.dy.data() + b * W;
+      lstm_gates_again(H, v.xhat + row * W, v.xhat_x + row * W, v.gamma, v.beta, v.gamma_x, v.beta_x, a);
+      act = a;
+    }
+    lstm_backward(H, dh, around ? dc : cc, act, v.aux + row * H, c_prev, d_xi);
     if (around) add_into(H, dc, cc);                   // carry_c = dc f + d_pass
   } else {
     T* dx = v.stream ? k.xs.data() + thread * W : d_xi;
@@ -245,7 +252,7 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
   k.gw.resize(BH);
   k.dh.resize(BH);
   k.dc.resize(BH);
-  k.dy.resize(p.ln && p.gru() ? static_cast<size_t>(p.B * p.W()) : 0);
+  k.dy.resize(p.ln && (p.gru() || v.act_again) ? static_cast<size_t>(p.B * p.W()) : 0);
   k.xs.resize(v.stream ? static_cast<size_t>(at::get_num_threads() * p.W()) : 0);
   if (d_hT != nullptr) std::memcpy(k.h.data(), d_hT, sizeof(T) * BH);
   if (d_cT != nullptr) std::memcpy(k.c.data(), d_cT, sizeof(T) * BH);

@@ -70,13 +70,19 @@ void elman_backward(int64_t H, bool relu, const T* __restrict__ dh, const T* __r
 // ---- LSTM (lstm.py), gate blocks i, f, g, o -------------------------------------------------------
 
 // act = [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)];  c = f c_prev + i g;  h = o tanh(c)
+// act = the gates of the pre-activation a(j): sigmoid, sigmoid, tanh, sigmoid over the four blocks
+template <typename T, typename A>
+void lstm_gates(int64_t H, const A& a, T* __restrict__ act) {
+  for (int64_t j = 0; j < 2 * H; ++j) act[j] = sigmoid_(a(j));
+  for (int64_t j = 2 * H; j < 3 * H; ++j) act[j] = tanh_(a(j));
+  for (int64_t j = 3 * H; j < 4 * H; ++j) act[j] = sigmoid_(a(j));
+}
+
 template <bool kWhole, typename T>
 void lstm_forward_rows(int64_t H, const T* __restrict__ xi, const T* __restrict__ b, const T* __restrict__ gh,
                        const T* __restrict__ c_prev, T* __restrict__ act, T* __restrict__ tc, T* __restrict__ h,
                        T* __restrict__ c) {
-  for (int64_t j = 0; j < 2 * H; ++j) act[j] = sigmoid_(preact<kWhole>(xi, b, gh, j));
-  for (int64_t j = 2 * H; j < 3 * H; ++j) act[j] = tanh_(preact<kWhole>(xi, b, gh, j));
-  for (int64_t j = 3 * H; j < 4 * H; ++j) act[j] = sigmoid_(preact<kWhole>(xi, b, gh, j));
+  lstm_gates(H, [&](int64_t j) { return preact<kWhole>(xi, b, gh, j); }, act);
   const T *i = act, *f = act + H, *g = act + 2 * H, *o = act + 3 * H;
   for (int64_t j = 0; j < H; ++j) {
     c[j] = f[j] * c_prev[j] + i[j] * g[j];
@@ -235,6 +241,13 @@ T layernorm_forward(bool centred, int64_t W, const T* x, const T* __restrict__ a
                  : layernorm_forward<false>(W, x, add, gamma, beta, xhat, y);
 }
 
+// The paired norms' output at one feature, written once for the forward and for the LSTM backward that forms
+// the gates again from the saved xhat and xhat_x (lstm_gates_again): the same expression, the same value.
+template <typename T>
+inline T ln_pair_out(T xh, T xx, T gamma, T beta, T gamma_x, T beta_x) {
+  return (xh * gamma + beta) + (xx * gamma_x + beta_x);
+}
+
 // Both layer norms of a row whose normalised rows the cell adds (Elman, LSTM: a = xi + gh), fused:
 // y = LN(x + add) gamma + beta + LN(x2 + add2) gamma_x + beta_x, the moments of both rows taken in the same
 // passes (independent chains) and y written once, so the cell reads one row (with zeros for xi and b).
@@ -264,7 +277,7 @@ std::array<T, 2> layernorm_pair_rows(int64_t W, const T* x, const T* __restrict_
     const T xh = dev(x[j], add[j], mu) * inv, xx = dev(x2[j], add2[j], mu_x) * inv_x;
     xhat[j] = xh;
     xhat_x[j] = xx;
-    y[j] = (xh * gamma[j] + beta[j]) + (xx * gamma_x[j] + beta_x[j]);
+    y[j] = ln_pair_out(xh, xx, gamma[j], beta[j], gamma_x[j], beta_x[j]);
   }
   return {inv, inv_x};
 }
@@ -326,6 +339,16 @@ void layernorm_backward_pair_rows(int64_t W, T* d_y, const T* __restrict__ xhat,
     if constexpr (kB) d_b[j] = g + d_b[j];
     if constexpr (kXb) d_xb[j] = gx + d_xb[j];
   }
+}
+
+// The gates of a row whose forward did not keep them (Views::act_again): the pre-activation formed again
+// from the paired norms' saved rows, by the forward's own expression (ln_pair_out).
+template <typename T>
+void lstm_gates_again(int64_t H, const T* __restrict__ xhat, const T* __restrict__ xhat_x,
+                      const T* __restrict__ gamma, const T* __restrict__ beta, const T* __restrict__ gamma_x,
+                      const T* __restrict__ beta_x, T* __restrict__ act) {
+  lstm_gates(H, [&](int64_t j) { return ln_pair_out(xhat[j], xhat_x[j], gamma[j], beta[j], gamma_x[j], beta_x[j]); },
+             act);
 }
 
 // d_b, d_xb: null when not wanted.

@@ -80,7 +80,8 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, T* xs, int64
     blend(H, hc, h_prev, v.zone[0].row(t, b), m, h);
   } else if (p.lstm()) {
     T* c = v.cs + row * H;
-    lstm_forward(H, xi, v.cell_b, gh, c_prev, v.act + slot * W, v.aux + slot * H, h, c);
+    T* act = v.act + (t * v.act_keep * p.B + b) * W;
+    lstm_forward(H, xi, v.cell_b, gh, c_prev, act, v.aux + slot * H, h, c);
     blend(H, h, h_prev, v.zone[0].row(t, b), m, h);
     blend(H, c, c_prev, v.zone[1].row(t, b), m, c);
   } else {

@@ -119,7 +119,7 @@ struct Buffers {
   Tensor out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x;
 };
 
-Buffers allocate(const Problem& p, bool keep, bool blended, bool masked, bool dropped, bool raw_xi,
+Buffers allocate(const Problem& p, bool keep, bool act_keep, bool blended, bool masked, bool dropped, bool raw_xi,
                  const at::TensorOptions& o) {
   const int64_t T = p.T, B = p.B, H = p.H, W = p.W(), S = keep ? T : 1;
   Buffers f;
@@ -127,7 +127,7 @@ Buffers allocate(const Problem& p, bool keep, bool blended, bool masked, bool dr
   f.out = masked ? pooled_empty({T, B, H}, o) : f.hs;
   if (p.lstm()) f.cs = pooled_empty({T, B, H}, o);
   if (!p.elman()) {
-    f.act = pooled_empty({S, B, W}, o);
+    f.act = pooled_empty({act_keep ? T : 1, B, W}, o);
     f.aux = pooled_empty({S, B, H}, o);
   } else if (keep && blended) {
     f.act = pooled_empty({T, B, H}, o);               // the cell's own h_t, before zoneout and padding
@@ -145,7 +145,7 @@ Buffers allocate(const Problem& p, bool keep, bool blended, bool masked, bool dr
 }
 
 template <typename T>
-void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& f, bool keep) {
+void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& f, bool keep, bool act_keep) {
   v.xi = ptr<T>(xi);
   v.hs = ptr<T>(f.hs);
   v.cs = ptr<T>(f.cs);
@@ -158,6 +158,7 @@ void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& 
   v.xhat_x = ptr<T>(f.xhat_x);
   v.inv_x = ptr<T>(f.inv_x);
   v.keep = keep ? 1 : 0;
+  v.act_keep = act_keep ? 1 : 0;
   forward_loop<T>(p, v);
 }
 
@@ -194,15 +195,29 @@ Tensor centered(const Tensor& t) {
   return out;
 }
 
+// Whether an LSTM's gates need not be kept for the backward: under the paired norms they are a function of
+// the saved xhat and xhat_x, formed again there (cells.h: lstm_gates_again), which saves writing a (T, B, 4H)
+// buffer and reading it back, for one more pass of the gates' sigmoids and tanh. Cost over the plain engine,
+// 5 alternating processes against f061685 (benchmarks/extras_ab.py): training step LSTM H=64 B=64 T=100
+// 1.237 -> 1.224x, B=32 T=200 1.227 -> 1.207x, B=64 T=200 1.224 -> 1.174x, H=128 B=32 T=100 1.213x both,
+// H=256 B=32 T=100 1.122 -> 1.139x (the one loss: the recomputation outweighs the traffic there); forward
+// 1.21-1.29 -> 1.14-1.17x at H=64, 1.103 -> 1.090x at H=256; peak memory of the step 37.4 -> 31.2 MiB
+// (H=64 B=64 T=100), 77.1 -> 64.7 MiB (H=256 B=32 T=100). Kept when the caller wants every step's gates
+// (the trace records them).
+bool gates_formed_again(const Problem& p, bool ln_x, bool gates) {
+  return p.lstm() && p.ln_paired(ln_x) && !gates;
+}
+
 // Returns [out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x, h_final, c_final]; absent entries are
 // undefined (None). gamma_x, beta_x: xi comes raw, and is layer-normalised here (LN cells only). xb: xi
 // comes without the input projection's bias b_ih, which is added here. centred (under LN): the caller
 // promises rows of zero mean, U h + b and xi + xb alike (U, b, xb, and W_ih or xi's rows, taken centred:
-// `centered` below), and LN does not compute their mean.
+// `centered` below), and LN does not compute their mean. gates: act must hold every step's gates (else
+// it may hold only the last step's, gates_formed_again).
 std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, const Tensor& xi, const Tensor& w,
                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta,
                             const Opt& gamma_x, const Opt& beta_x, const Opt& xb, const Opt& mask,
-                            const Opt& rec, const Opt& zh, const Opt& zc, bool centred) {
+                            const Opt& rec, const Opt& zh, const Opt& zc, bool centred, bool gates) {
   TORCH_CHECK(xi.dim() == 3, "rnnkit fused scan: xi must be (T, B, G*H)");
   Problem p = problem(cell, ln, reverse, xi.size(0), xi.size(1), w);
   p.centred = ln && centred;
@@ -216,11 +231,12 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
   const bool fold = has(xb) && xb_folds_into_b(p);
   const Tensor bias = fold ? (has(b) ? at::add(*b, *xb) : *xb) : has(b) ? *b : zero_w;
   const Opt row_xb = fold ? Opt() : xb;                  // b_ih still to add per row
-  const Buffers f = allocate(p, keep, has(mask) || has(zh) || has(zc), has(mask), has(rec), has(gamma_x), o);
+  const bool act_keep = keep && !gates_formed_again(p, has(gamma_x), gates);
+  const Buffers f = allocate(p, keep, act_keep, has(mask) || has(zh) || has(zc), has(mask), has(rec), has(gamma_x), o);
   auto run = [&](auto zero) {
     using S = decltype(zero);
     run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, row_xb, mask, rec, zh, zc),
-                   xi, f, keep);
+                   xi, f, keep, act_keep);
   };
   with_floating(xi, "rnnkit fused scan", run);
   const int64_t last = reverse ? 0 : p.T - 1;
@@ -273,7 +289,8 @@ std::vector<GradRows<T>> grad_rows(const Problem& p, const Views<T>& v) {
 // the gradient of b_ih when the forward added it (xb); d_h0 undefined without need_h0 (the last step's
 // product through U is then skipped).
 std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t truncate, const Tensor& w,
-                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& gamma_x,
+                             const Opt& b, const Tensor& h0, const Opt& c0, const Opt& gamma, const Opt& beta,
+                             const Opt& gamma_x, const Opt& beta_x,
                              const Opt& mask, const Opt& rec, const Opt& zh, const Opt& zc, const Opt& cut,
                              const Tensor& hs,
                              const Opt& cs, const Opt& act, const Opt& aux, const Opt& hr, const Opt& xhat,
@@ -281,8 +298,8 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
                              const Opt& d_hT, const Opt& d_cT, const Opt& gn, bool need_w, bool need_b,
                              bool need_xb, bool need_h0) {
   const Problem p = problem(cell, ln, reverse, hs.size(0), hs.size(1), w);
-  for (auto* t : {&b, &c0, &gamma, &gamma_x, &mask, &rec, &zh, &zc, &cut, &cs, &act, &aux, &hr, &xhat, &inv,
-                  &xhat_x, &inv_x, &d_hT, &d_cT, &gn}) {
+  for (auto* t : {&b, &c0, &gamma, &beta, &gamma_x, &beta_x, &mask, &rec, &zh, &zc, &cut, &cs, &act, &aux, &hr,
+                  &xhat, &inv, &xhat_x, &inv_x, &d_hT, &d_cT, &gn}) {
     check(*t, hs, "every input");
   }
   check_grad(d_out, hs);
@@ -307,8 +324,8 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   Tensor acc = any_sum ? at::zeros({at::get_num_threads(), kAccSlots, W}, o) : Tensor();
   auto run = [&](auto zero) {
     using S = decltype(zero);
-    Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, std::nullopt, gamma_x, std::nullopt, std::nullopt,
-                                mask, rec, zh, zc);
+    Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, std::nullopt, mask, rec,
+                                zh, zc);
     v.hs = ptr<S>(hs);
     v.cs = ptr<S>(cs);
     v.act = ptr<S>(act);
@@ -319,6 +336,11 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.xhat_x = ptr<S>(xhat_x);
     v.inv_x = ptr<S>(inv_x);
     v.keep = 1;
+    v.act_keep = 1;
+    // the forward kept one step's gates (gates_formed_again): the rest are formed again
+    v.act_again = p.lstm() && act->size(0) != T;
+    TORCH_CHECK(!v.act_again || (p.ln_paired(has(gamma_x)) && has(beta) && has(beta_x)),
+                "rnnkit fused scan: the LSTM's gates were not kept, and the norms' parameters are missing");
     v.cut = ptr<S>(cut);
     v.d_out = rows<S>(d_out, p);
     v.gn = ptr<S>(gn);
@@ -367,10 +389,11 @@ int64_t set_min_lane_rows(int64_t rows) {
 TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("forward(int cell, bool ln, bool reverse, bool keep, Tensor xi, Tensor w, Tensor? b, Tensor h0, "
         "Tensor? c0, Tensor? gamma, Tensor? beta, Tensor? gamma_x, Tensor? beta_x, Tensor? xb, Tensor? mask, "
-        "Tensor? rec, Tensor? zone_h, Tensor? zone_c, bool centred=False) -> Tensor[]",
+        "Tensor? rec, Tensor? zone_h, Tensor? zone_c, bool centred=False, bool gates=True) -> Tensor[]",
         &rnnkit::forward);
   m.def("backward(int cell, bool ln, bool reverse, int truncate, Tensor w, Tensor? b, Tensor h0, Tensor? c0, "
-        "Tensor? gamma, Tensor? gamma_x, Tensor? mask, Tensor? rec, Tensor? zone_h, Tensor? zone_c, Tensor? cut, "
+        "Tensor? gamma, Tensor? beta, Tensor? gamma_x, Tensor? beta_x, Tensor? mask, Tensor? rec, Tensor? zone_h, "
+        "Tensor? zone_c, Tensor? cut, "
         "Tensor hs, "
         "Tensor? cs, Tensor? act, Tensor? aux, Tensor? hr, Tensor? xhat, Tensor? inv, Tensor? xhat_x, "
         "Tensor? inv_x, Tensor? d_out, Tensor? d_hT, Tensor? d_cT, Tensor? grad_norm, bool need_w, "

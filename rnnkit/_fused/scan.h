@@ -60,6 +60,10 @@ struct Views {
   // `keep` is off
   T *hs, *cs, *out, *act, *aux, *hr, *xhat, *inv, *xhat_x, *inv_x;
   int64_t keep;                                    // 1: slot t for step t; 0: slot 0 for every step
+  // act's own `keep`: under the paired norms an LSTM's gates are a function of xhat and xhat_x, and
+  // unless the trace records them they are not kept but formed again by the backward (act_again)
+  int64_t act_keep;
+  bool act_again;
   // backward only. d_gh has T slots (gh_keep 1), or for the GRU without LN one slot (gh_keep 0): its
   // r and z blocks equal d_xi's, so only its n block is kept for dU, in d_ghn (T, B, H).
   Rows<T> d_out;
