@@ -253,7 +253,8 @@ def test_layer_norm_lstm_forms_its_gates_again_unless_the_trace_keeps_them(monke
     """Under both norms (xi normalised in the loop) the LSTM's forward keeps no (T, B, 4H) gates buffer:
     the backward forms each row's gates again from the saved xhat and xhat_x (cells.h: lstm_gates_again).
     The kernel's act has one step's slot without a trace and T with one (the trace records the gates);
-    the gradients of both ways agree to float64 rounding, and with the pure engine."""
+    the gradients of both ways are the same to the bit (the backward forms the gates by the forward's own
+    expression), and equal the pure engine's."""
     seen, ops = [], _fused._ops()
 
     class Spy:                                            # the kernel's ops, its forward watched
@@ -266,14 +267,18 @@ def test_layer_norm_lstm_forms_its_gates_again_unless_the_trace_keeps_them(monke
             return res
 
     monkeypatch.setitem(_fused._loaded, "ops", Spy())
-    grads = {}
-    for trace in (False, True):
-        got = run(fused_scan, "lnx_lstm", torch.float64, reverse=True, padding="right", zone="train", trace=trace)
-        grads[trace] = {k: v for k, v in got.items() if k.startswith("d_") or k in ("out", "final0", "final1")}
-    assert seen == [(False, 1), (True, T)], seen
-    assert_same(grads[False], grads[True], 1e-12, "gates formed again vs kept")
-    ref = run(pure_scan, "lnx_lstm", torch.float64, reverse=True, padding="right", zone="train")
-    assert_same(grads[False], {k: ref[k] for k in grads[False]}, 1e-10, "against the pure engine")
+    opt = {"reverse": True, "padding": "right", "zone": "train"}
+    for dtype, tol in TOL.items():
+        seen.clear()
+        grads = {}
+        for trace in (False, True):
+            got = run(fused_scan, "lnx_lstm", dtype, trace=trace, **opt)
+            grads[trace] = {k: v for k, v in got.items() if k.startswith("d_") or k in ("out", "final0", "final1")}
+        assert seen == [(False, 1), (True, T)], seen
+        for k, g in grads[False].items():                 # the forward's own expression: the same bits
+            assert torch.equal(g, grads[True][k]), f"{dtype} {k}: gates formed again differ from those kept"
+        ref = run(pure_scan, "lnx_lstm", dtype, **opt)
+        assert_same(grads[False], {k: ref[k] for k in grads[False]}, tol, f"{dtype} against the pure engine")
 
 
 @needs_kernel

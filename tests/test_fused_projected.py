@@ -109,7 +109,6 @@ def test_project_scan_routes_supported_scans_through_the_node_and_others_through
         engine.project_scan(opts, x, w_ih[:, :-1], b_ih, state0, w, b, params)
 
 
-
 FROZEN = {                                                # parameter names left without requires_grad
     "all trainable": (),
     "b_hh frozen": ("bias_hh_l0",),

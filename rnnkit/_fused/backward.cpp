@@ -21,7 +21,8 @@
 namespace rnnkit {
 namespace {
 
-// Per-row scratch of the loop, (B, H) each, plus the LN path's (B, W) d_y; lanes use their own rows.
+// Per-row scratch of the loop, (B, H) each, plus (B, W) dy under LN (the GRU's d_y, or the LSTM's gates
+// formed again); lanes use their own rows.
 template <typename T>
 struct Carry {
   std::vector<T> h, c, gw, dh, dc, dy;   // carries to step t-1; d_gh U; d_new of h; d_new of c (LSTM)

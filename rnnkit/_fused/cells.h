@@ -9,7 +9,8 @@
 // bias goes into the normalised sum instead, and the cell gets a row of zeros; xi is normalised too
 // when the layer hands it over raw (its own gamma and beta), else it comes in normalised. Elman and LSTM
 // add the two normalised rows, so there both norms run as one (layernorm_pair_rows, and
-// layernorm_backward_pair under their one gradient) and the cell gets zeros for xi as well.
+// layernorm_backward_pair under their one gradient) and the cell reads its whole pre-activation from gh
+// (xi null: preact<kWhole>); the LSTM's backward then forms its gates again (lstm_gates_again).
 #pragma once
 
 #include <array>
@@ -69,7 +70,6 @@ void elman_backward(int64_t H, bool relu, const T* __restrict__ dh, const T* __r
 
 // ---- LSTM (lstm.py), gate blocks i, f, g, o -------------------------------------------------------
 
-// act = [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)];  c = f c_prev + i g;  h = o tanh(c)
 // act = the gates of the pre-activation a(j): sigmoid, sigmoid, tanh, sigmoid over the four blocks
 template <typename T, typename A>
 void lstm_gates(int64_t H, const A& a, T* __restrict__ act) {
@@ -78,6 +78,7 @@ void lstm_gates(int64_t H, const A& a, T* __restrict__ act) {
   for (int64_t j = 3 * H; j < 4 * H; ++j) act[j] = sigmoid_(a(j));
 }
 
+// act = [sigmoid(i), sigmoid(f), tanh(g), sigmoid(o)];  c = f c_prev + i g;  h = o tanh(c)
 template <bool kWhole, typename T>
 void lstm_forward_rows(int64_t H, const T* __restrict__ xi, const T* __restrict__ b, const T* __restrict__ gh,
                        const T* __restrict__ c_prev, T* __restrict__ act, T* __restrict__ tc, T* __restrict__ h,
@@ -250,7 +251,7 @@ inline T ln_pair_out(T xh, T xx, T gamma, T beta, T gamma_x, T beta_x) {
 
 // Both layer norms of a row whose normalised rows the cell adds (Elman, LSTM: a = xi + gh), fused:
 // y = LN(x + add) gamma + beta + LN(x2 + add2) gamma_x + beta_x, the moments of both rows taken in the same
-// passes (independent chains) and y written once, so the cell reads one row (with zeros for xi and b).
+// passes (independent chains) and y written once, so the cell reads that one row (xi null).
 // layernorm_rows' passes with a second row beside the first. add and add2 are rows (never null: the
 // caller passes a row of zeros for an absent bias). Saves xhat, xhat_x; returns (1/s, 1/s_x). y may be x.
 template <bool kCentred, typename T>
@@ -356,8 +357,9 @@ template <typename T>
 void layernorm_backward_pair(int64_t W, T* d_y, const T* xhat, T inv, const T* gamma, const T* xhat_x, T inv_x,
                              const T* gamma_x, T* dgamma, T* dbeta, T* dgamma_x, T* d_b, T* d_xb, T* d_gh) {
   with_flags([&](auto kb, auto kxb) {
-    layernorm_backward_pair_rows<decltype(kb)::value, decltype(kxb)::value>(W, d_y, xhat, inv, gamma, xhat_x, inv_x, gamma_x, dgamma,
-                                                      dbeta, dgamma_x, d_b, d_xb, d_gh);
+    layernorm_backward_pair_rows<decltype(kb)::value, decltype(kxb)::value>(W, d_y, xhat, inv, gamma, xhat_x, inv_x,
+                                                                          gamma_x, dgamma, dbeta, dgamma_x, d_b, d_xb,
+                                                                          d_gh);
   }, d_b != nullptr, d_xb != nullptr);
 }
 

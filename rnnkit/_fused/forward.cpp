@@ -5,7 +5,8 @@
 //     s_t   = s_{t-1} + m_t (s_t - s_{t-1})       padding keeps the state
 //     out_t = m_t h_t
 // and it saves, per step, what the backward reads: the gate activations (which are also the trace's
-// gates), tanh(c_t) for the LSTM, U h + b_hh's n block for the GRU, h * r, LN's xhat and 1/s (of the
+// gates; not an LSTM's under the paired norms without a trace: scan.cpp, gates_formed_again), tanh(c_t)
+// for the LSTM, U h + b_hh's n block for the GRU, h * r, LN's xhat and 1/s (of the
 // recurrent product and, when the layer hands xi over raw, of xi: its LN is then done here, per row).
 #include <algorithm>
 #include <vector>
@@ -46,7 +47,7 @@ void forward_row(const Problem& p, const Views<T>& v, T* gh, T* xn, T* xs, int64
     for (int64_t j = 0; j < W; ++j) xn[j] = xi[j] + v.xb[j];
     xi = xn;
   }
-  if (p.ln_paired(ln_x)) {                         // both norms, summed into gh; the cell adds zeros
+  if (p.ln_paired(ln_x)) {                         // both norms, summed into gh; the cell reads gh alone
     T* xhat = v.xhat + slot * W;
     T* xhat_x = v.xhat_x + slot * W;
     // without b_ih, xi's norm adds cell_b: under LN the cell's bias row is all zeros (the biases are

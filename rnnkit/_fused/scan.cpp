@@ -114,7 +114,8 @@ Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const T
 
 // ---- forward ---------------------------------------------------------------------------------------
 
-// What forward allocates. act/aux/hr/xhat/inv/xhat_x/inv_x have T slots when kept for backward, else 1.
+// What forward allocates. act/aux/hr/xhat/inv/xhat_x/inv_x have T slots when kept for backward, else 1;
+// act has 1 too when the backward forms the gates again (act_keep false: gates_formed_again).
 struct Buffers {
   Tensor out, hs, cs, act, aux, hr, xhat, inv, xhat_x, inv_x;
 };
@@ -338,9 +339,12 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.keep = 1;
     v.act_keep = 1;
     // the forward kept one step's gates (gates_formed_again): the rest are formed again
+    TORCH_CHECK(!p.lstm() || has(act), "rnnkit fused scan: the LSTM's backward needs act");
     v.act_again = p.lstm() && act->size(0) != T;
-    TORCH_CHECK(!v.act_again || (p.ln_paired(has(gamma_x)) && has(beta) && has(beta_x)),
-                "rnnkit fused scan: the LSTM's gates were not kept, and the norms' parameters are missing");
+    const auto whole = [&](const Opt& t) { return has(t) && t->numel() == T * B * W; };
+    TORCH_CHECK(!v.act_again || (act->size(0) == 1 && p.ln_paired(has(gamma_x)) && has(beta) && has(beta_x) &&
+                                 whole(xhat) && whole(xhat_x)),
+                "rnnkit fused scan: the LSTM's gates were not kept, and what forms them again is missing");
     v.cut = ptr<S>(cut);
     v.d_out = rows<S>(d_out, p);
     v.gn = ptr<S>(gn);

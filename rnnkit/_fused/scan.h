@@ -57,7 +57,7 @@ struct Views {
                                                    // row's state before step t (null: every k-th step)
   Rows<T> zone[2];
   // saved by the forward; per-step buffers (act, aux, xhat, inv, hr, xhat_x, inv_x) have one slot when
-  // `keep` is off
+  // `keep` is off, act also when `act_keep` is
   T *hs, *cs, *out, *act, *aux, *hr, *xhat, *inv, *xhat_x, *inv_x;
   int64_t keep;                                    // 1: slot t for step t; 0: slot 0 for every step
   // act's own `keep`: under the paired norms an LSTM's gates are a function of xhat and xhat_x, and
