@@ -270,8 +270,9 @@ std::array<T, 2> layernorm_pair_rows(int64_t W, const T* x, const T* __restrict_
     mu_x = s_x / T(W);
   }
   const auto dev = [](auto a, auto b, T m) { return less_mean<kCentred>(a + b, m); };
-  const auto [ss, ss_x] = row_sums<T>(W, std::tuple{[&](auto a, auto b, auto, auto) { return dev(a, b, mu) * dev(a, b, mu); },
-                                                    [&](auto, auto, auto a, auto b) { return dev(a, b, mu_x) * dev(a, b, mu_x); }},
+  const auto square = [&](auto a, auto b, T m) { return dev(a, b, m) * dev(a, b, m); };
+  const auto [ss, ss_x] = row_sums<T>(W, std::tuple{[&](auto a, auto b, auto, auto) { return square(a, b, mu); },
+                                                    [&](auto, auto, auto a, auto b) { return square(a, b, mu_x); }},
                                       x, add, x2, add2);
   const T inv = ln_inv(ss, W), inv_x = ln_inv(ss_x, W);
   for (int64_t j = 0; j < W; ++j) {
@@ -322,11 +323,11 @@ void layernorm_backward_pair_rows(int64_t W, T* d_y, const T* __restrict__ xhat,
                                   T* __restrict__ dgamma, T* __restrict__ dbeta, T* __restrict__ dgamma_x,
                                   T* __restrict__ d_b, T* __restrict__ d_xb, T* __restrict__ d_gh) {
   // row_sums' lambdas take the rows in the order passed: (d_y, gamma, xhat, gamma_x, xhat_x)
-  const auto [s1, s2, s3, s4] = row_sums<T>(W, std::tuple{[](auto d, auto g, auto, auto, auto) { return d * g; },
-                                                         [](auto d, auto g, auto xh, auto, auto) { return d * g * xh; },
-                                                         [](auto d, auto, auto, auto gx, auto) { return d * gx; },
-                                                         [](auto d, auto, auto, auto gx, auto xx) { return d * gx * xx; }},
-                                             static_cast<const T*>(d_y), gamma, xhat, gamma_x, xhat_x);
+  const auto sums = std::tuple{[](auto d, auto g, auto, auto, auto) { return d * g; },
+                               [](auto d, auto g, auto xh, auto, auto) { return d * g * xh; },
+                               [](auto d, auto, auto, auto gx, auto) { return d * gx; },
+                               [](auto d, auto, auto, auto gx, auto xx) { return d * gx * xx; }};
+  const auto [s1, s2, s3, s4] = row_sums<T>(W, sums, static_cast<const T*>(d_y), gamma, xhat, gamma_x, xhat_x);
   const T m1 = s1 / T(W), m2 = s2 / T(W), m3 = s3 / T(W), m4 = s4 / T(W);
   for (int64_t j = 0; j < W; ++j) {
     const T d = d_y[j];
