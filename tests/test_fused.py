@@ -1,16 +1,14 @@
 """The fused CPU scan (rnnkit/_fused) against the pure-torch engine it replaces: forward outputs, final
 states, every gradient and every trace field, across cells x direction x padding x truncation x
 recurrent dropout x zoneout x trace, in float64 (1e-6) and float32 (1e-5; both relative to a tensor's
-largest entry where that exceeds 1); a float64 gradcheck of its autograd Function; the cases it must
-hand back to the engine (supports() is False); and its fast 0/1 mask sampler.
+largest entry where that exceeds 1); a float64 gradcheck of its autograd Function. The cases it must
+hand back to the engine are in test_fused_fallback.py.
 
-If the extension cannot be built here, the tests that need it are skipped with the reason; the
-fallback tests still run."""
+If the extension cannot be built here, the tests that need it are skipped with the reason."""
 from __future__ import annotations
 
 import contextlib
 import itertools
-import warnings
 
 import pytest
 import torch
@@ -351,51 +349,3 @@ def test_fused_scan_gradcheck(kind, opt, ln_centring):
         return (out, *final)
 
     assert gradcheck(f, (xi, w, b, *state0, *params))
-
-
-# -- what the fused path hands back to the engine ------------------------------------------------------
-
-class _UserCell(GRUCell):
-    """A subclass may change the math: never fused."""
-
-
-def _refused(cell=None, dtype=torch.float32, device="cpu", **change):
-    cell = cell or LSTMCell()
-    W = cell.num_gates * H
-    args = dict(xi=torch.zeros(T, B, W, dtype=dtype, device=device), w=torch.zeros(W, H), b=torch.zeros(W),
-                state0=(torch.zeros(B, H),) * cell.num_states, params=())
-    args.update(change)
-    opts = ScanOptions(cell, mask=args.pop("mask", None))
-    return not _fused.supports(opts, args["xi"], args["state0"], args["w"], args["b"], args["params"])
-
-
-def test_unsupported_scans_are_refused():
-    assert _refused(_UserCell())
-    assert _refused(LayerNormCell(_UserCell()))
-    assert _refused(dtype=torch.float16)
-    assert _refused(dtype=torch.bfloat16)
-    assert _refused(device="meta")                               # stands in for CUDA
-    assert _refused(w=torch.zeros(4 * H, H, dtype=torch.float64))   # mixed dtypes
-    assert _refused(xi=torch.zeros(0, B, 4 * H))                 # empty sequence
-    assert _refused(mask=torch.ones(T, B, H))                    # a per-unit padding mask
-
-
-def test_switched_off_by_environment(monkeypatch):
-    monkeypatch.setenv("RNNKIT_NO_FUSED", "1")
-    assert _refused()
-    assert not _fused.available()
-
-
-def test_build_failure_warns_once_and_falls_back(monkeypatch):
-    monkeypatch.delenv("RNNKIT_NO_FUSED", raising=False)
-    monkeypatch.setattr(_fused, "_loaded", {"ops": None, "error": None})
-
-    def broken_build(verbose=False):
-        raise RuntimeError("compiler exploded")
-
-    monkeypatch.setattr(_fused, "build", broken_build)
-    with pytest.warns(RuntimeWarning, match="compiler exploded"):
-        assert _refused(LSTMCell(), w=torch.zeros(4 * H, H))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")                           # the second time: silent
-        assert _refused()

@@ -137,7 +137,7 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
   } else if (p.lstm()) {
     T* cc = k.c.data() + b * H;
     const T* act = v.act + row * W;
-    if (v.act_again) {                                 // the gates, not kept: formed again, in the row's scratch
+    if (!v.act_keep) {                                 // the gates, not kept: formed again, in the row's scratch
       T* a = k.dy.data() + b * W;
       lstm_gates_again(H, v.xhat + row * W, v.xhat_x + row * W, v.gamma, v.beta, v.gamma_x, v.beta_x, a);
       act = a;
@@ -253,7 +253,7 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
   k.gw.resize(BH);
   k.dh.resize(BH);
   k.dc.resize(BH);
-  k.dy.resize(p.ln && (p.gru() || v.act_again) ? static_cast<size_t>(p.B * p.W()) : 0);
+  k.dy.resize(p.ln && (p.gru() || (p.lstm() && !v.act_keep)) ? static_cast<size_t>(p.B * p.W()) : 0);
   k.xs.resize(v.stream ? static_cast<size_t>(at::get_num_threads() * p.W()) : 0);
   if (d_hT != nullptr) std::memcpy(k.h.data(), d_hT, sizeof(T) * BH);
   if (d_cT != nullptr) std::memcpy(k.c.data(), d_cT, sizeof(T) * BH);

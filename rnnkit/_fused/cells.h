@@ -343,7 +343,7 @@ void layernorm_backward_pair_rows(int64_t W, T* d_y, const T* __restrict__ xhat,
   }
 }
 
-// The gates of a row whose forward did not keep them (Views::act_again): the pre-activation formed again
+// The gates of a row whose forward did not keep them (Views::act_keep 0): the pre-activation formed again
 // from the paired norms' saved rows, by the forward's own expression (ln_pair_out).
 template <typename T>
 void lstm_gates_again(int64_t H, const T* __restrict__ xhat, const T* __restrict__ xhat_x,

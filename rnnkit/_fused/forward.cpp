@@ -130,8 +130,6 @@ void forward_step(const Problem& p, const Views<T>& v, const Lane& lane, const S
   });
 }
 
-}  // namespace
-
 // forward_row writes xi + b_ih, or xi's own LN, into the row's scratch: when xi comes raw without the
 // paired norms (which add b_ih and normalise xi as they go).
 template <typename T>
@@ -139,6 +137,8 @@ bool xn_needed(const Problem& p, const Views<T>& v) {
   const bool ln_x = p.ln && v.gamma_x != nullptr;
   return ln_x ? !p.ln_paired(ln_x) : v.xb != nullptr;
 }
+
+}  // namespace
 
 template <typename T>
 void forward_loop(const Problem& p, const Views<T>& v) {

@@ -114,6 +114,12 @@ Views<T> input_views(const Problem& p, const Tensor& w, const Tensor& b, const T
 
 // ---- forward ---------------------------------------------------------------------------------------
 
+// Whether act (absent for Elman without zoneout or padding) has a slot per step: the forward writes it so,
+// and the backward reads the gates there, else forms them again (scan.h: Views::act_keep).
+bool act_slots_every_step(const Problem& p, const Opt& act) {
+  return has(act) && act->size(0) == p.T;
+}
+
 // What forward allocates. act/aux/hr/xhat/inv/xhat_x/inv_x have T slots when kept for backward, else 1;
 // act has 1 too when the backward forms the gates again (act_keep false: gates_formed_again).
 struct Buffers {
@@ -146,7 +152,7 @@ Buffers allocate(const Problem& p, bool keep, bool act_keep, bool blended, bool 
 }
 
 template <typename T>
-void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& f, bool keep, bool act_keep) {
+void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& f, bool keep) {
   v.xi = ptr<T>(xi);
   v.hs = ptr<T>(f.hs);
   v.cs = ptr<T>(f.cs);
@@ -159,7 +165,7 @@ void run_forward(const Problem& p, Views<T> v, const Tensor& xi, const Buffers& 
   v.xhat_x = ptr<T>(f.xhat_x);
   v.inv_x = ptr<T>(f.inv_x);
   v.keep = keep ? 1 : 0;
-  v.act_keep = act_keep ? 1 : 0;
+  v.act_keep = act_slots_every_step(p, f.act) ? 1 : 0;
   forward_loop<T>(p, v);
 }
 
@@ -237,7 +243,7 @@ std::vector<Tensor> forward(int64_t cell, bool ln, bool reverse, bool keep, cons
   auto run = [&](auto zero) {
     using S = decltype(zero);
     run_forward<S>(p, input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, row_xb, mask, rec, zh, zc),
-                   xi, f, keep, act_keep);
+                   xi, f, keep);
   };
   with_floating(xi, "rnnkit fused scan", run);
   const int64_t last = reverse ? 0 : p.T - 1;
@@ -315,6 +321,13 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   Tensor d_h0 = need_h0 ? at::empty({B, H}, o) : Tensor(), d_c0 = p.lstm() ? at::empty({B, H}, o) : Tensor();
   Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
   TORCH_CHECK(has(gamma_x) == (has(xhat_x) && has(inv_x)), "rnnkit fused scan: xi's LN needs xhat_x and inv_x");
+  // the forward kept one step of an LSTM's gates (gates_formed_again): the rest are formed again
+  TORCH_CHECK(!p.lstm() || has(act), "rnnkit fused scan: the LSTM's backward needs act");
+  const bool act_keep = !p.lstm() || act_slots_every_step(p, act);
+  const auto whole = [&](const Opt& t) { return has(t) && t->numel() == T * B * W; };
+  TORCH_CHECK(act_keep || (act->size(0) == 1 && p.ln_paired(has(gamma_x)) && has(beta) && has(beta_x) &&
+                           whole(xhat) && whole(xhat_x)),
+              "rnnkit fused scan: the LSTM's gates were not kept, and what forms them again is missing");
   const bool want_b = need_b && has(b), xb_is_b = xb_folds_into_b(p);
   // the slots of Views::acc to sum: LN's four (two when xi comes normalised, three when the norms are
   // paired), d b_hh, d b_ih
@@ -337,14 +350,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.xhat_x = ptr<S>(xhat_x);
     v.inv_x = ptr<S>(inv_x);
     v.keep = 1;
-    v.act_keep = 1;
-    // the forward kept one step's gates (gates_formed_again): the rest are formed again
-    TORCH_CHECK(!p.lstm() || has(act), "rnnkit fused scan: the LSTM's backward needs act");
-    v.act_again = p.lstm() && act->size(0) != T;
-    const auto whole = [&](const Opt& t) { return has(t) && t->numel() == T * B * W; };
-    TORCH_CHECK(!v.act_again || (act->size(0) == 1 && p.ln_paired(has(gamma_x)) && has(beta) && has(beta_x) &&
-                                 whole(xhat) && whole(xhat_x)),
-                "rnnkit fused scan: the LSTM's gates were not kept, and what forms them again is missing");
+    v.act_keep = act_keep ? 1 : 0;
     v.cut = ptr<S>(cut);
     v.d_out = rows<S>(d_out, p);
     v.gn = ptr<S>(gn);

@@ -57,13 +57,13 @@ struct Views {
                                                    // row's state before step t (null: every k-th step)
   Rows<T> zone[2];
   // saved by the forward; per-step buffers (act, aux, xhat, inv, hr, xhat_x, inv_x) have one slot when
-  // `keep` is off, act also when `act_keep` is
+  // `keep` is off, act also when `act_keep` is 0
   T *hs, *cs, *out, *act, *aux, *hr, *xhat, *inv, *xhat_x, *inv_x;
   int64_t keep;                                    // 1: slot t for step t; 0: slot 0 for every step
-  // act's own `keep`: under the paired norms an LSTM's gates are a function of xhat and xhat_x, and
-  // unless the trace records them they are not kept but formed again by the backward (act_again)
+  // act's own `keep`, 1 when act has a slot per step: under the paired norms an LSTM's gates are a
+  // function of xhat and xhat_x, and unless the trace records them the forward keeps one step's and the
+  // backward forms them again (scan.cpp: gates_formed_again)
   int64_t act_keep;
-  bool act_again;
   // backward only. d_gh has T slots (gh_keep 1), or for the GRU without LN one slot (gh_keep 0): its
   // r and z blocks equal d_xi's, so only its n block is kept for dU, in d_ghn (T, B, H).
   Rows<T> d_out;
