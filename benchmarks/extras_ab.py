@@ -25,7 +25,8 @@ import tempfile
 from pathlib import Path
 
 from bench_layers import CELLS, EXTRAS, extras_layers, train_step
-from common import int_at_least, interleaved, names_from
+from common import core_round_trip_ns, int_at_least, interleaved, names_from
+from report import NEAR_NS
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parents[1]
@@ -54,7 +55,7 @@ def measure_here(extra: str, pts, reps: int) -> dict:
     from rnnkit import _fused
     if not _fused.available():       # the pure-torch fallback would time something else entirely
         sys.exit(f"the fused kernel of {rk.__file__} did not build or load; see rnnkit._fused.build(verbose=True)")
-    res = {"rnnkit": rk.__file__, "points": {}}
+    res = {"rnnkit": rk.__file__, "points": {}, "core_round_trip_ns": [core_round_trip_ns()]}
     for cell, B, T, H in pts:
         rk_cls, _, _, kw = CELLS[cell]
         layers = extras_layers(cell, rk_cls(H, H, backend="engine", **kw).train())   # the same weights
@@ -72,7 +73,22 @@ def measure_here(extra: str, pts, reps: int) -> dict:
             times = interleaved(steps, reps)
             res["points"][f"{cell} B={B} T={T} H={H} {mode}"] = {
                 k: statistics.median(v) * 1e3 for k, v in times.items()}
+    res["core_round_trip_ns"].append(core_round_trip_ns())
     return res
+
+
+def near(run: dict) -> bool:
+    """Whether a process's two CPUs stayed near each other (round trips under NEAR_NS before and after)."""
+    trips = run.get("core_round_trip_ns") or [None]
+    return all(t is not None and t < NEAR_NS for t in trips)
+
+
+def round_trips(runs: dict[str, list[dict]]) -> str:
+    """Per checkout, each process's round trips (ns, before / after its timings)."""
+    def fmt(t):
+        return "?" if t is None else f"{t:.0f}"
+    return "\n".join(f"{name}: " + ", ".join("/".join(fmt(t) for t in r.get("core_round_trip_ns", [None]))
+                                            for r in rs) for name, rs in runs.items())
 
 
 def run_process(checkout: Path, ext_dir: str | None, args) -> dict:
@@ -116,6 +132,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help=f"cell:B:T:H,... (default {DEFAULT_POINTS})")
     p.add_argument("--rounds", type=int_at_least(1), default=5, help="processes per checkout (default 5)")
     p.add_argument("--reps", type=int_at_least(3), default=21, help="interleaved calls per process (default 21)")
+    p.add_argument("--near", action="store_true",
+                   help=f"tabulate only the processes whose cores' round trip stayed under {NEAR_NS} ns "
+                        "(common.core_round_trip_ns: the host ran the two CPUs near each other)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if len(args.extra) != 1:
@@ -146,8 +165,15 @@ def main(argv=None) -> None:
         runs["this"].append(run_process(CHECKOUT, None, args))
     for name, rs in runs.items():
         print(f"{name}: rnnkit from {rs[0]['rnnkit']}")
-    print(f"\n{args.extra}, cost = time with it / plain engine; {args.rounds} processes each, "
-          f"{args.reps} interleaved calls a process\n")
+    print(f"\ncores' round trip, ns, per process (before/after):\n{round_trips(runs)}")
+    if args.near:
+        runs = {name: [r for r in rs if near(r)] for name, rs in runs.items()}
+        if not all(runs.values()):
+            sys.exit(f"extras_ab: no process of {[n for n, rs in runs.items() if not rs]} ran with its cores near "
+                     f"(round trip < {NEAR_NS} ns); run again, or without --near")
+    counts = " / ".join(str(len(rs)) for rs in runs.values())
+    print(f"\n{args.extra}, cost = time with it / plain engine; {counts} processes, "
+          f"{args.reps} interleaved calls a process" + (f", cores near (< {NEAR_NS} ns)" if args.near else "") + "\n")
     print(table(runs))
 
 

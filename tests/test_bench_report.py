@@ -68,6 +68,34 @@ def test_quick_bench_renders_and_keeps_the_hand_written_tail(tmp_path):
     assert (f"Rendered from `{out.with_suffix('.json')}`" in again.read_text()
             and f"rnnkit commit `{run['machine']['rnnkit_commit']}`" in again.read_text())
     assert run["machine"]["gemm_route"] in ("dnnl+ukernel", "dnnl", "packed", "blas", "aten", None)
+    trips = [*run["points"][0]["core_round_trip_ns"], *run["machine"]["core_round_trip_ns_runs"]]
+    assert len(trips) == 4 and all(t is None or 5 < t < 1e5 for t in trips)   # ns, around the extras and the grid
+    assert row[0].count("|") == 10                                    # the extras row's round trips, last
+
+
+def test_extras_cost_where_the_cores_were_near_is_reported_beside_the_verdict_on_every_point():
+    """Each point's extras are timed between two measures of the cores' round trip (bench_layers): the
+    summary judges the target on every point, and reports the cost over the points whose round trips both
+    stayed under NEAR_NS; runs recorded before the round trip was measured get no such row."""
+    from report import NEAR_NS, checks, extras_table
+
+    def point(B, cost, trips):
+        speeds = {"torch": {"median": 2.0}, "native": {"median": 2.0}, "engine": {"median": 1.0},
+                  "trace": {"median": 1.0}}
+        return {"cell": "rnn", "B": B, "T": 20, "H": 16, "peak_bytes": None, "core_round_trip_ns": trips,
+                "train": speeds, "infer": speeds,
+                "extras": {"engine": {"median": 1.0}, "zoneout": {"median": 1.1}, "layer_norm": {"median": cost}}}
+    points = [point(8, 1.2, [80.0, 90.0]), point(16, 1.4, [80.0, 420.0]), point(32, 1.25, [None, 80.0])]
+    found = {c.what: c for c in checks(points)}
+    assert found["layer_norm / plain engine"].verdict == "FAIL"                  # 1.40x, far, still counts
+    near = found[f"layer_norm / plain engine, cores near (round trip < {NEAR_NS} ns)"]
+    assert near.value == "1.20× … 1.20× (worst: rnn B=8 T=20 H=16)" and near.verdict == "—"
+    assert found[f"zoneout / plain engine, cores near (round trip < {NEAR_NS} ns)"].value.startswith("1.10×")
+    rows = extras_table(points)
+    assert rows[2].endswith("| 80 / 90 |") and rows[3].endswith("| 80 / 420 |") and rows[4].endswith("| — |")
+    older = [{k: v for k, v in p.items() if k != "core_round_trip_ns"} for p in points]
+    assert not [c for c in checks(older) if "cores near" in c.what]
+    assert extras_table(older)[2].endswith("| — |")
 
 
 def test_report_sets_issue_5_of_runs_recorded_on_other_machines_beside_this_one(tmp_path):
@@ -183,3 +211,8 @@ def test_extras_ab_times_plain_and_extra_in_one_process_and_tabulates_cost_per_c
             "this": [{"points": {key: {"plain": 4.0, "extra": 5.0}}}]}
     text = extras_ab.table(runs)
     assert f"| {key} | 1.00 | 1.50 | 1.200x (1.200-1.500) | 4.00 | 5.00 | 1.250x (1.250-1.250) |" in text
+    assert len(res["core_round_trip_ns"]) == 2                   # the child's cores, before and after its timings
+    runs["base"][0]["core_round_trip_ns"] = [80.0, 90.0]
+    runs["base"][1]["core_round_trip_ns"] = [80.0, 420.0]          # far by the end: not near
+    assert [extras_ab.near(r) for r in runs["base"]] == [True, False, False]   # the third: not measured
+    assert extras_ab.round_trips(runs) == "base: 80/90, 80/420, ?\nthis: ?"

@@ -222,3 +222,26 @@ def test_scan_options_keep_is_the_grad_mode_not_the_callers(path, monkeypatch):
         out, _ = rk.scan(rk.ScanOptions(GRUCell(), keep=keep), xi, (h0,), w, b)
         grads.append(torch.autograd.grad(out.square().sum(), (xi, w, b)))
     assert all(torch.equal(a, c) for a, c in zip(*grads))
+
+
+# -- the cores' round trip (benchmarks: where the host put the two vCPUs) -------------------------------
+
+@needs_kernel
+def test_core_round_trip_is_a_time_and_leaves_the_callers_cpus_as_they_were():
+    """Two threads pinned to the first two CPUs pass a cache line back and forth: a cross-core transfer
+    takes tens to hundreds of ns (~80 and ~420 on the Zen 5 box), never 0 and never a millisecond. The
+    calling thread is pinned while it measures and must get its own CPU set back."""
+    import os
+    cpus = os.sched_getaffinity(0)
+    ns = _fused.build().core_round_trip_ns(2000)
+    assert os.sched_getaffinity(0) == cpus
+    if len(cpus) < 2:
+        assert ns == -1.0
+        return
+    assert 5.0 < ns < 1e5, ns
+    assert _fused.build().core_round_trip_ns(0) == -1.0                  # no trips: nothing measured
+    os.sched_setaffinity(0, {min(cpus)})                                 # one CPU left to this thread's process
+    try:
+        assert _fused.build().core_round_trip_ns(2000) == -1.0
+    finally:
+        os.sched_setaffinity(0, cpus)

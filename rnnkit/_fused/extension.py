@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 SOURCES = ("scan.cpp", "forward.cpp", "backward.cpp", "blas.cpp", "random.cpp", "minimal.cpp", "pool.cpp", "stream.cpp",
-           "ukernel.cpp", "shapes.cpp")
+           "ukernel.cpp", "shapes.cpp", "cores.cpp")
 # -march=native: built on the machine that runs it. No -ffast-math: NaN and Inf must keep
 # propagating (a NaN loss is detected downstream); exp/tanh are written to vectorise without it.
 # -fopenmp: at::parallel_for is inline in ATen's headers and runs serially unless the extension itself is

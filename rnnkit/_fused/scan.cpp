@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "blas.h"
+#include "cores.h"
 #include "ukernel.h"
 #include "floating.h"
 #include "pool.h"
@@ -418,6 +419,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("exact_shapes_held() -> int", &rnnkit::exact_shapes_held);
   m.def("ukernel_products() -> int", &rnnkit::ukernel_products);
   m.def("set_min_lane_rows(int rows) -> int", &rnnkit::set_min_lane_rows);
+  m.def("core_round_trip_ns(int trips=20000) -> float", &rnnkit::core_round_trip_ns);
   m.def("pool_held_bytes() -> int", &rnnkit::pool_held_bytes);
   m.def("pool_peak_bytes() -> int", &rnnkit::pool_peak_bytes);
   m.def("release_pool() -> ()", &rnnkit::release_pool);
