@@ -131,7 +131,10 @@ def core_round_trip_ns() -> float | None:
     from rnnkit import _fused
     if not _fused.available():
         return None
-    ns = float(_fused.build().core_round_trip_ns())
+    try:
+        ns = float(_fused.build().core_round_trip_ns())
+    except (AttributeError, RuntimeError):             # a checkout from before the op (extras_ab --base)
+        return None
     return ns if ns > 0 else None
 
 
