@@ -216,3 +216,19 @@ def test_extras_ab_times_plain_and_extra_in_one_process_and_tabulates_cost_per_c
     runs["base"][1]["core_round_trip_ns"] = [80.0, 420.0]          # far by the end: not near
     assert [extras_ab.near(r) for r in runs["base"]] == [True, False, False]   # the third: not measured
     assert extras_ab.round_trips(runs) == "base: 80/90, 80/420, ?\nthis: ?"
+
+
+def test_core_round_trip_is_none_where_the_kernel_has_no_such_op(monkeypatch):
+    """extras_ab --base runs this checkout's extras_ab.py over another checkout's rnnkit, whose kernel may
+    predate the op: the round trip is then not known (None), not an AttributeError in the child."""
+    import common
+    from rnnkit import _fused
+
+    class Older:                                                    # a kernel built before cores.cpp
+        def __getattr__(self, name):
+            raise AttributeError(f"'_OpNamespace' 'rnnkit_fused' object has no attribute '{name}'")
+    monkeypatch.setattr(_fused, "available", lambda: True)
+    monkeypatch.setattr(_fused, "build", lambda: Older())
+    assert common.core_round_trip_ns() is None
+    monkeypatch.setattr(_fused, "available", lambda: False)             # no kernel at all
+    assert common.core_round_trip_ns() is None
