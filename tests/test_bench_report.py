@@ -222,6 +222,7 @@ def test_core_round_trip_is_none_where_the_kernel_has_no_such_op(monkeypatch):
     """extras_ab --base runs this checkout's extras_ab.py over another checkout's rnnkit, whose kernel may
     predate the op: the round trip is then not known (None), not an AttributeError in the child."""
     import common
+
     from rnnkit import _fused
 
     class Older:                                                    # a kernel built before cores.cpp
