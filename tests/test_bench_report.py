@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -19,6 +20,7 @@ import bench_layers  # noqa: E402
 import bench_minimal  # noqa: E402
 import bench_stream  # noqa: E402
 import extras_ab  # noqa: E402
+import extras_cores
 from common import interleaved, matmul_peak_gflops  # noqa: E402
 from report import KEEP_MARKER, render  # noqa: E402
 
@@ -233,3 +235,28 @@ def test_core_round_trip_is_none_where_the_kernel_has_no_such_op(monkeypatch):
     assert common.core_round_trip_ns() is None
     monkeypatch.setattr(_fused, "available", lambda: False)             # no kernel at all
     assert common.core_round_trip_ns() is None
+
+
+def test_extras_cores_times_every_way_and_splits_its_rounds_by_where_the_cores_were(capsys):
+    """Each round: the cores' round trip, then the plain and the extra layer, forward and training step, with
+    lanes, without, and on one thread; the table keeps near and far rounds apart, and the process's threads
+    and the kernel's lane setting are put back."""
+    from rnnkit import _fused
+    if not _fused.available():
+        pytest.skip("the fused kernel is not built")
+    threads, lanes = torch.get_num_threads(), _fused.build().set_min_lane_rows(16)
+    _fused.build().set_min_lane_rows(lanes)
+    times, trips = extras_cores.measure(("gru", 3, 4, 5), "zoneout", seconds=0.0, calls=2)
+    assert len(trips) == 1 and torch.get_num_threads() == threads
+    assert _fused.build().set_min_lane_rows(lanes) == lanes
+    near = trips[0] is not None and trips[0] < extras_cores.NEAR_NS
+    assert {k[1:] for k in times} == {(way, mode, layer) for way in extras_cores.WAYS
+                                       for mode in ("forward", "train") for layer in ("engine", "zoneout")}
+    assert all(k[0] == near and len(v) == 1 and v[0] > 0 for k, v in times.items())
+    rows = extras_cores.table(times, "zoneout").splitlines()
+    assert len(rows) == 2 + 6 and all(r.startswith(f"| {'near' if near else 'far'} |") for r in rows[2:])
+    cost = float(rows[2].split("|")[7].strip().rstrip("x"))
+    key = (near, "lanes", "forward")
+    assert cost == pytest.approx(times[(*key, "zoneout")][0] / times[(*key, "engine")][0], rel=1e-3)
+    extras_cores.main(["--point", "rnn:2:3:4", "--seconds", "0.001", "--calls", "1"])
+    assert "rnn B=2 T=3 H=4, layer_norm; 1 rounds" in capsys.readouterr().out
