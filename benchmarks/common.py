@@ -125,9 +125,10 @@ def core_round_trip_ns() -> float | None:
     """Nanoseconds for a cache line to pass from one CPU to the other and back: threads pinned to the first two
     CPUs of the process (rnnkit's kernel, `rnnkit/_fused/cores.cpp`); None without the kernel or two CPUs.
     A 2-vCPU virtual machine cannot see where its host runs the two vCPUs. On the Zen 5 box this read ~80 ns
-    most of the time and ~420 ns in spells of seconds to minutes (the vCPUs far apart), when whatever moves
+    at times and ~390-430 ns at others, in spells of seconds to minutes (the vCPUs far apart), when whatever moves
     data between the two threads slows down: the layer_norm training step more than the plain one (RNN
-    B=32 T=100 H=64: 1.14x the plain engine near, 1.37x far; docs/benchmarks.md, "the box's slow mode")."""
+    B=32 T=100 H=64: 1.15x the plain engine near, 1.32x far, extras_cores.py; docs/benchmarks.md, "the box's slow
+    mode")."""
     from rnnkit import _fused
     if not _fused.available():
         return None

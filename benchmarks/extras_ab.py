@@ -26,7 +26,7 @@ from pathlib import Path
 
 from bench_layers import CELLS, EXTRAS, extras_layers, train_step
 from common import core_round_trip_ns, int_at_least, interleaved, names_from
-from report import NEAR_NS
+from report import NEAR_NS, cores_near
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parents[1]
@@ -77,13 +77,7 @@ def measure_here(extra: str, pts, reps: int) -> dict:
     return res
 
 
-def near(run: dict) -> bool:
-    """Whether a process's two CPUs stayed near each other (round trips under NEAR_NS before and after)."""
-    trips = run.get("core_round_trip_ns") or [None]
-    return all(t is not None and t < NEAR_NS for t in trips)
-
-
-def round_trips(runs: dict[str, list[dict]]) -> str:
+def round_trip_lines(runs: dict[str, list[dict]]) -> str:
     """Per checkout, each process's round trips (ns, before / after its timings)."""
     def fmt(t):
         return "?" if t is None else f"{t:.0f}"
@@ -146,6 +140,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def near_runs(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """--near: each checkout's processes whose cores stayed near (report.cores_near: the round trip a run
+    records before and after its timings, as a grid point does). Exits 2 where that cannot be told (a kernel
+    from before core_round_trip_ns, or fewer than two CPUs) and 1 where no process of a checkout ran near."""
+    unknown = [name for name, rs in runs.items() if any(r.get("core_round_trip_ns") is None
+                                                         or None in r["core_round_trip_ns"] for r in rs)]
+    if unknown:
+        print(f"extras_ab: --near: the cores' round trip was not measured in {unknown} (a kernel from before "
+              "rnnkit_fused::core_round_trip_ns, or fewer than two CPUs): run without --near", file=sys.stderr)
+        sys.exit(2)
+    kept = {name: [r for r in rs if cores_near(r)] for name, rs in runs.items()}
+    if not all(kept.values()):
+        sys.exit(f"extras_ab: no process of {[n for n, rs in kept.items() if not rs]} ran with its cores near "
+                 f"(round trip < {NEAR_NS} ns); run again, or without --near")
+    return kept
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -165,12 +176,9 @@ def main(argv=None) -> None:
         runs["this"].append(run_process(CHECKOUT, None, args))
     for name, rs in runs.items():
         print(f"{name}: rnnkit from {rs[0]['rnnkit']}")
-    print(f"\ncores' round trip, ns, per process (before/after):\n{round_trips(runs)}")
+    print(f"\ncores' round trip, ns, per process (before/after):\n{round_trip_lines(runs)}")
     if args.near:
-        runs = {name: [r for r in rs if near(r)] for name, rs in runs.items()}
-        if not all(runs.values()):
-            sys.exit(f"extras_ab: no process of {[n for n, rs in runs.items() if not rs]} ran with its cores near "
-                     f"(round trip < {NEAR_NS} ns); run again, or without --near")
+        runs = near_runs(runs)
     counts = " / ".join(str(len(rs)) for rs in runs.values())
     print(f"\n{args.extra}, cost = time with it / plain engine; {counts} processes, "
           f"{args.reps} interleaved calls a process" + (f", cores near (< {NEAR_NS} ns)" if args.near else "") + "\n")

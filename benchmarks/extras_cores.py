@@ -1,18 +1,19 @@
 """An extra's cost over the plain engine, split by where the host ran the two CPUs while it was timed.
 
-A virtual machine cannot see where its host runs its vCPUs. Between timings this measures the cores' round
-trip (common.core_round_trip_ns: a cache line passed between threads pinned to the first two CPUs), and
-tabulates the timings apart for the rounds with the cores near (under --near-ns) and far. Each round times the
-plain engine and the extra interleaved, forward alone and the training step, in three ways: two threads
-with the kernel's lanes (scan.h: each thread runs the whole time loop on its rows; the default), two threads
-without lanes (each step's work split), and one thread.
+A virtual machine cannot see where its host runs its vCPUs. Before and after each round this measures the
+cores' round trip (common.core_round_trip_ns: a cache line passed between threads pinned to the first two
+CPUs), and tabulates the rounds apart: near (both under report.NEAR_NS), far (either at or above it), and not
+measured (no kernel op or no second CPU). Each round times the plain engine and the extra interleaved, forward
+alone and the training step, in three ways: two threads with the kernel's lanes (scan.h: each thread runs the
+whole time loop on its rows; the default), two threads without lanes (each step's work split), and one
+thread.
 
     .venv/bin/python benchmarks/extras_cores.py --seconds 300                       # RNN B=32 T=100 H=64
     .venv/bin/python benchmarks/extras_cores.py --point lstm:64:100:64 --extra zoneout
 
-On the Zen 5 box (docs/benchmarks.md, "the box's slow mode") the round trip read ~80 ns most of the time and
-~420 ns in spells, and the layer_norm training step, 1.14x the plain engine near, read 1.33x far, where its
-two threads ran no faster than one.
+On the Zen 5 box (docs/benchmarks.md, "the box's slow mode") the round trip read ~80 ns at times and ~390-430 ns
+at others, and the layer_norm training step, 1.15x the plain engine near, read 1.32x far, where its two
+threads ran no faster than one (RNN B=32 T=100 H=64, --seconds 300).
 """
 from __future__ import annotations
 
@@ -28,15 +29,25 @@ from extras_ab import points
 from report import NEAR_NS
 
 WAYS = ("lanes", "no lanes", "1 thread")
+CORES = ("near", "far", "not measured")
 
 
-def set_way(ops, way: str, threads: int) -> None:
+def set_way(ops, way: str, threads: int, lanes: int) -> None:
+    """lanes: the kernel's setting for the "lanes" way (the caller's, or the kernel's default 16 if it was off)."""
     torch.set_num_threads(1 if way == "1 thread" else threads)
-    ops.set_min_lane_rows(0 if way == "no lanes" else 16)        # 16: the kernel's default
+    ops.set_min_lane_rows(0 if way == "no lanes" else lanes)
 
 
-def measure(point, extra: str, seconds: float, calls: int) -> tuple[dict, list[float | None]]:
-    """{(near, way, mode, layer): [ms per call, one per round]} and each round's round trip (ns)."""
+def cores(before: float | None, after: float | None) -> str:
+    """Where the round's two CPUs were, from the round trips before and after it."""
+    if before is None or after is None:
+        return "not measured"
+    return "near" if max(before, after) < NEAR_NS else "far"
+
+
+def measure(point, extra: str, seconds: float, calls: int) -> tuple[dict, list[tuple]]:
+    """{(cores, way, mode, layer): [ms per call, one per round]} and each round's round trips (ns, before and
+    after; None where not measured)."""
     from rnnkit import _fused
     if not _fused.available():
         sys.exit("extras_cores: the fused kernel did not build or load; see rnnkit._fused.build(verbose=True)")
@@ -54,19 +65,23 @@ def measure(point, extra: str, seconds: float, calls: int) -> tuple[dict, list[f
     times, trips = {}, []
     start = time.perf_counter()
     old_lanes = ops.set_min_lane_rows(16)
+    lanes = old_lanes if old_lanes > 0 else 16
     try:
         while not trips or time.perf_counter() - start < seconds:
-            trip = core_round_trip_ns()
-            trips.append(trip)
-            near = trip is not None and trip < NEAR_NS
+            before, rnd = core_round_trip_ns(), {}
             for way in WAYS:
-                set_way(ops, way, threads)
+                set_way(ops, way, threads, lanes)
                 for (mode, layer), fn in fns.items():
                     fn()                                                   # settled in this way
                     t = time.perf_counter()
                     for _ in range(calls):
                         fn()
-                    times.setdefault((near, way, mode, layer), []).append((time.perf_counter() - t) / calls * 1e3)
+                    rnd[(way, mode, layer)] = (time.perf_counter() - t) / calls * 1e3
+            torch.set_num_threads(threads)                     # the round trip as the process runs otherwise
+            after = core_round_trip_ns()
+            trips.append((before, after))
+            for key, ms in rnd.items():
+                times.setdefault((cores(before, after), *key), []).append(ms)
     finally:
         torch.set_num_threads(threads)
         ops.set_min_lane_rows(old_lanes)
@@ -76,15 +91,14 @@ def measure(point, extra: str, seconds: float, calls: int) -> tuple[dict, list[f
 def table(times: dict, extra: str) -> str:
     """Per cores (near, far) and way, medians over rounds of the plain and the extra's ms, and the cost."""
     lines = [f"| cores | threads | mode | rounds | plain ms | {extra} ms | cost |", "|---|---|---|--:|--:|--:|--:|"]
-    for near in (True, False):
+    for where in CORES:
         for way in WAYS:
             for mode in ("forward", "train"):
-                plain, other = times.get((near, way, mode, "engine")), times.get((near, way, mode, extra))
+                plain, other = times.get((where, way, mode, "engine")), times.get((where, way, mode, extra))
                 if not plain:
                     continue
                 p, e = statistics.median(plain), statistics.median(other)
-                lines.append(f"| {'near' if near else 'far'} | {way} | {mode} | {len(plain)} | {p:.3f} | {e:.3f} "
-                             f"| {e / p:.3f}x |")
+                lines.append(f"| {where} | {way} | {mode} | {len(plain)} | {p:.3f} | {e:.3f} | {e / p:.3f}x |")
     return "\n".join(lines)
 
 
@@ -105,11 +119,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     times, trips = measure(args.point, args.extra, args.seconds, args.calls)
-    known = [t for t in trips if t is not None]
-    far = sum(t >= NEAR_NS for t in known)
+    known = [t for pair in trips for t in pair if t is not None]
+    far = sum(cores(*pair) == "far" for pair in trips)
     cell, B, T, H = args.point
     print(f"{cell} B={B} T={T} H={H}, {args.extra}; {len(trips)} rounds, cores' round trip "
-          + (f"{min(known):.0f}-{max(known):.0f} ns, {far} round(s) far (>= {NEAR_NS} ns)" if known else "not measured")
+          + (f"{min(known):.0f}-{max(known):.0f} ns, {far} round(s) far (>= {NEAR_NS} ns before or after)"
+             if known else "not measured")
           + "\n")
     print(table(times, args.extra))
 

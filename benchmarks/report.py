@@ -123,8 +123,10 @@ def checks(points: list[dict]) -> list[Check]:
         m = Measure(extra_cost(name), lambda r: f"{r:.2f}×", higher_is_better=False)
         found.append(bound_check(5, f"{name} / plain engine", mode, points, m, 1.3))
         if timed:                                     # the same, where the two CPUs were near (round_trips)
-            found.append(bound_check(5, f"{name} / plain engine, cores near (round trip < {NEAR_NS} ns)", mode,
-                                     [p for p in timed if cores_near(p)], m))
+            what, near = f"{name} / plain engine, cores near (round trip < {NEAR_NS} ns)", [p for p in timed
+                                                                                           if cores_near(p)]
+            found.append(bound_check(5, what, mode, near, m) if near else
+                         Check(5, what, mode, "no point timed with the cores near", "none (report only)", "—"))
     return found
 
 
@@ -171,7 +173,7 @@ def round_trips(point: dict) -> list[float] | None:
 
 
 # A round trip under this many ns before and after a point's extras: the two threads ran on CPUs near each
-# other (the Zen 5 box: ~80 ns near, ~420 ns in its slow mode).
+# other (the Zen 5 box: ~80 ns near, ~390-430 ns in its slow mode).
 NEAR_NS = 200
 
 
@@ -180,17 +182,23 @@ def cores_near(point: dict) -> bool:
     return ns is not None and max(ns) < NEAR_NS
 
 
+def recorded_round_trips(points: list[dict]) -> bool:
+    """Whether the run recorded the cores' round trip around its points' extras (runs before it did not)."""
+    return any("core_round_trip_ns" in p for p in points)
+
+
 def extras_table(points: list[dict]) -> list[str]:
-    rows = [("| B | T | H | engine ms | + zoneout 0.1 ms | zoneout cost | + layer_norm ms | layer_norm cost "
-             "| cores' round trip ns, before / after |"),
-            "|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    trips = recorded_round_trips(points)
+    rows = [("| B | T | H | engine ms | + zoneout 0.1 ms | zoneout cost | + layer_norm ms | layer_norm cost |"
+             + (" cores' round trip ns, before / after |" if trips else "")),
+            "|--:|--:|--:|--:|--:|--:|--:|--:|" + ("--:|" if trips else "")]
     for p in points:
         e = {n: s["median"] for n, s in p["extras"].items()}
         ns = round_trips(p)
         rows.append(f"| {p['B']} | {p['T']} | {p['H']} | {_ms(e['engine'])} | {_ms(e['zoneout'])} "
                     f"| {extra_cost('zoneout')(p, 'train'):.2f}× | {_ms(e['layer_norm'])} "
-                    f"| {extra_cost('layer_norm')(p, 'train'):.2f}× "
-                    f"| {'—' if ns is None else f'{ns[0]:.0f} / {ns[1]:.0f}'} |")
+                    f"| {extra_cost('layer_norm')(p, 'train'):.2f}× |"
+                    + ("" if not trips else f" {'—' if ns is None else f'{ns[0]:.0f} / {ns[1]:.0f}'} |"))
     return rows
 
 
@@ -201,8 +209,9 @@ def extras_section(run: dict) -> list[str]:
              "`zoneout=0.1` (training mode: fresh 0/1 masks every call, drawn by the fused kernel's "
              "counter-based generator on CPU) and with `layer_norm=True` (layer normalisation of V x_t and "
              "of U h_{t−1} at every step, forward and backward, inside the fused kernel). Cost = time with "
-             "the extra / time of the plain engine. The last column: the cores' round trip measured just "
-             "before and just after the point's extras (see How it is measured).", ""]
+             "the extra / time of the plain engine."
+             + (" The last column: the cores' round trip measured just before and just after the point's extras "
+                "(see How it is measured)." if recorded_round_trips(points) else ""), ""]
     for cell in run["cells"]:
         lines += [f"### {NAMES[cell]}", "", *extras_table([p for p in points if p["cell"] == cell]), ""]
     return lines
@@ -286,6 +295,19 @@ def noise(points: list[dict]) -> tuple[float, float]:
     return spreads[len(spreads) // 2], spreads[-1]
 
 
+def round_trip_note(points: list[dict]) -> list[str]:
+    if not recorded_round_trips(points):
+        return []
+    return [("- **Cores' round trip** (Machine, and per point in the extras tables): nanoseconds for a cache "
+             "line to pass from one CPU to the other and back, between threads pinned to the first two CPUs "
+             "(`rnnkit/_fused/cores.cpp`), median of 5 rounds of 20,000. A virtual machine cannot see where its "
+             "host runs its CPUs: on the Zen 5 box it read ~80 ns at times and ~390–430 ns at others (spells of "
+             "seconds to minutes), when whatever moves data between the two threads slows down, the extras more "
+             "than the plain engine. The summary gives the extras' cost also over the points timed with the "
+             f"cores near (under {NEAR_NS} ns before and after), reported only: the target is judged on every "
+             "point.")]
+
+
 def memory_note(points: list[dict]) -> str:
     if points[0]["peak_bytes"] is None:
         return "- **Peak memory**: not measured in this run (`--no-memory`)."
@@ -339,14 +361,7 @@ def method_section(run: dict) -> list[str]:
             "the backward's dh·U, dU and dV, no dx (the input does not require grad). "
             "**% of peak** divides by the matmul peak above.",
             *above_peak(points, run["machine"]["peak_gflops"]),
-            ("- **Cores' round trip** (Machine, and per point in the extras tables): nanoseconds for a cache "
-             "line to pass from one CPU to the other and back, between threads pinned to the process's first "
-             "two CPUs (`rnnkit/_fused/cores.cpp`), median of 5 rounds of 20,000. A virtual machine cannot see "
-             "where its host runs its CPUs: on the Zen 5 box it read ~80 ns most of the time and ~420 ns in "
-             "spells of seconds to minutes, when whatever moves data between the two threads slows down, the "
-             "extras more than the plain engine. The summary gives the extras' cost also over the points "
-             f"timed with the cores near (under {NEAR_NS} ns before and after), reported only: the target "
-             "is judged on every point."),
+            *round_trip_note(points),
             memory_note(points),
             f"- Every rnnkit output was checked against torch.nn's before timing: largest |difference| over "
             f"the grid {max(p['max_abs_diff'] for p in points):.1e}.",
@@ -391,7 +406,8 @@ def machines_section(run: dict, others: list[tuple[str, dict]], stem: str = "ben
     rows += [f"| {name} | " + " | ".join(fact(r["machine"]) for _, r in cols) + " |" for name, fact in facts]
     for c in (c for c in checks(run["points"]) if c.issue == 5):
         cells = ("—" if c.what not in v else brief(v[c.what]) for v in verdicts)
-        rows.append(f"| {c.what} ({c.target}) | " + " | ".join(cells) + " |")
+        target = "report only" if c.target.startswith("none") else c.target
+        rows.append(f"| {c.what} ({target}) | " + " | ".join(cells) + " |")
     files = ", ".join(f"`{stem}-{label}.json`" for label, _ in others)
     return ["## Issue 5 on every recorded machine", "",
             (f"This run beside the runs kept from the other machines the project has measured on (their raw "

@@ -1,6 +1,7 @@
 """`make bench`'s pipeline on the quick grid: the report renders every section, and regenerating it keeps
 the hand-written sections below the marker. No speed is asserted (speed lives in docs/benchmarks.md)."""
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -71,15 +72,29 @@ def test_quick_bench_renders_and_keeps_the_hand_written_tail(tmp_path):
             and f"rnnkit commit `{run['machine']['rnnkit_commit']}`" in again.read_text())
     assert run["machine"]["gemm_route"] in ("dnnl+ukernel", "dnnl", "packed", "blas", "aten", None)
     trips = [*run["points"][0]["core_round_trip_ns"], *run["machine"]["core_round_trip_ns_runs"]]
-    assert len(trips) == 4 and all(t is None or 5 < t < 1e5 for t in trips)   # ns, around the extras and the grid
-    assert row[0].count("|") == 10                                    # the extras row's round trips, last
+    assert len(trips) == 4                                            # ns, around the extras and the grid
+    if len(os.sched_getaffinity(0)) >= 2:                             # measured: numbers, in the doc
+        assert all(5 < t < 1e5 for t in trips), trips
+        runs = run["machine"]["core_round_trip_ns_runs"]
+        assert f"| cores' round trip | {runs[0]:.0f} ns before the grid, {runs[1]:.0f} ns after it" in doc
+        assert row[0].endswith(f"| {trips[0]:.0f} / {trips[1]:.0f} |")
+    else:
+        assert trips == [None] * 4 and "| cores' round trip | not measured |" in doc
+
+
+def test_bench_point_measures_the_round_trip_before_and_after_its_extras(monkeypatch):
+    """Two readings, one on each side of the extras' timings: a spell that starts or ends while they run shows."""
+    seen = iter([11.0, 22.0])
+    monkeypatch.setattr(bench_layers, "core_round_trip_ns", lambda: next(seen))
+    point = bench_layers.bench_point("rnn", 2, 3, 4, bench_layers.Budget(0.001, 2, 2, None), False, 0)
+    assert point["core_round_trip_ns"] == [11.0, 22.0]
 
 
 def test_extras_cost_where_the_cores_were_near_is_reported_beside_the_verdict_on_every_point():
     """Each point's extras are timed between two measures of the cores' round trip (bench_layers): the
     summary judges the target on every point, and reports the cost over the points whose round trips both
     stayed under NEAR_NS; runs recorded before the round trip was measured get no such row."""
-    from report import NEAR_NS, checks, extras_table
+    from report import NEAR_NS, checks, extras_table, round_trip_note
 
     def point(B, cost, trips):
         speeds = {"torch": {"median": 2.0}, "native": {"median": 2.0}, "engine": {"median": 1.0},
@@ -95,9 +110,13 @@ def test_extras_cost_where_the_cores_were_near_is_reported_beside_the_verdict_on
     assert found[f"zoneout / plain engine, cores near (round trip < {NEAR_NS} ns)"].value.startswith("1.10×")
     rows = extras_table(points)
     assert rows[2].endswith("| 80 / 90 |") and rows[3].endswith("| 80 / 420 |") and rows[4].endswith("| — |")
+    far = checks([point(8, 1.2, [400.0, 410.0])])                                  # none near: said so
+    assert [c.value for c in far if c.what.startswith("layer_norm / plain engine, cores near")] == [
+        "no point timed with the cores near"]
     older = [{k: v for k, v in p.items() if k != "core_round_trip_ns"} for p in points]
     assert not [c for c in checks(older) if "cores near" in c.what]
-    assert extras_table(older)[2].endswith("| — |")
+    assert "round trip" not in extras_table(older)[0] and extras_table(older)[2].count("|") == 9
+    assert round_trip_note(older) == [] and "Cores' round trip" in round_trip_note(points)[0]
 
 
 def test_report_sets_issue_5_of_runs_recorded_on_other_machines_beside_this_one(tmp_path):
@@ -216,8 +235,31 @@ def test_extras_ab_times_plain_and_extra_in_one_process_and_tabulates_cost_per_c
     assert len(res["core_round_trip_ns"]) == 2                   # the child's cores, before and after its timings
     runs["base"][0]["core_round_trip_ns"] = [80.0, 90.0]
     runs["base"][1]["core_round_trip_ns"] = [80.0, 420.0]          # far by the end: not near
-    assert [extras_ab.near(r) for r in runs["base"]] == [True, False, False]   # the third: not measured
-    assert extras_ab.round_trips(runs) == "base: 80/90, 80/420, ?\nthis: ?"
+    assert extras_ab.round_trip_lines(runs) == "base: 80/90, 80/420, ?\nthis: ?"
+    with pytest.raises(SystemExit) as unknown:                    # not measured: --near cannot tell, exit 2
+        extras_ab.near_runs(runs)
+    assert unknown.value.code == 2
+    runs["base"][2]["core_round_trip_ns"] = [420.0, 430.0]
+    runs["this"][0]["core_round_trip_ns"] = [85.0, 86.0]
+    assert extras_ab.near_runs(runs) == {"base": [runs["base"][0]], "this": runs["this"]}
+    runs["this"][0]["core_round_trip_ns"] = [85.0, 400.0]
+    with pytest.raises(SystemExit, match="no process of .'this'. ran with its cores near"):
+        extras_ab.near_runs(runs)
+
+
+def test_extras_ab_near_tabulates_only_the_processes_whose_cores_stayed_near(monkeypatch, capsys):
+    """--near: the table's medians over the near processes alone; the far one is listed, not counted."""
+    key = "rnn B=2 T=3 H=4 train"
+    made = iter([([80.0, 81.0], 1.2), ([80.0, 410.0], 9.0), ([82.0, 83.0], 1.4)])
+
+    def process(checkout, ext_dir, args):
+        trips, extra = next(made)
+        return {"rnnkit": "x", "core_round_trip_ns": trips, "points": {key: {"plain": 1.0, "extra": extra}}}
+    monkeypatch.setattr(extras_ab, "run_process", process)
+    extras_ab.main(["--near", "--rounds", "3", "--points", "rnn:2:3:4"])
+    out = capsys.readouterr().out
+    assert "this: 80/81, 80/410, 82/83" in out and "2 processes" in out
+    assert f"| {key} | 1.00 | 1.30 | 1.300x (1.200-1.400) |" in out
 
 
 def test_core_round_trip_is_none_where_the_kernel_has_no_such_op(monkeypatch):
@@ -233,6 +275,12 @@ def test_core_round_trip_is_none_where_the_kernel_has_no_such_op(monkeypatch):
     monkeypatch.setattr(_fused, "available", lambda: True)
     monkeypatch.setattr(_fused, "build", lambda: Older())
     assert common.core_round_trip_ns() is None
+
+    class OneCpu:                                                   # the op's -1: not two CPUs to measure
+        def core_round_trip_ns(self):
+            return -1.0
+    monkeypatch.setattr(_fused, "build", lambda: OneCpu())
+    assert common.core_round_trip_ns() is None
     monkeypatch.setattr(_fused, "available", lambda: False)             # no kernel at all
     assert common.core_round_trip_ns() is None
 
@@ -244,19 +292,27 @@ def test_extras_cores_times_every_way_and_splits_its_rounds_by_where_the_cores_w
     from rnnkit import _fused
     if not _fused.available():
         pytest.skip("the fused kernel is not built")
-    threads, lanes = torch.get_num_threads(), _fused.build().set_min_lane_rows(16)
-    _fused.build().set_min_lane_rows(lanes)
-    times, trips = extras_cores.measure(("gru", 3, 4, 5), "zoneout", seconds=0.0, calls=2)
-    assert len(trips) == 1 and torch.get_num_threads() == threads
-    assert _fused.build().set_min_lane_rows(lanes) == lanes
-    near = trips[0] is not None and trips[0] < extras_cores.NEAR_NS
+    threads, lanes = torch.get_num_threads(), _fused.build().set_min_lane_rows(7)   # not the default 16
+    torch.set_num_threads(2)
+    try:
+        times, trips = extras_cores.measure(("gru", 3, 4, 5), "zoneout", seconds=0.0, calls=2)
+        assert len(trips) == 1 and torch.get_num_threads() == 2
+        assert _fused.build().set_min_lane_rows(lanes) == 7
+    finally:
+        torch.set_num_threads(threads)
+        _fused.build().set_min_lane_rows(lanes)
+    where = extras_cores.cores(*trips[0])
+    near = where == "near"
     assert {k[1:] for k in times} == {(way, mode, layer) for way in extras_cores.WAYS
                                        for mode in ("forward", "train") for layer in ("engine", "zoneout")}
-    assert all(k[0] == near and len(v) == 1 and v[0] > 0 for k, v in times.items())
+    assert all(k[0] == where and len(v) == 1 and v[0] > 0 for k, v in times.items())
     rows = extras_cores.table(times, "zoneout").splitlines()
-    assert len(rows) == 2 + 6 and all(r.startswith(f"| {'near' if near else 'far'} |") for r in rows[2:])
+    assert len(rows) == 2 + 6 and all(r.startswith(f"| {where} |") for r in rows[2:])
     cost = float(rows[2].split("|")[7].strip().rstrip("x"))
-    key = (near, "lanes", "forward")
+    key = (where, "lanes", "forward")
+    assert near == (where == "near")
+    assert [extras_cores.cores(*t) for t in ((80.0, 90.0), (80.0, 420.0), (420.0, 80.0), (None, 80.0), (80.0, None))] \
+        == ["near", "far", "far", "not measured", "not measured"]
     assert cost == pytest.approx(times[(*key, "zoneout")][0] / times[(*key, "engine")][0], rel=1e-3)
     extras_cores.main(["--point", "rnn:2:3:4", "--seconds", "0.001", "--calls", "1"])
     assert "rnn B=2 T=3 H=4, layer_norm; 1 rounds" in capsys.readouterr().out

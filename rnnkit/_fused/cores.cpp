@@ -1,8 +1,10 @@
 // See cores.h. A 2-vCPU virtual machine does not see where the host runs its two vCPUs: on this box the
-// round trip measured ~80 ns most of the time and ~420 ns in spells of seconds to minutes, and in those
+// round trip measured ~80 ns at times and ~390-430 ns at others, in spells of seconds to minutes, and in those
 // spells whatever moves data between the two threads (the kernel's lanes, BLAS's threads, a buffer one
 // thread wrote and the other reads) runs slower (docs/benchmarks.md: the box's slow mode).
 #include "cores.h"
+
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
@@ -30,7 +32,8 @@ bool pin(int cpu) {
   return pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0;
 }
 
-// The first two CPUs this process may run on, or {-1, -1}.
+// The first two CPUs the calling thread may run on (its affinity mask, which threads it starts inherit), or
+// {-1, -1}.
 std::pair<int, int> two_cpus() {
   cpu_set_t set;
   CPU_ZERO(&set);
@@ -54,6 +57,8 @@ double core_round_trip_ns(int64_t trips) {
   if (pthread_getaffinity_np(pthread_self(), sizeof saved, &saved) != 0) return -1.0;
   alignas(64) std::atomic<int64_t> line{0};        // odd: the other thread's turn; even: ours
   std::atomic<bool> stop{false}, ready{false};
+  std::vector<double> rounds;
+  rounds.reserve(kRounds);                           // nothing below throws while `other` runs
   std::thread other([&] {
     if (!pin(b)) {
       stop = true;
@@ -66,7 +71,6 @@ double core_round_trip_ns(int64_t trips) {
       if (v & 1) line.store(v + 1, std::memory_order_release);
     }
   });
-  std::vector<double> rounds;
   if (pin(a)) {
     while (!ready.load()) std::this_thread::yield();
     using clock = std::chrono::steady_clock;
@@ -86,7 +90,8 @@ double core_round_trip_ns(int64_t trips) {
   }
   stop = true;
   other.join();
-  pthread_setaffinity_np(pthread_self(), sizeof saved, &saved);
+  const bool restored = pthread_setaffinity_np(pthread_self(), sizeof saved, &saved) == 0;
+  TORCH_CHECK(restored, "rnnkit core_round_trip_ns: could not give the calling thread its CPUs back");
   if (rounds.empty()) return -1.0;
   std::sort(rounds.begin(), rounds.end());
   return rounds[rounds.size() / 2];
