@@ -10,8 +10,8 @@ Contenders at every grid point (same weights, copied from the torch.nn layer wit
     trace   the engine inside `rnnkit.trace(layer)`  records every h_t and ||dL/dh_t||
 At every grid point, the extras' cost over the plain engine (training step): the engine
 against itself with zoneout=0.1 and with layer_norm=True, between two measures of the cores' round trip
-(common.core_round_trip_ns: where the host ran the two vCPUs while they were timed). At one point (GRU, B=64, T=100, H=256 by
-default) torch.profiler's split of one training step, torch.nn against the engine (profile_step.py).
+(common.round_trips_around: where the host ran the two vCPUs while they were timed). At one point (GRU,
+B=64, T=100, H=256 by default) torch.profiler's split of one training step, torch.nn against the engine (profile_step.py).
 Timings are interleaved (round-robin over the contenders each repetition, after a warm-up round) and
 reported as medians; the markdown report is rendered by the functions at the bottom of this file.
 """
@@ -31,7 +31,6 @@ import torch
 from common import (
     Budget,
     check_writable,
-    core_round_trip_ns,
     cpu_count,
     machine_facts,
     matmul_peak_gflops,
@@ -41,6 +40,7 @@ from common import (
     positive_float,
     positive_int,
     positive_ints,
+    round_trips_around,
     steady_allocator,
     write_text,
 )
@@ -156,9 +156,9 @@ def bench_point(cell: str, B: int, T: int, H: int, budget: Budget, memory: bool,
     point["infer"], outputs = measure(steps_for("infer", layers, x), budget)
     point["max_abs_diff"] = output_mismatch(outputs)
     point["peak_bytes"] = training_memory(layers, x) if memory else None
-    before = core_round_trip_ns()                 # where the host has put the two vCPUs (common.py)
-    point["extras"], _ = measure(steps_for("train", extras_layers(cell, layers["engine"]), x), budget)
-    point["core_round_trip_ns"] = [before, core_round_trip_ns()]
+    with round_trips_around() as trips:           # where the host has put the two vCPUs (common.py)
+        point["extras"], _ = measure(steps_for("train", extras_layers(cell, layers["engine"]), x), budget)
+    point["core_round_trip_ns"] = trips
     return point
 
 
@@ -245,16 +245,15 @@ def main(argv=None) -> int:
     facts["allocator"] = steady_allocator()
     facts["peak_matmul_n"], facts["peak_matmul_reps"] = peak_n, 5
     before = matmul_peak_gflops(peak_n, reps=facts["peak_matmul_reps"])
-    cores_before = core_round_trip_ns()
     print(f"{facts['cpu']}, {facts['threads']} threads, matmul peak {before:.1f} GFLOP/s", file=sys.stderr)
     start = time.perf_counter()
-    points = run_grid(args.cells, grid, budget, not args.no_memory, args.seed)
+    with round_trips_around() as facts["core_round_trip_ns_runs"]:
+        points = run_grid(args.cells, grid, budget, not args.no_memory, args.seed)
     prof = profile_point(*PROFILE_POINT, args.seed) if PROFILE_POINT[0] in args.cells else None
     facts["wall_seconds"] = time.perf_counter() - start
     facts["gemm_route"] = route.current()
     facts["peak_gflops_runs"] = [before, matmul_peak_gflops(peak_n, reps=facts["peak_matmul_reps"])]
     facts["peak_gflops"] = max(facts["peak_gflops_runs"])
-    facts["core_round_trip_ns_runs"] = [cores_before, core_round_trip_ns()]
     run = {"machine": facts, "grid": asdict(grid), "budget": asdict(budget), "quick": args.quick,
            "cells": list(args.cells), "points": points, "profile": prof}
     doc, summary = render(run, recorded_runs(args.out, None if args.json is None else Path(args.json)),

@@ -139,6 +139,27 @@ def core_round_trip_ns() -> float | None:
     return ns if ns > 0 else None
 
 
+# A round trip under this many ns before and after a timing: the two threads ran on CPUs near each other (the Zen
+# 5 box: ~80 ns near, ~390-430 ns in its slow mode).
+NEAR_NS = 200
+
+
+def placement(*trips: float | None) -> str:
+    """Where the two CPUs were while something was timed, from the round trips taken around it: "near" (all
+    under NEAR_NS), "far", or "not measured" (a reading missing, or none at all)."""
+    if not trips or any(t is None for t in trips):
+        return "not measured"
+    return "near" if max(trips) < NEAR_NS else "far"
+
+
+@contextlib.contextmanager
+def round_trips_around():
+    """The cores' round trip before and after the block: a list, [before] inside it, [before, after] after."""
+    trips = [core_round_trip_ns()]
+    yield trips
+    trips.append(core_round_trip_ns())
+
+
 def steady_allocator(mmap_mib: int = 32, trim_mib: int = 1024) -> str:
     """Fix glibc malloc's two thresholds for the rest of the process, and say what was set.
 

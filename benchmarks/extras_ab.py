@@ -25,8 +25,14 @@ import tempfile
 from pathlib import Path
 
 from bench_layers import CELLS, EXTRAS, extras_layers, train_step
-from common import core_round_trip_ns, int_at_least, interleaved, names_from
-from report import NEAR_NS, cores_near
+from common import (
+    NEAR_NS,
+    int_at_least,
+    interleaved,
+    names_from,
+    placement,
+    round_trips_around,
+)
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parents[1]
@@ -55,25 +61,25 @@ def measure_here(extra: str, pts, reps: int) -> dict:
     from rnnkit import _fused
     if not _fused.available():       # the pure-torch fallback would time something else entirely
         sys.exit(f"the fused kernel of {rk.__file__} did not build or load; see rnnkit._fused.build(verbose=True)")
-    res = {"rnnkit": rk.__file__, "points": {}, "core_round_trip_ns": [core_round_trip_ns()]}
-    for cell, B, T, H in pts:
-        rk_cls, _, _, kw = CELLS[cell]
-        layers = extras_layers(cell, rk_cls(H, H, backend="engine", **kw).train())   # the same weights
-        plain, with_extra = layers["engine"], layers[extra]
-        x = torch.randn(T, B, H)
+    res = {"rnnkit": rk.__file__, "points": {}}
+    with round_trips_around() as res["core_round_trip_ns"]:   # where the host ran the two CPUs meanwhile
+        for cell, B, T, H in pts:
+            rk_cls, _, _, kw = CELLS[cell]
+            layers = extras_layers(cell, rk_cls(H, H, backend="engine", **kw).train())   # the same weights
+            plain, with_extra = layers["engine"], layers[extra]
+            x = torch.randn(T, B, H)
 
-        def train(layer, x=x):
-            return train_step(layer, x, False)
+            def train(layer, x=x):
+                return train_step(layer, x, False)
 
-        def forward(layer, x=x):                  # a training step's forward: what the backward needs is kept
-            return lambda: layer(x)
-        for mode, make in (("forward", forward), ("train", train)):
-            steps = {"plain": make(plain), "extra": make(with_extra)}
-            interleaved(steps, 3)                                       # warm-up
-            times = interleaved(steps, reps)
-            res["points"][f"{cell} B={B} T={T} H={H} {mode}"] = {
-                k: statistics.median(v) * 1e3 for k, v in times.items()}
-    res["core_round_trip_ns"].append(core_round_trip_ns())
+            def forward(layer, x=x):                  # a training step's forward: what the backward needs is kept
+                return lambda: layer(x)
+            for mode, make in (("forward", forward), ("train", train)):
+                steps = {"plain": make(plain), "extra": make(with_extra)}
+                interleaved(steps, 3)                                       # warm-up
+                times = interleaved(steps, reps)
+                res["points"][f"{cell} B={B} T={T} H={H} {mode}"] = {
+                    k: statistics.median(v) * 1e3 for k, v in times.items()}
     return res
 
 
@@ -141,16 +147,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def near_runs(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
-    """--near: each checkout's processes whose cores stayed near (report.cores_near: the round trip a run
+    """--near: each checkout's processes whose cores stayed near (common.placement of the round trips a run
     records before and after its timings, as a grid point does). Exits 2 where that cannot be told (a kernel
     from before core_round_trip_ns, or fewer than two CPUs) and 1 where no process of a checkout ran near."""
-    unknown = [name for name, rs in runs.items() if any(r.get("core_round_trip_ns") is None
-                                                         or None in r["core_round_trip_ns"] for r in rs)]
+    where = {name: [placement(*(r.get("core_round_trip_ns") or ())) for r in rs] for name, rs in runs.items()}
+    unknown = [name for name, ws in where.items() if "not measured" in ws]
     if unknown:
         print(f"extras_ab: --near: the cores' round trip was not measured in {unknown} (a kernel from before "
               "rnnkit_fused::core_round_trip_ns, or fewer than two CPUs): run without --near", file=sys.stderr)
         sys.exit(2)
-    kept = {name: [r for r in rs if cores_near(r)] for name, rs in runs.items()}
+    kept = {name: [r for r, w in zip(rs, where[name]) if w == "near"] for name, rs in runs.items()}
     if not all(kept.values()):
         sys.exit(f"extras_ab: no process of {[n for n, rs in kept.items() if not rs]} ran with its cores near "
                  f"(round trip < {NEAR_NS} ns); run again, or without --near")

@@ -2,7 +2,7 @@
 
 A virtual machine cannot see where its host runs its vCPUs. Before and after each round this measures the
 cores' round trip (common.core_round_trip_ns: a cache line passed between threads pinned to the first two
-CPUs), and tabulates the rounds apart: near (both under report.NEAR_NS), far (either at or above it), and not
+CPUs), and tabulates the rounds apart: near (both under common.NEAR_NS), far (either at or above it), and not
 measured (no kernel op or no second CPU). Each round times the plain engine and the extra interleaved, forward
 alone and the training step, in three ways: two threads with the kernel's lanes (scan.h: each thread runs the
 whole time loop on its rows; the default), two threads without lanes (each step's work split), and one
@@ -24,25 +24,24 @@ import time
 
 import torch
 from bench_layers import CELLS, EXTRAS, extras_layers, train_step
-from common import core_round_trip_ns, int_at_least, names_from, positive_float
+from common import (
+    NEAR_NS,
+    int_at_least,
+    names_from,
+    placement,
+    positive_float,
+    round_trips_around,
+)
 from extras_ab import points
-from report import NEAR_NS
 
 WAYS = ("lanes", "no lanes", "1 thread")
-CORES = ("near", "far", "not measured")
+CORES = ("near", "far", "not measured")                   # common.placement's answers
 
 
 def set_way(ops, way: str, threads: int, lanes: int) -> None:
     """lanes: the kernel's setting for the "lanes" way (the caller's, or the kernel's default 16 if it was off)."""
     torch.set_num_threads(1 if way == "1 thread" else threads)
     ops.set_min_lane_rows(0 if way == "no lanes" else lanes)
-
-
-def cores(before: float | None, after: float | None) -> str:
-    """Where the round's two CPUs were, from the round trips before and after it."""
-    if before is None or after is None:
-        return "not measured"
-    return "near" if max(before, after) < NEAR_NS else "far"
 
 
 def measure(point, extra: str, seconds: float, calls: int) -> tuple[dict, list[tuple]]:
@@ -68,20 +67,20 @@ def measure(point, extra: str, seconds: float, calls: int) -> tuple[dict, list[t
     lanes = old_lanes if old_lanes > 0 else 16
     try:
         while not trips or time.perf_counter() - start < seconds:
-            before, rnd = core_round_trip_ns(), {}
-            for way in WAYS:
-                set_way(ops, way, threads, lanes)
-                for (mode, layer), fn in fns.items():
-                    fn()                                                   # settled in this way
-                    t = time.perf_counter()
-                    for _ in range(calls):
-                        fn()
-                    rnd[(way, mode, layer)] = (time.perf_counter() - t) / calls * 1e3
-            torch.set_num_threads(threads)                     # the round trip as the process runs otherwise
-            after = core_round_trip_ns()
-            trips.append((before, after))
+            rnd = {}
+            with round_trips_around() as trip:
+                for way in WAYS:
+                    set_way(ops, way, threads, lanes)
+                    for (mode, layer), fn in fns.items():
+                        fn()                                               # settled in this way
+                        t = time.perf_counter()
+                        for _ in range(calls):
+                            fn()
+                        rnd[(way, mode, layer)] = (time.perf_counter() - t) / calls * 1e3
+                torch.set_num_threads(threads)                 # the round trip as the process runs otherwise
+            trips.append(trip)
             for key, ms in rnd.items():
-                times.setdefault((cores(before, after), *key), []).append(ms)
+                times.setdefault((placement(*trip), *key), []).append(ms)
     finally:
         torch.set_num_threads(threads)
         ops.set_min_lane_rows(old_lanes)
@@ -120,7 +119,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     times, trips = measure(args.point, args.extra, args.seconds, args.calls)
     known = [t for pair in trips for t in pair if t is not None]
-    far = sum(cores(*pair) == "far" for pair in trips)
+    far = sum(placement(*pair) == "far" for pair in trips)
     cell, B, T, H = args.point
     print(f"{cell} B={B} T={T} H={H}, {args.extra}; {len(trips)} rounds, cores' round trip "
           + (f"{min(known):.0f}-{max(known):.0f} ns, {far} round(s) far (>= {NEAR_NS} ns before or after)"

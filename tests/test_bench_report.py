@@ -20,6 +20,7 @@ import bench_fused  # noqa: E402
 import bench_layers  # noqa: E402
 import bench_minimal  # noqa: E402
 import bench_stream  # noqa: E402
+import common
 import extras_ab  # noqa: E402
 import extras_cores
 from common import interleaved, matmul_peak_gflops  # noqa: E402
@@ -85,7 +86,7 @@ def test_quick_bench_renders_and_keeps_the_hand_written_tail(tmp_path):
 def test_bench_point_measures_the_round_trip_before_and_after_its_extras(monkeypatch):
     """Two readings, one on each side of the extras' timings: a spell that starts or ends while they run shows."""
     seen = iter([11.0, 22.0])
-    monkeypatch.setattr(bench_layers, "core_round_trip_ns", lambda: next(seen))
+    monkeypatch.setattr(common, "core_round_trip_ns", lambda: next(seen))
     point = bench_layers.bench_point("rnn", 2, 3, 4, bench_layers.Budget(0.001, 2, 2, None), False, 0)
     assert point["core_round_trip_ns"] == [11.0, 22.0]
 
@@ -265,8 +266,6 @@ def test_extras_ab_near_tabulates_only_the_processes_whose_cores_stayed_near(mon
 def test_core_round_trip_is_none_where_the_kernel_has_no_such_op(monkeypatch):
     """extras_ab --base runs this checkout's extras_ab.py over another checkout's rnnkit, whose kernel may
     predate the op: the round trip is then not known (None), not an AttributeError in the child."""
-    import common
-
     from rnnkit import _fused
 
     class Older:                                                    # a kernel built before cores.cpp
@@ -301,7 +300,7 @@ def test_extras_cores_times_every_way_and_splits_its_rounds_by_where_the_cores_w
     finally:
         torch.set_num_threads(threads)
         _fused.build().set_min_lane_rows(lanes)
-    where = extras_cores.cores(*trips[0])
+    where = extras_cores.placement(*trips[0])
     near = where == "near"
     assert {k[1:] for k in times} == {(way, mode, layer) for way in extras_cores.WAYS
                                        for mode in ("forward", "train") for layer in ("engine", "zoneout")}
@@ -311,7 +310,7 @@ def test_extras_cores_times_every_way_and_splits_its_rounds_by_where_the_cores_w
     cost = float(rows[2].split("|")[7].strip().rstrip("x"))
     key = (where, "lanes", "forward")
     assert near == (where == "near")
-    assert [extras_cores.cores(*t) for t in ((80.0, 90.0), (80.0, 420.0), (420.0, 80.0), (None, 80.0), (80.0, None))] \
+    assert [extras_cores.placement(*t) for t in ((80.0, 90.0), (80.0, 420.0), (420.0, 80.0), (None, 80.0), (80.0, None))] \
         == ["near", "far", "far", "not measured", "not measured"]
     assert cost == pytest.approx(times[(*key, "zoneout")][0] / times[(*key, "engine")][0], rel=1e-3)
     extras_cores.main(["--point", "rnn:2:3:4", "--seconds", "0.001", "--calls", "1"])

@@ -136,9 +136,11 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
     elman_backward(H, p.cell == CellKind::kRelu, dh, hc, d_xi);
   } else if (p.lstm()) {
     T* cc = k.c.data() + b * H;
-    const T* act = v.act + row * W;
-    if (!v.act_keep) {                                 // the gates, not kept: formed again, in the row's scratch
-      T* a = k.dy.data() + b * W;
+    const T* act;
+    if (v.act_keep) {
+      act = v.act + row * W;
+    } else {                                           // the gates, not kept: formed again, in the row's scratch
+      T* a = k.dy.data() + b * W;                      // (act has one slot: row * W would point past it)
       lstm_gates_again(H, v.xhat + row * W, v.xhat_x + row * W, v.gamma, v.beta, v.gamma_x, v.beta_x, a);
       act = a;
     }
