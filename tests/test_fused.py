@@ -183,7 +183,8 @@ def big_run(kind, dtype, T_, B_, H_, **opt):
         out, final = fn(opts, xi, state0, w, b, params)
         (out.sum() + final[0].square().sum()).backward()
         got = {"out": out, "final": final[0], "d_xi": xi.grad.clone(), "d_w": w.grad.clone(),
-               "d_b": b.grad.clone(), "d_h0": state0[0].grad.clone()}
+               "d_b": b.grad.clone()}
+        got.update({f"d_state0_{j}": s.grad.clone() for j, s in enumerate(state0)})     # d_h0, and the LSTM's d_c0
         got.update({f"d_p{j}": p.grad.clone() for j, p in enumerate(params)})
         if opts.trace is not None:
             got["grad_norm"] = opts.trace.grad_norm

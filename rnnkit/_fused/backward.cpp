@@ -21,14 +21,20 @@
 namespace rnnkit {
 namespace {
 
-// Per-row scratch of the loop, (B, H) each, plus (B, W) dy under LN (the GRU's d_y, or the LSTM's gates
-// formed again); lanes use their own rows.
+// Per-row scratch of the loop for batch rows [b0, b1): (b1 - b0, H) each, plus (b1 - b0, W) dy under LN (the
+// GRU's d_y, or the LSTM's gates formed again). Each lane of several has its own, allocated by the lane's
+// thread: the carries are read and written at every step, and with the lanes' rows side by side in one
+// buffer, while the host ran the two vCPUs far apart (docs/benchmarks.md) the backward measured 459 us
+// against 497-505 for the layer_norm RNN and 351 against 361-364 plain, B=32 T=100 H=64, with acc_stride's
+// padding too (scan.h); near apart the same.
 template <typename T>
 struct Carry {
+  int64_t b0 = 0;                        // the first batch row held: row b at (b - b0) * H
   std::vector<T> h, c, gw, dh, dc, dy;   // carries to step t-1; d_gh U; d_new of h; d_new of c (LSTM)
                                          // or the direct dh z (GRU, when a d_pass must be added); dy: per
                                          // row (W), the GRU's d_y under LN, or the LSTM's gates formed again
   std::vector<T> xs;                     // per thread, (W): a d_xi row before it is streamed out
+  int64_t at(int64_t b, int64_t n) const { return (b - b0) * n; }   // offset of row b, n per row
 };
 
 // What a lane knows of its carries (the same in every lane: it depends on the step, not the row).
@@ -126,21 +132,21 @@ template <typename T>
 void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, int64_t b,
                    const T* h_prev, const T* c_prev, bool around) {
   const int64_t H = p.H, W = p.W(), row = t * p.B + b;
-  T *dh = k.dh.data() + b * H, *dc = k.dc.data() + b * H, *ch = k.h.data() + b * H;
+  T *dh = k.dh.data() + k.at(b, H), *dc = k.dc.data() + k.at(b, H), *ch = k.h.data() + k.at(b, H);
   const int64_t thread = v.acc != nullptr || v.stream ? at::get_thread_num() : 0;   // its rows of Views::acc, Carry::xs
   T* d_xi = v.d_xi + row * W;
-  T* d_y = p.ln ? (p.gru() ? k.dy.data() + b * W : d_xi)          // what the cell calls d_gh
+  T* d_y = p.ln ? (p.gru() ? k.dy.data() + k.at(b, W) : d_xi)          // what the cell calls d_gh
                 : v.d_gh + (t * v.gh_keep * p.B + b) * W;
   if (p.elman()) {
     const T* hc = v.act ? v.act + row * H : v.hs + row * H;
     elman_backward(H, p.cell == CellKind::kRelu, dh, hc, d_xi);
   } else if (p.lstm()) {
-    T* cc = k.c.data() + b * H;
+    T* cc = k.c.data() + k.at(b, H);
     const T* act;
     if (v.act_keep) {
       act = v.act + row * W;
     } else {                                           // the gates, not kept: formed again, in the row's scratch
-      T* a = k.dy.data() + b * W;                      // (act has one slot: row * W would point past it)
+      T* a = k.dy.data() + k.at(b, W);                     // (act has one slot: row * W would point past it)
       lstm_gates_again(H, v.xhat + row * W, v.xhat_x + row * W, v.gamma, v.beta, v.gamma_x, v.beta_x, a);
       act = a;
     }
@@ -158,7 +164,7 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
       std::memcpy(v.d_ghn + row * H, d_y + 2 * H, sizeof(T) * H);
     }
   }
-  T* acc = v.acc == nullptr ? nullptr : v.acc + thread * kAccSlots * W;   // scan.h: Views::acc
+  T* acc = v.acc == nullptr ? nullptr : v.acc + thread * v.acc_stride;   // scan.h: Views::acc
   if (p.ln_paired(v.gamma_x != nullptr)) {          // both norms under one d_y (Elman, LSTM), fused
     layernorm_backward_pair(W, d_xi, v.xhat + row * W, v.inv[row], v.gamma, v.xhat_x + row * W, v.inv_x[row],
                             v.gamma_x, acc, acc + W, acc + 2 * W, v.acc_b ? acc + 4 * W : nullptr,
@@ -182,14 +188,14 @@ void backward_row(const Problem& p, const Views<T>& v, Carry<T>& k, Live live, i
                   const T* h_prev, const T* c_prev, bool around) {
   const int64_t H = p.H, row = t * p.B + b;
   const T* m = v.mask ? v.mask + row : nullptr;
-  T *dh = k.dh.data() + b * H, *ch = k.h.data() + b * H;
-  gather_dh(H, live.h ? ch : nullptr, live.gw ? k.gw.data() + b * H : nullptr,
+  T *dh = k.dh.data() + k.at(b, H), *ch = k.h.data() + k.at(b, H);
+  gather_dh(H, live.h ? ch : nullptr, live.gw ? k.gw.data() + k.at(b, H) : nullptr,
             v.rec ? v.rec + b * H : nullptr, v.d_out.row(t, b), v.d_out.sj, m, dh);
   if (v.gn != nullptr) v.gn[row] = norm(H, dh);
   if (around) {
     split(H, dh, m, v.zone[0].row(t, b), ch);          // ch: d_pass of h from here on
     if (p.lstm()) {
-      T *dc = k.dc.data() + b * H, *cc = k.c.data() + b * H;
+      T *dc = k.dc.data() + k.at(b, H), *cc = k.c.data() + k.at(b, H);
       std::memcpy(dc, cc, sizeof(T) * H);
       split(H, dc, m, v.zone[1].row(t, b), cc);
     }
@@ -227,20 +233,39 @@ Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const 
     backward_row(p, v, k, live, t, b, h_prev, c_prev, around);
   });
   if (cut) {                                       // truncated BPTT: the state was detached here
-    std::fill(k.h.begin() + b0 * H, k.h.begin() + (b0 + nb) * H, T(0));
-    if (p.lstm()) std::fill(k.c.begin() + b0 * H, k.c.begin() + (b0 + nb) * H, T(0));
+    std::fill_n(k.h.begin() + k.at(b0, H), nb * H, T(0));
+    if (p.lstm()) std::fill_n(k.c.begin() + k.at(b0, H), nb * H, T(0));
     return Live{};
   }
-  if (product) times_u(v.d_gh + (t * v.gh_keep * B + b0) * W, k.gw.data() + b0 * H);   // d_gh U  (rows, H)
+  if (product) times_u(v.d_gh + (t * v.gh_keep * B + b0) * W, k.gw.data() + k.at(b0, H));   // d_gh U  (rows, H)
   if (v.cut != nullptr) {                          // rows with padding: each cut at its own k-th step
     for (int64_t b = b0; b < b0 + nb; ++b) {
       if (v.cut[t * B + b] == T(0)) continue;
-      std::fill_n(k.h.begin() + b * H, H, T(0));
-      if (p.lstm()) std::fill_n(k.c.begin() + b * H, H, T(0));
-      if (product) std::fill_n(k.gw.begin() + b * H, H, T(0));
+      std::fill_n(k.h.begin() + k.at(b, H), H, T(0));
+      if (p.lstm()) std::fill_n(k.c.begin() + k.at(b, H), H, T(0));
+      if (product) std::fill_n(k.gw.begin() + k.at(b, H), H, T(0));
     }
   }
   return Live{around || p.gru(), product};        // h: else nothing reaches h_{t-1} but through U
+}
+
+
+// The carries for rows [b0, b1): what reaches the last states (d_hT, d_cT; null: zeros), and scratch.
+template <typename T>
+Carry<T> make_carry(const Problem& p, const Views<T>& v, int64_t b0, int64_t b1, const T* d_hT, const T* d_cT) {
+  const int64_t H = p.H, n = (b1 - b0) * H;
+  Carry<T> k;
+  k.b0 = b0;
+  k.h.assign(n, T(0));
+  k.c.assign(p.lstm() ? n : 0, T(0));
+  k.gw.resize(n);
+  k.dh.resize(n);
+  k.dc.resize(n);
+  k.dy.resize(p.ln && (p.gru() || (p.lstm() && !v.act_keep)) ? static_cast<size_t>((b1 - b0) * p.W()) : 0);
+  k.xs.resize(v.stream ? static_cast<size_t>(at::get_num_threads() * p.W()) : 0);
+  if (d_hT != nullptr) std::copy(d_hT + b0 * H, d_hT + b1 * H, k.h.begin());
+  if (d_cT != nullptr) std::copy(d_cT + b0 * H, d_cT + b1 * H, k.c.begin());
+  return k;
 }
 
 }  // namespace
@@ -248,24 +273,21 @@ Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const 
 template <typename T>
 void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const T* d_hT, const T* d_cT,
                    T* d_h0, T* d_c0) {
-  const size_t BH = static_cast<size_t>(p.B * p.H);
-  Carry<T> k;
-  k.h.assign(BH, T(0));
-  k.c.assign(p.lstm() ? BH : 0, T(0));
-  k.gw.resize(BH);
-  k.dh.resize(BH);
-  k.dc.resize(BH);
-  k.dy.resize(p.ln && (p.gru() || (p.lstm() && !v.act_keep)) ? static_cast<size_t>(p.B * p.W()) : 0);
-  k.xs.resize(v.stream ? static_cast<size_t>(at::get_num_threads() * p.W()) : 0);
-  if (d_hT != nullptr) std::memcpy(k.h.data(), d_hT, sizeof(T) * BH);
-  if (d_cT != nullptr) std::memcpy(k.c.data(), d_cT, sizeof(T) * BH);
+  Carry<T> k = make_carry(p, v, 0, p.B, d_hT, d_cT);      // all rows: the lanes' own carries end up here
   Live last;
   for_lanes<T>(p, [&](const Lane& lane, int64_t l) {
     const StepProduct<T> times_u(v.w, p.W(), p.H, lane.rows(), true, p.T);
+    Carry<T> own = lane.split ? make_carry(p, v, lane.b0, lane.b1, d_hT, d_cT) : Carry<T>{};
+    Carry<T>& kl = lane.split ? own : k;
     Live live{d_hT != nullptr, false};
     for (int64_t i = p.T - 1; i >= 0; --i) {
-      live = backward_step(p, v, lane, times_u, k, live, i, truncate > 0 && i > 0 && i % truncate == 0,
+      live = backward_step(p, v, lane, times_u, kl, live, i, truncate > 0 && i > 0 && i % truncate == 0,
                            i > 0 || d_h0 != nullptr);     // step 0's product feeds only d_h0
+    }
+    if (lane.split) {                                // the lane's rows of what reaches step -1
+      std::copy(own.h.begin(), own.h.end(), k.h.begin() + k.at(lane.b0, p.H));
+      std::copy(own.gw.begin(), own.gw.end(), k.gw.begin() + k.at(lane.b0, p.H));
+      std::copy(own.c.begin(), own.c.end(), k.c.begin() + k.at(lane.b0, p.H));
     }
     if (l == 0) last = live;
   });
@@ -275,7 +297,7 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
     gather_dh(p.B * p.H, last.h ? k.h.data() : none, last.gw ? k.gw.data() : none, v.rec, none, 1, none,
               d_h0);
   }
-  if (p.lstm()) std::memcpy(d_c0, k.c.data(), sizeof(T) * BH);
+  if (p.lstm()) std::copy(k.c.begin(), k.c.end(), d_c0);
 }
 
 template void backward_loop<float>(const Problem&, const Views<float>&, int64_t, const float*, const float*,

@@ -336,7 +336,8 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   const bool wanted[kAccSlots] = {p.ln, p.ln, p.ln && has(gamma_x), p.ln && has(gamma_x) && !shared_dy,
                                   want_b || (need_xb && xb_is_b), need_xb && !xb_is_b};
   const bool any_sum = std::any_of(wanted, wanted + kAccSlots, [](bool x) { return x; });
-  Tensor acc = any_sum ? at::zeros({at::get_num_threads(), kAccSlots, W}, o) : Tensor();
+  const int64_t stride = acc_stride(W, int64_t(hs.element_size()));
+  Tensor acc = any_sum ? at::zeros({at::get_num_threads(), stride}, o) : Tensor();
   auto run = [&](auto zero) {
     using S = decltype(zero);
     Views<S> v = input_views<S>(p, w, bias, zero_w, h0, c0, gamma, beta, gamma_x, beta_x, std::nullopt, mask, rec,
@@ -360,6 +361,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.d_ghn = ptr<S>(d_ghn);
     v.gh_keep = gru_plain ? 0 : 1;
     v.acc = ptr<S>(acc);
+    v.acc_stride = stride;
     v.acc_b = wanted[4];
     v.acc_xb = wanted[5];
     v.stream = gru_plain && worth_streaming(T * B, W * int64_t(sizeof(S)));
@@ -371,7 +373,7 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   with_floating(hs, "rnnkit fused scan", run);
   std::vector<Tensor> sums(kAccSlots);                 // the threads' sums added, one row per slot wanted
   if (any_sum) {
-    const Tensor total = acc.sum(0);
+    const Tensor total = acc.narrow(1, 0, kAccSlots * W).sum(0).view({kAccSlots, W});
     for (int64_t k = 0; k < kAccSlots; ++k) {
       if (wanted[k]) sums[k] = total[k].clone();
     }

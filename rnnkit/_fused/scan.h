@@ -47,6 +47,17 @@ struct Rows {
 
 constexpr int64_t kAccSlots = 6;                 // Views::acc
 
+// Elements between two threads' rows of Views::acc: their kAccSlots * W, rounded up to whole 4 KiB pages,
+// and one page more, so that no two threads' sums share a page. Each thread adds into its rows at every
+// row of its lane; with the rows packed (6 W apart: 1.5 KB at W = 64), the two threads' sums sat in one page,
+// and while the host ran the two vCPUs far apart (docs/benchmarks.md) the layer_norm backward measured
+// 452-457 us padded against 471-506 packed (RNN B=32 T=100 H=64, the kernel's backward op alone; near
+// apart the same, 260-262 against 259-277).
+inline int64_t acc_stride(int64_t W, int64_t elem_bytes) {
+  constexpr int64_t kPage = 4096;
+  return ((kAccSlots * W * elem_bytes + kPage - 1) / kPage * kPage + kPage) / elem_bytes;
+}
+
 // What the loops read and write, as raw pointers. Null means absent.
 template <typename T>
 struct Views {
@@ -69,11 +80,12 @@ struct Views {
   Rows<T> d_out;
   T *gn, *d_xi, *d_gh, *d_ghn;
   // Parameter gradients summed per thread as the rows go by (no pass over (T, B, W) after the loop):
-  // thread k adds its rows into acc + k * kAccSlots * W, laid out [d gamma, d beta, d gamma_x, d beta_x,
-  // d b_hh, d b_ih] (W each); the threads' sums are added after the loop. Null: none wanted;
+  // thread k adds its rows into acc + k * acc_stride (acc_stride() above), laid out [d gamma, d beta,
+  // d gamma_x, d beta_x, d b_hh, d b_ih] (W each); the threads' sums are added after the loop. Null: none wanted;
   // acc_b, acc_xb: d b_hh, d b_ih (the sum of d_xi) wanted. The d beta_x slot stays unused when the
   // norms are paired (Problem::ln_paired): scan.cpp copies d beta's sum there.
   T* acc;
+  int64_t acc_stride = 0;                         // elements between two threads' rows of acc
   bool acc_b, acc_xb;
   bool stream;                                     // GRU without LN: d_xi, d_ghn rows go out non-temporal (store.h)
   int64_t gh_keep;
