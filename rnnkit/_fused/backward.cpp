@@ -22,11 +22,12 @@ namespace rnnkit {
 namespace {
 
 // Per-row scratch of the loop for batch rows [b0, b1): (b1 - b0, H) each, plus (b1 - b0, W) dy under LN (the
-// GRU's d_y, or the LSTM's gates formed again). Each lane of several has its own, allocated by the lane's
-// thread: the carries are read and written at every step, and with the lanes' rows side by side in one
-// buffer, while the host ran the two vCPUs far apart (docs/benchmarks.md) the backward measured 459 us
-// against 497-505 for the layer_norm RNN and 351 against 361-364 plain, B=32 T=100 H=64, with acc_stride's
-// padding too (scan.h); near apart the same.
+// GRU's d_y, or the LSTM's gates formed again). Each lane has its own, allocated by the lane's thread: the
+// carries are read and written at every step, and with the lanes' rows side by side in one buffer, while
+// the host ran the two vCPUs far apart (docs/benchmarks.md) the backward measured 459 us against 497-505 for
+// the layer_norm RNN and 351 against 361-364 plain, B=32 T=100 H=64, with acc_stride's padding too (scan.h);
+// near apart the same. The lanes leave their rows of what reaches step -1 (h, d_gh U, c) in one set of those
+// three for all rows.
 template <typename T>
 struct Carry {
   int64_t b0 = 0;                        // the first batch row held: row b at (b - b0) * H
@@ -273,22 +274,24 @@ Carry<T> make_carry(const Problem& p, const Views<T>& v, int64_t b0, int64_t b1,
 template <typename T>
 void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const T* d_hT, const T* d_cT,
                    T* d_h0, T* d_c0) {
-  Carry<T> k = make_carry(p, v, 0, p.B, d_hT, d_cT);      // all rows: the lanes' own carries end up here
+  // what reaches step -1, all rows: each lane's own carries (scratch included) leave their rows here
+  const size_t BH = static_cast<size_t>(p.B * p.H);
+  Carry<T> k;
+  k.h.resize(BH);
+  k.gw.resize(BH);
+  k.c.resize(p.lstm() ? BH : 0);
   Live last;
   for_lanes<T>(p, [&](const Lane& lane, int64_t l) {
     const StepProduct<T> times_u(v.w, p.W(), p.H, lane.rows(), true, p.T);
-    Carry<T> own = lane.split ? make_carry(p, v, lane.b0, lane.b1, d_hT, d_cT) : Carry<T>{};
-    Carry<T>& kl = lane.split ? own : k;
+    Carry<T> own = make_carry(p, v, lane.b0, lane.b1, d_hT, d_cT);
     Live live{d_hT != nullptr, false};
     for (int64_t i = p.T - 1; i >= 0; --i) {
-      live = backward_step(p, v, lane, times_u, kl, live, i, truncate > 0 && i > 0 && i % truncate == 0,
+      live = backward_step(p, v, lane, times_u, own, live, i, truncate > 0 && i > 0 && i % truncate == 0,
                            i > 0 || d_h0 != nullptr);     // step 0's product feeds only d_h0
     }
-    if (lane.split) {                                // the lane's rows of what reaches step -1
-      std::copy(own.h.begin(), own.h.end(), k.h.begin() + k.at(lane.b0, p.H));
-      std::copy(own.gw.begin(), own.gw.end(), k.gw.begin() + k.at(lane.b0, p.H));
-      std::copy(own.c.begin(), own.c.end(), k.c.begin() + k.at(lane.b0, p.H));
-    }
+    std::copy(own.h.begin(), own.h.end(), k.h.begin() + k.at(lane.b0, p.H));
+    std::copy(own.gw.begin(), own.gw.end(), k.gw.begin() + k.at(lane.b0, p.H));
+    std::copy(own.c.begin(), own.c.end(), k.c.begin() + k.at(lane.b0, p.H));
     if (l == 0) last = live;
   });
   // what reaches the initial state: the carry, plus the last product through U
