@@ -11,7 +11,8 @@ Contenders at every grid point (same weights, copied from the torch.nn layer wit
 At every grid point, the extras' cost over the plain engine (training step): the engine
 against itself with zoneout=0.1 and with layer_norm=True, between two measures of the cores' round trip
 (common.round_trips_around: where the host ran the two vCPUs while they were timed). At one point (GRU,
-B=64, T=100, H=256 by default) torch.profiler's split of one training step, torch.nn against the engine (profile_step.py).
+B=64, T=100, H=256 by default) torch.profiler's split of one training step, torch.nn against the engine
+(profile_step.py).
 Timings are interleaved (round-robin over the contenders each repetition, after a warm-up round) and
 reported as medians; the markdown report is rendered by the functions at the bottom of this file.
 """
@@ -145,6 +146,23 @@ def extras_layers(cell: str, engine: nn.Module) -> dict[str, nn.Module]:
         layer.load_state_dict(engine.state_dict(), strict=False)
         layers[name] = layer.train()
     return layers
+
+
+def extra_steps(cell: str, B: int, T: int, H: int, extra: str) -> dict[str, dict]:
+    """At one point (I = H), the plain engine's and one extra's calls on the same weights and input:
+    {"forward": {"engine": f, extra: f}, "train": {...}}. forward is a training-mode call (what the backward
+    needs is kept); train is train_step. Draws the weights, then x, from torch's generator."""
+    rk_cls, _, _, kw = CELLS[cell]
+    layers = extras_layers(cell, rk_cls(H, H, backend="engine", **kw).train())
+    x = torch.randn(T, B, H)
+
+    def forward(layer):
+        return lambda: layer(x)
+
+    def train(layer):
+        return train_step(layer, x, False)
+    return {mode: {name: make(layers[name]) for name in ("engine", extra)}
+            for mode, make in (("forward", forward), ("train", train))}
 
 
 def bench_point(cell: str, B: int, T: int, H: int, budget: Budget, memory: bool, seed: int) -> dict:

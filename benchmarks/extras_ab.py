@@ -24,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench_layers import CELLS, EXTRAS, extras_layers, train_step
+from bench_layers import EXTRAS, extra_steps
 from common import (
     NEAR_NS,
     int_at_least,
@@ -64,18 +64,8 @@ def measure_here(extra: str, pts, reps: int) -> dict:
     res = {"rnnkit": rk.__file__, "points": {}}
     with round_trips_around() as res["core_round_trip_ns"]:   # where the host ran the two CPUs meanwhile
         for cell, B, T, H in pts:
-            rk_cls, _, _, kw = CELLS[cell]
-            layers = extras_layers(cell, rk_cls(H, H, backend="engine", **kw).train())   # the same weights
-            plain, with_extra = layers["engine"], layers[extra]
-            x = torch.randn(T, B, H)
-
-            def train(layer, x=x):
-                return train_step(layer, x, False)
-
-            def forward(layer, x=x):                  # a training step's forward: what the backward needs is kept
-                return lambda: layer(x)
-            for mode, make in (("forward", forward), ("train", train)):
-                steps = {"plain": make(plain), "extra": make(with_extra)}
+            for mode, fns in extra_steps(cell, B, T, H, extra).items():     # the same weights, one x
+                steps = {"plain": fns["engine"], "extra": fns[extra]}
                 interleaved(steps, 3)                                       # warm-up
                 times = interleaved(steps, reps)
                 res["points"][f"{cell} B={B} T={T} H={H} {mode}"] = {

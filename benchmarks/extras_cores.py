@@ -23,7 +23,7 @@ import sys
 import time
 
 import torch
-from bench_layers import CELLS, EXTRAS, extras_layers, train_step
+from bench_layers import EXTRAS, extra_steps
 from common import (
     NEAR_NS,
     int_at_least,
@@ -51,16 +51,9 @@ def measure(point, extra: str, seconds: float, calls: int) -> tuple[dict, list[t
     if not _fused.available():
         sys.exit("extras_cores: the fused kernel did not build or load; see rnnkit._fused.build(verbose=True)")
     ops, threads = _fused.build(), torch.get_num_threads()
-    cell, B, T, H = point
-    rk_cls, _, _, kw = CELLS[cell]
     torch.manual_seed(0)
-    layers = extras_layers(cell, rk_cls(H, H, backend="engine", **kw).train())
-    x = torch.randn(T, B, H)
-
-    def forward(layer):
-        return lambda: layer(x)
-    fns = {("train", k): train_step(layers[k], x, False) for k in ("engine", extra)}
-    fns.update({("forward", k): forward(layers[k]) for k in ("engine", extra)})
+    steps = extra_steps(*point, extra)
+    fns = {(mode, k): fn for mode in ("train", "forward") for k, fn in steps[mode].items()}
     times, trips = {}, []
     start = time.perf_counter()
     old_lanes = ops.set_min_lane_rows(16)

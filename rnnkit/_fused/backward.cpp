@@ -132,22 +132,22 @@ bool goes_around(const Views<T>& v) {
 template <typename T>
 void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, int64_t b,
                    const T* h_prev, const T* c_prev, bool around) {
-  const int64_t H = p.H, W = p.W(), row = t * p.B + b;
-  T *dh = k.dh.data() + k.at(b, H), *dc = k.dc.data() + k.at(b, H), *ch = k.h.data() + k.at(b, H);
+  const int64_t H = p.H, W = p.W(), row = t * p.B + b, r = k.at(b, H);   // r: the row in the carries
+  T *dh = k.dh.data() + r, *dc = k.dc.data() + r, *ch = k.h.data() + r;
   const int64_t thread = v.acc != nullptr || v.stream ? at::get_thread_num() : 0;   // its rows of Views::acc, Carry::xs
   T* d_xi = v.d_xi + row * W;
-  T* d_y = p.ln ? (p.gru() ? k.dy.data() + k.at(b, W) : d_xi)          // what the cell calls d_gh
+  T* d_y = p.ln ? (p.gru() ? k.dy.data() + k.at(b, W) : d_xi)     // what the cell calls d_gh
                 : v.d_gh + (t * v.gh_keep * p.B + b) * W;
   if (p.elman()) {
     const T* hc = v.act ? v.act + row * H : v.hs + row * H;
     elman_backward(H, p.cell == CellKind::kRelu, dh, hc, d_xi);
   } else if (p.lstm()) {
-    T* cc = k.c.data() + k.at(b, H);
+    T* cc = k.c.data() + r;
     const T* act;
     if (v.act_keep) {
       act = v.act + row * W;
     } else {                                           // the gates, not kept: formed again, in the row's scratch
-      T* a = k.dy.data() + k.at(b, W);                     // (act has one slot: row * W would point past it)
+      T* a = k.dy.data() + k.at(b, W);                 // (act has one slot: row * W would point past it)
       lstm_gates_again(H, v.xhat + row * W, v.xhat_x + row * W, v.gamma, v.beta, v.gamma_x, v.beta_x, a);
       act = a;
     }
@@ -187,16 +187,16 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
 template <typename T>
 void backward_row(const Problem& p, const Views<T>& v, Carry<T>& k, Live live, int64_t t, int64_t b,
                   const T* h_prev, const T* c_prev, bool around) {
-  const int64_t H = p.H, row = t * p.B + b;
+  const int64_t H = p.H, row = t * p.B + b, r = k.at(b, H);              // r: the row in the carries
   const T* m = v.mask ? v.mask + row : nullptr;
-  T *dh = k.dh.data() + k.at(b, H), *ch = k.h.data() + k.at(b, H);
-  gather_dh(H, live.h ? ch : nullptr, live.gw ? k.gw.data() + k.at(b, H) : nullptr,
+  T *dh = k.dh.data() + r, *ch = k.h.data() + r;
+  gather_dh(H, live.h ? ch : nullptr, live.gw ? k.gw.data() + r : nullptr,
             v.rec ? v.rec + b * H : nullptr, v.d_out.row(t, b), v.d_out.sj, m, dh);
   if (v.gn != nullptr) v.gn[row] = norm(H, dh);
   if (around) {
     split(H, dh, m, v.zone[0].row(t, b), ch);          // ch: d_pass of h from here on
     if (p.lstm()) {
-      T *dc = k.dc.data() + k.at(b, H), *cc = k.c.data() + k.at(b, H);
+      T *dc = k.dc.data() + r, *cc = k.c.data() + r;
       std::memcpy(dc, cc, sizeof(T) * H);
       split(H, dc, m, v.zone[1].row(t, b), cc);
     }
@@ -242,14 +242,14 @@ Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const 
   if (v.cut != nullptr) {                          // rows with padding: each cut at its own k-th step
     for (int64_t b = b0; b < b0 + nb; ++b) {
       if (v.cut[t * B + b] == T(0)) continue;
-      std::fill_n(k.h.begin() + k.at(b, H), H, T(0));
-      if (p.lstm()) std::fill_n(k.c.begin() + k.at(b, H), H, T(0));
-      if (product) std::fill_n(k.gw.begin() + k.at(b, H), H, T(0));
+      const int64_t r = k.at(b, H);
+      std::fill_n(k.h.begin() + r, H, T(0));
+      if (p.lstm()) std::fill_n(k.c.begin() + r, H, T(0));
+      if (product) std::fill_n(k.gw.begin() + r, H, T(0));
     }
   }
   return Live{around || p.gru(), product};        // h: else nothing reaches h_{t-1} but through U
 }
-
 
 // The carries for rows [b0, b1): what reaches the last states (d_hT, d_cT; null: zeros), and scratch.
 template <typename T>
@@ -289,9 +289,10 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
       live = backward_step(p, v, lane, times_u, own, live, i, truncate > 0 && i > 0 && i % truncate == 0,
                            i > 0 || d_h0 != nullptr);     // step 0's product feeds only d_h0
     }
-    std::copy(own.h.begin(), own.h.end(), k.h.begin() + k.at(lane.b0, p.H));
-    std::copy(own.gw.begin(), own.gw.end(), k.gw.begin() + k.at(lane.b0, p.H));
-    std::copy(own.c.begin(), own.c.end(), k.c.begin() + k.at(lane.b0, p.H));
+    const int64_t r0 = k.at(lane.b0, p.H);           // the lane's rows among all
+    std::copy(own.h.begin(), own.h.end(), k.h.begin() + r0);
+    std::copy(own.gw.begin(), own.gw.end(), k.gw.begin() + r0);
+    std::copy(own.c.begin(), own.c.end(), k.c.begin() + r0);
     if (l == 0) last = live;
   });
   // what reaches the initial state: the carry, plus the last product through U
