@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from rnnkit.errors import UserError
+from rnnkit.tasks.memory import out_of_memory_as_user_error
 from rnnkit.train.checkpoint import atomic_write
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,6 +152,20 @@ def placement(*trips: float | None) -> str:
     if not trips or any(t is None for t in trips):
         return "not measured"
     return "near" if max(trips) < NEAR_NS else "far"
+
+
+@contextlib.contextmanager
+def point_fits(prog: str, point: tuple[str, int, int, int]):
+    """A grid point (cell, B, T, H) too large for this machine's memory ends the script with a message naming
+    it and exit status 2, not a traceback: "prog: rnn:32:1000000:64: ran out of memory; lower T 1000000, B 32
+    or H 64" (rnnkit.tasks.memory's wording)."""
+    cell, B, T, H = point
+    try:
+        with out_of_memory_as_user_error({"T": T, "B": B, "H": H}):
+            yield
+    except UserError as e:
+        print(f"{prog}: {cell}:{B}:{T}:{H}: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 @contextlib.contextmanager

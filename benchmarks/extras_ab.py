@@ -31,6 +31,7 @@ from common import (
     interleaved,
     names_from,
     placement,
+    point_fits,
     round_trips_around,
 )
 
@@ -64,12 +65,13 @@ def measure_here(extra: str, pts, reps: int) -> dict:
     res = {"rnnkit": rk.__file__, "points": {}}
     with round_trips_around() as res["core_round_trip_ns"]:   # where the host ran the two CPUs meanwhile
         for cell, B, T, H in pts:
-            for mode, fns in extra_steps(cell, B, T, H, extra).items():     # the same weights, one x
-                steps = {"plain": fns["engine"], "extra": fns[extra]}
-                interleaved(steps, 3)                                       # warm-up
-                times = interleaved(steps, reps)
-                res["points"][f"{cell} B={B} T={T} H={H} {mode}"] = {
-                    k: statistics.median(v) * 1e3 for k, v in times.items()}
+            with point_fits("extras_ab", (cell, B, T, H)):
+                for mode, fns in extra_steps(cell, B, T, H, extra).items():     # the same weights, one x
+                    steps = {"plain": fns["engine"], "extra": fns[extra]}
+                    interleaved(steps, 3)                                       # warm-up
+                    times = interleaved(steps, reps)
+                    res["points"][f"{cell} B={B} T={T} H={H} {mode}"] = {
+                        k: statistics.median(v) * 1e3 for k, v in times.items()}
     return res
 
 
@@ -89,6 +91,9 @@ def run_process(checkout: Path, ext_dir: str | None, args) -> dict:
            "--reps", str(args.reps)]
     with tempfile.TemporaryDirectory() as scratch:
         done = subprocess.run(cmd, env=env, cwd=scratch, capture_output=True, text=True, check=False)
+    if done.returncode == 2:                    # the child's own message (point_fits): no traceback to show
+        print(done.stderr.strip().splitlines()[-1], file=sys.stderr)
+        sys.exit(2)
     if done.returncode != 0:
         sys.exit(f"extras_ab: the run in {checkout} failed:\n{done.stderr[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -29,6 +29,7 @@ from common import (
     int_at_least,
     names_from,
     placement,
+    point_fits,
     positive_float,
     round_trips_around,
 )
@@ -110,7 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    times, trips = measure(args.point, args.extra, args.seconds, args.calls)
+    with point_fits("extras_cores", args.point):
+        times, trips = measure(args.point, args.extra, args.seconds, args.calls)
     known = [t for pair in trips for t in pair if t is not None]
     far = sum(placement(*pair) == "far" for pair in trips)
     cell, B, T, H = args.point

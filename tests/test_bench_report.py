@@ -315,3 +315,37 @@ def test_extras_cores_times_every_way_and_splits_its_rounds_by_where_the_cores_w
     assert cost == pytest.approx(times[(*key, "zoneout")][0] / times[(*key, "engine")][0], rel=1e-3)
     extras_cores.main(["--point", "rnn:2:3:4", "--seconds", "0.001", "--calls", "1"])
     assert "rnn B=2 T=3 H=4, layer_norm; 1 rounds" in capsys.readouterr().out
+
+
+def test_a_point_too_large_for_memory_exits_2_naming_it_not_with_a_traceback(monkeypatch, capsys):
+    """extras_cores, extras_ab's child process and its parent: an allocation that fails (as torch's CPU
+    allocator fails: RuntimeError "can't allocate memory") ends the script with one line naming the point and
+    exit status 2; any other error still propagates."""
+    def no_memory(*_args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 1048576000000 bytes")
+    message = "rnn:4096:1000000:64: ran out of memory; lower T 1000000, B 4096 or H 64"
+    monkeypatch.setattr(extras_cores, "measure", no_memory)
+    with pytest.raises(SystemExit) as exit_:
+        extras_cores.main(["--point", "rnn:4096:1000000:64", "--seconds", "1"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == f"extras_cores: {message}"
+
+    monkeypatch.setattr(extras_ab, "extra_steps", no_memory)
+    with pytest.raises(SystemExit) as exit_:
+        extras_ab.measure_here("layer_norm", extras_ab.points("rnn:4096:1000000:64"), reps=3)
+    child_err = capsys.readouterr().err
+    assert exit_.value.code == 2 and child_err.strip() == f"extras_ab: {message}"
+
+    def child(cmd, **_kw):
+        return subprocess.CompletedProcess(cmd, 2, stdout="", stderr="some warning\n" + child_err)
+    monkeypatch.setattr(extras_ab.subprocess, "run", child)
+    with pytest.raises(SystemExit) as exit_:
+        extras_ab.main(["--points", "rnn:4096:1000000:64", "--rounds", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.splitlines()[-1] == f"extras_ab: {message}" and "Traceback" not in err
+
+    def broken(*_args):
+        raise RuntimeError("a bug, not memory")
+    monkeypatch.setattr(extras_cores, "measure", broken)
+    with pytest.raises(RuntimeError, match="a bug, not memory"):
+        extras_cores.main(["--point", "rnn:2:3:4", "--seconds", "1"])
