@@ -312,7 +312,9 @@ def test_extras_cores_times_every_way_and_splits_its_rounds_by_where_the_cores_w
     assert near == (where == "near")
     assert [extras_cores.placement(*t) for t in ((80.0, 90.0), (80.0, 420.0), (420.0, 80.0), (None, 80.0), (80.0, None))] \
         == ["near", "far", "far", "not measured", "not measured"]
-    assert cost == pytest.approx(times[(*key, "zoneout")][0] / times[(*key, "engine")][0], rel=1e-3)
+    # the table prints three decimals: within half a unit of the last (a relative bound failed below 1.0: 0.403
+    # printed for 0.40257)
+    assert cost == pytest.approx(times[(*key, "zoneout")][0] / times[(*key, "engine")][0], abs=5e-4)
     extras_cores.main(["--point", "rnn:2:3:4", "--seconds", "0.001", "--calls", "1"])
     assert "rnn B=2 T=3 H=4, layer_norm; 1 rounds" in capsys.readouterr().out
 
