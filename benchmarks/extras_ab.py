@@ -91,8 +91,9 @@ def run_process(checkout: Path, ext_dir: str | None, args) -> dict:
            "--reps", str(args.reps)]
     with tempfile.TemporaryDirectory() as scratch:
         done = subprocess.run(cmd, env=env, cwd=scratch, capture_output=True, text=True, check=False)
-    if done.returncode == 2:                    # the child's own message (point_fits): no traceback to show
-        print(done.stderr.strip().splitlines()[-1], file=sys.stderr)
+    lines = done.stderr.strip().splitlines()
+    if done.returncode == 2 and lines:          # the child's own message (point_fits): no traceback to show
+        print(lines[-1], file=sys.stderr)
         sys.exit(2)
     if done.returncode != 0:
         sys.exit(f"extras_ab: the run in {checkout} failed:\n{done.stderr[-2000:]}")
