@@ -345,6 +345,10 @@ def test_a_point_too_large_for_memory_exits_2_naming_it_not_with_a_traceback(mon
         extras_ab.main(["--points", "rnn:4096:1000000:64", "--rounds", "1"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.splitlines()[-1] == f"extras_ab: {message}" and "Traceback" not in err
+    monkeypatch.setattr(extras_ab.subprocess, "run", lambda cmd, **_kw: subprocess.CompletedProcess(cmd, 2, "", ""))
+    with pytest.raises(SystemExit) as exit_:                # exit 2 with nothing said: the run failed
+        extras_ab.main(["--points", "rnn:4096:1000000:64", "--rounds", "1"])
+    assert str(exit_.value.code).startswith("extras_ab: the run in ")
 
     def broken(*_args):
         raise RuntimeError("a bug, not memory")
