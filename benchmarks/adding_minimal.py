@@ -16,7 +16,7 @@ import sys
 import time
 
 import torch
-from common import (
+from script_args import (
     check_writable,
     int_at_least,
     ints_at_least,

@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import check_writable, int_at_least, write_text
+from script_args import check_writable, int_at_least, write_text
 
 from rnnkit import _fused
 

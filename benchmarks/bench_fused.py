@@ -34,15 +34,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from common import (
-    check_writable,
     interleaved,
     machine_facts,
     matmul_peak_gflops,
-    names_from,
     peak_alloc_bytes,
+    steady_allocator,
+)
+from script_args import (
+    check_writable,
+    names_from,
     positive_int,
     positive_ints,
-    steady_allocator,
     write_text,
 )
 from torch import nn

@@ -31,21 +31,23 @@ from pathlib import Path
 import torch
 from common import (
     Budget,
-    check_writable,
     cpu_count,
     machine_facts,
     matmul_peak_gflops,
     measure,
-    names_from,
     peak_alloc_bytes,
+    round_trips_around,
+    steady_allocator,
+)
+from profile_step import profile_steps
+from script_args import (
+    check_writable,
+    names_from,
     positive_float,
     positive_int,
     positive_ints,
-    round_trips_around,
-    steady_allocator,
     write_text,
 )
-from profile_step import profile_steps
 from torch import nn
 from tqdm import tqdm
 

@@ -22,15 +22,13 @@ import time
 
 import torch
 from common import (
-    check_writable,
     cpu_count,
     interleaved,
     machine_facts,
     peak_alloc_bytes,
-    positive_int,
     steady_allocator,
-    write_report,
 )
+from script_args import check_writable, positive_int, write_report
 from torch import nn
 
 from rnnkit.minimal import MinGRU, MinLSTM

@@ -18,15 +18,8 @@ import statistics
 import sys
 
 import torch
-from common import (
-    check_writable,
-    interleaved,
-    machine_facts,
-    positive_int,
-    positive_ints,
-    steady_allocator,
-    write_report,
-)
+from common import interleaved, machine_facts, steady_allocator
+from script_args import check_writable, positive_int, positive_ints, write_report
 from torch import nn
 
 import rnnkit as rk

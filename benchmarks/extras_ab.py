@@ -25,15 +25,8 @@ import tempfile
 from pathlib import Path
 
 from bench_layers import EXTRAS, extra_steps
-from common import (
-    NEAR_NS,
-    int_at_least,
-    interleaved,
-    names_from,
-    placement,
-    point_fits,
-    round_trips_around,
-)
+from common import NEAR_NS, interleaved, placement, round_trips_around
+from script_args import int_at_least, names_from, point_fits
 
 HERE = Path(__file__).resolve()
 CHECKOUT = HERE.parents[1]

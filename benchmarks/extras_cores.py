@@ -24,16 +24,9 @@ import time
 
 import torch
 from bench_layers import EXTRAS, extra_steps
-from common import (
-    NEAR_NS,
-    int_at_least,
-    names_from,
-    placement,
-    point_fits,
-    positive_float,
-    round_trips_around,
-)
+from common import NEAR_NS, placement, round_trips_around
 from extras_ab import points
+from script_args import int_at_least, names_from, point_fits, positive_float
 
 WAYS = ("lanes", "no lanes", "1 thread")
 CORES = ("near", "far", "not measured")                   # common.placement's answers
