@@ -213,6 +213,71 @@ def test_equals_engine_with_two_threads_and_many_rows(kind, lanes):
                 assert_same(*outs, 10 * TOL[dtype], f"{kind} {dtype} {opt}")
 
 
+@contextlib.contextmanager
+def weight_grad_by_steps(mode: int):
+    """The kernel's dU by steps (scan.h): 1 where it pays (the default), 2 under any LN wherever lanes run, 0 never."""
+    old = _fused.build().set_weight_grad_by_steps(mode)
+    try:
+        yield
+    finally:
+        _fused.build().set_weight_grad_by_steps(old)
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["ln_rnn_tanh", "lnx_rnn_tanh", "ln_lstm", "lnx_lstm", "ln_gru", "lnx_gru"])
+def test_weight_gradient_summed_by_steps_in_lanes_equals_engine(kind):
+    """dU by steps (scan.h), forced on: each lane sums its share of dU every kDUChunkRows (128) of its rows, 3 steps
+    of its 33 or 34, so T = 10 leaves one step for the last product; the h_{t-1} rows are transposed in
+    registers (transpose.h), H = 150 and 33 rows leaving columns and rows outside the whole tiles. Equal to the
+    pure engine in float64 and float32, and not the product after the loop in disguise: its dU differs from that
+    one's in the last bits (the sums run in another order)."""
+    extras = {"padding": "left", "zone": "train", "rec": True, "trace": True}
+    with two_threads(16):
+        for dtype, tol in TOL.items():
+            for opt in (extras, {"reverse": True, "truncate": 4}):
+                with weight_grad_by_steps(2):
+                    fused, pure = big_run(kind, dtype, 10, 67, 150, **opt)
+                with weight_grad_by_steps(0):
+                    after_loop, _ = big_run(kind, dtype, 10, 67, 150, **opt)
+                assert_same(fused, pure, 10 * tol, f"{kind} {dtype} {opt}")
+                assert not torch.equal(fused["d_w"], after_loop["d_w"]), f"{kind} {dtype} {opt}: dU after the loop"
+                for k, got in fused.items():
+                    if k != "d_w":
+                        assert torch.equal(got, after_loop[k]), f"{kind} {dtype} {opt}: {k}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["lnx_rnn_tanh", "lnx_lstm"])
+def test_weight_gradient_by_steps_is_taken_where_it_pays_and_only_there(kind):
+    """The default (mode 1) takes dU by steps for float32 under the paired norms in lanes, H within
+    kDUByStepsMaxH (Elman 64, LSTM 128) and on oneDNN's micro-kernel; not in float64, not above that H, not
+    without lanes. Seen by its dU's last bits: equal to mode 2's where taken, to mode 0's where not."""
+    if _fused.build().gemm_route() != "dnnl+ukernel":
+        pytest.skip(f"the products take the route {_fused.build().gemm_route()!r} here, not oneDNN's micro-kernel")
+    top = 64 if "rnn" in kind else 128
+    cases = [(torch.float32, top, 16, True), (torch.float64, top, 16, False), (torch.float32, top + 16, 16, False),
+             (torch.float32, top, 0, False)]
+    for dtype, H_, lanes, taken in cases:
+        d_w = {}
+        with two_threads(lanes):
+            for mode in (0, 1, 2):
+                with weight_grad_by_steps(mode):
+                    d_w[mode] = big_run(kind, dtype, 6, 64, H_)[0]["d_w"]
+        assert torch.equal(d_w[1], d_w[2] if taken else d_w[0]), f"{dtype} H={H_} lanes={lanes}: taken {taken}"
+        assert not torch.equal(d_w[0], d_w[2]) or lanes == 0, f"{dtype} H={H_}: mode 2 not by steps"
+    kernel = _fused.build()
+    with two_threads(16):                                 # the micro-kernel refused (a route without it): not taken
+        kernel.limit_gemm_route("dnnl")
+        try:
+            d_w = {}
+            for mode in (0, 1):
+                with weight_grad_by_steps(mode):
+                    d_w[mode] = big_run(kind, torch.float32, 6, 64, top)[0]["d_w"]
+        finally:
+            kernel.limit_gemm_route("dnnl+ukernel")
+        assert torch.equal(d_w[1], d_w[0])
+
+
 @needs_kernel
 @pytest.mark.parametrize("lanes", [16, 0], ids=["lanes", "no_lanes"])
 @pytest.mark.parametrize("H_", [128, 90], ids=["aligned", "unaligned"])
@@ -350,3 +415,20 @@ def test_fused_scan_gradcheck(kind, opt, ln_centring):
         return (out, *final)
 
     assert gradcheck(f, (xi, w, b, *state0, *params))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["lnx_rnn_tanh", "lnx_lstm", "ln_gru"])
+def test_fused_scan_gradcheck_summing_dU_by_steps(kind):
+    """Finite differences through dU by steps (scan.h), forced on: two lanes of 2 rows each (lanes from 2 rows),
+    one product per lane at the last step, float64 on the general product."""
+    cell, xi, w, b, state0, params = scan_inputs(kind, torch.float64, T_=4, B_=4, H_=3)
+    opts = options(cell, torch.float64, T_=4, B_=4, H_=3, reverse=True, rec=True)
+    n = len(state0)
+
+    def f(xi_, w_, b_, *rest):
+        out, final = fused_scan(opts, xi_, tuple(rest[:n]), w_, b_, tuple(rest[n:]))
+        return (out, *final)
+
+    with two_threads(2), weight_grad_by_steps(2):
+        assert gradcheck(f, (xi, w, b, *state0, *params))

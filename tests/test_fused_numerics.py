@@ -188,15 +188,15 @@ def test_layer_norm_centres_the_weights_only_in_calls_long_enough_to_pay_for_it(
         assert float((g - r).abs().max()) <= 1e-5 * float(r.abs().max())
 
 
-def _zero_state_run(fn, kind, dtype, grad_h0, poison=None, **opt):
+def _zero_state_run(fn, kind, dtype, grad_h0, poison=None, B_=5, **opt):
     """One scan from zero initial states, T=12 (float32 multiplies by a packed U), B=5, H=33; poison:
     a NaN in U ("w") or in step 0's output gradient ("d_out")."""
-    cell, xi, w, b, state0, params = scan_inputs(kind, dtype, T_=12, B_=5, H_=33)
+    cell, xi, w, b, state0, params = scan_inputs(kind, dtype, T_=12, B_=B_, H_=33)
     state0 = tuple(torch.zeros_like(s).requires_grad_(grad_h0) for s in state0)
     if poison == "w":
         with torch.no_grad():
             w[3, 4] = float("nan")
-    out, final = fn(options(cell, dtype, T_=12, B_=5, H_=33, **opt), xi, state0, w, b, params)
+    out, final = fn(options(cell, dtype, T_=12, B_=B_, H_=33, **opt), xi, state0, w, b, params)
     d_out = torch.linspace(-1, 1, out.numel(), dtype=dtype).view(out.shape)
     if poison == "d_out":
         d_out[0, 1, 2] = float("nan")
@@ -230,3 +230,26 @@ def test_zero_initial_state_still_carries_nan_through_the_skipped_products(poiso
         assert torch.equal(torch.isnan(got[k]), torch.isnan(ref[k])), k
     assert bool(torch.isnan(ref["out"][0]).any()) == (poison == "w")
     assert bool(torch.isnan(ref["d_w"]).any())
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["lnx_rnn_tanh", "lnx_lstm", "ln_gru"])
+def test_zero_initial_state_in_lanes_summing_dU_by_steps(kind):
+    """dU by steps (scan.h), forced on in two lanes of 20 rows: from zeros the h0 term is left out as after the loop,
+    and a NaN in step 0's output gradient still makes it NaN (not skipped), the same entries as the engine's."""
+    threads, old_lanes = torch.get_num_threads(), _fused.build().set_min_lane_rows(16)
+    old_mode = _fused.build().set_weight_grad_by_steps(2)
+    torch.set_num_threads(2)
+    try:
+        for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+            for opt in ({}, {"reverse": True, "rec": True, "padding": "right", "truncate": 5}):
+                got, ref = (_zero_state_run(fn, kind, dtype, False, B_=40, **opt) for fn in (fused_scan, pure_scan))
+                assert_same(got, ref, tol, f"{kind} {dtype} {opt}")
+        got, ref = (_zero_state_run(fn, kind, torch.float32, False, "d_out", B_=40) for fn in (fused_scan, pure_scan))
+        assert bool(torch.isnan(ref["d_w"]).any())
+        for k in ("out", "d_w", "d_xi"):
+            assert torch.equal(torch.isnan(got[k]), torch.isnan(ref[k])), k
+    finally:
+        torch.set_num_threads(threads)
+        _fused.build().set_min_lane_rows(old_lanes)
+        _fused.build().set_weight_grad_by_steps(old_mode)

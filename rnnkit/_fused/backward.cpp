@@ -7,7 +7,8 @@
 //     carry   = direct + d_pass                                what reaches s_{t-1} around U
 // then one product per step, d_gh_t U (B, H), unless truncated BPTT cuts the carry right here (every
 // k-th step; with padding, per row at its own k-th real step: Views::cut).
-// The weight gradients come after the loop as one product over all steps: dU = sum_t d_gh_t^T (h_{t-1} r).
+// The weight gradients come after the loop as one product over all steps: dU = sum_t d_gh_t^T (h_{t-1} r); or,
+// under dU by steps (scan.h), each lane sums its share a few steps at a time as the loop goes (steps_into_dU).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -17,6 +18,7 @@
 #include "blas.h"
 #include "cells.h"
 #include "scan.h"
+#include "transpose.h"
 
 namespace rnnkit {
 namespace {
@@ -35,8 +37,21 @@ struct Carry {
                                          // or the direct dh z (GRU, when a d_pass must be added); dy: per
                                          // row (W), the GRU's d_y under LN, or the LSTM's gates formed again
   std::vector<T> xs;                     // per thread, (W): a d_xi row before it is streamed out
+  // dU by steps (Views::dU_lanes): the lane's d_gh rows of the steps not yet multiplied out, (chunk rows, W); the
+  // h_in rows they pair with, transposed, (H, chunk rows); how many steps those hold (of `chunk`); the lane's
+  // share of dU^T, (H, W). All empty otherwise.
+  std::vector<T> gh, ht, du;
+  int64_t held = 0, chunk = 0, rows = 0;
   int64_t at(int64_t b, int64_t n) const { return (b - b0) * n; }   // offset of row b, n per row
 };
+
+// Where row b of step t's d_gh goes: the lane's scratch under dU by steps, else the (T, B, W) buffer (one slot
+// for the GRU without LN: gh_keep 0).
+template <typename T>
+T* d_gh_row(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, int64_t b) {
+  if (!k.du.empty()) return k.gh.data() + (k.held * k.rows + b - k.b0) * p.W();
+  return v.d_gh + (t * v.gh_keep * p.B + b) * p.W();
+}
 
 // What a lane knows of its carries (the same in every lane: it depends on the step, not the row).
 struct Live {
@@ -137,7 +152,7 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
   const int64_t thread = v.acc != nullptr || v.stream ? at::get_thread_num() : 0;   // its rows of Views::acc, Carry::xs
   T* d_xi = v.d_xi + row * W;
   T* d_y = p.ln ? (p.gru() ? k.dy.data() + k.at(b, W) : d_xi)     // what the cell calls d_gh
-                : v.d_gh + (t * v.gh_keep * p.B + b) * W;
+                : d_gh_row(p, v, k, t, b);
   if (p.elman()) {
     const T* hc = v.act ? v.act + row * H : v.hs + row * H;
     elman_backward(H, p.cell == CellKind::kRelu, dh, hc, d_xi);
@@ -169,11 +184,11 @@ void cell_backward(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t t, 
   if (p.ln_paired(v.gamma_x != nullptr)) {          // both norms under one d_y (Elman, LSTM), fused
     layernorm_backward_pair(W, d_xi, v.xhat + row * W, v.inv[row], v.gamma, v.xhat_x + row * W, v.inv_x[row],
                             v.gamma_x, acc, acc + W, acc + 2 * W, v.acc_b ? acc + 4 * W : nullptr,
-                            v.acc_xb ? acc + 5 * W : nullptr, v.d_gh + row * W);
+                            v.acc_xb ? acc + 5 * W : nullptr, d_gh_row(p, v, k, t, b));
     return;                                            // (d beta_x = d beta: scan.cpp copies it)
   }
   if (p.ln) {                                          // d_y to the raw d_gh, through LN's backward
-    T* d_gh = v.d_gh + row * W;
+    T* d_gh = d_gh_row(p, v, k, t, b);
     layernorm_backward(W, d_y, v.xhat + row * W, v.inv[row], v.gamma, acc, acc + W, d_gh);
     d_y = d_gh;
     if (v.gamma_x != nullptr) {                        // xi came raw: d_xi back through its LN, in place
@@ -220,6 +235,25 @@ void prefetch_ln_rows(const Problem& p, const Views<T>& v, int64_t t_next, int64
   }
 }
 
+// dU by steps (scan.h): step i's d_gh rows of the lane, in its scratch, join those held, with the h_in rows they
+// pair with written transposed beside them; once `chunk` steps are held, and at the last step, one product adds
+// h_in^T d_gh into the lane's dU^T. The h0 term is left out where the product after the loop leaves it out
+// (scan.cpp: weight_grad): h0 all zeros, no recurrent dropout, the step's d_gh rows finite.
+template <typename T>
+void steps_into_dU(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t i, int64_t t, const T* h_prev) {
+  const int64_t H = p.H, W = p.W(), nb = k.rows, ld = k.chunk * nb;
+  const bool h0_term_zero = i == 0 && v.hr == nullptr && v.h0_zero && all_finite(nb * W, d_gh_row(p, v, k, t, k.b0));
+  if (!h0_term_zero) {
+    const T* h_in = v.hr != nullptr ? v.hr + (t * p.B + k.b0) * H : h_prev + k.b0 * H;
+    transpose_block(nb, H, h_in, H, k.ht.data() + k.held * nb, ld);
+    ++k.held;
+  }
+  if (k.held > 0 && (k.held == k.chunk || i == 0)) {
+    add_product(H, W, k.held * nb, k.ht.data(), ld, k.gh.data(), W, k.du.data(), W);
+    k.held = 0;
+  }
+}
+
 // Step i on the lane's rows; returns what the lane's carries hold for step i-1.
 template <typename T>
 Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const StepProduct<T>& times_u,
@@ -233,12 +267,14 @@ Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const 
     if (fetch) prefetch_ln_rows(p, v, t_next, b);
     backward_row(p, v, k, live, t, b, h_prev, c_prev, around);
   });
+  const T* d_gh = d_gh_row(p, v, k, t, b0);         // the lane's rows of this step
+  if (!k.du.empty()) steps_into_dU(p, v, k, i, t, h_prev);   // (before a cut: the step's d_gh reaches U all the same)
   if (cut) {                                       // truncated BPTT: the state was detached here
     std::fill_n(k.h.begin() + k.at(b0, H), nb * H, T(0));
     if (p.lstm()) std::fill_n(k.c.begin() + k.at(b0, H), nb * H, T(0));
     return Live{};
   }
-  if (product) times_u(v.d_gh + (t * v.gh_keep * B + b0) * W, k.gw.data() + k.at(b0, H));   // d_gh U  (rows, H)
+  if (product) times_u(d_gh, k.gw.data() + k.at(b0, H));   // d_gh U  (rows, H)
   if (v.cut != nullptr) {                          // rows with padding: each cut at its own k-th step
     for (int64_t b = b0; b < b0 + nb; ++b) {
       if (v.cut[t * B + b] == T(0)) continue;
@@ -264,6 +300,13 @@ Carry<T> make_carry(const Problem& p, const Views<T>& v, int64_t b0, int64_t b1,
   k.dc.resize(n);
   k.dy.resize(p.ln && (p.gru() || (p.lstm() && !v.act_keep)) ? static_cast<size_t>((b1 - b0) * p.W()) : 0);
   k.xs.resize(v.stream ? static_cast<size_t>(at::get_num_threads() * p.W()) : 0);
+  if (v.dU_lanes != nullptr) {
+    k.rows = b1 - b0;
+    k.chunk = std::max<int64_t>(1, kDUChunkRows / k.rows);
+    k.gh.resize(static_cast<size_t>(k.chunk * k.rows * p.W()));
+    k.ht.resize(static_cast<size_t>(p.H * k.chunk * k.rows));
+    k.du.assign(static_cast<size_t>(p.H * p.W()), T(0));
+  }
   if (d_hT != nullptr) std::copy(d_hT + b0 * H, d_hT + b1 * H, k.h.begin());
   if (d_cT != nullptr) std::copy(d_cT + b0 * H, d_cT + b1 * H, k.c.begin());
   return k;
@@ -293,6 +336,7 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
     std::copy(own.h.begin(), own.h.end(), k.h.begin() + r0);
     std::copy(own.gw.begin(), own.gw.end(), k.gw.begin() + r0);
     std::copy(own.c.begin(), own.c.end(), k.c.begin() + r0);
+    if (v.dU_lanes != nullptr) std::copy(own.du.begin(), own.du.end(), v.dU_lanes + l * p.H * p.W());
     if (l == 0) last = live;
   });
   // what reaches the initial state: the carry, plus the last product through U

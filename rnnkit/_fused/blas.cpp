@@ -376,6 +376,19 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const double* a, in
   gemm_any(dgemm_, ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
 }
 
+void add_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                 int64_t ldc) {
+  if (use_ukernel() && ukernel_product(m, n, k, a, lda, b, ldb, true, c, ldc)) return;
+  gemm(false, false, m, n, k, a, lda, b, ldb, 1.0f, c, ldc);     // (a micro-kernel that threw: here from then on)
+}
+
+bool products_on_ukernel() { return use_ukernel(); }
+
+void add_product(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb,
+                 double* c, int64_t ldc) {
+  gemm(false, false, m, n, k, a, lda, b, ldb, 1.0, c, ldc);
+}
+
 template <typename T>
 StepProduct<T>::StepProduct(const T* u, int64_t W, int64_t H, int64_t B, bool backward, int64_t steps)
     : u_(u), W_(W), H_(H), B_(B), backward_(backward) {

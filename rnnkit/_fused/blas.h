@@ -24,6 +24,15 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
           const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 
+// C (m, n) += A (m, k) B (k, n), row-major, a small product inside a lane's loop (dU by steps, scan.h): on oneDNN's
+// micro-kernel where the route takes it (ukernel.h), else gemm.
+void add_product(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                 int64_t ldc);
+// Whether add_product runs on the micro-kernel (the route "dnnl+ukernel", on a CPU and torch that have it).
+bool products_on_ukernel();
+void add_product(int64_t m, int64_t n, int64_t k, const double* a, int64_t lda, const double* b, int64_t ldb,
+                 double* c, int64_t ldc);
+
 // The per-step product with U, whose operand U is the same at every step:
 //     forward   y (B, W) = x (B, H) U^T          backward  y (B, H) = x (B, W) U
 // For float with MKL, U is packed once per scan into the kernel's own layout (MKL's packed GEMM), forward

@@ -285,6 +285,14 @@ void weight_grad(const Problem& p, const Views<T>& v, const GradRows<T>& g, T* d
   }
 }
 
+// Whether the lanes sum dU as their loops go (scan.h: dU by steps) rather than one product after the loop. Only
+// under LN, where d_gh is a row of its own (without it, d_gh is d_xi's row, or for the GRU partly).
+bool dU_by_steps(const Problem& p, bool paired, int64_t lanes, bool is_float) {
+  if (g_dU_by_steps == 0 || lanes < 2 || !p.ln) return false;
+  if (g_dU_by_steps == 2) return true;
+  return paired && is_float && p.H <= kDUByStepsMaxH[p.lstm() ? 1 : 0] && products_on_ukernel();
+}
+
 // The blocks of d_gh over all steps: one, or for the GRU without LN d_xi's r, z blocks and d_ghn.
 template <typename T>
 std::vector<GradRows<T>> grad_rows(const Problem& p, const Views<T>& v) {
@@ -317,10 +325,14 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
   const Tensor bias = has(b) ? *b : zero_w;
   Tensor d_xi = pooled_empty({T, B, W}, o);
   const bool gru_plain = p.gru() && !p.ln;
-  Tensor d_gh = p.ln ? pooled_empty({T, B, W}, o) : gru_plain ? pooled_empty({1, B, W}, o) : d_xi;
+  const int64_t lanes = lane_count(p, int64_t(hs.element_size()));
+  const bool by_steps = need_w && dU_by_steps(p, p.ln_paired(has(gamma_x)), lanes, hs.scalar_type() == at::kFloat);
+  Tensor d_gh = by_steps ? Tensor()                            // (no buffer: the lanes' scratch holds its rows)
+                : p.ln ? pooled_empty({T, B, W}, o) : gru_plain ? pooled_empty({1, B, W}, o) : d_xi;
+  Tensor dU_lanes = by_steps ? at::empty({lanes, H, W}, o) : Tensor();
   Tensor d_ghn = gru_plain ? pooled_empty({T, B, H}, o) : Tensor();
   Tensor d_h0 = need_h0 ? at::empty({B, H}, o) : Tensor(), d_c0 = p.lstm() ? at::empty({B, H}, o) : Tensor();
-  Tensor d_w = need_w ? at::empty({W, H}, o) : Tensor();
+  Tensor d_w = need_w && !by_steps ? at::empty({W, H}, o) : Tensor();
   TORCH_CHECK(has(gamma_x) == (has(xhat_x) && has(inv_x)), "rnnkit fused scan: xi's LN needs xhat_x and inv_x");
   // the forward kept one step of an LSTM's gates (gates_formed_again): the rest are formed again
   TORCH_CHECK(!p.lstm() || has(act), "rnnkit fused scan: the LSTM's backward needs act");
@@ -365,12 +377,14 @@ std::vector<Tensor> backward(int64_t cell, bool ln, bool reverse, int64_t trunca
     v.acc_b = wanted[4];
     v.acc_xb = wanted[5];
     v.stream = gru_plain && worth_streaming(T * B, W * int64_t(sizeof(S)));
+    v.dU_lanes = ptr<S>(dU_lanes);
     backward_loop<S>(p, v, truncate, ptr<S>(d_hT), ptr<S>(d_cT), ptr<S>(d_h0), ptr<S>(d_c0));
-    if (need_w) {
+    if (need_w && !by_steps) {
       for (const auto& g : grad_rows<S>(p, v)) weight_grad<S>(p, v, g, ptr<S>(d_w));
     }
   };
   with_floating(hs, "rnnkit fused scan", run);
+  if (by_steps) d_w = dU_lanes.sum(0).t().contiguous();              // the lanes' shares of dU^T, added
   std::vector<Tensor> sums(kAccSlots);                 // the threads' sums added, one row per slot wanted
   if (any_sum) {
     const Tensor total = acc.narrow(1, 0, kAccSlots * W).sum(0).view({kAccSlots, W});
@@ -393,6 +407,14 @@ int64_t set_min_lane_rows(int64_t rows) {
   TORCH_CHECK(rows >= 0, "rnnkit fused scan: min lane rows must be >= 0");
   const int64_t old = g_min_lane_rows;
   g_min_lane_rows = rows;
+  return old;
+}
+
+// dU by steps (scan.h): 1 where it pays, 2 wherever lanes run, 0 never; returns the previous setting.
+int64_t set_weight_grad_by_steps(int64_t mode) {
+  TORCH_CHECK(mode >= 0 && mode <= 2, "rnnkit fused scan: weight_grad_by_steps takes 0, 1 or 2");
+  const int64_t old = g_dU_by_steps;
+  g_dU_by_steps = mode;
   return old;
 }
 
@@ -421,6 +443,7 @@ TORCH_LIBRARY(rnnkit_fused, m) {
   m.def("exact_shapes_held() -> int", &rnnkit::exact_shapes_held);
   m.def("ukernel_products() -> int", &rnnkit::ukernel_products);
   m.def("set_min_lane_rows(int rows) -> int", &rnnkit::set_min_lane_rows);
+  m.def("set_weight_grad_by_steps(int mode) -> int", &rnnkit::set_weight_grad_by_steps);
   m.def("core_round_trip_ns(int trips=20000) -> float", &rnnkit::core_round_trip_ns);
   m.def("pool_held_bytes() -> int", &rnnkit::pool_held_bytes);
   m.def("pool_peak_bytes() -> int", &rnnkit::pool_peak_bytes);

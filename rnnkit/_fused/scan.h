@@ -92,6 +92,10 @@ struct Views {
   // h0 is all zeros (a layer called without a state starts from zeros): the forward skips the first
   // step's product h0 U when U is finite too, the backward dU's h0 term when that step's d_gh is finite
   bool h0_zero;
+  // dU summed by the lanes as the steps go (backward.cpp: steps_into_dU), lane l's (H, W) share of dU^T left at
+  // dU_lanes + l H W; null: dU is one product over all steps after the loop (scan.cpp: weight_grad), d_gh's
+  // rows kept in (T, B, W) for it
+  T* dU_lanes = nullptr;
 };
 
 // Whether x[0, n) are all exactly zero (a NaN is not), and whether they are all finite: one pass each
@@ -185,6 +189,24 @@ struct Lane {
 
 inline int64_t g_min_lane_rows = 16;
 constexpr int64_t kLaneMaxWeightBytes = int64_t(2) << 20;
+
+// dU by steps. In lanes, each lane can sum its own share of dU = sum_t d_gh_t^T h_in_t as its loop goes: its d_gh
+// rows of a few steps kept in its scratch (in the core's cache) with the h_in rows they pair with, and multiplied
+// out every kDUChunkRows of them (oneDNN's micro-kernel, K = those rows), so d_gh is never written to a (T, B, W)
+// buffer and read back by one product after the loop. Under LN, d_gh is a row of its own, a (T, B, W) buffer more
+// than the cell's gradients. Measured on the Zen 5 EPYC (the layer_norm training step against the product after
+// the loop, one process, medians of interleaved rounds classed by the cores' round trip, docs/benchmarks.md):
+// LSTM B=32 T=200 H=64 6.08 -> 5.62 ms near apart, 6.59 -> 6.05 far; LSTM B=32 T=100 H=128 9.08 -> 8.55 near;
+// RNN B=32 T=200 H=64 1.46 -> 1.44 near, 2.05 -> 1.99 far; RNN B=64 T=200 H=64 3.25 -> 3.14 near, 4.73 -> 4.14
+// far. Slower where the product after the loop runs at full speed on operands that fit the cache: RNN B=32 T=100
+// H=128 2.35 -> 2.41 ms (though B=64 T=200 H=128 8.60 -> 8.22), RNN B=32 T=100 H=256 7.06 -> 7.55, and LSTM
+// B=32 T=100 H=256 28.7 -> 30.3 (1 MB of U, and as much of dU^T, per lane). Hence Elman cells up to
+// kDUByStepsMaxH[0], the LSTM up to kDUByStepsMaxH[1].
+// g_dU_by_steps: 1 there (the default), 2 under any LN wherever lanes run, whatever the dtype, route or size (the
+// tests), 0 never; the operator set_weight_grad_by_steps switches it.
+inline int64_t g_dU_by_steps = 1;
+constexpr int64_t kDUChunkRows = 128;
+constexpr int64_t kDUByStepsMaxH[2] = {64, 128};
 
 inline int64_t lane_count(const Problem& p, int64_t elem_bytes) {
   const int64_t threads = at::get_num_threads();
