@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -292,6 +296,36 @@ def test_gru_backward_streaming_its_rows_equals_engine(H_, lanes):
             for opt in (dict(), dict(reverse=True, padding="right", zone="train")):
                 outs = big_run("gru", dtype, T_, 64, H_, **opt)
                 assert_same(*outs, 10 * TOL[dtype], f"H={H_} {dtype} {opt}")
+
+
+@needs_kernel
+def test_gru_streaming_backward_in_lanes_in_a_process_that_never_set_its_threads():
+    """The GRU backward streams d_xi from a per-thread scratch row (Carry::xs) once d_xi passes 8 MB. In a process
+    that never calls torch.set_num_threads, at::get_num_threads() inside the lanes' parallel region read 1, the
+    scratch was sized from it, and the second lane's thread wrote past its end: glibc aborted ("malloc(): invalid
+    size") at GRU B=64 T=100 H=128 (9.8 MB of d_xi) in the first training step. A fresh process, its thread
+    settings untouched: two steps, and the gradients equal the pure engine's."""
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("lanes need two CPUs")
+    code = textwrap.dedent("""
+        import os, torch, rnnkit as rk
+        torch.manual_seed(0)
+        layer = rk.GRU(128, 128, backend="engine").train()
+        x = torch.randn(100, 64, 128)
+        grads = []
+        for fused in ("0", "0", "1"):
+            os.environ["RNNKIT_NO_FUSED"] = fused
+            layer.zero_grad()
+            layer(x)[0].square().sum().backward()
+            grads.append([p.grad.clone() for p in layer.parameters()])
+        worst = max(float((a - b).abs().max() / b.abs().max()) for a, b in zip(grads[1], grads[2]))
+        print("worst", worst)
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "RNNKIT_NO_FUSED")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split("worst")[-1]) < 1e-4
 
 
 @needs_kernel

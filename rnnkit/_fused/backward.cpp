@@ -287,9 +287,13 @@ Live backward_step(const Problem& p, const Views<T>& v, const Lane& lane, const 
   return Live{around || p.gru(), product};        // h: else nothing reaches h_{t-1} but through U
 }
 
-// The carries for rows [b0, b1): what reaches the last states (d_hT, d_cT; null: zeros), and scratch.
+// The carries for rows [b0, b1): what reaches the last states (d_hT, d_cT; null: zeros), and scratch; threads:
+// how many may run the lane's rows (Carry::xs has a row for each), counted before the lanes' parallel region:
+// inside it at::get_num_threads() can read 1 (a lane's worker, on a process that never called
+// torch.set_num_threads), and the second lane's thread then wrote its d_xi row past the end of xs.
 template <typename T>
-Carry<T> make_carry(const Problem& p, const Views<T>& v, int64_t b0, int64_t b1, const T* d_hT, const T* d_cT) {
+Carry<T> make_carry(const Problem& p, const Views<T>& v, int64_t b0, int64_t b1, const T* d_hT, const T* d_cT,
+                    int64_t threads) {
   const int64_t H = p.H, n = (b1 - b0) * H;
   Carry<T> k;
   k.b0 = b0;
@@ -299,7 +303,7 @@ Carry<T> make_carry(const Problem& p, const Views<T>& v, int64_t b0, int64_t b1,
   k.dh.resize(n);
   k.dc.resize(n);
   k.dy.resize(p.ln && (p.gru() || (p.lstm() && !v.act_keep)) ? static_cast<size_t>((b1 - b0) * p.W()) : 0);
-  k.xs.resize(v.stream ? static_cast<size_t>(at::get_num_threads() * p.W()) : 0);
+  k.xs.resize(v.stream ? static_cast<size_t>(threads * p.W()) : 0);
   if (v.dU_lanes != nullptr) {
     k.rows = b1 - b0;
     k.chunk = std::max<int64_t>(1, kDUChunkRows / k.rows);
@@ -324,9 +328,10 @@ void backward_loop(const Problem& p, const Views<T>& v, int64_t truncate, const 
   k.gw.resize(BH);
   k.c.resize(p.lstm() ? BH : 0);
   Live last;
+  const int64_t threads = at::get_num_threads();
   for_lanes<T>(p, [&](const Lane& lane, int64_t l) {
     const StepProduct<T> times_u(v.w, p.W(), p.H, lane.rows(), true, p.T);
-    Carry<T> own = make_carry(p, v, lane.b0, lane.b1, d_hT, d_cT);
+    Carry<T> own = make_carry(p, v, lane.b0, lane.b1, d_hT, d_cT, threads);
     Live live{d_hT != nullptr, false};
     for (int64_t i = p.T - 1; i >= 0; --i) {
       live = backward_step(p, v, lane, times_u, own, live, i, truncate > 0 && i > 0 && i % truncate == 0,
