@@ -237,13 +237,11 @@ void prefetch_ln_rows(const Problem& p, const Views<T>& v, int64_t t_next, int64
 
 // dU by steps (scan.h): step i's d_gh rows of the lane, in its scratch, join those held, with the h_in rows they
 // pair with written transposed beside them; once `chunk` steps are held, and at the last step, one product adds
-// h_in^T d_gh into the lane's dU^T. The h0 term is left out where the product after the loop leaves it out
-// (scan.cpp: weight_grad): h0 all zeros, no recurrent dropout, the step's d_gh rows finite.
+// h_in^T d_gh into the lane's dU^T. The h0 term is left out as after the loop (scan.h: h0_term_zero).
 template <typename T>
 void steps_into_dU(const Problem& p, const Views<T>& v, Carry<T>& k, int64_t i, int64_t t, const T* h_prev) {
   const int64_t H = p.H, W = p.W(), nb = k.rows, ld = k.chunk * nb;
-  const bool h0_term_zero = i == 0 && v.hr == nullptr && v.h0_zero && all_finite(nb * W, d_gh_row(p, v, k, t, k.b0));
-  if (!h0_term_zero) {
+  if (!(i == 0 && h0_term_zero(v, nb, W, W, d_gh_row(p, v, k, t, k.b0)))) {
     const T* h_in = v.hr != nullptr ? v.hr + (t * p.B + k.b0) * H : h_prev + k.b0 * H;
     transpose_block(nb, H, h_in, H, k.ht.data() + k.held * nb, ld);
     ++k.held;

@@ -275,8 +275,7 @@ void weight_grad(const Problem& p, const Views<T>& v, const GradRows<T>& g, T* d
   const T* g_first = p.reverse ? g.d + T1 * B * g.ld : g.d;           // the step that read h0
   const T* g_rest = p.reverse ? g.d : g.d + B * g.ld;                  // the steps that read h_t
   const T* h_rest = p.reverse ? v.hs + B * H : v.hs;
-  bool first_zero = v.h0_zero;                 // g_first^T h0 is exactly zero: h0 zeros, g_first finite
-  for (int64_t b = 0; b < B && first_zero; ++b) first_zero = all_finite(g.n, g_first + b * g.ld);
+  const bool first_zero = h0_term_zero(v, B, g.n, g.ld, g_first);   // g_first^T h0: exactly zero
   if (!first_zero) gemm(true, false, g.n, H, B, g_first, g.ld, v.h0, H, T(0), out, H);
   if (T1 > 0) {
     gemm(true, false, g.n, H, T1 * B, g_rest, g.ld, h_rest, H, first_zero ? T(0) : T(1), out, H);

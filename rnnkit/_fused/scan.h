@@ -114,6 +114,19 @@ bool all_finite(int64_t n, const T* x) {
   return bad == 0;
 }
 
+// Whether dU's h0 term, g^T h0 over `rows` rows of d_gh (n wide, ld apart) at the step that read h0, is exactly
+// zero and may be left out: h0 all zeros (Views::h0_zero), no recurrent dropout (dU then reads h0 r from Views::hr
+// as it is), and every such row finite (0 * inf is NaN). The product after the loop (scan.cpp: weight_grad) and
+// dU by steps (backward.cpp: steps_into_dU) leave it out alike.
+template <typename T>
+bool h0_term_zero(const Views<T>& v, int64_t rows, int64_t n, int64_t ld, const T* g) {
+  if (v.hr != nullptr || !v.h0_zero) return false;
+  for (int64_t b = 0; b < rows; ++b) {
+    if (!all_finite(n, g + b * ld)) return false;
+  }
+  return true;
+}
+
 // Rows of one step handed to each thread: enough elementwise work per task to pay for the hand-off.
 inline int64_t row_grain(const Problem& p) {
   constexpr int64_t kWorkPerTask = 16384;
